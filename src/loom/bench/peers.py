@@ -1,0 +1,79 @@
+"""Peers measured beside loom: HF transformers (the reference and the usual baseline).
+
+HF reads GGUF itself (dequantizing every tensor, ~20-45 s), so the first use converts the GGUF once
+into an fp32 safetensors folder under the cache directory, reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def cache_dir() -> str:
+    return os.environ.get("LOOM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "loom"))
+
+
+def hf_reference_copy(gguf_path: str, folder: str | None = None) -> str:
+    """An fp32 HF checkpoint (config, safetensors, tokenizer) made by transformers from ``gguf_path``.
+
+    Everything in it (dequantization, Q/K un-permutation, tokenizer) is transformers' own work,
+    which is what makes it an independent reference for loom's GGUF loader.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = folder or os.path.join(cache_dir(), "hf-from-gguf", key)
+    done = os.path.join(folder, ".complete")
+    if os.path.exists(done):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # The loaded model remembers it came from GGUF and refuses to save; rebuild a plain one.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = type(model)(type(model.config).from_dict(cfg))
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(folder)
+    open(done, "w").close()
+    return folder
+
+
+@dataclass
+class PeerLatency:
+    name: str
+    prefill_s: float
+    decode_tokens_per_s: float
+    generated_tokens: int
+    dtype: str
+
+
+def hf_latency(folder: str, prompt_ids: Sequence[int], gen_len: int, dtype: torch.dtype = torch.float32,
+               repeats: int = 1) -> PeerLatency:
+    """HF ``generate`` (greedy, exactly gen_len tokens): prefill time and decode tokens/s, best of repeats."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ids = torch.tensor([list(prompt_ids)])
+    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
+    best_prefill, best_rate = float("inf"), 0.0
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
+            total = time.perf_counter() - t
+            best_prefill = min(best_prefill, prefill)
+            best_rate = max(best_rate, (gen_len - 1) / max(total - prefill, 1e-9))
+    return PeerLatency("hf", best_prefill, best_rate, gen_len, str(dtype).replace("torch.", ""))

@@ -1,0 +1,252 @@
+"""The `loom` command: generate, chat, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+from loom.sampling_params import SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def _load(args: argparse.Namespace):
+    from loom.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+
+
+def _stats_line(t: Any, load_s: float | None = None) -> str:
+    parts = [f"prompt {t.prompt_tokens} tokens in {t.prefill:.2f} s ({t.prefill_tokens_per_s:.0f} tok/s)",
+             f"{t.generated_tokens} tokens, decode {t.decode_tokens_per_s:.1f} tok/s"]
+    if load_s is not None:
+        parts.append(f"load {load_s:.2f} s")
+    return "[" + " | ".join(parts) + "]"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loom.outputs import Timings
+
+    llm = _load(args)
+    params = _sampling(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt_ids = llm.encode_chat(messages)
+    else:
+        prompt_ids = llm.encode(args.prompt)
+    timings = Timings()
+    text, tokens, finish, reason = [], [], None, None
+    for delta in llm.stream(prompt_ids, params, timings):
+        if not args.json:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        text.append(delta.text)
+        tokens.extend(delta.token_ids)
+        finish, reason = delta.finish_reason, delta.stop_reason
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "prompt_token_ids": prompt_ids, "token_ids": tokens,
+                          "text": "".join(text), "finish_reason": finish, "stop_reason": reason,
+                          "timings": {**timings.to_dict(), "load_s": llm.load_seconds}}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(_stats_line(timings, llm.load_seconds), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from loom.outputs import Timings
+
+    llm = _load(args)
+    params = _sampling(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"loom chat: {llm.config.name or llm.model_path} (load {llm.load_seconds:.2f} s). "
+          "/reset clears the conversation, /exit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        timings, answer = Timings(), []
+        try:
+            for delta in llm.chat_stream(system + history, params, timings):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                answer.append(delta.text)
+        except KeyboardInterrupt:
+            pass  # stop this answer, keep the conversation
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"\nerror: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        print(_stats_line(timings), file=sys.stderr)
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def model_info(path: str | None) -> dict[str, Any]:
+    import os
+    from collections import Counter
+
+    from loom.default_model import default_model_path
+    from loom.weights.gguf import GGUFFile, config_from_gguf
+    from loom.weights.hf import read_hf_config
+
+    path = path or default_model_path()
+    info: dict[str, Any] = {"path": path}
+    if os.path.isdir(path):
+        config = read_hf_config(path)
+        info["format"] = "hf"
+    else:
+        g = GGUFFile(path)
+        config = config_from_gguf(g)
+        info["format"] = f"gguf v{g.version}"
+        info["file_bytes"] = os.path.getsize(path)
+        info["tensor_types"] = dict(Counter(t.qtype.name for t in g.tensors.values()))
+        g.close()
+    params = config.num_parameters()
+    info["architecture"] = config.architecture
+    info["name"] = config.name
+    info["config"] = config.to_dict()
+    info["parameters"] = params
+    info["parameters_without_embeddings"] = config.num_parameters(include_embeddings=False)
+    info["bytes_by_dtype"] = {k: int(params * b) for k, b in
+                              (("fp32", 4), ("bf16", 2), ("fp16", 2), ("int8", 1), ("int4", 0.5))}
+    info["kv_bytes_per_token"] = {"fp32": config.kv_bytes_per_token(4), "bf16": config.kv_bytes_per_token(2),
+                                  "int8": config.kv_bytes_per_token(1)}
+    return info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model_path or args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    gib = 1 << 30
+    print(f"{info['path']}")
+    print(f"  format        {info['format']}" + (f", {info['file_bytes'] / 1e6:.1f} MB" if "file_bytes" in info else ""))
+    if "tensor_types" in info:
+        print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
+    print(f"  architecture  {info['architecture']} ({info['name']})")
+    print(f"  layers {c['num_layers']}, hidden {c['hidden_size']}, FFN {c['intermediate_size']} "
+          f"({'gated ' if c['gated_mlp'] else ''}{c['activation']}), heads {c['num_heads']} "
+          f"(kv {c['num_kv_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}")
+    print(f"  positions     {c['position']}" + (f" theta {c['rope_theta']:g}" if c["position"] == "rope" else "")
+          + f", context {c['max_position_embeddings']}, norm {c['norm']} eps {c['norm_eps']:g}, "
+          f"tied embeddings {c['tie_word_embeddings']}")
+    print(f"  parameters    {info['parameters']:,} ({info['parameters_without_embeddings']:,} without embeddings)")
+    print("  weight bytes  " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in info["bytes_by_dtype"].items()))
+    print("  KV per token  " + ", ".join(f"{k} {v:,.0f} B" for k, v in info["kv_bytes_per_token"].items()))
+    return 0
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from loom.bench.latency import run_latency
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                         peers=peers, dtype=args.dtype, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result["results"].items():
+            print(f"{name:5s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} "
+                  f"tok/s   {100 * r['fraction_of_limit']:.0f}% of the {r['bandwidth_limit_tokens_per_s']:.0f} tok/s "
+                  f"bandwidth limit")
+        if result["speedup_vs_hf"]:
+            print(f"loom / hf: decode {result['speedup_vs_hf']['decode']:.2f}x, "
+                  f"prefill {result['speedup_vs_hf']['prefill']:.2f}x")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="A hackable LLM inference engine and efficiency lab.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat, streaming")
+    _add_model_args(c)
+    _add_sampling_args(c, max_tokens=512)
+    c.add_argument("--system", default=None)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, parameters, bytes per dtype, KV bytes per token")
+    i.add_argument("model_path", nargs="?", default=None)
+    i.add_argument("--model", default=None)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="measure loom against its peers")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    lat = bsub.add_parser("latency", help="batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit")
+    _add_model_args(lat)
+    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--prompt-len", type=int, default=32)
+    lat.add_argument("--gen-len", type=int, default=128)
+    lat.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--json", action="store_true")
+    lat.set_defaults(func=cmd_bench_latency)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Model configuration: every architecture knob a decoder-only Transformer needs.
+
+One dataclass describes Llama, Mistral, Qwen2 and the textbook variants the seeds discuss
+(post-norm, LayerNorm, GELU/ReLU MLPs, ALiBi, sinusoidal or learned positions). Loaders turn
+GGUF metadata or a Hugging Face ``config.json`` into a ``ModelConfig``; the model is assembled
+from it and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+NormKind = Literal["rmsnorm", "layernorm"]
+NormPlacement = Literal["pre", "post"]
+PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context extension for RoPE (ALGORITHMS.md, "Positions").
+
+    kind: "linear" (position interpolation, m -> m / factor), "ntk" (NTK-aware base change,
+    base' = base * factor^(d / (d - 2))) or "yarn" (ramp between interpolated and extrapolated
+    frequencies, attention scaled by 0.1 ln(factor) + 1).
+    """
+
+    kind: Literal["linear", "ntk", "yarn"]
+    factor: float
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer.
+
+    Attention: ``num_heads`` query heads read ``num_kv_heads`` key/value heads; query head h reads
+    KV head ``h // (num_heads // num_kv_heads)`` (MHA when equal, MQA when one, GQA between).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None: same as num_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int | None = None  # None: 4 * hidden_size
+    # MLP: gated (SwiGLU / GeGLU: down(act(gate x) * up x)) or plain (down(act(up x))).
+    activation: Activation = "silu"
+    gated_mlp: bool = True
+    # Normalization and its placement: pre-norm x + f(norm(x)), post-norm norm(x + f(x)).
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_placement: NormPlacement = "pre"
+    final_norm: bool = True
+    # Positions.
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # None: the whole head_dim; fewer rotates only the first dims
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    # Biases.
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool | None = None  # None: LayerNorm has a bias, RMSNorm does not
+    # Embeddings.
+    tie_word_embeddings: bool = False
+    # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window
+    # Token ids the model was trained with.
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # Where the config came from (e.g. "llama", "qwen2"); informational.
+    architecture: str = "llama"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.norm_bias is None:
+            self.norm_bias = self.norm == "layernorm"
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if self.sliding_window_layers is not None:
+            self.sliding_window_layers = tuple(bool(b) for b in self.sliding_window_layers)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.position == "rope" and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        if self.sliding_window_layers is not None and len(self.sliding_window_layers) != self.num_layers:
+            raise ValueError("sliding_window_layers needs one entry per layer")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    # Derived sizes -------------------------------------------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is not None and not self.sliding_window_layers[layer]:
+            return None
+        return self.sliding_window
+
+    def kv_bytes_per_token(self, bytes_per_element: float = 4) -> float:
+        """KV cache bytes per token: layers x kv_heads x head_dim x 2 (K and V) x element size."""
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * bytes_per_element
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the model this config describes (tied embeddings counted once)."""
+        h, f = self.hidden_size, self.intermediate_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.qkv_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.attn_out_bias:
+            attn += h
+        mlp = (3 if self.gated_mlp else 2) * h * f
+        if self.mlp_bias:
+            mlp += (2 * f if self.gated_mlp else f) + h
+        norm = h * (2 if self.norm_bias else 1)
+        per_layer = attn + mlp + 2 * norm
+        total = self.num_layers * per_layer + (norm if self.final_norm else 0)
+        if include_embeddings:
+            total += self.vocab_size * h
+            if not self.tie_word_embeddings:
+                total += self.vocab_size * h
+            if self.position == "learned":
+                total += self.max_position_embeddings * h
+        return total
+
+    # Serialization --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.sliding_window_layers is not None:
+            d["sliding_window_layers"] = list(self.sliding_window_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], RopeScaling):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+

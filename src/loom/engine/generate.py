@@ -1,0 +1,110 @@
+"""Generation for one request over a contiguous KV cache: prefill the prompt, then one token per step.
+
+This is the simplest correct decoder, and the reference the batched engine is checked against.
+The cache is one block as long as the request can grow (prompt + max_tokens), so attention reads
+keys and values as a view, never a copy.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from loom.engine.kv_cache import KVCache
+from loom.engine.sampler import SamplingRow, make_generator, sample
+from loom.engine.text_output import TextOutput
+from loom.layers.attention import AttentionMetadata
+from loom.models.transformer import Transformer
+from loom.outputs import StreamDelta, Timings
+from loom.sampling_params import SamplingParams
+from loom.tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+def check_context(prompt_len: int, max_tokens: int | None, context: int) -> int:
+    """The number of tokens that may be generated; raises when the request cannot fit."""
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_len >= context:
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens")
+    room = context - prompt_len
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise ContextLengthError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                 f"context of {context} tokens")
+    return max_tokens
+
+
+class Generator:
+    """Streams one completion at a time from a model and its tokenizer."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, context: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = context or model.config.max_position_embeddings
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+               timings: Timings | None = None) -> Iterator[StreamDelta]:
+        prompt_ids = list(prompt_ids)
+        budget = check_context(len(prompt_ids), params.max_tokens, self.context)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        timings = timings if timings is not None else Timings()
+        timings.prompt_tokens = len(prompt_ids)
+        start = time.perf_counter()
+
+        capacity = len(prompt_ids) + budget
+        cache = KVCache(self.model.config, num_blocks=1, block_size=capacity, dtype=self.model.dtype)
+        layers = cache.layers()
+        table = torch.zeros(1, 1, dtype=torch.long)
+        row = SamplingRow(params, prompt_ids, [], make_generator(params.seed) if not params.greedy else None,
+                          self.eos_token_ids)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        text = TextOutput(self.tokenizer, prompt_ids, params)
+
+        n = len(prompt_ids)
+        meta = AttentionMetadata(positions=torch.arange(n), query_start=[0, n], context_lens=[n],
+                                 slot_mapping=torch.arange(n), block_tables=table, block_size=capacity)
+        input_ids = torch.tensor(prompt_ids, dtype=torch.long)
+        hidden = self.model(input_ids, meta, layers)
+        logits = self.model.compute_logits(hidden[-1:])
+        output: list[int] = row.output_ids  # type: ignore[assignment]
+        decode_start = None
+        while True:
+            token = sample(logits, [row])[0]
+            output.append(token)
+            if decode_start is None:
+                decode_start = time.perf_counter()
+                timings.prefill = decode_start - start
+            timings.generated_tokens = len(output)
+            finish, reason = None, None
+            if token in stop_ids:  # the sampler bans these until min_tokens are out
+                finish, reason = "stop", token
+                delta = text.finish()
+            else:
+                delta = text.add([token])
+                if text.stopped_by is not None:
+                    finish, reason = "stop", text.stopped_by
+                elif len(output) >= budget:
+                    finish = "length"
+                    delta += text.finish()
+            if finish is not None:
+                timings.decode = time.perf_counter() - decode_start
+                yield StreamDelta(delta, [token], finish, reason)
+                return
+            yield StreamDelta(delta, [token])
+            pos = n + len(output) - 1
+            meta = AttentionMetadata(positions=torch.tensor([pos]), query_start=[0, 1], context_lens=[pos + 1],
+                                     slot_mapping=torch.tensor([pos]), block_tables=table,
+                                     block_size=capacity)
+            hidden = self.model(torch.tensor([token]), meta, layers)
+            logits = self.model.compute_logits(hidden)

@@ -1,0 +1,115 @@
+"""Logits -> next tokens, one row per sequence, each row with its own SamplingParams.
+
+Order: penalties -> logit bias -> min_tokens ban -> temperature -> top-k -> top-p -> min-p -> draw.
+The draw uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d., which picks i
+with probability p_i exactly (the Gumbel-max trick in another guise) and needs one vector of
+random numbers from the row's own generator, so a seeded request draws the same numbers whatever
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from loom.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: Sequence[int] = field(default_factory=tuple)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """In place on one row [V]."""
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        ids = list(prompt_ids) + list(output_ids)
+        if ids:
+            seen[torch.tensor(ids, dtype=torch.long).clamp_(0, vocab - 1)] = True
+        r = params.repetition_penalty
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r)
+    if (params.frequency_penalty or params.presence_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=vocab)[:vocab]
+        logits -= params.frequency_penalty * counts.float() + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Temperature-scaled logits of one row [V] -> the same with filtered-out tokens at -inf."""
+    vocab = logits.shape[-1]
+    if top_k and top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
+        drop = before >= top_p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def processed_logits(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """Penalties, logit bias and the min_tokens ban applied to a copy of one row [V] (fp32)."""
+    p = row.params
+    out = logits.float().clone()
+    if p.has_penalties:
+        apply_penalties(out, p, row.prompt_ids, row.output_ids)
+    if p.logit_bias:
+        ids = torch.tensor([t for t in p.logit_bias if 0 <= t < out.shape[-1]], dtype=torch.long)
+        if ids.numel():
+            out[ids] += torch.tensor([p.logit_bias[int(t)] for t in ids], dtype=out.dtype)
+    if len(row.output_ids) < p.min_tokens:
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
+        banned = [t for t in banned if 0 <= t < out.shape[-1]]
+        if banned:
+            out[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+    return out
+
+
+def sampling_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities a non-greedy row is drawn from (after temperature and filters)."""
+    scaled = logits / params.temperature
+    return torch.softmax(filter_logits(scaled, params.top_k, params.top_p, params.min_p), dim=-1)
+
+
+def sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
+    """One row of raw logits [V] -> the chosen token id."""
+    out = processed_logits(logits, row)
+    if row.params.greedy:
+        return int(torch.argmax(out))
+    probs = sampling_distribution(out, row.params)
+    race = torch.empty_like(probs).exponential_(generator=row.generator)
+    return int(torch.argmax(probs / race))
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+    """Raw logits [N, V] -> one token per row."""
+    if all(r.params.greedy and not r.params.has_penalties and not r.params.logit_bias and not r.params.min_tokens
+           for r in rows):
+        return torch.argmax(logits, dim=-1).tolist()
+    return [sample_row(logits[i], r) for i, r in enumerate(rows)]

@@ -1,0 +1,137 @@
+"""Multi-head attention with grouped key/value heads (MHA / GQA / MQA), over a flat batch.
+
+A batch is a flat run of T tokens from B sequences (sequence i owns tokens
+``query_start[i]:query_start[i + 1]``). ``AttentionMetadata`` says where each token sits and
+where its keys and values live; the layer never knows whether the cache is contiguous or paged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, write_kv
+from loom.layers.linear import Linear
+from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of a flat batch are, and where their keys and values go and come from.
+
+    positions:     [T] absolute position of every token (RoPE / ALiBi read it).
+    query_start:   B + 1 offsets: sequence i's tokens are query_start[i]:query_start[i + 1].
+    context_lens:  B: keys sequence i attends over after this step (cached + new).
+    slot_mapping:  [T] cache slot (block * block_size + offset) each token's K/V is written to;
+                   None means no cache (plain causal attention among the batch's own tokens).
+    block_tables:  [B, max_blocks] physical block of each logical block of each sequence.
+    block_size:    tokens per cache block.
+    """
+
+    positions: torch.Tensor
+    query_start: list[int]
+    context_lens: list[int]
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    block_size: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start[-1]
+
+    @property
+    def cached(self) -> bool:
+        return self.slot_mapping is not None
+
+    # Derived once per forward, shared by all layers.
+    @cached_property
+    def writes(self) -> SlotWrites:
+        return SlotWrites.plan(self.slot_mapping, self.block_size)
+
+    @cached_property
+    def tables(self) -> list[list[int]]:
+        return self.block_tables.tolist()
+
+    @classmethod
+    def uncached(cls, lengths: Sequence[int]) -> AttentionMetadata:
+        """Each sequence attends causally over its own tokens only, positions from 0."""
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        return cls(positions=positions, query_start=starts, context_lens=list(lengths))
+
+
+class Attention(nn.Module):
+    """q, k, v = x W_qkv^T; RoPE on q, k; o = softmax(q k^T / sqrt(d) + bias) v; out = o W_o^T."""
+
+    def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding | None,
+                 kernel: str = "sdpa", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.window = config.layer_window(layer)
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+                               bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.attn_out_bias, dtype=dtype)
+        self.rotary = rotary
+        if config.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(config.num_heads), persistent=False)
+        else:
+            self.alibi = None
+        self.kernel_name = kernel
+        self.kernel = get_kernel(kernel)
+
+    def set_kernel(self, name: str) -> None:
+        self.kernel_name, self.kernel = name, get_kernel(name)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rope: RopeTables | None = None) -> torch.Tensor:
+        t, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
+        if self.rotary is not None:
+            rope = rope if rope is not None else self.rotary.prepare(meta.positions, x.dtype)
+            qk = self.rotary.apply(qkv[:, : hq + hkv], rope)  # q and k heads rotated together
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:
+            q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]
+        v = qkv[:, hq + hkv:]
+        cached = kv_cache is not None and meta.cached
+        if cached:
+            write_kv(kv_cache[0], kv_cache[1], k, v, meta.writes)
+            tables = meta.tables
+
+        def attend(i: int) -> torch.Tensor:
+            s, e = meta.query_start[i], meta.query_start[i + 1]
+            length = meta.context_lens[i]
+            if cached:
+                ki, vi = gather_kv(kv_cache[0], tables[i], length), gather_kv(kv_cache[1], tables[i], length)
+            else:
+                ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
+            bias = None
+            if self.alibi is not None:
+                bias = alibi_bias(self.alibi, meta.positions[s:e], torch.arange(length, device=x.device))
+            return self.kernel(q[s:e].transpose(0, 1), ki, vi, scale=self.scale, window=self.window,
+                               bias=bias).transpose(0, 1)
+
+        if meta.num_seqs == 1:
+            out = attend(0)
+        else:
+            out = torch.empty(t, hq, self.head_dim, dtype=x.dtype, device=x.device)
+            for i in range(meta.num_seqs):
+                out[meta.query_start[i]:meta.query_start[i + 1]] = attend(i)
+        return self.o_proj(out.reshape(t, self.q_size))

@@ -1,0 +1,46 @@
+"""Normalization layers: RMSNorm (Zhang & Sennrich 2019) and LayerNorm (Ba et al. 2016)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 (as HF Llama computes them)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            y = F.rms_norm(x, x.shape[-1:], self.weight, self.eps)  # one fused call, same bits
+        else:
+            y = self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(),
+                                     None if self.bias is None else self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+    return cls(config.hidden_size, config.norm_eps, bias=bool(config.norm_bias))

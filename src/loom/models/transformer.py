@@ -1,0 +1,129 @@
+"""The decoder-only Transformer, assembled from layers by a ModelConfig.
+
+    h_0 = embed(tokens) [+ position table]
+    pre-norm:  h = h + attn(norm(h));  h = h + mlp(norm(h))          (Llama, Mistral, Qwen2)
+    post-norm: h = norm(h + attn(h));  h = norm(h + mlp(h))          (Vaswani et al. 2017)
+    logits = lm_head(final_norm(h))
+
+Inputs are a flat batch (see ``AttentionMetadata``); logits are computed only for the rows asked
+for, because decoding needs just the last position of each sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.layers.attention import Attention, AttentionMetadata
+from loom.layers.linear import Linear
+from loom.layers.mlp import make_mlp
+from loom.layers.norm import make_norm
+from loom.layers.position import RopeTables, make_rotary, sinusoidal_table
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _embedding(num: int, dim: int, dtype: torch.dtype) -> nn.Embedding:
+    # Uninitialized: weights are loaded (or init_random is called) right after construction.
+    emb = nn.Embedding(num, dim, _weight=torch.empty(num, dim, dtype=dtype))
+    emb.weight.requires_grad_(False)
+    return emb
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rotary: nn.Module | None, kernel: str,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.attn_norm = make_norm(config).to(dtype)
+        self.attn = Attention(config, layer, rotary, kernel, dtype)
+        self.mlp_norm = make_norm(config).to(dtype)
+        self.mlp = make_mlp(config, dtype)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, rope: RopeTables | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            h = h + self.attn(self.attn_norm(h), meta, kv_cache, rope)
+            return h + self.mlp(self.mlp_norm(h))
+        h = self.attn_norm(h + self.attn(h, meta, kv_cache, rope))
+        return self.mlp_norm(h + self.mlp(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, kernel: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size, dtype)
+        self.pos_embed: nn.Embedding | None = None
+        if config.position == "learned":
+            self.pos_embed = _embedding(config.max_position_embeddings, config.hidden_size, dtype)
+        elif config.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.max_position_embeddings,
+                                                               config.hidden_size).to(dtype), persistent=False)
+        rotary = make_rotary(config)  # one table shared by all layers
+        self.rotary = rotary
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, kernel, dtype) for i in range(config.num_layers))
+        self.norm = make_norm(config).to(dtype) if config.final_norm else None
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+                                                                      dtype=dtype)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def fused_row_splits(self) -> dict[str, list[int]]:
+        """Row sizes of the parts of fused parameters (q|k|v, gate|up), by parameter name."""
+        c = self.config
+        splits: dict[str, list[int]] = {}
+        for i in range(c.num_layers):
+            for suffix in ("weight", "bias"):
+                splits[f"layers.{i}.attn.qkv_proj.{suffix}"] = [c.q_size, c.kv_size, c.kv_size]
+                if c.gated_mlp:
+                    splits[f"layers.{i}.mlp.gate_up_proj.{suffix}"] = [c.intermediate_size] * 2
+        return splits
+
+    def set_kernel(self, name: str) -> None:
+        for layer in self.layers:
+            layer.attn.set_kernel(name)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+        elif self.config.position == "sinusoidal":
+            h = h + self.pos_table[positions]
+        return h
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: KVCaches | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for a flat batch of T tokens."""
+        h = self.embed(input_ids, meta.positions)
+        rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, meta, None if kv_caches is None else kv_caches[i], rope)
+        return h if self.norm is None else self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def logits(self, input_ids: torch.Tensor, meta: AttentionMetadata | None = None,
+               kv_caches: KVCaches | None = None) -> torch.Tensor:
+        """Logits for every token (a convenience for evaluation and tests)."""
+        meta = meta or AttentionMetadata.uncached([input_ids.shape[0]])
+        return self.compute_logits(self(input_ids, meta, kv_caches))
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02) -> Transformer:
+        """Random weights (normal(0, std); norms at 1, biases at 0) for tests and experiments."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self

@@ -1,0 +1,58 @@
+"""Chat templates: the Jinja2 programs HF and GGUF files ship to turn messages into a prompt.
+
+Rendered in a sandbox with the same switches and helpers transformers provides
+(trim_blocks, lstrip_blocks, ``raise_exception``, ``strftime_now``, ``tojson``), so templates
+written for HF render identically here.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse: {e}") from None
+
+
+def render_chat(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    if not messages:
+        raise ChatTemplateError("messages must not be empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ChatTemplateError(f"message {i} must be a dict with a 'role'")
+    try:
+        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos_token, eos_token=eos_token, **extra)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {e}") from None

@@ -1,0 +1,128 @@
+"""Builders for tiny random models saved the way real checkpoints are."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512)
+
+
+def save_tiny_hf(folder: str, model_type: str = "llama", seed: int = 0, shards: int = 1, **overrides: Any):
+    """Random HF model of ``model_type`` saved as safetensors (optionally sharded); returns it (fp32, eval)."""
+    import transformers
+
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "mistral": transformers.MistralConfig}[model_type]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "mistral": transformers.MistralForCausalLM}[model_type]
+    kwargs = dict(TINY)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = cfg_cls(**kwargs)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # HF initializes biases and norms trivially; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    size = None
+    if shards > 1:
+        total = sum(p.numel() * 4 for p in model.parameters())
+        size = f"{max(1, total // shards // 1000)}KB"
+    model.save_pretrained(folder, max_shard_size=size) if size else model.save_pretrained(folder)
+    return model
+
+
+def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation of Q/K rows (rotate-half -> interleaved pairs)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: dict | None = None,
+                     drop: tuple[str, ...] = (), arch: str = "llama", extra_tensors: dict | None = None) -> None:
+    """Write an HF llama model as a llama.cpp-style GGUF (permuted Q/K, GGUF tensor names)."""
+    import gguf
+
+    cfg = hf_model.config
+    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    w.add_rope_freq_base(theta)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    for k, v in (tokenizer_meta or {}).items():
+        getattr(w, k)(v)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+
+    def add(name: str, arr: np.ndarray, quantize: bool = True) -> None:
+        if name in drop:
+            return
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if quantize and arr.ndim == 2 and q != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(arr, q)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
+        else:
+            w.add_tensor(name, arr)
+
+    permute = arch == "llama"
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        add("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qw, kw = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if permute:
+            qw, kw = permute_for_gguf(qw, cfg.num_attention_heads), permute_for_gguf(kw, cfg.num_key_value_heads)
+        add(f"blk.{i}.attn_q.weight", qw)
+        add(f"blk.{i}.attn_k.weight", kw)
+        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        for x in "qkv":
+            if p + f"self_attn.{x}_proj.bias" in sd:
+                b = sd[p + f"self_attn.{x}_proj.bias"]
+                if permute and x in "qk":
+                    b = permute_for_gguf(b, cfg.num_attention_heads if x == "q" else cfg.num_key_value_heads)
+                add(f"blk.{i}.attn_{x}.bias", b)
+        add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    for name, arr in (extra_tensors or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def byte_level_vocab_meta(n: int = 256) -> dict:
+    """A minimal gpt2-style tokenizer (256 byte tokens, no merges) as GGUFWriter calls."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    tokens = [table[b] for b in range(256)][:n]
+    return {"add_tokenizer_model": "gpt2", "add_token_list": tokens, "add_token_types": [1] * len(tokens),
+            "add_token_merges": [], "add_bos_token_id": 0, "add_eos_token_id": 1}
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def tmp_file(folder: str, name: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)

@@ -1,0 +1,43 @@
+"""Norms and MLPs against their formulas."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.layers.mlp import MLP, GatedMLP
+from loom.layers.norm import LayerNorm, RMSNorm
+
+
+def test_rmsnorm_formula():
+    n = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(16))
+    x = torch.randn(4, 16) * 3
+    want = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * n.weight
+    torch.testing.assert_close(n(x), want)
+    torch.testing.assert_close(n.to(torch.bfloat16)(x.bfloat16()).float(), want, atol=0.05, rtol=0.02)
+
+
+def test_layernorm_formula():
+    n = LayerNorm(16, eps=1e-5)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(16))
+        n.bias.copy_(torch.randn(16))
+    x = torch.randn(4, 16) + 2
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(n(x), (x - mu) / torch.sqrt(var + 1e-5) * n.weight + n.bias)
+
+
+def test_swiglu_and_plain_mlp():
+    g = GatedMLP(8, 12, "silu")
+    for p in g.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 8)
+    wg, wu = g.gate_up_proj.weight[:12], g.gate_up_proj.weight[12:]
+    torch.testing.assert_close(g(x), (F.silu(x @ wg.T) * (x @ wu.T)) @ g.down_proj.weight.T)
+    m = MLP(8, 12, "gelu", bias=True)
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    want = F.gelu(x @ m.up_proj.weight.T + m.up_proj.bias) @ m.down_proj.weight.T + m.down_proj.bias
+    torch.testing.assert_close(m(x), want)

@@ -1,0 +1,60 @@
+"""The `loom` command, run in-process on the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loom.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys):
+    code, out, _ = run(capsys, "generate", "The capital of France is", "--temperature", "0", "--max-tokens", "6",
+                       "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt_token_ids"] == [504, 3575, 282, 4649, 314]
+    assert len(result["token_ids"]) == 6 and result["finish_reason"] == "length"
+    assert result["text"].startswith(" Paris")
+    assert {"prefill_s", "decode_tokens_per_s", "load_s"} <= set(result["timings"])
+
+
+def test_generate_streams_chat_and_prints_speed(capsys):
+    code, out, err = run(capsys, "generate", "What is the capital of France?", "--chat", "--temperature", "0",
+                         "--max-tokens", "20")
+    assert code == 0 and "Paris" in out and "tok/s" in err
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["parameters"] == 134_515_008
+    assert info["kv_bytes_per_token"]["fp32"] == 30 * 3 * 64 * 2 * 4
+    assert info["tensor_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
+    code, out, _ = run(capsys, "info")
+    assert "GiB" in out and "KV per token" in out
+
+
+def test_bench_latency_json(capsys):
+    code, out, _ = run(capsys, "bench", "latency", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1",
+                       "--peers", "hf", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["results"]) == {"loom", "hf"}
+    for r in result["results"].values():
+        assert r["decode_tokens_per_s"] > 0 and 0 < r["fraction_of_limit"] < 1.5
+    assert result["speedup_vs_hf"]["decode"] > 0 and result["memory_bandwidth_GBps"] > 0
+
+
+@pytest.mark.parametrize("argv,msg", [(["generate", "x", "--model", "/nonexistent.gguf"], "no such file"),
+                                      (["generate", "x", "--max-tokens", "0"], "max_tokens"),
+                                      (["bench", "latency", "--batch", "2", "--peers", "none"], "batch 1")])
+def test_errors_exit_2_with_a_message(capsys, argv, msg):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and msg in err
