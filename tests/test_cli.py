@@ -44,9 +44,10 @@ def test_info(capsys):
 
 def test_bench_latency_json(capsys):
     code, out, _ = run(capsys, "bench", "latency", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1",
-                       "--peers", "hf", "--json")
+                       "--peers", "hf,eager", "--json")
     result = json.loads(out)
-    assert code == 0 and set(result["results"]) == {"loom", "hf"}
+    assert code == 0 and set(result["results"]) == {"loom", "loom-eager", "hf"}
+    assert result["results"]["loom"]["decode_path"] == "scripted graph"
     for r in result["results"].values():
         assert r["decode_tokens_per_s"] > 0 and 0 < r["fraction_of_limit"] < 1.5
     assert result["speedup_vs_hf"]["decode"] > 0 and result["memory_bandwidth_GBps"] > 0
@@ -58,3 +59,21 @@ def test_bench_latency_json(capsys):
 def test_errors_exit_2_with_a_message(capsys, argv, msg):
     code, _, err = run(capsys, *argv)
     assert code == 2 and msg in err
+
+
+def test_chat_is_interactive_and_keeps_the_conversation():
+    import subprocess
+    import sys
+
+    lines = "What is the capital of France?\nAnd of Italy?\n/reset\n/exit\n"
+    proc = subprocess.run([sys.executable, "-m", "loom.cli", "chat", "--temperature", "0", "--max-tokens", "24"],
+                          input=lines, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "Rome" in proc.stdout  # the second answer used the first turn
+    assert proc.stderr.count("decode") == 2  # one speed line per answer
+
+
+def test_bench_load(capsys):
+    code, out, _ = run(capsys, "bench", "load", "--peers", "none", "--repeats", "1", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["results"]["loom"]["load_s"] > 0

@@ -191,12 +191,26 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         for name, r in result["results"].items():
-            print(f"{name:5s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} "
+            print(f"{name:10s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} "
                   f"tok/s   {100 * r['fraction_of_limit']:.0f}% of the {r['bandwidth_limit_tokens_per_s']:.0f} tok/s "
                   f"bandwidth limit")
         if result["speedup_vs_hf"]:
             print(f"loom / hf: decode {result['speedup_vs_hf']['decode']:.2f}x, "
                   f"prefill {result['speedup_vs_hf']['prefill']:.2f}x")
+    return 0
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from loom.bench.load import run_load
+
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    result = run_load(args.model, peers=peers, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result["results"].items():
+            if isinstance(r, dict):
+                print(f"{name:5s} load {r['load_s']:.2f} s")
     return 0
 
 
@@ -232,10 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--batch", type=int, default=1)
     lat.add_argument("--prompt-len", type=int, default=32)
     lat.add_argument("--gen-len", type=int, default=128)
-    lat.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
+    lat.add_argument("--peers", default="hf", help="comma-separated: hf (transformers), eager (loom without its "
+                     "scripted decode step), or none")
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--json", action="store_true")
     lat.set_defaults(func=cmd_bench_latency)
+    ld = bsub.add_parser("load", help="seconds to load a model and its tokenizer, loom vs HF")
+    ld.add_argument("--model", default=None)
+    ld.add_argument("--peers", default="hf")
+    ld.add_argument("--repeats", type=int, default=3)
+    ld.add_argument("--json", action="store_true")
+    ld.set_defaults(func=cmd_bench_load)
     return parser
 
 

@@ -37,7 +37,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "float32",
-                 attention_kernel: str = "sdpa", num_threads: int | None = None) -> None:
+                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
@@ -47,7 +47,7 @@ class LLM:
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
         self.load_seconds = time.perf_counter() - t0
-        self._generator = Generator(self.model, self.tokenizer)
+        self._generator = Generator(self.model, self.tokenizer, decode_graph=decode_graph)
         self._next_id = 0
 
     # Prompts ------------------------------------------------------------------------------------

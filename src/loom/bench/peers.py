@@ -48,32 +48,28 @@ def hf_reference_copy(gguf_path: str, folder: str | None = None) -> str:
 
 
 @dataclass
-class PeerLatency:
-    name: str
+class LatencySample:
     prefill_s: float
     decode_tokens_per_s: float
-    generated_tokens: int
-    dtype: str
 
 
-def hf_latency(folder: str, prompt_ids: Sequence[int], gen_len: int, dtype: torch.dtype = torch.float32,
-               repeats: int = 1) -> PeerLatency:
-    """HF ``generate`` (greedy, exactly gen_len tokens): prefill time and decode tokens/s, best of repeats."""
-    from transformers import AutoModelForCausalLM
+class HFGenerate:
+    """HF ``generate`` (greedy, exactly gen_len new tokens) on one prompt: what a user of HF would run."""
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = torch.tensor([list(prompt_ids)])
-    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
-    best_prefill, best_rate = float("inf"), 0.0
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-        for _ in range(repeats):
+    def __init__(self, folder: str, dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.dtype = dtype
+
+    def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
+        ids = torch.tensor([list(prompt_ids)])
+        kwargs = dict(do_sample=False, pad_token_id=self.model.config.eos_token_id)
+        with torch.inference_mode():
             t = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
             prefill = time.perf_counter() - t
             t = time.perf_counter()
-            model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
+            self.model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
             total = time.perf_counter() - t
-            best_prefill = min(best_prefill, prefill)
-            best_rate = max(best_rate, (gen_len - 1) / max(total - prefill, 1e-9))
-    return PeerLatency("hf", best_prefill, best_rate, gen_len, str(dtype).replace("torch.", ""))
+        return LatencySample(prefill, (gen_len - 1) / max(total - prefill, 1e-9))

@@ -16,6 +16,7 @@ from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import SamplingRow, make_generator, sample
 from loom.engine.text_output import TextOutput
 from loom.layers.attention import AttentionMetadata
+from loom.models.decode_graph import DecodeGraph
 from loom.models.transformer import Transformer
 from loom.outputs import StreamDelta, Timings
 from loom.sampling_params import SamplingParams
@@ -44,9 +45,12 @@ def check_context(prompt_len: int, max_tokens: int | None, context: int) -> int:
 class Generator:
     """Streams one completion at a time from a model and its tokenizer."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, context: int | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, context: int | None = None,
+                 decode_graph: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # Decode steps run as one TorchScript program when the model's shape allows (see decode_graph.py).
+        self.use_graph = decode_graph and DecodeGraph.supports(model)
         self.context = context or model.config.max_position_embeddings
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
 
@@ -77,6 +81,7 @@ class Generator:
         input_ids = torch.tensor(prompt_ids, dtype=torch.long)
         hidden = self.model(input_ids, meta, layers)
         logits = self.model.compute_logits(hidden[-1:])
+        graph = DecodeGraph(self.model, cache.k, cache.v) if self.use_graph else None
         output: list[int] = row.output_ids  # type: ignore[assignment]
         decode_start = None
         while True:
@@ -103,6 +108,9 @@ class Generator:
                 return
             yield StreamDelta(delta, [token])
             pos = n + len(output) - 1
+            if graph is not None:
+                logits = graph(token, pos)
+                continue
             meta = AttentionMetadata(positions=torch.tensor([pos]), query_start=[0, 1], context_lens=[pos + 1],
                                      slot_mapping=torch.tensor([pos]), block_tables=table,
                                      block_size=capacity)

@@ -1,0 +1,73 @@
+"""The scripted decode step computes what the module forward computes, step after step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.config import ModelConfig
+from loom.engine.kv_cache import KVCache
+from loom.layers.attention import AttentionMetadata
+from loom.models.decode_graph import DecodeGraph
+from loom.models.transformer import Transformer
+
+BASE = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
+            max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
+                                   dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=4),
+                                   dict(num_kv_heads=2, sliding_window=5, sliding_window_layers=(True, False, True))])
+def test_graph_steps_equal_module_steps(extra):
+    model = Transformer(ModelConfig(**BASE, **extra)).init_random(0, std=0.2)
+    assert DecodeGraph.supports(model)
+    ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        want = model.logits(torch.tensor(ids))
+    cap, n0 = 32, 6
+    cache = KVCache(model.config, 1, cap)
+    table = torch.zeros(1, 1, dtype=torch.long)
+    with torch.inference_mode():
+        meta = AttentionMetadata(torch.arange(n0), [0, n0], [n0], torch.arange(n0), table, cap)
+        model(torch.tensor(ids[:n0]), meta, cache.layers())  # prefill through the module path
+        graph = DecodeGraph(model, cache.k, cache.v)
+        got = torch.cat([graph(ids[p], p) for p in range(n0, len(ids))])
+    assert (got - want[n0:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("extra", [dict(norm_placement="post"), dict(position="alibi"), dict(gated_mlp=False),
+                                   dict(activation="gelu"), dict(rotary_dim=4), dict(mlp_bias=True)])
+def test_other_shapes_use_the_module_path(extra):
+    model = Transformer(ModelConfig(**BASE, **extra))
+    assert not DecodeGraph.supports(model)
+    with pytest.raises(ValueError, match="Llama-shaped"):
+        DecodeGraph(model, torch.zeros(1), torch.zeros(1))
+    assert not DecodeGraph.supports(Transformer(ModelConfig(**BASE), dtype=torch.bfloat16))
+
+
+def test_generation_identical_with_and_without_graph(smollm):
+    from loom.sampling_params import SamplingParams
+
+    p = SamplingParams(temperature=0.7, top_k=50, seed=11, max_tokens=40, min_tokens=40)
+    with_graph = smollm.generate("The history of computing", p)[0].token_ids
+    smollm._generator.use_graph = False
+    try:
+        without = smollm.generate("The history of computing", p)[0].token_ids
+    finally:
+        smollm._generator.use_graph = True
+    assert with_graph == without
+
+
+def test_step_is_scripted_and_the_python_fallback_agrees(monkeypatch):
+    from loom.models import decode_graph
+
+    assert isinstance(decode_graph.compiled_decode_step(), torch.jit.ScriptFunction)
+    model = Transformer(ModelConfig(**BASE, num_kv_heads=2)).init_random(3, std=0.2)
+    outs = []
+    for fn in (decode_graph.compiled_decode_step(), decode_graph._decode_step):
+        monkeypatch.setattr(decode_graph, "compiled_decode_step", lambda fn=fn: fn)
+        cache = KVCache(model.config, 1, 16)
+        with torch.inference_mode():
+            g = DecodeGraph(model, cache.k, cache.v)
+            outs.append(torch.cat([g(t, p) for p, t in enumerate([5, 9, 2, 40])]))
+    assert torch.equal(outs[0], outs[1])
