@@ -126,3 +126,19 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 def tmp_file(folder: str, name: str) -> str:
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name)
+
+
+K_SCALE_OFFSETS = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_k_quant(qtype: str, n_blocks: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
+    """Random K-quant blocks [n_blocks, bytes]: random bits everywhere, fp16 super-block scales in
+    [-scale, scale] so the values stay finite (gguf-py cannot quantize K-quants, only read them)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    _, nbytes = GGML_QUANT_SIZES[getattr(GGMLQuantizationType, qtype)]
+    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    for off in K_SCALE_OFFSETS[qtype]:
+        d = rng.uniform(-scale, scale, size=n_blocks).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw

@@ -6,22 +6,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import quants
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf.constants import GGMLQuantizationType as Q
 
 from loom.weights.dequant import DEQUANTIZERS, dequantize
+from tests.helpers import random_k_quant
 
 QUANTIZABLE = [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]  # gguf can make these from floats
 K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]  # gguf only reads these: feed random blocks
-
-
-def random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for every field, with the fp16 scales forced to finite, moderate values."""
-    _, nbytes = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
-    scale_offsets = {Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}[qtype]
-    for off in scale_offsets:
-        raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, size=n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return raw
 
 
 def check(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> None:
@@ -42,7 +33,7 @@ def test_matches_gguf_on_quantized_weights(qtype):
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
 def test_matches_gguf_on_random_k_quant_blocks(qtype):
     rng = np.random.default_rng(int(qtype))
-    raw = random_blocks(qtype, 96, rng)
+    raw = random_k_quant(qtype.name, 96, rng)
     check(raw.reshape(12, -1), qtype, (12, 8 * 256))
 
 

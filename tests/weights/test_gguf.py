@@ -180,3 +180,50 @@ def test_unsupported_quantization(tmp_path, tiny_llama):
     open(path, "wb").write(bytes(raw))
     with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*unsupported quantization type IQ2_XXS"):
         load_model(path)
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_model_matches_transformers_reading_the_same_file(tmp_path, qtype):
+    """A whole model stored in a K-quant: loom's logits equal HF's own GGUF loader's on the same file
+    (HF dequantizes with gguf-py and un-permutes Q/K itself, so it is an independent reader)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import random_k_quant
+
+    hf = save_tiny_hf(str(tmp_path / "src"), "llama", hidden_size=256, intermediate_size=512,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    rng = np.random.default_rng(7)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    path = tmp_path / "k.gguf"
+    write_llama_gguf(str(path), hf, "F32", tokenizer_meta=byte_level_vocab_meta())
+    # Rewrite: same header, every 2-D tensor replaced by random blocks of `qtype`.
+    g = GGUFFile(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "kq.gguf"), "llama")
+    for key, value in g.metadata.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, info in g.tensors.items():
+        if len(info.shape) == 2:
+            rows, cols = info.shape
+            raw = random_k_quant(qtype, rows * cols // 256, rng, scale=2e-3).reshape(rows, -1)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=q)
+        else:
+            w.add_tensor(name, g.tensor(name).numpy())
+    g.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_model(str(tmp_path / "kq.gguf")).model.logits(torch.tensor(IDS))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="kq.gguf", dtype=torch.float32).eval()
+    assert ours.abs().max() > 0.1  # the weights are not degenerate
+    assert (ours - hf_logits(ref, IDS)).abs().max() < 1e-3
