@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from loom.layers.kernels import (SlotWrites, flash_attention, gather_kv, naive_attention, sdpa_attention,
-                                 split_kv_attention, visibility_mask, write_kv)
+from loom.layers.kernels import (SlotWrites, flash_attention, gather_kv, naive_attention, paged_decode_attention,
+                                 sdpa_attention, split_kv_attention, visibility_mask, write_kv)
 from loom.layers.position import alibi_bias, alibi_slopes
 
 
@@ -105,21 +105,43 @@ def test_visibility_mask():
 def test_paged_write_and_gather_roundtrip():
     g = torch.Generator().manual_seed(3)
     num_blocks, hkv, bs, d = 8, 2, 4, 3
-    kc, vc = torch.zeros(num_blocks, hkv, bs, d), torch.zeros(num_blocks, hkv, bs, d)
+    kc, vc = torch.zeros(num_blocks, bs, hkv, d), torch.zeros(num_blocks, bs, hkv, d)
     table = [5, 1, 6]  # logical block i lives in physical block table[i]
     n = 10
     k, v = torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)
     slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(n)])
-    write_kv(kc, vc, k, v, SlotWrites.plan(slots, bs))
+    write_kv(kc, vc, k, v, SlotWrites.plan(slots))
     assert torch.equal(gather_kv(kc, table, n), k.transpose(0, 1))
     assert torch.equal(gather_kv(vc, table, n), v.transpose(0, 1))
-    # One more token through the slice path (consecutive slots in one block).
+    # One more token through the slice path (consecutive slots).
     k1 = torch.randn(1, hkv, d, generator=g)
-    plan = SlotWrites.plan(torch.tensor([table[2] * bs + 2]), bs)
-    assert plan.blocks is None and (plan.block, plan.start, plan.end) == (6, 2, 3)
+    plan = SlotWrites.plan(torch.tensor([table[2] * bs + 2]))
+    assert plan.slots is None and (plan.start, plan.end) == (26, 27)
     write_kv(kc, vc, k1, k1, plan)
     assert torch.equal(gather_kv(kc, table, n + 1)[:, n], k1[0])
     # Padding slots (-1) are skipped.
     before = kc.clone()
-    write_kv(kc, vc, torch.randn(2, hkv, d), torch.randn(2, hkv, d), SlotWrites.plan(torch.tensor([-1, -1]), bs))
+    write_kv(kc, vc, torch.randn(2, hkv, d), torch.randn(2, hkv, d), SlotWrites.plan(torch.tensor([-1, -1])))
     assert torch.equal(kc, before)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_paged_decode_attention_equals_per_sequence(window):
+    g = torch.Generator().manual_seed(4)
+    num_blocks, bs, hkv, hq, d = 20, 4, 2, 6, 8
+    kc, vc = torch.randn(num_blocks, bs, hkv, d, generator=g), torch.randn(num_blocks, bs, hkv, d, generator=g)
+    tables = [[3, 7, 1], [0], [12, 5], [9, 2, 4, 19]]
+    lens = [10, 2, 8, 13]
+    q = torch.randn(len(tables), hq, d, generator=g)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    got = paged_decode_attention(q, kc, vc, padded, torch.tensor(lens), 0.3, window)
+    for i, (t, n) in enumerate(zip(tables, lens)):
+        k, v = gather_kv(kc, t, n), gather_kv(vc, t, n)
+        want = naive_attention(q[i][:, None], k, v, scale=0.3, window=window or None)[:, 0]
+        assert (got[i] - want).abs().max() < 1e-5
+    # one sequence in one contiguous block: the view path
+    one = paged_decode_attention(q[:1], kc, vc, torch.tensor([[7]]), torch.tensor([3]), 0.3, window)
+    want = naive_attention(q[0][:, None], gather_kv(kc, [7], 3), gather_kv(vc, [7], 3), scale=0.3,
+                           window=window or None)[:, 0]
+    assert (one[0] - want).abs().max() < 1e-5

@@ -46,10 +46,10 @@ def test_cached_decode_logits_match_hf(smollm, smollm_hf):
     layers, table = cache.layers(), torch.zeros(1, 1, dtype=torch.long)
     got = []
     with torch.no_grad():
-        meta = AttentionMetadata(torch.arange(n0), [0, n0], [n0], torch.arange(n0), table, 64)
+        meta = AttentionMetadata(torch.arange(n0), [0, n0], [n0], torch.arange(n0), table)
         got.append(model.compute_logits(model(torch.tensor(ids[:n0]), meta, layers)))
         for p in range(n0, len(ids)):
-            meta = AttentionMetadata(torch.tensor([p]), [0, 1], [p + 1], torch.tensor([p]), table, 64)
+            meta = AttentionMetadata(torch.tensor([p]), [0, 1], [p + 1], torch.tensor([p]), table)
             got.append(model.compute_logits(model(torch.tensor([ids[p]]), meta, layers)))
         want = smollm_hf(torch.tensor([ids])).logits[0]
     assert (torch.cat(got) - want).abs().max().item() <= 1e-3

@@ -77,7 +77,7 @@ class Generator:
 
         n = len(prompt_ids)
         meta = AttentionMetadata(positions=torch.arange(n), query_start=[0, n], context_lens=[n],
-                                 slot_mapping=torch.arange(n), block_tables=table, block_size=capacity)
+                                 slot_mapping=torch.arange(n), block_tables=table)
         input_ids = torch.tensor(prompt_ids, dtype=torch.long)
         hidden = self.model(input_ids, meta, layers)
         logits = self.model.compute_logits(hidden[-1:])
@@ -109,10 +109,9 @@ class Generator:
             yield StreamDelta(delta, [token])
             pos = n + len(output) - 1
             if graph is not None:
-                logits = graph(token, pos)
+                logits = graph.step_one(token, pos, table)
                 continue
             meta = AttentionMetadata(positions=torch.tensor([pos]), query_start=[0, 1], context_lens=[pos + 1],
-                                     slot_mapping=torch.tensor([pos]), block_tables=table,
-                                     block_size=capacity)
+                                     slot_mapping=torch.tensor([pos]), block_tables=table)
             hidden = self.model(torch.tensor([token]), meta, layers)
             logits = self.model.compute_logits(hidden)

@@ -1,4 +1,4 @@
-"""The physical KV cache: per layer, K and V tensors of [num_blocks, kv_heads, block_size, head_dim]."""
+"""The physical KV cache: per layer, K and V tensors of [num_blocks, block_size, kv_heads, head_dim]."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32) -> None:
-        shape = (config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim)
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, write_kv
+from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, write_kv
 from loom.layers.linear import Linear
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
 
@@ -30,8 +30,8 @@ class AttentionMetadata:
     context_lens:  B: keys sequence i attends over after this step (cached + new).
     slot_mapping:  [T] cache slot (block * block_size + offset) each token's K/V is written to;
                    None means no cache (plain causal attention among the batch's own tokens).
-    block_tables:  [B, max_blocks] physical block of each logical block of each sequence.
-    block_size:    tokens per cache block.
+    block_tables:  [B, max_blocks] physical block of each logical block of each sequence, padded
+                   with any valid block id (0) past a sequence's last block.
     """
 
     positions: torch.Tensor
@@ -39,7 +39,6 @@ class AttentionMetadata:
     context_lens: list[int]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    block_size: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -56,11 +55,28 @@ class AttentionMetadata:
     # Derived once per forward, shared by all layers.
     @cached_property
     def writes(self) -> SlotWrites:
-        return SlotWrites.plan(self.slot_mapping, self.block_size)
+        return SlotWrites.plan(self.slot_mapping)
 
     @cached_property
     def tables(self) -> list[list[int]]:
         return self.block_tables.tolist()
+
+    @cached_property
+    def decode_batch(self) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Sequences with one new token (decodes), attended in one batched call when there are two or
+        more: (their indices, their token rows, their block tables, their context lengths)."""
+        if not self.cached or self.num_seqs == 1:
+            return None
+        idx = [i for i in range(self.num_seqs) if self.query_start[i + 1] - self.query_start[i] == 1]
+        if len(idx) < 2:
+            return None
+        rows = torch.tensor([self.query_start[i] for i in idx], dtype=torch.long)
+        if len(idx) == self.num_seqs:
+            tables = self.block_tables
+        else:
+            tables = self.block_tables.index_select(0, torch.tensor(idx, dtype=torch.long))
+        lens = torch.tensor([self.context_lens[i] for i in idx], dtype=torch.long)
+        return idx, rows, tables, lens
 
     @classmethod
     def uncached(cls, lengths: Sequence[int]) -> AttentionMetadata:
@@ -110,28 +126,35 @@ class Attention(nn.Module):
         else:
             q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]
         v = qkv[:, hq + hkv:]
-        cached = kv_cache is not None and meta.cached
-        if cached:
-            write_kv(kv_cache[0], kv_cache[1], k, v, meta.writes)
-            tables = meta.tables
-
-        def attend(i: int) -> torch.Tensor:
-            s, e = meta.query_start[i], meta.query_start[i + 1]
-            length = meta.context_lens[i]
-            if cached:
-                ki, vi = gather_kv(kv_cache[0], tables[i], length), gather_kv(kv_cache[1], tables[i], length)
-            else:
-                ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
-            bias = None
-            if self.alibi is not None:
-                bias = alibi_bias(self.alibi, meta.positions[s:e], torch.arange(length, device=x.device))
-            return self.kernel(q[s:e].transpose(0, 1), ki, vi, scale=self.scale, window=self.window,
-                               bias=bias).transpose(0, 1)
-
+        cache = kv_cache if meta.cached else None
+        if cache is not None:
+            write_kv(cache[0], cache[1], k, v, meta.writes)
         if meta.num_seqs == 1:
-            out = attend(0)
-        else:
-            out = torch.empty(t, hq, self.head_dim, dtype=x.dtype, device=x.device)
-            for i in range(meta.num_seqs):
-                out[meta.query_start[i]:meta.query_start[i + 1]] = attend(i)
+            return self.o_proj(self._attend_one(0, q, k, v, meta, cache).reshape(t, self.q_size))
+        out = torch.empty(t, hq, self.head_dim, dtype=x.dtype, device=x.device)
+        batched: list[int] = []
+        decodes = meta.decode_batch if (cache is not None and self.alibi is None) else None
+        if decodes is not None:  # all one-token sequences in one call
+            batched, rows, tables, lens = decodes
+            q_rows = q if len(batched) == t else q.index_select(0, rows)
+            o = paged_decode_attention(q_rows, cache[0], cache[1], tables, lens, self.scale, self.window or 0)
+            out.index_copy_(0, rows, o)
+        for i in sorted(set(range(meta.num_seqs)) - set(batched)):
+            out[meta.query_start[i]:meta.query_start[i + 1]] = self._attend_one(i, q, k, v, meta, cache)
         return self.o_proj(out.reshape(t, self.q_size))
+
+    def _attend_one(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                    cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Attention output [Tq, Hq, D] of sequence i of the batch."""
+        s, e = meta.query_start[i], meta.query_start[i + 1]
+        length = meta.context_lens[i]
+        if cache is not None:
+            table = meta.tables[i]
+            ki, vi = gather_kv(cache[0], table, length), gather_kv(cache[1], table, length)
+        else:
+            ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
+        bias = None
+        if self.alibi is not None:
+            bias = alibi_bias(self.alibi, meta.positions[s:e], torch.arange(length, device=q.device))
+        return self.kernel(q[s:e].transpose(0, 1), ki, vi, scale=self.scale, window=self.window,
+                           bias=bias).transpose(0, 1)

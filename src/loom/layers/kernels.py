@@ -195,66 +195,96 @@ def get_kernel(name: str) -> Callable[..., torch.Tensor]:
 
 # Paged KV cache ------------------------------------------------------------------------------
 #
-# One layer's cache is a pair of tensors [num_blocks, Hkv, block_size, D]. Token t of a batch is
-# stored at flat slot s = block * block_size + offset (its slot mapping); a sequence's keys are
-# found through its block table, the list of physical blocks holding its logical blocks in order.
-# A contiguous cache is the special case of one block per sequence as long as its context.
+# One layer's cache is a pair of tensors [num_blocks, block_size, Hkv, D] (token-major, as vLLM lays
+# out its flash-attention cache). Token t of a batch is stored at flat slot s = block * block_size +
+# offset (its slot mapping); a sequence's keys are found through its block table, the list of
+# physical blocks holding its logical blocks in order. Token-major means a gathered run of blocks
+# flattens to [tokens, Hkv, D] without a copy. A contiguous cache is the special case of one block
+# per sequence as long as its context.
 
 
 @dataclass(frozen=True)
 class SlotWrites:
     """Where one forward's new keys/values go, worked out once and reused by every layer.
 
-    Consecutive slots inside one block (a decode step, or a prefill chunk within a block) are a
-    slice copy; anything else is an indexed scatter. Tokens with slot < 0 (padding) are dropped.
+    Consecutive slots (a decode step, or a prefill chunk of one sequence) are one slice copy into
+    the flat [num_blocks * block_size, Hkv, D] view; anything else is an index_copy_. Tokens with
+    slot < 0 (padding) are dropped.
     """
 
-    block: int = -1  # slice path: block and [start, end) within it
-    start: int = 0
+    start: int = 0  # slice path: flat slots [start, end)
     end: int = 0
-    blocks: torch.Tensor | None = None  # scatter path
-    offsets: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # indexed path
     keep: torch.Tensor | None = None
 
     @classmethod
-    def plan(cls, slot_mapping: torch.Tensor, block_size: int) -> SlotWrites:
+    def plan(cls, slot_mapping: torch.Tensor) -> SlotWrites:
         slots = slot_mapping.tolist()
-        first = slots[0] if slots else 0
-        if slots and first >= 0 and first // block_size == slots[-1] // block_size and \
-                slots == list(range(first, first + len(slots))):
-            b = first // block_size
-            return cls(block=b, start=first - b * block_size, end=first - b * block_size + len(slots))
+        if slots and slots[0] >= 0 and slots == list(range(slots[0], slots[0] + len(slots))):
+            return cls(start=slots[0], end=slots[0] + len(slots))
         keep = None
         if any(x < 0 for x in slots):
             keep = slot_mapping >= 0
             slot_mapping = slot_mapping[keep]
-        blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-        return cls(blocks=blocks, offsets=slot_mapping - blocks * block_size, keep=keep)
+        return cls(slots=slot_mapping, keep=keep)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              writes: SlotWrites) -> None:
-    """Store new keys/values [T, Hkv, D] into one layer's cache [num_blocks, Hkv, block_size, D]."""
-    if writes.blocks is None:
-        k_cache[writes.block, :, writes.start:writes.end] = k.transpose(0, 1)
-        v_cache[writes.block, :, writes.start:writes.end] = v.transpose(0, 1)
+    """Store new keys/values [T, Hkv, D] into one layer's cache [num_blocks, block_size, Hkv, D]."""
+    flat_k = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
+    flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
+    if writes.slots is None:
+        flat_k[writes.start:writes.end] = k
+        flat_v[writes.start:writes.end] = v
         return
     if writes.keep is not None:
         k, v = k[writes.keep], v[writes.keep]
-    k_cache[writes.blocks, :, writes.offsets] = k.to(k_cache.dtype)
-    v_cache[writes.blocks, :, writes.offsets] = v.to(v_cache.dtype)
+    flat_k.index_copy_(0, writes.slots, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, writes.slots, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
-    """The first ``length`` cached tokens of one sequence, as [Hkv, length, D].
+    """The first ``length`` cached tokens of one sequence, as a head-major view [Hkv, length, D].
 
     ``blocks`` is the sequence's block table. A single block is a view into the cache (no copy);
     otherwise the blocks are gathered.
     """
-    block_size = cache.shape[2]
+    block_size = cache.shape[1]
     n = -(-length // block_size)
     if n == 1:
-        return cache[blocks[0], :, :length]
-    gathered = cache[torch.tensor(blocks[:n], dtype=torch.long)]  # [n, Hkv, B, D]
-    hkv, d = gathered.shape[1], gathered.shape[3]
-    return gathered.transpose(0, 1).reshape(hkv, n * block_size, d)[:, :length]
+        return cache[blocks[0], :length].transpose(0, 1)
+    gathered = cache.index_select(0, torch.tensor(blocks[:n], dtype=torch.long))  # [n, B, Hkv, D]
+    return gathered.view(n * block_size, cache.shape[2], cache.shape[3])[:length].transpose(0, 1)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           window: int) -> torch.Tensor:
+    """One query per sequence (decode) over each sequence's cached keys, all sequences in one call.
+
+    q [B, Hq, D]; block_tables [B, max_blocks] (padding entries may be any valid block);
+    context_lens [B]; window 0 means none. The blocks are gathered into a padded
+    [B, Hkv, max_blocks * block_size, D] view and positions past each context are masked. Returns
+    [B, Hq, D]. Written in TorchScript's subset so the scripted decode step can call it.
+    """
+    b, hq, d = q.shape[0], q.shape[1], q.shape[2]
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if b == 1 and block_tables.shape[1] == 1:  # one contiguous block: a view, no gather, no mask
+        n = int(context_lens[0])
+        start = 0 if window == 0 else max(0, n - window)
+        k = k_cache[int(block_tables[0, 0]), start:n].transpose(0, 1).unsqueeze(0)
+        v = v_cache[int(block_tables[0, 0]), start:n].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=hq != hkv)
+        return out.squeeze(2)
+    flat = block_tables.reshape(-1)
+    length = block_tables.shape[1] * block_size
+    k = k_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
+    j = torch.arange(length, device=q.device).unsqueeze(0)
+    visible = j < context_lens.unsqueeze(1)
+    if window > 0:
+        visible = visible & (j >= context_lens.unsqueeze(1) - window)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale,
+                                         enable_gqa=hq != hkv)
+    return out.squeeze(2)

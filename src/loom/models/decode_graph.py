@@ -1,4 +1,4 @@
-"""A scripted batch-1 decode step: the whole forward of one token as one TorchScript program.
+"""A scripted decode step: the whole forward of one new token per sequence as one TorchScript program.
 
 Why: at batch 1 the weights stream from memory once per token (~30 ms for SmolLM2 in fp32 on
 this CPU), and everything else is a few hundred tiny ops (norms, RoPE, cache writes, attention
@@ -9,9 +9,9 @@ ops from its C++ interpreter; decode then spends ~7 ms outside matmuls. It is th
 replaying a CUDA graph for the decode step (vLLM, gpt-fast).
 
 The program computes exactly what ``Transformer.forward`` computes for a Llama-shaped model
-(pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias and sliding window) on one
-sequence whose cache is one contiguous block; tests hold the two to the same logits. Other
-configurations, batches and prefills use the module path.
+(pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias and sliding window) for a
+batch of decoding sequences over a paged (or contiguous) cache; tests hold the two to the same
+logits. Other configurations, and steps that prefill, use the module path.
 """
 
 from __future__ import annotations
@@ -23,36 +23,35 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
+from loom.layers.kernels import paged_decode_attention
 from loom.layers.linear import Linear
 from loom.models.transformer import Transformer
 
 
-def _decode_step(token: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
+def _decode_step(tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
                  attn_norm: List[torch.Tensor], qkv_w: List[torch.Tensor], qkv_b: List[torch.Tensor],
                  o_w: List[torch.Tensor], mlp_norm: List[torch.Tensor], gate_up_w: List[torch.Tensor],
                  down_w: List[torch.Tensor], k_cache: List[torch.Tensor], v_cache: List[torch.Tensor],
                  final_norm: torch.Tensor, head: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                  intermediate: int, eps: float, scale: float, windows: List[int]) -> torch.Tensor:
-    """Logits [1, vocab] for ``token`` at position ``pos``; writes its K/V at slot ``pos`` of each layer."""
-    hidden = embed.shape[1]
+    """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot."""
+    b, hidden = tokens.shape[0], embed.shape[1]
     half = head_dim // 2
-    h = F.embedding(token, embed)
+    h = F.embedding(tokens, embed)
     for i in range(len(attn_norm)):
         x = torch.rms_norm(h, [hidden], attn_norm[i], eps)
         qkv = F.linear(x, qkv_w[i])
         if qkv_b[i].numel() > 0:
             qkv = qkv + qkv_b[i]
-        qkv = qkv.view(1, n_heads + 2 * n_kv, head_dim)
+        qkv = qkv.view(b, n_heads + 2 * n_kv, head_dim)
         qk = qkv[:, : n_heads + n_kv]
         qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # RoPE: x cos + rotate_half(x) sin
-        k_cache[i][:, pos] = qk[0, n_heads:]
-        v_cache[i][:, pos] = qkv[0, n_heads + n_kv:]
-        start = 0 if windows[i] == 0 else max(0, pos + 1 - windows[i])
-        q = qk[:, :n_heads].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k_cache[i][:, start:pos + 1].unsqueeze(0),
-                                           v_cache[i][:, start:pos + 1].unsqueeze(0), scale=scale,
-                                           enable_gqa=n_heads != n_kv)
-        h = h + F.linear(o[0].transpose(0, 1).reshape(1, n_heads * head_dim), o_w[i])
+        k_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qk[:, n_heads:])
+        v_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_heads + n_kv:])
+        o = paged_decode_attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale,
+                                   windows[i])
+        h = h + F.linear(o.reshape(b, n_heads * head_dim), o_w[i])
         x = torch.rms_norm(h, [hidden], mlp_norm[i], eps)
         gu = F.linear(x, gate_up_w[i])
         h = h + F.linear(F.silu(gu[:, :intermediate]) * gu[:, intermediate:], down_w[i])
@@ -76,7 +75,8 @@ def compiled_decode_step() -> Callable[..., torch.Tensor]:
 
 
 class DecodeGraph:
-    """Batch-1 decode over a contiguous cache [layers, 1, kv_heads, capacity, head_dim]."""
+    """Decode steps (one new token for each of B sequences) over a KV cache [layers, blocks, block_size,
+    kv_heads, head_dim], paged or contiguous (one block per sequence)."""
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         if not self.supports(model):
@@ -94,8 +94,8 @@ class DecodeGraph:
             [l.mlp.gate_up_proj.weight for l in layers],
             [l.mlp.down_proj.weight for l in layers],
         )
-        self.k = [k_cache[i, 0] for i in range(c.num_layers)]
-        self.v = [v_cache[i, 0] for i in range(c.num_layers)]
+        self.k = [k_cache[i] for i in range(c.num_layers)]
+        self.v = [v_cache[i] for i in range(c.num_layers)]
         self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, float(c.norm_eps),
                       layers[0].attn.scale, [l.attn.window or 0 for l in layers])
 
@@ -109,8 +109,17 @@ class DecodeGraph:
                 and all(type(m) is Linear for l in model.layers
                         for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)))
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, slots, context_lens: [B]; block_tables [B, max_blocks]. Returns logits [B, V]."""
         m = self.model
-        cos, sin = m.rotary.prepare(torch.tensor([pos]), m.dtype)
-        return compiled_decode_step()(torch.tensor([token]), pos, cos, sin, m.embed_tokens.weight, *self.weights,
-                            self.k, self.v, m.norm.weight, m.output_weight, *self.shape)
+        cos, sin = m.rotary.prepare(positions, m.dtype)
+        return compiled_decode_step()(tokens, slots, block_tables, context_lens, cos, sin, m.embed_tokens.weight,
+                                      *self.weights, self.k, self.v, m.norm.weight, m.output_weight, *self.shape)
+
+    def step_one(self, token: int, pos: int, block_table: torch.Tensor) -> torch.Tensor:
+        """One sequence whose cache is the single block ``block_table[0, 0]`` (the contiguous case)."""
+        block = int(block_table[0, 0])
+        capacity = self.k[0].shape[1]
+        return self(torch.tensor([token]), torch.tensor([pos]), torch.tensor([block * capacity + pos]),
+                    block_table, torch.tensor([pos + 1]))
