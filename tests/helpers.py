@@ -108,14 +108,22 @@ def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: di
     w.close()
 
 
-def byte_level_vocab_meta(n: int = 256) -> dict:
-    """A minimal gpt2-style tokenizer (256 byte tokens, no merges) as GGUFWriter calls."""
+def byte_level_metadata() -> dict:
+    """A minimal gpt2-style tokenizer as GGUF metadata: the 256 byte tokens, no merges, eos = 1."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     table = bytes_to_unicode()
-    tokens = [table[b] for b in range(256)][:n]
-    return {"add_tokenizer_model": "gpt2", "add_token_list": tokens, "add_token_types": [1] * len(tokens),
-            "add_token_merges": [], "add_bos_token_id": 0, "add_eos_token_id": 1}
+    tokens = [table[b] for b in range(256)]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * 256,
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1}
+
+
+def byte_level_vocab_meta() -> dict:
+    """The same tokenizer as GGUFWriter calls."""
+    m = byte_level_metadata()
+    return {"add_tokenizer_model": "gpt2", "add_token_list": m["tokenizer.ggml.tokens"],
+            "add_token_types": m["tokenizer.ggml.token_type"], "add_token_merges": [], "add_bos_token_id": 0,
+            "add_eos_token_id": 1}
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:

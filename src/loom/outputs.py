@@ -31,12 +31,26 @@ class Timings:
 
 
 @dataclass
+class Logprob:
+    """log p(token) under the model's raw next-token distribution, its rank (1 = most likely) and text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One position's alternatives: token id -> Logprob (the chosen token and the top-N).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS, stop token or string), "length", "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[PositionLogprobs] | None = None  # one entry per generated token, when asked for
 
 
 @dataclass
@@ -47,6 +61,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     timings: Timings = field(default_factory=Timings)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None (nothing predicts it)
 
     # Conveniences for the common n = 1 case.
     @property
@@ -64,9 +79,18 @@ class RequestOutput:
 
 @dataclass
 class StreamDelta:
-    """One increment of a streamed completion."""
+    """What one engine step added to one completion (completion ``index`` of request ``request_id``)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    request_id: str = ""
+    index: int = 0
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # sent once, with the first delta
+    prompt_token_ids: list[int] | None = None  # sent once, with the first delta
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclass
 class SamplingParams:
     """Decoding controls for one request.
@@ -13,6 +16,7 @@ class SamplingParams:
     logit_bias -> temperature -> top-k -> top-p -> min-p -> sample. ``temperature == 0`` is greedy.
     """
 
+    n: int = 1  # completions per prompt (they share the prompt's KV blocks)
     max_tokens: int | None = 16  # None: up to the model's context length
     temperature: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -29,6 +33,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # top-N log-probabilities per generated token (plus the chosen one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +50,12 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
+        if not 1 <= self.n <= 128:
+            raise bad("n", "must be in [1, 128]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be at least 1")
         if not self.temperature >= 0:

@@ -50,11 +50,11 @@ def test_generation_identical_with_and_without_graph(smollm):
 
     p = SamplingParams(temperature=0.7, top_k=50, seed=11, max_tokens=40, min_tokens=40)
     with_graph = smollm.generate("The history of computing", p)[0].token_ids
-    smollm._generator.use_graph = False
+    smollm.engine.runner.use_graph = False
     try:
         without = smollm.generate("The history of computing", p)[0].token_ids
     finally:
-        smollm._generator.use_graph = True
+        smollm.engine.runner.use_graph = True
     assert with_graph == without
 
 

@@ -28,7 +28,7 @@ PEERS = ("hf", "eager")  # eager: loom itself without the scripted decode step
 
 def loom_runner(llm: LLM, graph: bool = True) -> Callable[[list[int], int], LatencySample]:
     def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
-        llm._generator.use_graph = graph and DecodeGraph.supports(llm.model)
+        llm.engine.runner.use_graph = graph
         t = Timings()
         # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
         for _ in llm.stream(prompt_ids, SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0), t):

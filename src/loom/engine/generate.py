@@ -1,6 +1,7 @@
 """Generation for one request over a contiguous KV cache: prefill the prompt, then one token per step.
 
-This is the simplest correct decoder, and the reference the batched engine is checked against.
+This is the simplest correct decoder, the reference the serving engine (engine.py) is tested against:
+no scheduler, no block tables, one block as long as the request.
 The cache is one block as long as the request can grow (prompt + max_tokens), so attention reads
 keys and values as a view, never a copy.
 """
@@ -14,7 +15,7 @@ import torch
 
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import SamplingRow, make_generator, sample
-from loom.engine.text_output import TextOutput
+from loom.engine.text_output import TextOutput, accept_token
 from loom.layers.attention import AttentionMetadata
 from loom.models.decode_graph import DecodeGraph
 from loom.models.transformer import Transformer
@@ -91,17 +92,7 @@ class Generator:
                 decode_start = time.perf_counter()
                 timings.prefill = decode_start - start
             timings.generated_tokens = len(output)
-            finish, reason = None, None
-            if token in stop_ids:  # the sampler bans these until min_tokens are out
-                finish, reason = "stop", token
-                delta = text.finish()
-            else:
-                delta = text.add([token])
-                if text.stopped_by is not None:
-                    finish, reason = "stop", text.stopped_by
-                elif len(output) >= budget:
-                    finish = "length"
-                    delta += text.finish()
+            delta, finish, reason = accept_token(text, token, len(output), budget, stop_ids)
             if finish is not None:
                 timings.decode = time.perf_counter() - decode_start
                 yield StreamDelta(delta, [token], finish, reason)

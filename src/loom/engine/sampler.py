@@ -113,3 +113,25 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
            for r in rows):
         return torch.argmax(logits, dim=-1).tolist()
     return [sample_row(logits[i], r) for i, r in enumerate(rows)]
+
+
+def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], top_n: int) -> list[list[tuple[int, float, int]]]:
+    """For each row of raw logits [N, V]: (token, log p, rank) of the chosen token and the top ``top_n``.
+
+    Log-probabilities are those of the model's own next-token distribution, log_softmax(logits),
+    before penalties, temperature or filters (what OpenAI and vLLM report). Rank 1 is the most likely.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(list(chosen), dtype=torch.long)
+    chosen_lp = lp.gather(1, idx[:, None])[:, 0]
+    ranks = (lp > chosen_lp[:, None]).sum(dim=-1) + 1
+    top = torch.topk(lp, top_n, dim=-1) if top_n > 0 else None
+    out = []
+    for i, token in enumerate(chosen):
+        row = [(int(token), float(chosen_lp[i]), int(ranks[i]))]
+        if top is not None:
+            for r, (v, t) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist())):
+                if t != token:
+                    row.append((t, v, r + 1))
+        out.append(row)
+    return out

@@ -64,3 +64,21 @@ class TextOutput:
         if self.stopped_by is None:
             self._advance(self._detok.flush())
         return self._emit(len(self.text))
+
+
+def accept_token(text: TextOutput, token: int, num_output: int, max_tokens: int,
+                 stop_ids: set[int] | frozenset[int]) -> tuple[str, str | None, str | int | None]:
+    """Account for one sampled token (already counted in ``num_output``): returns the text that became
+    final, and the finish and stop reasons if the completion ends here.
+
+    A stop token (EOS, or one of stop_token_ids) ends it without adding text; a stop string ends it
+    with the text cut before the string; reaching ``max_tokens`` ends it with reason "length".
+    """
+    if token in stop_ids:
+        return text.finish(), "stop", token
+    delta = text.add([token])
+    if text.stopped_by is not None:
+        return delta, "stop", text.stopped_by
+    if num_output >= max_tokens:
+        return delta + text.finish(), "length", None
+    return delta, None, None

@@ -1,0 +1,268 @@
+"""LLMEngine: requests in, token deltas out, one scheduler iteration per ``step()``.
+
+    engine.add_request("a", "The capital of France is", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            print(delta.request_id, delta.index, delta.text, delta.finish_reason)
+
+A step: schedule (which sequences compute how many tokens) -> copy-on-write copies -> one model
+forward over the flat batch -> sample the sequences that reached their last token -> detokenize,
+check stops, free the blocks of finished sequences -> deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from loom.config import CacheConfig, SchedulerConfig
+from loom.engine.block_manager import BlockManager
+from loom.engine.generate import check_context
+from loom.engine.kv_cache import KVCache
+from loom.engine.runner import ModelRunner
+from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
+from loom.engine.scheduler import Scheduler
+from loom.engine.sequence import Request, Sequence, SequenceStatus
+from loom.engine.text_output import TextOutput, accept_token
+from loom.models.transformer import Transformer
+from loom.outputs import Logprob, PositionLogprobs, StreamDelta
+from loom.sampling_params import SamplingParams
+from loom.tokenizer import Tokenizer
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (``SchedulerConfig.max_waiting``); try again later."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens_computed: int  # prompt tokens run through the model (prefix-cache hits excluded)
+    prompt_tokens_cached: int  # prompt tokens found in the prefix cache
+    generation_tokens: int
+    steps: int
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: CacheConfig | None = None,
+                 scheduler: SchedulerConfig | None = None, decode_graph: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_config = cache or CacheConfig()
+        self.scheduler_config = scheduler or SchedulerConfig()
+        self.kv_cache = KVCache.from_config(model.config, self.cache_config, model.dtype)
+        bs = self.cache_config.block_size
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, bs, self.cache_config.enable_prefix_caching)
+        self.max_model_len = min(self.scheduler_config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings, self.kv_cache.num_tokens)
+        if not self.scheduler_config.enable_chunked_prefill:
+            # Without chunking a whole prompt (or a preempted sequence's whole history) must fit one step.
+            self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
+                                                               self.max_model_len)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph)
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[StreamDelta] = []
+        self._next_seq_id = 0
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_cached = 0
+        self.generation_tokens = 0
+        self.steps = 0
+
+    def describe(self) -> str:
+        kv = self.kv_cache
+        return (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
+                f"{kv.nbytes / 2**30:.2f} GiB ({str(kv.dtype).replace('torch.', '')}); "
+                f"max model len {self.max_model_len}")
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def _new_sequence(self, request_id: str, index: int, tokens: list[int], prompt_len: int,
+                      params: SamplingParams, arrival: float) -> Sequence:
+        seed = None if params.seed is None else params.seed + index
+        seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index, tokens=tokens,
+                       prompt_len=prompt_len, params=params, arrival=arrival,
+                       text=TextOutput(self.tokenizer, tokens[:prompt_len], params),
+                       generator=None if params.greedy else make_generator(seed))
+        self._next_seq_id += 1
+        return seq
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> int:
+        """Queue a request (text, or token ids). Returns its prompt length; raises ValueError on a bad
+        request (and QueueFullError when the waiting queue is at its limit), changing nothing."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        limit = self.scheduler_config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (limit {limit})")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        # max_model_len never exceeds the cache's capacity, so a request that fits it fits the cache alone.
+        max_tokens = check_context(len(ids), params.max_tokens, self.max_model_len)
+        now = time.perf_counter()
+        seq = self._new_sequence(request_id, 0, list(ids), len(ids), params, now)
+        seq.max_tokens = max_tokens
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, list(ids), params, [seq])
+        request.metrics.arrival = now
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return len(ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now; its blocks are freed and its streams end with finish_reason "abort"."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        request.aborted = True
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                self._pending.append(StreamDelta("", [], "abort", None, request_id, seq.index))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # The step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[StreamDelta]:
+        deltas, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("nothing can be scheduled although requests wait (KV cache too small?)")
+            return deltas
+        self.steps += 1
+        self.kv_cache.copy_blocks(sched.copies)
+        out = self.runner.execute(sched.scheduled)
+        now = time.perf_counter()
+        for item in sched.scheduled:
+            seq, n = item.seq, item.num_tokens
+            request = self.requests[seq.request_id]
+            if request.metrics.first_scheduled is None:
+                request.metrics.first_scheduled = now
+                request.metrics.cached_prompt_tokens = seq.num_computed
+                self.prompt_tokens_cached += seq.num_computed
+            if seq.num_computed < seq.prompt_len:
+                computed = min(n, seq.prompt_len - seq.num_computed)
+                request.metrics.prompt_tokens_computed += computed
+                self.prompt_tokens_computed += computed
+            if seq.seq_id in out.prompt_logits:
+                self._add_prompt_logprobs(request, seq, out.prompt_logits[seq.seq_id])
+            seq.num_computed += n
+            self.block_manager.register_computed(seq)
+        if out.sample_seqs:
+            deltas += self._sample(out.sample_seqs, out.logits, now)
+        return deltas
+
+    def _fork(self, request: Request, parent: Sequence) -> list[Sequence]:
+        """The other n - 1 completions of a request, sharing the parent's blocks (prompt prefilled once)."""
+        children = []
+        for index in range(1, request.params.n):
+            child = self._new_sequence(request.request_id, index, list(parent.tokens), parent.prompt_len,
+                                       request.params, parent.arrival)
+            child.max_tokens = parent.max_tokens
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            request.seqs.append(child)
+            children.append(child)
+        return children
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, now: float) -> list[StreamDelta]:
+        group, rows = [], []
+        for i, seq in enumerate(seqs):
+            request = self.requests[seq.request_id]
+            members = [seq]
+            if request.params.n > 1 and len(request.seqs) == 1:
+                members += self._fork(request, seq)
+            group += members
+            rows += [i] * len(members)
+        if len(group) != len(seqs):
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long))
+        sampling_rows = []
+        for seq in group:
+            p = seq.params
+            history = p.has_penalties  # only penalties look at the tokens so far (min_tokens at the count)
+            sampling_rows.append(SamplingRow(p, seq.prompt_ids if history else (),
+                                             seq.output_ids if history or p.min_tokens else (),
+                                             seq.generator, self.eos_token_ids))
+        tokens = sample(logits, sampling_rows)
+        want = [i for i, seq in enumerate(group) if seq.params.logprobs is not None]
+        logprobs: dict[int, PositionLogprobs] = {}
+        if want:
+            top_n = max(group[i].params.logprobs for i in want)
+            entries = top_logprobs(logits[torch.tensor(want)], [tokens[i] for i in want], top_n)
+            for i, entry in zip(want, entries):
+                k = group[i].params.logprobs
+                logprobs[i] = self._logprob_dict([entry[0]] + [e for e in entry[1:] if e[2] <= k])
+        deltas = []
+        for i, (seq, token) in enumerate(zip(group, tokens)):
+            deltas.append(self._append(seq, token, logprobs.get(i), now))
+        return deltas
+
+    def _logprob_dict(self, entry: list[tuple[int, float, int]]) -> PositionLogprobs:
+        return {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in entry}
+
+    def _add_prompt_logprobs(self, request: Request, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logits at positions c..c+n-1 predict prompt tokens c+1..c+n (those inside the prompt)."""
+        c = seq.num_computed
+        targets = seq.tokens[c + 1: min(c + 1 + logits.shape[0], seq.prompt_len)]
+        if not targets:
+            return
+        entries = top_logprobs(logits[: len(targets)], targets, request.params.prompt_logprobs)
+        request.prompt_logprobs += [self._logprob_dict(e) for e in entries]
+
+    def _append(self, seq: Sequence, token: int, logprobs: PositionLogprobs | None, now: float) -> StreamDelta:
+        request = self.requests[seq.request_id]
+        seq.tokens.append(token)
+        self.generation_tokens += 1
+        if request.metrics.first_token is None:
+            request.metrics.first_token = now
+        request.metrics.last_token = now
+        stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_token_ids))
+        text, finish, reason = accept_token(seq.text, token, seq.num_output, seq.max_tokens, stop_ids)
+        delta = StreamDelta(text, [token], finish, reason, seq.request_id, seq.index,
+                            [logprobs] if logprobs is not None else None)
+        if seq.index == 0 and not request.prompt_logprobs_sent:
+            request.prompt_logprobs_sent = True
+            delta.prompt_token_ids = request.prompt_ids
+            delta.prompt_logprobs = request.prompt_logprobs
+        if finish is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = finish, reason
+            self.scheduler.remove(seq)
+            if request.is_finished:
+                request.metrics.finished = now
+                del self.requests[seq.request_id]
+        return delta
+
+    # Introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks, kv_blocks_cached=bm.num_cached_blocks,
+            prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_computed=self.prompt_tokens_computed, prompt_tokens_cached=self.prompt_tokens_cached,
+            generation_tokens=self.generation_tokens, steps=self.steps)
+
+    def live_sequences(self) -> list[Sequence]:
+        return [s for r in self.requests.values() for s in r.seqs if not s.is_finished]

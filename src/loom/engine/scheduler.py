@@ -1,0 +1,139 @@
+"""Iteration-level scheduling (Orca, Yu et al. OSDI'22) with chunked prefill and preemption.
+
+Every step the scheduler decides afresh which sequences compute how many tokens:
+
+1. Running sequences first, oldest first: a decoding sequence needs one token, a prefilling one the
+   rest of its prompt (cut to the step's token budget when chunked prefill is on). If the blocks
+   for that do not exist, the newest running sequence is preempted (its blocks freed, its K/V to be
+   recomputed later), repeatedly, down to the sequence itself.
+2. Then waiting sequences in order of arrival (preempted ones first, since they arrived earlier),
+   while the token budget, ``max_num_seqs`` and the free blocks allow; none if this step preempted.
+
+Nothing is lost in a preemption: the sequence keeps its tokens and recomputes their K/V (with the
+prefix cache often finding most of them still cached).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from loom.config import SchedulerConfig
+from loom.engine.block_manager import BlockManager
+from loom.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies to do first
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def _order(seq: Sequence) -> tuple[float, int]:
+    return (seq.arrival, seq.seq_id)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()  # kept in arrival order
+        self.running: list[Sequence] = []  # kept in arrival order
+        self.num_preemptions = 0
+
+    # Queues -----------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        if not self.waiting or _order(self.waiting[-1]) <= _order(seq):
+            self.waiting.append(seq)
+        else:  # a preempted (older) sequence goes back to its place by arrival
+            keys = [_order(s) for s in self.waiting]
+            self.waiting.insert(bisect.bisect(keys, _order(seq)), seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sequence joins right behind its parent (same arrival)."""
+        seq.status = SequenceStatus.RUNNING
+        keys = [_order(s) for s in self.running]
+        self.running.insert(bisect.bisect(keys, _order(seq)), seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.add(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # The step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = seq.num_tokens - seq.num_computed
+            if n > budget and not chunked:
+                continue
+            n = min(n, budget)
+            while not self.blocks.can_allocate(seq, n):
+                if queue:
+                    self._preempt(queue.pop(), out)  # the newest running sequence
+                else:
+                    self._preempt(seq, out)
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            out.copies += self.blocks.allocate(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            n = seq.num_tokens - seq.num_computed
+            if n > budget and not chunked:
+                break
+            n = min(n, budget)
+            if not self.blocks.can_allocate(seq, n):
+                self.blocks.free(seq)  # give back prefix-cache hits until it can start
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            self.add_running(seq)
+            out.copies += self.blocks.allocate(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
