@@ -17,6 +17,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("engine")
+    e.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 10%% of free memory)")
+    e.add_argument("--kv-cache-fraction", type=float, default=0.1, help="budget as a fraction of free memory")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def _engine_configs(args: argparse.Namespace):
+    from loom.config import CacheConfig, SchedulerConfig, parse_bytes
+
+    cache = CacheConfig(block_size=args.block_size, memory_fraction=args.kv_cache_fraction,
+                        memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+                        enable_prefix_caching=not args.no_prefix_caching)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            enable_chunked_prefill=not args.no_chunked_prefill, max_model_len=args.max_model_len)
+    return cache, sched
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -38,7 +61,11 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     from loom.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+    cache, sched = _engine_configs(args)
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, cache=cache, scheduler=sched)
+    if not getattr(args, "json", False):
+        print(llm.engine.describe(), file=sys.stderr)
+    return llm
 
 
 def _stats_line(t: Any, load_s: float | None = None) -> str:
@@ -200,6 +227,32 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from loom.bench.throughput import run_throughput
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cache, sched = _engine_configs(args)
+    peers = tuple(p for p in args.peers.split(",") if p and p != "none")
+    result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, peers=peers, dtype=args.dtype, hf_batch=args.hf_batch,
+                            cache=cache, scheduler=sched)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result["results"].items():
+            print(f"{name:5s} {r['requests_per_s']:6.2f} req/s  {r['output_tokens_per_s']:8.1f} output tok/s  "
+                  f"{r['total_tokens_per_s']:8.1f} total tok/s  ({r['elapsed_s']:.1f} s)")
+        loom = result["results"]["loom"]
+        print(f"loom: peak {loom['peak_kv_blocks']} of {loom['kv_blocks_total']} KV blocks, "
+              f"mean KV waste {100 * loom['kv_waste_mean']:.2f}%, {loom['preemptions']} preemptions")
+        if result["loom_over_hf"]:
+            print(f"loom / hf total throughput: {result['loom_over_hf']['total_tokens_per_s']:.2f}x")
+    return 0
+
+
 def cmd_bench_load(args: argparse.Namespace) -> int:
     from loom.bench.load import run_load
 
@@ -221,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete one prompt, streaming the text")
     g.add_argument("prompt")
     _add_model_args(g)
+    _add_engine_args(g)
     _add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
@@ -229,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat, streaming")
     _add_model_args(c)
+    _add_engine_args(c)
     _add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
@@ -251,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--json", action="store_true")
     lat.set_defaults(func=cmd_bench_latency)
+    tp = bsub.add_parser("throughput", help="many requests at once: loom's engine vs HF static batching")
+    _add_model_args(tp)
+    _add_engine_args(tp)
+    tp.add_argument("--num-prompts", type=int, default=64)
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
+    tp.add_argument("--hf-batch", type=int, default=8, help="HF static batch size")
+    tp.add_argument("--json", action="store_true")
+    tp.set_defaults(func=cmd_bench_throughput)
     ld = bsub.add_parser("load", help="seconds to load a model and its tokenizer, loom vs HF")
     ld.add_argument("--model", default=None)
     ld.add_argument("--peers", default="hf")

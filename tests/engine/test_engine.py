@@ -201,3 +201,28 @@ def test_logprobs_are_the_models(tiny):
         assert e.logprob == pytest.approx(float(lp[i - 1, prompt[i]]), abs=1e-4)
         assert e.rank == int((lp[i - 1] > lp[i - 1, prompt[i]]).sum()) + 1
         assert len(prompt_lps[i]) <= 3
+
+
+def test_real_model_32_prompts_together_equal_alone(smollm):
+    """SmolLM2: 32 prompts of varied lengths batched, under every scheduler setting, against each one
+    alone through the reference generator."""
+    from loom.bench.text import PASSAGE
+
+    words = PASSAGE.split()
+    rng = random.Random(0)
+    prompts = [" ".join(words[rng.randrange(0, 40):][: rng.randint(1, 60)]) for _ in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    gen = Generator(smollm.model, smollm.tokenizer)
+    alone = [[t for d in gen.stream(smollm.encode(p), params) for t in d.token_ids] for p in prompts]
+    settings = [dict(), dict(enable_chunked_prefill=False, max_num_batched_tokens=256), dict(prefix=False),
+                dict(num_blocks=40, max_num_batched_tokens=128)]
+    for setup in settings:
+        setup = dict(setup)
+        engine = LLMEngine(smollm.model, smollm.tokenizer,
+                           CacheConfig(block_size=16, num_blocks=setup.pop("num_blocks", 400),
+                                       enable_prefix_caching=setup.pop("prefix", True)),
+                           SchedulerConfig(**setup))
+        outs = run_all(engine, [smollm.encode(p) for p in prompts], [params] * 32, check=True)
+        assert [outs[str(i)][0] for i in range(32)] == alone, setup
+        if engine.cache_config.num_blocks == 40:
+            assert engine.scheduler.num_preemptions > 0

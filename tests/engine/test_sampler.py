@@ -127,3 +127,15 @@ def test_params_validation():
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="x").stop == ["x"]
     assert math.isclose(SamplingParams(temperature=0).temperature, 0)
+
+
+def test_sampling_leaves_the_callers_logits_untouched():
+    logits = torch.randn(3, 20)
+    before = logits.clone()
+    top = [int(r.argmax()) for r in logits]
+    rows = [SamplingRow(SamplingParams(temperature=0, min_tokens=5), [], [], eos_token_ids=(top[0],)),
+            SamplingRow(SamplingParams(temperature=0), [], []),
+            SamplingRow(SamplingParams(temperature=0.5, seed=1, repetition_penalty=1.3), [1], [2])]
+    tokens = sample(logits, rows)
+    assert torch.equal(logits, before)
+    assert tokens[0] != top[0] and tokens[1] == top[1]  # EOS banned for row 0 only

@@ -83,11 +83,9 @@ def processed_logits(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
         ids = torch.tensor([t for t in p.logit_bias if 0 <= t < out.shape[-1]], dtype=torch.long)
         if ids.numel():
             out[ids] += torch.tensor([p.logit_bias[int(t)] for t in ids], dtype=out.dtype)
-    if len(row.output_ids) < p.min_tokens:
-        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
-        banned = [t for t in banned if 0 <= t < out.shape[-1]]
-        if banned:
-            out[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+    banned = _banned(row, out.shape[-1]) if p.min_tokens else []
+    if banned:
+        out[torch.tensor(banned, dtype=torch.long)] = float("-inf")
     return out
 
 
@@ -107,12 +105,40 @@ def sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
     return int(torch.argmax(probs / race))
 
 
+def _banned(row: SamplingRow, vocab: int) -> list[int]:
+    """Token ids the min_tokens rule forbids for this row right now."""
+    p = row.params
+    if len(row.output_ids) >= p.min_tokens:
+        return []
+    banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
+    return [t for t in banned if 0 <= t < vocab]
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
-    """Raw logits [N, V] -> one token per row."""
-    if all(r.params.greedy and not r.params.has_penalties and not r.params.logit_bias and not r.params.min_tokens
-           for r in rows):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [sample_row(logits[i], r) for i, r in enumerate(rows)]
+    """Raw logits [N, V] -> one token per row. Plain greedy rows (no penalties or bias) are decided
+    together with one argmax; the rest row by row."""
+    vocab = logits.shape[-1]
+    plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.has_penalties
+             and not r.params.logit_bias]
+    out = [0] * len(rows)
+    if plain:
+        # The min_tokens ban is applied in place and undone after the argmax: the caller's logits (read
+        # again for logprobs) come back unchanged, and no [N, V] copy is made.
+        bans = [(i, torch.tensor(b, dtype=torch.long)) for i in plain if rows[i].params.min_tokens
+                for b in [_banned(rows[i], vocab)] if b]
+        saved = [logits[i, b].clone() for i, b in bans]
+        for i, b in bans:
+            logits[i, b] = float("-inf")
+        sub = logits if len(plain) == len(rows) else logits[torch.tensor(plain, dtype=torch.long)]
+        for i, token in zip(plain, torch.argmax(sub, dim=-1).tolist()):
+            out[i] = token
+        for (i, b), value in zip(bans, saved):
+            logits[i, b] = value
+    done = set(plain)
+    for i, row in enumerate(rows):
+        if i not in done:
+            out[i] = sample_row(logits[i], row)
+    return out
 
 
 def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], top_n: int) -> list[list[tuple[int, float, int]]]:

@@ -264,10 +264,32 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query per sequence (decode) over each sequence's cached keys, all sequences in one call.
 
     q [B, Hq, D]; block_tables [B, max_blocks] (padding entries may be any valid block);
-    context_lens [B]; window 0 means none. The blocks are gathered into a padded
-    [B, Hkv, max_blocks * block_size, D] view and positions past each context are masked. Returns
-    [B, Hq, D]. Written in TorchScript's subset so the scripted decode step can call it.
+    context_lens [B]; window 0 means none. Returns [B, Hq, D]. Runs the native kernel (which reads
+    the blocks in place) when it is built, else the PyTorch version.
     """
+    fn = paged_decode_attention_native if use_native_decode_attention() else paged_decode_attention_torch
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+def use_native_decode_attention() -> bool:
+    from loom import native
+
+    return native.available()
+
+
+def paged_decode_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  window: int) -> torch.Tensor:
+    """``paged_decode_attention`` by the native op (loom/native/paged_attention.cpp)."""
+    return torch.ops.loom.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                 window: int) -> torch.Tensor:
+    """``paged_decode_attention`` in PyTorch: the blocks are gathered into a padded
+    [B, Hkv, max_blocks * block_size, D] view and positions past each context are masked. Written in
+    TorchScript's subset so the scripted decode step can call it."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     if b == 1 and block_tables.shape[1] == 1:  # one contiguous block: a view, no gather, no mask

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.layers import fused
 from loom.layers.activation import get_activation
 from loom.layers.linear import Linear
 
@@ -19,10 +20,14 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate, hidden, bias=bias, dtype=dtype)
+        self.activation = activation
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.layers import fused
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +20,7 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            y = F.rms_norm(x, x.shape[-1:], self.weight, self.eps)  # one fused call, same bits
-        else:
-            y = self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+        y = fused.rms_norm(x, self.weight, self.eps)
         return y if self.bias is None else y + self.bias
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig, RopeScaling
+from loom.layers import fused
 
 
 def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
@@ -108,9 +109,9 @@ class RotaryEmbedding(nn.Module):
         """Rotate x [T, H, head_dim] by the positions ``tables`` were prepared for."""
         cos, sin = tables
         if self.rotary_dim == self.head_dim:
-            return torch.addcmul(x * cos, x.roll(self.rotary_dim // 2, dims=-1), sin)
+            return fused.rope(x, cos, sin)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
-        return torch.cat((torch.addcmul(rot * cos, rot.roll(self.rotary_dim // 2, dims=-1), sin), rest), dim=-1)
+        return torch.cat((fused.rope_torch(rot, cos, sin), rest), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D], positions: [T]. Returns rotated copies."""

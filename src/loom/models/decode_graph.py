@@ -23,7 +23,7 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from loom.layers.kernels import paged_decode_attention
+from loom.layers import fused, kernels
 from loom.layers.linear import Linear
 from loom.models.transformer import Transformer
 
@@ -34,28 +34,44 @@ def _decode_step(tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.
                  o_w: List[torch.Tensor], mlp_norm: List[torch.Tensor], gate_up_w: List[torch.Tensor],
                  down_w: List[torch.Tensor], k_cache: List[torch.Tensor], v_cache: List[torch.Tensor],
                  final_norm: torch.Tensor, head: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
-                 intermediate: int, eps: float, scale: float, windows: List[int]) -> torch.Tensor:
+                 eps: float, scale: float, windows: List[int]) -> torch.Tensor:
     """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot."""
-    b, hidden = tokens.shape[0], embed.shape[1]
-    half = head_dim // 2
+    b = tokens.shape[0]
     h = F.embedding(tokens, embed)
     for i in range(len(attn_norm)):
-        x = torch.rms_norm(h, [hidden], attn_norm[i], eps)
+        x = rms_norm(h, attn_norm[i], eps)
         qkv = F.linear(x, qkv_w[i])
         if qkv_b[i].numel() > 0:
             qkv = qkv + qkv_b[i]
         qkv = qkv.view(b, n_heads + 2 * n_kv, head_dim)
         qk = qkv[:, : n_heads + n_kv]
-        qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # RoPE: x cos + rotate_half(x) sin
+        qk = rope(qk, cos, sin)  # x cos + rotate_half(x) sin
         k_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qk[:, n_heads:])
         v_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_heads + n_kv:])
-        o = paged_decode_attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale,
-                                   windows[i])
+        o = attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale, windows[i])
         h = h + F.linear(o.reshape(b, n_heads * head_dim), o_w[i])
-        x = torch.rms_norm(h, [hidden], mlp_norm[i], eps)
-        gu = F.linear(x, gate_up_w[i])
-        h = h + F.linear(F.silu(gu[:, :intermediate]) * gu[:, intermediate:], down_w[i])
-    return F.linear(torch.rms_norm(h, [hidden], final_norm, eps), head)
+        x = rms_norm(h, mlp_norm[i], eps)
+        h = h + F.linear(silu_and_mul(F.linear(x, gate_up_w[i])), down_w[i])
+    return F.linear(rms_norm(h, final_norm, eps), head)
+
+
+# The decode step's kernels, bound when the step is compiled: the native ones if they build.
+attention = kernels.paged_decode_attention_torch
+rms_norm = fused.rms_norm_torch
+silu_and_mul = fused.silu_and_mul_torch
+rope = fused.rope_torch
+
+
+def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.loom.rms_norm(x, weight, eps)
+
+
+def _native_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.ops.loom.silu_and_mul(gate_up)
+
+
+def _native_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.ops.loom.rope(x, cos, sin)
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +82,10 @@ def compiled_decode_step() -> Callable[..., torch.Tensor]:
     torch.compile on this step and it was slower (49 ms vs 37 ms per token on SmolLM2) after a
     10 s compile. Should a later torch drop TorchScript, the same code runs eagerly.
     """
+    global attention, rms_norm, silu_and_mul, rope
+    if fused.native_ops():
+        attention = kernels.paged_decode_attention_native
+        rms_norm, silu_and_mul, rope = _native_rms_norm, _native_silu_and_mul, _native_rope
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -96,7 +116,7 @@ class DecodeGraph:
         )
         self.k = [k_cache[i] for i in range(c.num_layers)]
         self.v = [v_cache[i] for i in range(c.num_layers)]
-        self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, float(c.norm_eps),
+        self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
                       layers[0].attn.scale, [l.attn.window or 0 for l in layers])
 
     @staticmethod

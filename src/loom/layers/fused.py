@@ -1,0 +1,49 @@
+"""Elementwise steps of a decoder layer, each as one native kernel when loom's native ops are built
+(see loom/native), else as the PyTorch composition that defines it. Tests hold the two equal."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def native_ops() -> bool:
+    from loom import native
+
+    return native.available()
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32, rounded to x's type before the weight (as HF)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if native_ops():
+        return torch.ops.loom.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """[g | u] -> silu(g) * u."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if native_ops():
+        return torch.ops.loom.silu_and_mul(gate_up)
+    return silu_and_mul_torch(gate_up)
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + roll(x, d/2) sin for x [T, H, D], cos/sin [T, 1, D] with rotate-half's sign folded into sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if native_ops() and x.stride(-1) == 1:
+        return torch.ops.loom.rope(x, cos, sin)
+    return rope_torch(x, cos, sin)

@@ -1,0 +1,59 @@
+"""Native CPU kernels, compiled on first use (torch's C++ extension JIT, ~15 s once, cached).
+
+Only what PyTorch cannot do fast from Python lives here: paged decode attention reads each
+sequence's keys and values in place through its block table, where the pure-PyTorch path must first
+gather them into a padded copy (three passes over the KV cache instead of one); and fused
+elementwise ops (RMSNorm, SiLU-and-multiply, RoPE) that make one pass where PyTorch makes several.
+
+Every native op has a PyTorch twin that computes the same thing; the twin is used when the native
+build is unavailable (no compiler) or disabled with ``LOOM_NATIVE=0``, and tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCES = ["paged_attention.cpp", "fused.cpp"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+
+
+def _build_dir(tag: str) -> str:
+    from loom.bench.peers import cache_dir
+
+    path = os.path.join(cache_dir(), "native", tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Compile (once) and load the native ops; False if disabled or the build fails."""
+    if os.environ.get("LOOM_NATIVE", "1") == "0":
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.join(here, s) for s in SOURCES]
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())
+    tag = digest.hexdigest()[:12]
+    try:
+        from torch.utils import cpp_extension
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpp_extension.load(name=f"loom_native_{tag}", sources=sources, extra_cflags=FLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=_build_dir(tag),
+                               is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back to PyTorch
+        log.warning("loom native kernels unavailable (%s); using the PyTorch paths", e)
+        return False
+    return all(hasattr(torch.ops.loom, op) for op in ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope"))

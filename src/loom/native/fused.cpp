@@ -1,0 +1,153 @@
+// Fused elementwise kernels for the decoder layer: each reads its inputs once and writes once, where
+// the PyTorch composition makes several passes (RMSNorm alone is six ops: pow, mean, add, rsqrt,
+// mul, mul). Statistics and activations are computed in fp32 whatever the storage type.
+//
+//   rms_norm(x, w, eps)            y = x / sqrt(mean(x^2) + eps) * w               (Zhang & Sennrich 2019)
+//   add_rms_norm(x, r, w, eps)     h = x + r;  (rms_norm(h, w, eps), h)           (residual add fused in)
+//   silu_and_mul(gu)               gu = [g | u]:  silu(g) * u = g / (1 + e^-g) * u  (SwiGLU, Shazeer 2020)
+//   rope(x, cos, sin)              x cos + roll(x, d/2) sin   (sin carries rotate-half's sign)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 8;
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, T* h_out, const T* r, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xi = x + i * h;
+      T* yi = y + i * h;
+      float ss = 0.f;
+      if (r != nullptr) {  // h = x + r, kept (in the storage type, as the residual stream is)
+        const T* ri = r + i * h;
+        T* hi = h_out + i * h;
+        for (int64_t j = 0; j < h; ++j) hi[j] = static_cast<T>(static_cast<float>(xi[j]) + static_cast<float>(ri[j]));
+        xi = hi;
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < h; ++j) {
+        const float v = static_cast<float>(xi[j]);
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+      for (int64_t j = 0; j < h; ++j) {
+        // As HF: normalize in fp32, round to the storage type, then scale by the weight.
+        yi[j] = static_cast<T>(static_cast<float>(static_cast<T>(static_cast<float>(xi[j]) * inv)) *
+                               static_cast<float>(w[j]));
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.size(-1) == w.size(0), "rms_norm: weight size mismatch");
+  auto xc = x.contiguous();
+  auto wc = w.to(x.scalar_type()).contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t h = x.size(-1), rows = xc.numel() / h;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nullptr,
+                            nullptr, rows, h, static_cast<float>(eps));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w,
+                                                double eps) {
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: shape mismatch");
+  auto xc = x.contiguous();
+  auto rc = residual.to(x.scalar_type()).contiguous();
+  auto wc = w.to(x.scalar_type()).contiguous();
+  auto y = at::empty_like(xc);
+  auto hsum = at::empty_like(xc);
+  const int64_t h = x.size(-1), rows = xc.numel() / h;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                            hsum.data_ptr<scalar_t>(), rc.data_ptr<scalar_t>(), rows, h, static_cast<float>(eps));
+  });
+  return {y, hsum};
+}
+
+// (Loops with pragmas live in templates: a pragma cannot sit inside the AT_DISPATCH macro's argument.)
+template <typename T>
+void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t f) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gi = in + i * 2 * f;
+      const T* ui = gi + f;
+      T* oi = o + i * f;
+#pragma omp simd
+      for (int64_t j = 0; j < f; ++j) {
+        const float a = static_cast<float>(gi[j]);
+        oi[j] = static_cast<T>(a / (1.f + std::exp(-a)) * static_cast<float>(ui[j]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.size(-1) % 2 == 0, "silu_and_mul: last dimension must be even");
+  auto g = gu.contiguous();
+  const int64_t f = g.size(-1) / 2, rows = g.numel() / (2 * f);
+  auto sizes = g.sizes().vec();
+  sizes.back() = f;
+  auto out = at::empty(sizes, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_rows<scalar_t>(g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, f);
+  });
+  return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // x [T, H, D] (any strides with unit stride on D); cos, sin [T, D] (or broadcastable [T, 1, D]).
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope: x must be [T, H, D] with contiguous D");
+  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), half = d / 2;
+  auto c = cos.reshape({t, d}).to(x.scalar_type()).contiguous();
+  auto s = sin.reshape({t, d}).to(x.scalar_type()).contiguous();
+  auto out = at::empty({t, nh, d}, x.options());
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope", [&] {
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, t * nh, kRowsPerTask * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t ti = r / nh, hi = r % nh;
+        const scalar_t* xi = in + ti * st + hi * sh;
+        const scalar_t* ci = cp + ti * d;
+        const scalar_t* si = sp + ti * d;
+        scalar_t* oi = o + r * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const float rolled = static_cast<float>(xi[j < half ? j + half : j - half]);
+          oi[j] = static_cast<scalar_t>(static_cast<float>(xi[j]) * static_cast<float>(ci[j]) +
+                                        rolled * static_cast<float>(si[j]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loom, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("add_rms_norm", add_rms_norm);
+  m.impl("silu_and_mul", silu_and_mul);
+  m.impl("rope", rope);
+}

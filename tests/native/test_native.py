@@ -1,0 +1,78 @@
+"""Native kernels equal their PyTorch definitions (fp32 and bf16 storage)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom import native
+from loom.layers import fused
+from loom.layers.kernels import naive_attention, paged_decode_attention_native, paged_decode_attention_torch
+
+
+def test_native_ops_build_here():
+    # The project's machines have a compiler: the native path must be the one that runs.
+    assert native.available()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm(dtype, tol):
+    x = (torch.randn(37, 576) * 3).to(dtype)
+    w = torch.randn(576).to(dtype)
+    got = torch.ops.loom.rms_norm(x, w, 1e-5).float()
+    want = fused.rms_norm_torch(x, w, 1e-5).float()
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    y, h = torch.ops.loom.add_rms_norm(x, x * 2, w, 1e-5)
+    assert torch.equal(h, (x.float() + (x * 2).float()).to(dtype))
+    assert (y.float() - fused.rms_norm_torch(h, w, 1e-5).float()).abs().max() <= tol * want.abs().max() * 3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_silu_and_mul(dtype, tol):
+    gu = (torch.randn(5, 3, 2 * 48) * 4).to(dtype)
+    got = torch.ops.loom.silu_and_mul(gu).float()
+    want = fused.silu_and_mul_torch(gu.float())
+    assert got.shape == (5, 3, 48)
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_rope_on_a_strided_view():
+    qkv = torch.randn(7, 15, 64)
+    x = qkv[:, :12]  # q and k heads of a fused projection: not contiguous
+    cos, sin = torch.randn(7, 1, 64), torch.randn(7, 1, 64)
+    assert (torch.ops.loom.rope(x, cos, sin) - fused.rope_torch(x, cos, sin)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention(window, dtype):
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(50, 4, 2, 16, generator=g).to(dtype)
+    vc = torch.randn(50, 4, 2, 16, generator=g).to(dtype)
+    tables = torch.randint(0, 50, (6, 5), generator=g)
+    lens = torch.tensor([1, 4, 5, 17, 20, 9])
+    q = torch.randn(6, 6, 16, generator=g)
+    got = paged_decode_attention_native(q, kc, vc, tables, lens, 0.25, window)
+    want = paged_decode_attention_torch(q, kc.float(), vc.float(), tables, lens, 0.25, window)
+    assert (got - want).abs().max() < (1e-5 if dtype == torch.float32 else 1e-4)
+    # and against the definition, sequence by sequence
+    for b in range(6):
+        n = int(lens[b])
+        k = kc.float()[tables[b]].reshape(-1, 2, 16)[:n].transpose(0, 1)
+        v = vc.float()[tables[b]].reshape(-1, 2, 16)[:n].transpose(0, 1)
+        ref = naive_attention(q[b][:, None], k, v, scale=0.25, window=window or None)[:, 0]
+        assert (got[b] - ref).abs().max() < 1e-5
+
+
+def test_model_is_the_same_with_and_without_native(monkeypatch):
+    from loom.config import ModelConfig
+    from loom.models.transformer import Transformer
+
+    model = Transformer(ModelConfig(vocab_size=99, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=96)).init_random(0, std=0.2)
+    ids = torch.randint(0, 99, (12,))
+    with torch.no_grad():
+        with_native = model.logits(ids)
+        monkeypatch.setattr(fused, "native_ops", lambda: False)
+        without = model.logits(ids)
+    assert (with_native - without).abs().max() < 1e-5
