@@ -77,3 +77,22 @@ def test_bench_load(capsys):
     code, out, _ = run(capsys, "bench", "load", "--peers", "none", "--repeats", "1", "--json")
     result = json.loads(out)
     assert code == 0 and result["results"]["loom"]["load_s"] > 0
+
+
+def test_bench_throughput_json(capsys):
+    code, out, _ = run(capsys, "bench", "throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+                       "--peers", "hf", "--kv-cache-memory", "64MiB", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["results"]) == {"loom", "hf"}
+    loom = result["results"]["loom"]
+    assert loom["output_tokens"] == 16 and result["results"]["hf"]["output_tokens"] == 16
+    assert 0 < loom["peak_kv_blocks"] <= loom["kv_blocks_total"] and 0 <= loom["kv_waste_mean"] < 1
+    assert result["loom_over_hf"]["total_tokens_per_s"] > 0
+
+
+def test_engine_options_and_cache_report(capsys):
+    code, out, err = run(capsys, "generate", "Hi", "--temperature", "0", "--max-tokens", "3", "--kv-cache-memory",
+                         "32MiB", "--block-size", "8", "--no-prefix-caching", "--max-num-seqs", "4")
+    assert code == 0 and "KV cache:" in err and "blocks of 8 tokens" in err
+    code, _, err = run(capsys, "generate", "Hi", "--kv-cache-memory", "lots")
+    assert code == 2 and "cannot read a size" in err

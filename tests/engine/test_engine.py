@@ -226,3 +226,19 @@ def test_real_model_32_prompts_together_equal_alone(smollm):
         assert [outs[str(i)][0] for i in range(32)] == alone, setup
         if engine.cache_config.num_blocks == 40:
             assert engine.scheduler.num_preemptions > 0
+
+
+def test_min_tokens_holds_in_the_engine(tiny):
+    engine = make_engine(tiny)
+    # A logit bias makes EOS (id 1) the favourite everywhere: without min_tokens it would stop at once.
+    engine.add_request("a", [5, 6], SamplingParams(temperature=0, max_tokens=6, min_tokens=6,
+                                                   logit_bias={1: 1000.0}))
+    engine.add_request("b", [5, 6], SamplingParams(temperature=0, max_tokens=6, logit_bias={1: 1000.0}))
+    engine.add_request("c", [5, 6], SamplingParams(temperature=0, max_tokens=6, min_tokens=3))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            outs.setdefault(d.request_id, []).extend(d.token_ids)
+    assert len(outs["a"]) == 6 and 1 not in outs["a"]
+    assert outs["b"] == [1]
+    assert len(outs["c"]) >= 3 and 1 not in outs["c"][:3]

@@ -76,3 +76,12 @@ def test_model_is_the_same_with_and_without_native(monkeypatch):
         monkeypatch.setattr(fused, "native_ops", lambda: False)
         without = model.logits(ids)
     assert (with_native - without).abs().max() < 1e-5
+
+
+def test_extreme_values_behave_as_in_pytorch():
+    gu = torch.tensor([[-1e30, 1e30, -100.0, 80.0, 1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(torch.ops.loom.silu_and_mul(gu), fused.silu_and_mul_torch(gu))
+    x = torch.tensor([[1e30, -1e30, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    w = torch.ones(4)
+    got, want = torch.ops.loom.rms_norm(x, w, 1e-5), fused.rms_norm_torch(x, w, 1e-5)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[1], want[1])

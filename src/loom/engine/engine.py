@@ -142,6 +142,7 @@ class LLMEngine:
 
     # The step ---------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
         deltas, self._pending = self._pending, []
         sched = self.scheduler.schedule()

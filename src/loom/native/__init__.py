@@ -21,7 +21,9 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = ["paged_attention.cpp", "fused.cpp"]
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+# -ffast-math lets reductions vectorize; -fno-finite-math-only keeps inf/NaN semantics (overflowing
+# activations must behave as in PyTorch, not as undefined behaviour).
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 
 
 def _build_dir(tag: str) -> str:

@@ -4,7 +4,7 @@
 //
 //   rms_norm(x, w, eps)            y = x / sqrt(mean(x^2) + eps) * w               (Zhang & Sennrich 2019)
 //   add_rms_norm(x, r, w, eps)     h = x + r;  (rms_norm(h, w, eps), h)           (residual add fused in)
-//   silu_and_mul(gu)               gu = [g | u]:  silu(g) * u = g / (1 + e^-g) * u  (SwiGLU, Shazeer 2020)
+//   silu_and_mul(gu)               gu = [g | u]:  silu(g) * u = g sigmoid(g) u      (SwiGLU, Shazeer 2020)
 //   rope(x, cos, sin)              x cos + roll(x, d/2) sin   (sin carries rotate-half's sign)
 
 #include <ATen/ATen.h>
@@ -86,7 +86,7 @@ void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t f) {
 #pragma omp simd
       for (int64_t j = 0; j < f; ++j) {
         const float a = static_cast<float>(gi[j]);
-        oi[j] = static_cast<T>(a / (1.f + std::exp(-a)) * static_cast<float>(ui[j]));
+        oi[j] = static_cast<T>(a * (1.f / (1.f + std::exp(-a))) * static_cast<float>(ui[j]));
       }
     }
   });
