@@ -242,3 +242,30 @@ def test_min_tokens_holds_in_the_engine(tiny):
     assert len(outs["a"]) == 6 and 1 not in outs["a"]
     assert outs["b"] == [1]
     assert len(outs["c"]) >= 3 and 1 not in outs["c"][:3]
+
+
+def test_prompt_logprobs_survive_chunking_preemption_and_the_prefix_cache(tiny):
+    prompt = list(range(20, 60))
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, ignore_eos=True)
+
+    def run(engine, warm=False):
+        if warm:  # put the prompt's blocks in the prefix cache first
+            run_all(engine, [prompt], [SamplingParams(temperature=0, max_tokens=1)])
+        deltas, victims = [], []
+        preempt = engine.scheduler._preempt
+        engine.scheduler._preempt = lambda seq, out: (victims.append(seq.request_id), preempt(seq, out))
+        for i, p in enumerate(varied_prompts(6, seed=4)):  # company, to force preemption in small caches
+            engine.add_request(f"o{i}", p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        engine.add_request("p", prompt, params)  # the newest: the first to be preempted
+        engine.victims = victims
+        while engine.has_unfinished_requests():
+            deltas += [d for d in engine.step() if d.request_id == "p"]
+        lps = deltas[0].prompt_logprobs
+        return [t for d in deltas for t in d.token_ids], [None] + [{t: round(e.logprob, 4) for t, e in x.items()}
+                                                                   for x in lps[1:]]
+
+    want = run(make_engine(tiny))
+    assert len(want[1]) == len(prompt)
+    small = make_engine(tiny, num_blocks=28, max_num_batched_tokens=8)
+    assert run(small) == want and "p" in small.victims
+    assert run(make_engine(tiny), warm=True) == want

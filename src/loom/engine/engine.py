@@ -12,6 +12,7 @@ check stops, free the blocks of finished sequences -> deltas.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence as Seq
@@ -31,6 +32,9 @@ from loom.models.transformer import Transformer
 from loom.outputs import Logprob, PositionLogprobs, StreamDelta
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
+
+
+log = logging.getLogger("loom.engine")
 
 
 class QueueFullError(RuntimeError):
@@ -69,6 +73,7 @@ class LLMEngine:
             self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
                                                                self.max_model_len)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        log.info("%s", self.describe())
         self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -222,12 +227,16 @@ class LLMEngine:
         return {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in entry}
 
     def _add_prompt_logprobs(self, request: Request, seq: Sequence, logits: torch.Tensor) -> None:
-        """Logits at positions c..c+n-1 predict prompt tokens c+1..c+n (those inside the prompt)."""
+        """Logits at positions c..c+n-1 predict prompt tokens c+1..c+n (those inside the prompt). After a
+        preemption the prompt is computed again: positions already reported are skipped."""
         c = seq.num_computed
-        targets = seq.tokens[c + 1: min(c + 1 + logits.shape[0], seq.prompt_len)]
-        if not targets:
+        first = len(request.prompt_logprobs)  # the next prompt position without an entry
+        end = min(c + 1 + logits.shape[0], seq.prompt_len)
+        if end <= first:
             return
-        entries = top_logprobs(logits[: len(targets)], targets, request.params.prompt_logprobs)
+        assert first >= c + 1, "prompt positions before this chunk have no logprobs"
+        rows = logits[first - 1 - c: end - 1 - c]
+        entries = top_logprobs(rows, seq.tokens[first:end], request.params.prompt_logprobs)
         request.prompt_logprobs += [self._logprob_dict(e) for e in entries]
 
     def _append(self, seq: Sequence, token: int, logprobs: PositionLogprobs | None, now: float) -> StreamDelta:

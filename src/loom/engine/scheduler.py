@@ -121,7 +121,7 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt logit
                 self.blocks.match_prefix(seq)
             n = seq.num_tokens - seq.num_computed
             if n > budget and not chunked:
