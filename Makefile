@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The chat page is tested in a real headless browser: Debian's Chromium, installed on demand.
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +24,20 @@ install: $(STAMP)
 run: install
 	$(BIN)/loom generate "Explain in two sentences why the sky is blue." --chat --temperature 0 --max-tokens 128
 
-test: install
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/loom bench latency --batch 1 --prompt-len 32 --gen-len 128 --peers hf --json
+	$(BIN)/loom bench throughput --num-prompts 64 --input-len 128 --output-len 128 --peers hf --json
+	$(BIN)/loom bench serve --concurrency 16 --num-prompts 64 --input-len 128 --output-len 128 --json
+
+serve: install
+	$(BIN)/loom serve
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

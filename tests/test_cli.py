@@ -96,3 +96,15 @@ def test_engine_options_and_cache_report(capsys):
     assert code == 0 and "KV cache:" in err and "blocks of 8 tokens" in err
     code, _, err = run(capsys, "generate", "Hi", "--kv-cache-memory", "lots")
     assert code == 2 and "cannot read a size" in err
+
+
+def test_bench_serve_json(capsys):
+    code, out, _ = run(capsys, "bench", "serve", "--concurrency", "2", "--num-prompts", "4", "--input-len", "8",
+                       "--output-len", "4", "--kv-cache-memory", "64MiB", "--json")
+    result = json.loads(out)
+    http = result["results"]["http"]
+    assert code == 0 and http["completed"] == 4 and http["failed"] == 0
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert set(http[name]) == {"mean", "p50", "p99"} and http[name]["p50"] > 0
+    assert http["ttft_s"]["mean"] < http["e2e_s"]["mean"]
+    assert result["http_over_offline"] > 0

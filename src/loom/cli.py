@@ -253,6 +253,29 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from loom.bench.serve import run_serve_bench
+
+    result = run_serve_bench(args.model, concurrency=args.concurrency, num_prompts=args.num_prompts,
+                             input_len=args.input_len, output_len=args.output_len,
+                             kv_cache_memory=args.kv_cache_memory, offline=not args.no_offline)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    h = result["results"]["http"]
+    print(f"http     {h['requests_per_s']:6.2f} req/s  {h['output_tokens_per_s']:8.1f} output tok/s  "
+          f"({h['completed']} ok, {h['failed']} failed, {h['elapsed_s']:.1f} s)")
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        m = h[name]
+        print(f"  {name[:-2]:5s} mean {1000 * m['mean']:8.1f} ms  p50 {1000 * m['p50']:8.1f} ms  "
+              f"p99 {1000 * m['p99']:8.1f} ms")
+    if "offline" in result["results"]:
+        o = result["results"]["offline"]
+        print(f"offline  {o['requests_per_s']:6.2f} req/s  {o['output_tokens_per_s']:8.1f} output tok/s; "
+              f"http / offline = {result['http_over_offline']:.2f}")
+    return 0
+
+
 def cmd_bench_load(args: argparse.Namespace) -> int:
     from loom.bench.load import run_load
 
@@ -264,6 +287,34 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         for name, r in result["results"].items():
             if isinstance(r, dict):
                 print(f"{name:5s} load {r['load_s']:.2f} s")
+    return 0
+
+
+def default_served_name(path: str) -> str:
+    import os
+
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from loom.serve.app import create_app
+    from loom.serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cache, sched = _engine_configs(args)
+    sched.max_waiting = args.max_waiting
+    from loom.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, cache=cache, scheduler=sched)
+    name = args.served_model_name or default_served_name(llm.model_path)
+    app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes)
+    print(f"loom: serving {name!r} on http://{args.host}:{args.port} (load {llm.load_seconds:.2f} s; "
+          f"{llm.engine.describe()})", file=sys.stderr)
+    serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
     return 0
 
 
@@ -287,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    _add_model_args(sv)
+    _add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="requests waiting beyond this get 503")
+    sv.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    sv.add_argument("--graceful-timeout", type=float, default=30.0,
+                    help="seconds in-flight requests may finish after SIGTERM")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="architecture, parameters, bytes per dtype, KV bytes per token")
     i.add_argument("model_path", nargs="?", default=None)
@@ -316,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--hf-batch", type=int, default=8, help="HF static batch size")
     tp.add_argument("--json", action="store_true")
     tp.set_defaults(func=cmd_bench_throughput)
+    bs = bsub.add_parser("serve", help="load-test `loom serve` over HTTP (TTFT, TPOT, ITL, E2E) vs the offline engine")
+    bs.add_argument("--model", default=None)
+    bs.add_argument("--concurrency", type=int, default=16)
+    bs.add_argument("--num-prompts", type=int, default=64)
+    bs.add_argument("--input-len", type=int, default=128)
+    bs.add_argument("--output-len", type=int, default=128)
+    bs.add_argument("--kv-cache-memory", default="2GiB")
+    bs.add_argument("--no-offline", action="store_true", help="skip the offline engine run")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_serve)
     ld = bsub.add_parser("load", help="seconds to load a model and its tokenizer, loom vs HF")
     ld.add_argument("--model", default=None)
     ld.add_argument("--peers", default="hf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +42,12 @@ def test_swiglu_and_plain_mlp():
         torch.nn.init.normal_(p)
     want = F.gelu(x @ m.up_proj.weight.T + m.up_proj.bias) @ m.down_proj.weight.T + m.down_proj.bias
     torch.testing.assert_close(m(x), want)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 48, 49, 200])
+def test_linear_formulations_agree(rows):
+    from loom.layers.linear import linear
+
+    x, w, b = torch.randn(rows, 64), torch.randn(96, 64), torch.randn(96)
+    torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
+    assert linear(x, w).is_contiguous()

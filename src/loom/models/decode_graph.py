@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.layers import fused, kernels
-from loom.layers.linear import Linear
+from loom.layers.linear import Linear, linear
 from loom.models.transformer import Transformer
 
 
@@ -40,7 +40,7 @@ def _decode_step(tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.
     h = F.embedding(tokens, embed)
     for i in range(len(attn_norm)):
         x = rms_norm(h, attn_norm[i], eps)
-        qkv = F.linear(x, qkv_w[i])
+        qkv = linear(x, qkv_w[i])
         if qkv_b[i].numel() > 0:
             qkv = qkv + qkv_b[i]
         qkv = qkv.view(b, n_heads + 2 * n_kv, head_dim)
@@ -49,10 +49,10 @@ def _decode_step(tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.
         k_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qk[:, n_heads:])
         v_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_heads + n_kv:])
         o = attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale, windows[i])
-        h = h + F.linear(o.reshape(b, n_heads * head_dim), o_w[i])
+        h = h + linear(o.reshape(b, n_heads * head_dim), o_w[i])
         x = rms_norm(h, mlp_norm[i], eps)
-        h = h + F.linear(silu_and_mul(F.linear(x, gate_up_w[i])), down_w[i])
-    return F.linear(rms_norm(h, final_norm, eps), head)
+        h = h + linear(silu_and_mul(linear(x, gate_up_w[i])), down_w[i])
+    return linear(rms_norm(h, final_norm, eps), head)
 
 
 # The decode step's kernels, bound when the step is compiled: the native ones if they build.

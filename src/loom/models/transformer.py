@@ -12,12 +12,11 @@ for, because decoding needs just the last position of each sequence.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
 from loom.layers.attention import Attention, AttentionMetadata
-from loom.layers.linear import Linear
+from loom.layers.linear import Linear, linear
 from loom.layers.mlp import make_mlp
 from loom.layers.norm import make_norm
 from loom.layers.position import RopeTables, make_rotary, sinusoidal_table
@@ -108,7 +107,7 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
+            return linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def logits(self, input_ids: torch.Tensor, meta: AttentionMetadata | None = None,

@@ -1,0 +1,166 @@
+"""`loom bench serve`: a load generator against a live `loom serve`, with vLLM's latency definitions,
+and the offline engine on the same workload from the same run.
+
+- TTFT: request sent -> first streamed token.  TPOT: (end-to-end - TTFT) / (output tokens - 1).
+- ITL: the gap between consecutive streamed tokens.  E2E: request sent -> last byte.
+Each is reported as mean, p50 and p99. ``concurrency`` clients each send their next request as soon
+as their previous one ends; the offline engine gets the same requests all at once with
+``max_num_seqs = concurrency``, which is the same load without HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from loom.bench.throughput import random_prompts
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    first: float | None = None
+    chunks: list[float] = field(default_factory=list)
+    end: float = 0.0
+    output_tokens: int = 0
+    ok: bool = False
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {"mean": statistics.fmean(ordered), "p50": statistics.median(ordered), "p99": p99}
+
+
+async def _one(client, url: str, model: str, prompt: list[int], output_len: int, api_key: str | None) -> RequestTiming:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    t = RequestTiming(time.perf_counter())
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            await r.aread()
+            t.end = time.perf_counter()
+            return t
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                t.output_tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices"):
+                if t.first is None:
+                    t.first = now
+                t.chunks.append(now)
+    t.end = time.perf_counter()
+    t.ok = t.first is not None
+    return t
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
+                   api_key: str | None = None) -> tuple[list[RequestTiming], float]:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    timings: list[RequestTiming] = []
+
+    async def worker(client):
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            timings.append(await _one(client, url, model, prompt, output_len, api_key))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return timings, time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "loom.cli", "serve", "--port", str(port), "--served-model-name", "bench",
+           "--log-level", "warning"] + (["--model", model] if model else []) + extra
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not come up in 300 s")
+        time.sleep(0.25)
+
+
+def run_serve_bench(model: str | None = None, *, concurrency: int = 16, num_prompts: int = 64, input_len: int = 128,
+                    output_len: int = 128, kv_cache_memory: str = "2GiB", offline: bool = True,
+                    seed: int = 0) -> dict[str, Any]:
+    from loom.config import CacheConfig, SchedulerConfig, parse_bytes
+    from loom.llm import LLM
+    from loom.bench.throughput import run_loom
+
+    if min(concurrency, num_prompts, input_len, output_len) < 1:
+        raise ValueError("--concurrency, --num-prompts, --input-len and --output-len must be at least 1")
+    llm = LLM(model, cache=CacheConfig(memory_bytes=parse_bytes(kv_cache_memory)),
+              scheduler=SchedulerConfig(max_num_seqs=concurrency))
+    special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
+                                                     is not None else ())
+    prompts = random_prompts(num_prompts, input_len, llm.config.vocab_size, seed, avoid=special)
+    results: dict[str, Any] = {}
+    if offline:
+        off = run_loom(llm, prompts, output_len)
+        results["offline"] = {k: off[k] for k in ("elapsed_s", "requests_per_s", "output_tokens_per_s",
+                                                   "total_tokens_per_s")}
+    del llm  # the server process loads its own copy
+    port = _free_port()
+    proc = start_server(model, port, ["--kv-cache-memory", kv_cache_memory, "--max-num-seqs", str(concurrency)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(run_load(url, "bench", prompts[: min(4, len(prompts))], 4, min(4, concurrency)))  # warm-up
+        timings, elapsed = asyncio.run(run_load(url, "bench", prompts, output_len, concurrency))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ok = [t for t in timings if t.ok]
+    out_tokens = sum(t.output_tokens for t in ok)
+    ttft = [t.first - t.start for t in ok]
+    e2e = [t.end - t.start for t in ok]
+    tpot = [(t.end - t.first) / (t.output_tokens - 1) for t in ok if t.output_tokens > 1]
+    itl = [b - a for t in ok for a, b in zip(t.chunks, t.chunks[1:])]
+    results["http"] = {
+        "elapsed_s": elapsed, "completed": len(ok), "failed": len(timings) - len(ok),
+        "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (out_tokens + input_len * len(ok)) / elapsed,
+        "ttft_s": _summary(ttft), "tpot_s": _summary(tpot), "itl_s": _summary(itl), "e2e_s": _summary(e2e),
+    }
+    ratio = None
+    if offline:
+        ratio = results["http"]["output_tokens_per_s"] / results["offline"]["output_tokens_per_s"]
+    return {"benchmark": "serve", "model": model or "default", "concurrency": concurrency,
+            "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+            "results": results, "http_over_offline": ratio, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,0 +1,167 @@
+"""The engine loop in a background thread, bridged to asyncio.
+
+HTTP handlers run on the event loop; ``LLMEngine`` runs in one thread of its own (torch releases the
+GIL inside its kernels, so the loop stays responsive while a step computes). Handlers send commands
+(add, abort) through a queue; the engine thread applies them between steps and pushes every delta
+to the asyncio queue of the request it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from loom.engine.engine import LLMEngine
+from loom.engine.sequence import Request
+from loom.outputs import StreamDelta
+from loom.sampling_params import SamplingParams
+
+log = logging.getLogger("loom.serve")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed or was stopped; the request cannot complete."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    request: Request
+    open: set[int] = field(default_factory=set)  # completion indices not finished yet
+    first_token: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[Request], None] | None = None) -> None:
+        self.engine = engine
+        self.on_finished = on_finished
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: BaseException | None = None
+
+    # Lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is still running and end the engine thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # Requests (called from the event loop) -----------------------------------------------------
+
+    async def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
+                  out: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Queue a request; returns the queue its deltas will arrive on. Raises what add_request raises
+        (ValueError for a bad request, QueueFullError) before anything is streamed."""
+        if self.dead is not None or self._stopping:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        out = out if out is not None else asyncio.Queue()
+        self._commands.put(("add", request_id, list(prompt), params, loop, out, accepted))
+        self._wake.set()
+        await asyncio.wrap_future(accepted)
+        return out
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # The engine thread -------------------------------------------------------------------------
+
+    def _apply(self, command: tuple[Any, ...]) -> None:
+        if command[0] == "add":
+            _, rid, prompt, params, loop, out, accepted = command
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                accepted.set_exception(e)
+                return
+            self._streams[rid] = _Stream(loop, out, self.engine.requests[rid], set(range(params.n)))
+            accepted.set_result(None)
+        elif command[0] == "abort":
+            rid = command[1]
+            if rid in self._streams:
+                self.engine.abort_request(rid)  # its "abort" deltas go out with the next step
+
+    def _deliver(self, delta: StreamDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if stream is None:
+            return
+        if delta.token_ids and stream.first_token is None:
+            stream.first_token = time.perf_counter()
+        if delta.finish_reason is not None:
+            stream.open.discard(delta.index)
+        stream.loop.call_soon_threadsafe(stream.out.put_nowait, delta)
+        if not stream.open:
+            del self._streams[delta.request_id]
+            if self.on_finished is not None and delta.finish_reason != "abort":
+                self.on_finished(stream.request)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            stream.loop.call_soon_threadsafe(stream.out.put_nowait, error)
+            if rid in self.engine.requests:
+                self.engine.abort_request(rid)
+        self._streams.clear()
+
+    def _drain_aborts(self) -> None:
+        """After a failed step: let the engine settle the aborts (frees their blocks)."""
+        try:
+            while self.engine.has_unfinished_requests() and not self.engine.requests:
+                self.engine.step()
+        except Exception:  # noqa: BLE001
+            log.exception("the engine could not recover; stopping it")
+            raise
+
+    def _run(self) -> None:
+        try:
+            while True:
+                while True:
+                    try:
+                        self._apply(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._stopping:
+                    for rid in list(self._streams):
+                        self.engine.abort_request(rid)
+                    for delta in self.engine.step() if self.engine.has_unfinished_requests() else []:
+                        self._deliver(delta)
+                    self._fail_all(EngineDeadError("the server is shutting down"))
+                    return
+                if self.engine.has_unfinished_requests():
+                    try:
+                        deltas = self.engine.step()
+                    except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
+                        log.exception("an engine step failed; aborting the requests in flight")
+                        self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
+                        self._drain_aborts()
+                        continue
+                    for delta in deltas:
+                        self._deliver(delta)
+                else:
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - a broken engine must not hang its clients
+            log.exception("the engine loop failed")
+            self.dead = e
+            self._fail_all(EngineDeadError(f"the engine failed: {e}"))

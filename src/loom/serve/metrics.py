@@ -1,0 +1,66 @@
+"""Prometheus metrics for the server (vLLM's names where they exist)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from loom.engine.engine import LLMEngine
+from loom.engine.sequence import Request
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.running = Gauge("loom_num_requests_running", "Sequences running in the engine", labels, registry=r)
+        self.waiting = Gauge("loom_num_requests_waiting", "Sequences waiting to be scheduled", labels, registry=r)
+        self.kv_used = Gauge("loom_kv_cache_blocks_used", "KV cache blocks in use", labels, registry=r)
+        self.kv_total = Gauge("loom_kv_cache_blocks_total", "KV cache blocks in all", labels, registry=r)
+        self.kv_usage = Gauge("loom_kv_cache_usage_perc", "Fraction of KV cache blocks in use", labels, registry=r)
+        self.prefix_hit = Gauge("loom_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache / looked up",
+                                labels, registry=r)
+        self.preemptions = Gauge("loom_num_preemptions_total", "Sequences preempted so far", labels, registry=r)
+        self.prompt_tokens = Counter("loom_prompt_tokens", "Prompt tokens of finished requests", labels, registry=r)
+        self.generation_tokens = Counter("loom_generation_tokens", "Generated tokens of finished requests", labels,
+                                         registry=r)
+        self.requests = Counter("loom_request_success", "Requests finished", labels + ["finished_reason"],
+                                registry=r)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loom_time_per_output_token_seconds", "Mean time per output token after the first",
+                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loom_e2e_request_latency_seconds", "Arrival to last token", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.model = model_name
+
+    def request_finished(self, request: Request) -> None:
+        """Called from the engine thread when all of a request's completions have ended."""
+        m, label = request.metrics, self.model
+        generated = sum(s.num_output for s in request.seqs)
+        self.prompt_tokens.labels(label).inc(len(request.prompt_ids))
+        self.generation_tokens.labels(label).inc(generated)
+        for s in request.seqs:
+            self.requests.labels(label, s.finish_reason or "unknown").inc()
+        if m.first_token is not None:
+            self.ttft.labels(label).observe(m.first_token - m.arrival)
+            per_seq = max(1, generated // max(1, len(request.seqs)))
+            if per_seq > 1 and m.last_token is not None:
+                self.tpot.labels(label).observe((m.last_token - m.first_token) / (per_seq - 1))
+        if m.finished is not None:
+            self.e2e.labels(label).observe(m.finished - m.arrival)
+
+    def render(self) -> bytes:
+        s = self.engine.stats()
+        label = self.model
+        self.running.labels(label).set(s.num_running)
+        self.waiting.labels(label).set(s.num_waiting)
+        self.kv_used.labels(label).set(s.kv_blocks_used)
+        self.kv_total.labels(label).set(s.kv_blocks_total)
+        self.kv_usage.labels(label).set(s.kv_blocks_used / s.kv_blocks_total)
+        self.prefix_hit.labels(label).set(s.prefix_cache_hit_rate)
+        self.preemptions.labels(label).set(s.num_preemptions)
+        return generate_latest(self.registry)
