@@ -100,7 +100,7 @@ def test_engine_options_and_cache_report(capsys):
 
 def test_bench_serve_json(capsys):
     code, out, _ = run(capsys, "bench", "serve", "--concurrency", "2", "--num-prompts", "4", "--input-len", "8",
-                       "--output-len", "4", "--kv-cache-memory", "64MiB", "--json")
+                       "--output-len", "4", "--kv-cache-memory", "64MiB", "--repeats", "1", "--json")
     result = json.loads(out)
     http = result["results"]["http"]
     assert code == 0 and http["completed"] == 4 and http["failed"] == 0

@@ -258,7 +258,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     result = run_serve_bench(args.model, concurrency=args.concurrency, num_prompts=args.num_prompts,
                              input_len=args.input_len, output_len=args.output_len,
-                             kv_cache_memory=args.kv_cache_memory, offline=not args.no_offline)
+                             kv_cache_memory=args.kv_cache_memory, offline=not args.no_offline,
+                             repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--output-len", type=int, default=128)
     bs.add_argument("--kv-cache-memory", default="2GiB")
     bs.add_argument("--no-offline", action="store_true", help="skip the offline engine run")
+    bs.add_argument("--repeats", type=int, default=2, help="alternating offline / http runs; the best of each")
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_serve)
     ld = bsub.add_parser("load", help="seconds to load a model and its tokenizer, loom vs HF")

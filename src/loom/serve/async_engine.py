@@ -13,7 +13,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -35,7 +34,11 @@ class _Stream:
     out: asyncio.Queue
     request: Request
     open: set[int] = field(default_factory=set)  # completion indices not finished yet
-    first_token: float | None = None
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
 
 
 class AsyncEngine:
@@ -103,19 +106,23 @@ class AsyncEngine:
             if rid in self._streams:
                 self.engine.abort_request(rid)  # its "abort" deltas go out with the next step
 
-    def _deliver(self, delta: StreamDelta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if stream is None:
-            return
-        if delta.token_ids and stream.first_token is None:
-            stream.first_token = time.perf_counter()
-        if delta.finish_reason is not None:
-            stream.open.discard(delta.index)
-        stream.loop.call_soon_threadsafe(stream.out.put_nowait, delta)
-        if not stream.open:
-            del self._streams[delta.request_id]
-            if self.on_finished is not None and delta.finish_reason != "abort":
-                self.on_finished(stream.request)
+    def _deliver(self, deltas: list[StreamDelta]) -> None:
+        """Hand a step's deltas to their requests' queues: one wake-up per event loop per step, not one
+        per delta (each wake-up makes the loop thread contend for the GIL with this one)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StreamDelta]]] = {}
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            if delta.finish_reason is not None:
+                stream.open.discard(delta.index)
+            batches.setdefault(stream.loop, []).append((stream.out, delta))
+            if not stream.open:
+                del self._streams[delta.request_id]
+                if self.on_finished is not None and delta.finish_reason != "abort":
+                    self.on_finished(stream.request)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):
@@ -144,8 +151,8 @@ class AsyncEngine:
                 if self._stopping:
                     for rid in list(self._streams):
                         self.engine.abort_request(rid)
-                    for delta in self.engine.step() if self.engine.has_unfinished_requests() else []:
-                        self._deliver(delta)
+                    if self.engine.has_unfinished_requests():
+                        self._deliver(self.engine.step())
                     self._fail_all(EngineDeadError("the server is shutting down"))
                     return
                 if self.engine.has_unfinished_requests():
@@ -156,8 +163,7 @@ class AsyncEngine:
                         self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
                         self._drain_aborts()
                         continue
-                    for delta in deltas:
-                        self._deliver(delta)
+                    self._deliver(deltas)
                 else:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
