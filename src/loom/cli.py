@@ -238,7 +238,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, peers=peers, dtype=args.dtype, hf_batch=args.hf_batch,
-                            cache=cache, scheduler=sched)
+                            cache=cache, scheduler=sched, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-len", type=int, default=128)
     tp.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
     tp.add_argument("--hf-batch", type=int, default=8, help="HF static batch size")
+    tp.add_argument("--repeats", type=int, default=1, help="alternating loom / HF runs; the best of each")
     tp.add_argument("--json", action="store_true")
     tp.set_defaults(func=cmd_bench_throughput)
     bs = bsub.add_parser("serve", help="load-test `loom serve` over HTTP (TTFT, TPOT, ITL, E2E) vs the offline engine")
