@@ -10,6 +10,11 @@ from loom.layers import fused
 from loom.layers.kernels import naive_attention, paged_decode_attention_native, paged_decode_attention_torch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _ops_loaded() -> None:
+    native.available()  # builds (or loads) the extension, registering torch.ops.loom
+
+
 def test_native_ops_build_here():
     # The project's machines have a compiler: the native path must be the one that runs.
     assert native.available()
@@ -76,6 +81,15 @@ def test_model_is_the_same_with_and_without_native(monkeypatch):
         monkeypatch.setattr(fused, "native_ops", lambda: False)
         without = model.logits(ids)
     assert (with_native - without).abs().max() < 1e-5
+
+
+def test_silu_exp_is_accurate_across_the_float_range():
+    """The kernel's own vectorizable exp: every gate from -100 to 100 within a few ulp of libm's."""
+    g = torch.arange(-100.0, 100.0, 1e-3, dtype=torch.float64)
+    gu = torch.cat([g, torch.ones_like(g)]).float().unsqueeze(0)
+    got = torch.ops.loom.silu_and_mul(gu).double()
+    want = torch.nn.functional.silu(g.float().double())
+    assert torch.allclose(got, want, rtol=5e-7, atol=1e-30)
 
 
 def test_extreme_values_behave_as_in_pytorch():
