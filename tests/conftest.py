@@ -41,6 +41,15 @@ def smollm_hf_tokenizer(smollm_hf_dir: str):
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path: str):
+    """The default model dequantized to fp32: the reference every exactness test compares with HF."""
+    from loom import LLM
+
+    return LLM(smollm_path, weights="fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm_native(smollm_path: str):
+    """The default model as it runs by default: Q4_1 / Q8_0 weights on the quantized kernels."""
     from loom import LLM
 
     return LLM(smollm_path)

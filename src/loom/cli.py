@@ -8,12 +8,23 @@ import sys
 import time
 from typing import Any, Sequence
 
+from loom.analysis.cli import add_analyze_parser
+from loom.compress.cli import add_quantize_parser
 from loom.sampling_params import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--weights", default=None, choices=["native", "fp32", "bf16"],
+                   help="native: quantized weights run quantized (the default for quantized files); "
+                        "fp32 / bf16: everything dense in that dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="run dense in this dtype (same as --weights fp32/bf16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -62,7 +73,8 @@ def _load(args: argparse.Namespace):
     from loom.llm import LLM
 
     cache, sched = _engine_configs(args)
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, cache=cache, scheduler=sched)
+    llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
+              scheduler=sched)
     if not getattr(args, "json", False):
         print(llm.engine.describe(), file=sys.stderr)
     return llm
@@ -213,7 +225,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                         peers=peers, dtype=args.dtype, repeats=args.repeats)
+                         peers=peers, weights=args.weights, dtype=args.dtype,
+                         repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -237,7 +250,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     cache, sched = _engine_configs(args)
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, peers=peers, dtype=args.dtype, hf_batch=args.hf_batch,
+                            output_len=args.output_len, peers=peers, weights=args.weights, dtype=args.dtype,
+                            hf_batch=args.hf_batch,
                             cache=cache, scheduler=sched, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -291,6 +305,46 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quantization(args: argparse.Namespace) -> int:
+    from loom.bench.quantization import plot_quantization, run_quantization_bench
+
+    result = run_quantization_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                                    calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
+                                    progress=not args.json)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_quantization(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result["results"]:
+            print(f"{r['name']:<34} ppl {r['perplexity']:8.3f}  {r['nominal_bits_per_weight']:5.2f} bpw  "
+                  f"{r['weight_bytes_per_token'] / 1e6:7.1f} MB/token  {r['decode_tokens_per_s']:6.1f} tok/s")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from loom.eval.perplexity import run_perplexity
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_perplexity(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                            dtype=args.dtype, weights=args.weights, progress=not args.no_progress,
+                            protocol=args.protocol)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        r = result
+        print(f"perplexity {r['perplexity']:.3f} ({r['protocol']}) on {r['tokens_scored']:,} scored tokens "
+              f"({r['windows']} windows of {r['window']}, {r['tokens_total']:,} tokens in {r['corpus_path']}); "
+              f"{r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s")
+    return 0
+
+
 def default_served_name(path: str) -> str:
     import os
 
@@ -309,7 +363,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sched.max_waiting = args.max_waiting
     from loom.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, cache=cache, scheduler=sched)
+    llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
+              scheduler=sched)
     name = args.served_model_name or default_served_name(llm.model_path)
     app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)
@@ -400,6 +455,36 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--repeats", type=int, default=3)
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(func=cmd_bench_load)
+
+    ev = sub.add_parser("eval", help="model quality on a text")
+    esub = ev.add_subparsers(dest="eval", required=True)
+    pp = esub.add_parser("ppl", help="perplexity over non-overlapping windows (the GPTQ repository's protocol)")
+    _add_model_args(pp)
+    pp.add_argument("--corpus", default="britannica", help="a named corpus (britannica, hamlet) or a text file")
+    pp.add_argument("--window", type=int, default=512, help="tokens per window, L (L - 1 scored per window)")
+    pp.add_argument("--max-tokens", type=int, default=None, help="keep the corpus's first N tokens (default: all)")
+    pp.add_argument("--protocol", default="gptq", choices=["gptq", "shifted"],
+                    help="gptq: L-1 labels inside each window; shifted: labels run across window ends (n*L-1)")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=cmd_eval_ppl)
+
+    add_analyze_parser(sub)
+    add_quantize_parser(sub, _add_source_args)
+
+    bq = bsub.add_parser("quantization", help="perplexity, bytes and decode tokens/s of every quantization method")
+    bq.add_argument("--model", default=None)
+    bq.add_argument("--corpus", default="britannica")
+    bq.add_argument("--window", type=int, default=512)
+    bq.add_argument("--max-tokens", type=int, default=20480, help="first N tokens of the corpus (default 20480)")
+    bq.add_argument("--calib", default="hamlet")
+    bq.add_argument("--samples", type=int, default=32)
+    bq.add_argument("--seq-len", type=int, default=512)
+    bq.add_argument("--only", nargs="*", default=[], help="methods or setting names to run (default: all)")
+    bq.add_argument("--plot", default=None, help="write perplexity vs bits per weight to this PNG")
+    bq.add_argument("--out", default=None, help="also write the JSON here")
+    bq.add_argument("--json", action="store_true")
+    bq.set_defaults(func=cmd_bench_quantization)
     return parser
 
 

@@ -17,7 +17,7 @@ from loom.engine.sequence import Request
 from loom.outputs import CompletionOutput, RequestOutput, StreamDelta, Timings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer, load_tokenizer
-from loom.weights.loader import load_model
+from loom.weights.loader import choose_weights, load_model
 
 Prompt = Union[str, Sequence[int]]
 Messages = list[dict[str, Any]]
@@ -79,14 +79,15 @@ class LLM:
     >>> out[0].text, out[0].finish_reason
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "float32",
+    def __init__(self, model: str | None = None, *, weights: str | None = None, dtype: str | torch.dtype | None = None,
                  attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
         t0 = time.perf_counter()
-        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel)
+        weights, dtype = choose_weights(weights, dtype)  # default: native (quantized files run quantized)
+        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights)
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)

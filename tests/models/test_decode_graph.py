@@ -108,3 +108,24 @@ def test_paged_batch_of_decodes_equals_each_sequence_alone():
                 pos[i] += 1
     for i in range(3):
         assert (torch.stack(got[i]) - want[i][prompt[i]:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bits,group,backend", [(4, 32, "loom"), (8, 32, "loom"), (3, 32, "reference"),
+                                                (4, 32, "torch")])
+def test_graph_runs_quantized_linears_like_the_module_path(bits, group, backend):
+    from loom.compress.quantize.apply import quantize_model
+    from loom.compress.quantize.rtn import QuantConfig
+
+    cfg = ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96, "num_kv_heads": 2})
+    model = quantize_model(Transformer(cfg).init_random(0, std=0.2), QuantConfig(bits, group), backend=backend)
+    assert DecodeGraph.supports(model)
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    cache = KVCache(model.config, 1, 32)
+    table = torch.zeros(1, 1, dtype=torch.long)
+    with torch.inference_mode():
+        want = torch.cat([model.logits(torch.tensor(ids[: p + 1]))[-1:] for p in range(4, len(ids))])
+        meta = AttentionMetadata(torch.arange(4), [0, 4], [4], torch.arange(4), table)
+        model(torch.tensor(ids[:4]), meta, cache.layers())
+        graph = DecodeGraph(model, cache.k, cache.v)
+        got = torch.cat([graph.step_one(ids[p], p, table) for p in range(4, len(ids))])
+    assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))

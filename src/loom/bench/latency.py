@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from loom.analysis.hardware import measure_memory_bandwidth
-from loom.analysis.traffic import decode_bytes_per_token
+from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per_token
 from loom.bench.peers import LatencySample
 from loom.bench.text import benchmark_prompt_ids
 from loom.llm import LLM
@@ -29,12 +29,31 @@ PEERS = ("hf", "eager")  # eager: loom itself without the scripted decode step
 def loom_runner(llm: LLM, graph: bool = True) -> Callable[[list[int], int], LatencySample]:
     def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
         llm.engine.runner.use_graph = graph
+        llm.engine.block_manager.reset_prefix_cache()  # each run prefills its whole prompt (no cache hits)
         t = Timings()
         # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
         for _ in llm.stream(prompt_ids, SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0), t):
             pass
         return LatencySample(t.prefill, t.decode_tokens_per_s)
     return run
+
+
+def _weights_label(llm: LLM) -> str:
+    """How loom holds the model's linears, e.g. "native: 120 x int4 g32, 1 x int8 g32; rest fp32"."""
+    from collections import Counter
+
+    from loom.layers.quantized import QuantizedLinear, W8A8Linear
+
+    kinds: Counter[str] = Counter()
+    for m in llm.model.modules():
+        if isinstance(m, QuantizedLinear):
+            kinds[f"int{m.bits} g{m.group_size} ({m.backend})"] += 1
+        elif isinstance(m, W8A8Linear):
+            kinds["w8a8"] += 1
+    dense = str(llm.model.dtype).replace("torch.", "")
+    if not kinds:
+        return dense
+    return "native: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()) + f"; rest {dense}"
 
 
 def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: float,
@@ -49,7 +68,8 @@ def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: flo
 
 
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
-                peers: Sequence[str] = PEERS, dtype: str = "float32", repeats: int = 3) -> dict[str, Any]:
+                peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
+                repeats: int = 3) -> dict[str, Any]:
     if batch != 1:
         raise ValueError("bench latency measures batch 1")
     if gen_len < 2:
@@ -59,9 +79,13 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: {', '.join(PEERS)})")
-    llm = LLM(model, dtype=dtype)
+    llm = LLM(model, weights=weights, dtype=dtype)
+    dtype = dtype or ("bfloat16" if weights == "bf16" else "float32")  # HF runs dense in this dtype
     prompt_ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
-    bytes_tok = decode_bytes_per_token(llm.model, prompt_len + gen_len / 2)  # mean context over the decode
+    context = prompt_len + gen_len / 2  # mean context over the decode
+    bytes_tok = decode_bytes_per_token(llm.model, context)
+    element = 2 if dtype in ("bfloat16", "float16") else 4
+    hf_bytes = dense_weight_bytes_per_token(llm.config, element) + context * llm.config.kv_bytes_per_token(element)
     runners: dict[str, Callable[[list[int], int], LatencySample]] = {"loom": loom_runner(llm)}
     if "eager" in peers:
         runners["loom-eager"] = loom_runner(llm, graph=False)
@@ -78,7 +102,11 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     for _ in range(repeats):
         for name, run in runners.items():
             samples[name].append(run(prompt_ids, gen_len))
-    results = {name: {"dtype": dtype, **_summary(s, prompt_len, bytes_tok, bandwidth)} for name, s in samples.items()}
+    results = {name: {"dtype": dtype, **_summary(s, prompt_len, bytes_tok if name.startswith("loom") else hf_bytes,
+                                                bandwidth)} for name, s in samples.items()}
+    for name in results:
+        if name.startswith("loom"):
+            results[name]["weights"] = _weights_label(llm)
     results["loom"]["load_s"] = llm.load_seconds
     results["loom"]["decode_path"] = "scripted graph" if DecodeGraph.supports(llm.model) else "modules"
     speedup = None

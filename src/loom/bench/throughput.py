@@ -93,7 +93,8 @@ class HFStatic:
 
 
 def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len: int = 128, output_len: int = 128,
-                   peers: tuple[str, ...] = ("hf",), dtype: str = "float32", hf_batch: int = 8,
+                   peers: tuple[str, ...] = ("hf",), weights: str | None = None, dtype: str | None = None,
+                   hf_batch: int = 8,
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                    seed: int = 0, repeats: int = 1) -> dict[str, Any]:
     if min(num_prompts, input_len, output_len, repeats) < 1:
@@ -101,7 +102,8 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
     unknown = set(peers) - {"hf"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
-    llm = LLM(model, dtype=dtype, cache=cache, scheduler=scheduler)
+    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler)
+    dtype = dtype or ("bfloat16" if weights == "bf16" else "float32")  # HF runs dense in this dtype
     special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
                                                      is not None else ())
     prompts = random_prompts(num_prompts, input_len, llm.config.vocab_size, seed, avoid=special)

@@ -18,41 +18,46 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from loom.layers import fused, kernels
-from loom.layers.linear import Linear, linear
+from loom.layers.linear import Linear
+from loom.layers.quantized import QuantizedLinear, W8A8Linear, apply_linear, dense_kernel_args
 from loom.models.transformer import Transformer
+
+
+LinearSpec = Tuple[int, List[torch.Tensor], int, int]  # (kind, tensors, bits, group): see quantized.apply_linear
 
 
 def _decode_step(tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
-                 attn_norm: List[torch.Tensor], qkv_w: List[torch.Tensor], qkv_b: List[torch.Tensor],
-                 o_w: List[torch.Tensor], mlp_norm: List[torch.Tensor], gate_up_w: List[torch.Tensor],
-                 down_w: List[torch.Tensor], k_cache: List[torch.Tensor], v_cache: List[torch.Tensor],
-                 final_norm: torch.Tensor, head: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+                 attn_norm: List[torch.Tensor], qkv: List[LinearSpec], qkv_b: List[torch.Tensor],
+                 o: List[LinearSpec], mlp_norm: List[torch.Tensor], gate_up: List[LinearSpec],
+                 down: List[LinearSpec], k_cache: List[torch.Tensor], v_cache: List[torch.Tensor],
+                 final_norm: torch.Tensor, head: LinearSpec, n_heads: int, n_kv: int, head_dim: int,
                  eps: float, scale: float, windows: List[int]) -> torch.Tensor:
     """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot."""
     b = tokens.shape[0]
     h = F.embedding(tokens, embed)
     for i in range(len(attn_norm)):
         x = rms_norm(h, attn_norm[i], eps)
-        qkv = linear(x, qkv_w[i])
+        qkv_i = apply_linear(x, qkv[i][0], qkv[i][1], qkv[i][2], qkv[i][3])
         if qkv_b[i].numel() > 0:
-            qkv = qkv + qkv_b[i]
-        qkv = qkv.view(b, n_heads + 2 * n_kv, head_dim)
-        qk = qkv[:, : n_heads + n_kv]
+            qkv_i = qkv_i + qkv_b[i]
+        qkv_i = qkv_i.view(b, n_heads + 2 * n_kv, head_dim)
+        qk = qkv_i[:, : n_heads + n_kv]
         qk = rope(qk, cos, sin)  # x cos + rotate_half(x) sin
         k_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qk[:, n_heads:])
-        v_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_heads + n_kv:])
-        o = attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale, windows[i])
-        h = h + linear(o.reshape(b, n_heads * head_dim), o_w[i])
+        v_cache[i].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv_i[:, n_heads + n_kv:])
+        a = attention(qk[:, :n_heads], k_cache[i], v_cache[i], block_tables, context_lens, scale, windows[i])
+        h = h + apply_linear(a.reshape(b, n_heads * head_dim), o[i][0], o[i][1], o[i][2], o[i][3])
         x = rms_norm(h, mlp_norm[i], eps)
-        h = h + linear(silu_and_mul(linear(x, gate_up_w[i])), down_w[i])
-    return linear(rms_norm(h, final_norm, eps), head)
+        gu = apply_linear(x, gate_up[i][0], gate_up[i][1], gate_up[i][2], gate_up[i][3])
+        h = h + apply_linear(silu_and_mul(gu), down[i][0], down[i][1], down[i][2], down[i][3])
+    return apply_linear(rms_norm(h, final_norm, eps), head[0], head[1], head[2], head[3])
 
 
 # The decode step's kernels, bound when the step is compiled: the native ones if they build.
@@ -100,20 +105,23 @@ class DecodeGraph:
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         if not self.supports(model):
-            raise ValueError("DecodeGraph needs a Llama-shaped fp32 model with dense weights (see DecodeGraph.supports)")
+            raise ValueError("DecodeGraph needs a Llama-shaped fp32 model with dense or weight-only quantized linears "
+                             "(see DecodeGraph.supports)")
         c = model.config
         self.model = model
         layers = list(model.layers)
         empty = torch.empty(0, dtype=model.dtype)
         self.weights = (
             [l.attn_norm.weight for l in layers],
-            [l.attn.qkv_proj.weight for l in layers],
+            [dense_kernel_args(l.attn.qkv_proj) for l in layers],
             [l.attn.qkv_proj.bias if l.attn.qkv_proj.bias is not None else empty for l in layers],
-            [l.attn.o_proj.weight for l in layers],
+            [dense_kernel_args(l.attn.o_proj) for l in layers],
             [l.mlp_norm.weight for l in layers],
-            [l.mlp.gate_up_proj.weight for l in layers],
-            [l.mlp.down_proj.weight for l in layers],
+            [dense_kernel_args(l.mlp.gate_up_proj) for l in layers],
+            [dense_kernel_args(l.mlp.down_proj) for l in layers],
         )
+        self.head = dense_kernel_args(model.lm_head) if model.lm_head is not None else \
+            (0, [model.embed_tokens.weight], 0, 0)
         self.k = [k_cache[i] for i in range(c.num_layers)]
         self.v = [v_cache[i] for i in range(c.num_layers)]
         self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
@@ -126,8 +134,9 @@ class DecodeGraph:
                 and c.gated_mlp and c.activation == "silu" and not c.mlp_bias and not c.attn_out_bias
                 and c.position == "rope" and c.rotary_dim == c.head_dim
                 and model.dtype == torch.float32
-                and all(type(m) is Linear for l in model.layers
-                        for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)))
+                and all(type(m) in (Linear, QuantizedLinear, W8A8Linear) for l in model.layers
+                        for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj))
+                and (model.lm_head is None or type(model.lm_head) in (Linear, QuantizedLinear, W8A8Linear)))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -135,7 +144,7 @@ class DecodeGraph:
         m = self.model
         cos, sin = m.rotary.prepare(positions, m.dtype)
         return compiled_decode_step()(tokens, slots, block_tables, context_lens, cos, sin, m.embed_tokens.weight,
-                                      *self.weights, self.k, self.v, m.norm.weight, m.output_weight, *self.shape)
+                                      *self.weights, self.k, self.v, m.norm.weight, self.head, *self.shape)
 
     def step_one(self, token: int, pos: int, block_table: torch.Tensor) -> torch.Tensor:
         """One sequence whose cache is the single block ``block_table[0, 0]`` (the contiguous case)."""

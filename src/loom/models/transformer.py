@@ -84,6 +84,12 @@ class Transformer(nn.Module):
                     splits[f"layers.{i}.mlp.gate_up_proj.{suffix}"] = [c.intermediate_size] * 2
         return splits
 
+    def replace_module(self, name: str, module: nn.Module) -> None:
+        """Swap the submodule at dotted ``name`` (how quantization installs its linears). Setting
+        ``lm_head`` on a tied model gives the output layer its own weights (e.g. quantized)."""
+        parent, _, child = name.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, child, module)
+
     def set_kernel(self, name: str) -> None:
         for layer in self.layers:
             layer.attn.set_kernel(name)

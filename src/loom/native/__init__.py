@@ -20,7 +20,7 @@ import warnings
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = ["paged_attention.cpp", "fused.cpp"]
+SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp"]
 # -ffast-math lets reductions vectorize; -fno-finite-math-only keeps inf/NaN semantics (overflowing
 # activations must behave as in PyTorch, not as undefined behaviour).
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
@@ -58,4 +58,4 @@ def available() -> bool:
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back to PyTorch
         log.warning("loom native kernels unavailable (%s); using the PyTorch paths", e)
         return False
-    return all(hasattr(torch.ops.loom, op) for op in ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope"))
+    return all(hasattr(torch.ops.loom, op) for op in ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope", "quant_linear"))

@@ -55,6 +55,16 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def save(self, folder: str) -> None:
+        """tokenizer.json + tokenizer_config.json as HF writes them (what ``tokenizer_from_folder`` reads)."""
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        cfg: dict[str, Any] = {"bos_token": self.bos_token or None, "eos_token": self.eos_token or None}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
     def token_bytes_text(self, token_id: int) -> str:
         """The text one token decodes to on its own (for logprob displays)."""
         return self.backend.decode([token_id], skip_special_tokens=False)

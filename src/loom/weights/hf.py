@@ -98,6 +98,37 @@ def config_from_hf(cfg: dict[str, Any], path: str = "config.json") -> ModelConfi
         raise WeightsError(path, str(e)) from None
 
 
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """The config.json that ``config_from_hf`` reads back as ``config`` (Llama-shaped models)."""
+    if config.architecture not in HF_ARCHITECTURES:
+        raise ValueError(f"cannot write a Hugging Face config for architecture {config.architecture!r}")
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[config.activation]
+    cfg: dict[str, Any] = {
+        "model_type": config.architecture, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size, "hidden_act": act, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
+        "mlp_bias": config.mlp_bias, "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id, "torch_dtype": "float32",
+        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0],
+    }
+    if config.architecture != "qwen2" or config.attn_out_bias:
+        cfg["attention_bias"] = config.qkv_bias
+    if config.sliding_window:
+        cfg["sliding_window"] = config.sliding_window
+        if config.architecture == "qwen2":
+            cfg["use_sliding_window"] = True
+            if config.sliding_window_layers is not None:
+                cfg["layer_types"] = ["sliding_attention" if w else "full_attention"
+                                      for w in config.sliding_window_layers]
+    if config.rope_scaling is not None:
+        r = config.rope_scaling
+        cfg["rope_scaling"] = {"rope_type": r.kind, "factor": r.factor, "beta_fast": r.beta_fast,
+                               "beta_slow": r.beta_slow, "original_max_position_embeddings": r.original_max_position}
+    return cfg
+
+
 def read_hf_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
     try:

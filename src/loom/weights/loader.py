@@ -10,9 +10,12 @@ from typing import Any, Callable
 import torch
 
 from loom.config import ModelConfig
+from loom.layers.quantized import QuantizedLinear, QuantizedTensor
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
+from loom.weights.native import gguf_quantized
+from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization
 from loom.weights.hf import SafetensorsCheckpoint, hf_tensor_sources, read_hf_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -39,14 +42,14 @@ class LoadedModel:
 
 
 def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Callable[[str], torch.Tensor],
-                    path: str) -> None:
+                    path: str, filled: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Set every parameter of ``model`` from the source tensors named in ``sources``.
 
     Fused parameters (qkv, gate+up) are the row-wise concatenation of their parts; each part's shape
     is checked against the slice it fills, so a mismatch names the offending tensor.
     """
     params = dict(model.named_parameters())
-    missing = set(params) - set(sources)
+    missing = set(params) - set(sources) - set(filled)
     if missing:
         raise WeightsError(path, f"no source for parameters {sorted(missing)[:5]}")
     splits = model.fused_row_splits()
@@ -64,24 +67,54 @@ def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Ca
         param.data = tensor.to(model.dtype).contiguous()
 
 
+WEIGHTS = ("native", "fp32", "bf16")
+
+
+def choose_weights(weights: str | None, dtype: str | torch.dtype | None) -> tuple[str | None, str | torch.dtype]:
+    """(weights, dtype) for ``load_model`` from what a user gave: nothing means native (quantized files
+    run quantized); a dtype alone means dense in that dtype."""
+    if weights is None and dtype is None:
+        return "native", torch.float32
+    return weights, dtype if dtype is not None else torch.float32
+
+
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.float32,
-               kernel: str = "sdpa") -> LoadedModel:
-    """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors."""
+               kernel: str = "sdpa", weights: str | None = None) -> LoadedModel:
+    """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors.
+
+    ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
+    the int4 / int8 kernels, a loom-quantized checkpoint loads as saved) with fp32 everywhere else;
+    "fp32" / "bf16" dequantize everything to that dtype. None means ``dtype`` (all dense).
+    """
     path = os.fspath(path)
+    if weights is not None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
+        dtype = {"native": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}[weights]
     dtype = resolve_dtype(dtype)
+    native = weights == "native"
     t0 = time.perf_counter()
     if os.path.isdir(path):
         config = read_hf_config(path)
         ckpt = SafetensorsCheckpoint(path)
         model = Transformer(config, dtype=dtype, kernel=kernel)
-        fill_parameters(model, hf_tensor_sources(config, ckpt), lambda n: ckpt.tensor(n).float(), path)
+        sources = hf_tensor_sources(config, ckpt)
+        quant = read_quantization(path)
+        filled: set[str] = set()
+        if quant is not None:
+            sources, filled = load_quantized_linears(model, quant, sources, ckpt, dequantize=not native)
+        fill_parameters(model, sources, lambda n: ckpt.tensor(n).float(), path, filled)
         fmt, metadata = "hf", None
     elif os.path.isfile(path):
         g = GGUFFile(path)
         try:
             config = config_from_gguf(g)
             model = Transformer(config, dtype=dtype, kernel=kernel)
-            fill_parameters(model, gguf_tensor_sources(config), lambda n: read_gguf_tensor(g, config, n), path)
+            sources = gguf_tensor_sources(config)
+            filled: set[str] = set()
+            if native:
+                sources, filled = native_gguf_linears(model, g, sources)
+            fill_parameters(model, sources, lambda n: read_gguf_tensor(g, config, n), path, filled)
         finally:
             g.close()
         fmt, metadata = "gguf", g.metadata
@@ -89,3 +122,33 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
         raise WeightsError(path, "no such file or folder")
     model.eval().requires_grad_(False)
     return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
+
+
+def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]]
+                        ) -> tuple[dict[str, list[str]], set[str]]:
+    """Replace the linears whose GGUF parts are all Q4_0 / Q4_1 / Q8_0 (one type) by quantized ones;
+    return the sources still to fill densely and the parameters already filled. A tied output layer gets its own quantized copy of
+    the embedding (the lookup table stays dense: it reads one row per token)."""
+    sources = dict(sources)
+    filled: set[str] = set()
+    targets = [name[: -len(".weight")] for name in sources
+               if name.endswith("_proj.weight") or name == "lm_head.weight"]
+    if model.config.tie_word_embeddings:
+        targets.append("lm_head")
+        sources["lm_head.weight"] = sources["embed_tokens.weight"]
+    for target in targets:
+        parts = sources[target + ".weight"]
+        types = {g.info(p).qtype for p in parts}
+        qts = [gguf_quantized(g, model.config, p) for p in parts] if len(types) == 1 else [None]
+        if any(q is None for q in qts):
+            continue
+        bias = None
+        if target + ".bias" in sources:
+            bias = torch.cat([read_gguf_tensor(g, model.config, p) for p in sources.pop(target + ".bias")])
+        model.replace_module(target, QuantizedLinear(QuantizedTensor.cat(qts), bias))  # type: ignore[arg-type]
+        del sources[target + ".weight"]
+        if bias is not None:
+            filled.add(target + ".bias")
+    if model.config.tie_word_embeddings:
+        sources.pop("lm_head.weight", None)
+    return sources, filled

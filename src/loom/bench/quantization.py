@@ -1,0 +1,151 @@
+"""`loom bench quantization`: what each quantization method costs in quality and buys in size and speed.
+
+For every configuration, from one run on the same machine: perplexity on the evaluation corpus
+(GPTQ protocol: non-overlapping windows), the bytes a decode step reads for weights, the nominal
+bits per weight (code bits + one fp16 scale and one fp16 zero per group), and batch-1 decode
+tokens/s. Each quantized model is written with ``save_checkpoint`` and loaded back the way a user
+would (``LLM(folder)``), so the round trip is part of what is measured. Calibration uses a
+different text from the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from loom.analysis.traffic import weight_bytes_per_token
+from loom.bench.latency import loom_runner
+from loom.bench.text import benchmark_prompt_ids
+from loom.compress.calibration import CalibrationConfig, calibration_samples
+from loom.compress.quantize.gptq import GPTQConfig
+from loom.compress.quantize.methods import QuantizeRecipe, quantize
+from loom.compress.quantize.rtn import QuantConfig
+from loom.default_model import default_model_path
+from loom.eval.corpora import corpus_path, read_corpus
+from loom.eval.perplexity import perplexity
+from loom.llm import LLM
+from loom.weights.loader import load_model
+from loom.weights.quantized_checkpoint import save_checkpoint
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    method: str  # "fp32", "native" (the GGUF as stored), or a QuantizeRecipe method
+    bits: int = 32
+    group: int = 0
+    symmetric: bool = False
+    alpha: float = 0.5
+
+    def nominal_bits(self, in_features: int) -> float:
+        if self.method == "fp32":
+            return 32.0
+        if self.method in ("w8a8", "smoothquant"):
+            return 8.0 + 16.0 / in_features  # one fp16 scale per output channel
+        group = self.group or in_features
+        return self.bits + (16.0 if self.symmetric else 32.0) / group
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("fp32", "fp32"),
+    Setting("W8 RTN (per channel, sym)", "rtn", 8, 0, True),
+    Setting("W4 g32 RTN", "rtn", 4, 32), Setting("W4 g32 AWQ", "awq", 4, 32), Setting("W4 g32 GPTQ", "gptq", 4, 32),
+    Setting("W4 g64 RTN", "rtn", 4, 64), Setting("W4 g64 AWQ", "awq", 4, 64), Setting("W4 g64 GPTQ", "gptq", 4, 64),
+    Setting("W3 g64 RTN", "rtn", 3, 64), Setting("W3 g64 AWQ", "awq", 3, 64), Setting("W3 g64 GPTQ", "gptq", 3, 64),
+    Setting("W8A8 naive", "w8a8", 8), Setting("W8A8 SmoothQuant a=0.5", "smoothquant", 8, alpha=0.5),
+    Setting("W8A8 SmoothQuant a=0.85", "smoothquant", 8, alpha=0.85),
+    Setting("GGUF Q4_1 native (Q8_0 output)", "native", 4, 32),
+)
+
+
+def _decode_tokens_per_s(llm: LLM, prompt_len: int, gen_len: int, repeats: int) -> float:
+    ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
+    run = loom_runner(llm)
+    run(ids[:8], 4)
+    return max(run(ids, gen_len).decode_tokens_per_s for _ in range(repeats))
+
+
+def run_quantization_bench(model: str | None = None, *, corpus: str = "britannica", window: int = 512,
+                           max_tokens: int | None = 20480, calib: str = "hamlet", samples: int = 32,
+                           seq_len: int = 512, only: Sequence[str] = (), out_dir: str | None = None,
+                           prompt_len: int = 32, gen_len: int = 64, repeats: int = 2,
+                           progress: bool = True) -> dict[str, Any]:
+    path = model or default_model_path()
+    out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), "quantized")
+    base = LLM(path, weights="fp32")
+    tokenizer = base.tokenizer
+    eval_path = corpus_path(corpus)
+    eval_ids = tokenizer.encode(read_corpus(eval_path))
+    calib_path = corpus_path(calib)
+    calib_samples = calibration_samples(tokenizer.encode(read_corpus(calib_path)),
+                                        CalibrationConfig(samples, seq_len, seed=0))
+    hidden = base.config.hidden_size
+    rows: list[dict[str, Any]] = []
+    settings = [s for s in SETTINGS if not only or s.method in only or s.name in only]
+    for s in settings:
+        t0 = time.perf_counter()
+        if s.method == "fp32":
+            llm = base
+        elif s.method == "native":
+            llm = LLM(path, weights="native")
+        else:
+            m = load_model(path, weights="fp32").model
+            recipe = QuantizeRecipe(method=s.method, quant=QuantConfig(s.bits, s.group, s.symmetric),
+                                    gptq=GPTQConfig(), alpha=s.alpha)
+            quantize(m, recipe, None if s.method == "rtn" else calib_samples)
+            folder = os.path.join(out_dir, s.name.replace(" ", "_").replace("(", "").replace(")", "")
+                                  .replace(",", "").replace("=", ""))
+            save_checkpoint(m, folder, recipe.metadata(), tokenizer)
+            del m
+            llm = LLM(folder)
+        quantize_s = time.perf_counter() - t0
+        ppl = perplexity(llm.model, eval_ids, window, max_tokens=max_tokens, progress=progress)
+        tps = _decode_tokens_per_s(llm, prompt_len, gen_len, repeats)
+        rows.append({"name": s.name, "method": s.method, "bits": s.bits, "group_size": s.group,
+                     "nominal_bits_per_weight": round(s.nominal_bits(hidden), 3),
+                     "perplexity": ppl.perplexity, "weight_bytes_per_token": weight_bytes_per_token(llm.model),
+                     "decode_tokens_per_s": tps, "quantize_and_load_s": quantize_s})
+        if progress:
+            print(json.dumps(rows[-1]), flush=True)
+        if llm is not base:
+            del llm
+    fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
+    for r in rows:
+        r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
+    return {"model": path, "corpus": eval_path, "window": window, "tokens_scored": ppl.tokens_scored,
+            "calibration": {"text": calib_path, "samples": samples, "seq_len": seq_len},
+            "threads": torch.get_num_threads(), "decode": {"prompt_len": prompt_len, "gen_len": gen_len},
+            "results": rows}
+
+
+def plot_quantization(result: dict[str, Any], path: str) -> None:
+    """Perplexity against nominal bits per weight, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"fp32": "*", "rtn": "o", "awq": "s", "gptq": "^", "w8a8": "x", "smoothquant": "D", "native": "P"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, marker in markers.items():
+        pts = [r for r in result["results"] if r["method"] == method]
+        if pts:
+            ax.scatter([r["nominal_bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
+                       s=60, label=method)
+    for r in result["results"]:
+        ax.annotate(r["name"], (r["nominal_bits_per_weight"], r["perplexity"]), fontsize=6,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight (codes + fp16 scale/zero per group)")
+    ax.set_ylabel(f"perplexity ({os.path.basename(result['corpus'])}, L={result['window']})")
+    ax.set_title("SmolLM2-135M: quality against size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Model compression: quantization (RTN, AWQ, GPTQ, SmoothQuant, KV int8) and, later, pruning."""

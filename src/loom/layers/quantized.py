@@ -1,0 +1,335 @@
+"""Quantized linear layers: the same y = x W^T + b, with W stored in fewer bits.
+
+One portable form, ``QuantizedTensor``, holds every weight-only format loom produces or loads:
+
+    w_hat[n, k] = q[n, k] * scale[n, g] + offset[n, g],    g = k // group_size
+
+with unsigned codes q in [0, 2^bits). It covers RTN's symmetric (offset = -2^(bits-1) scale) and
+asymmetric (offset = -zero scale) grids and GGUF's blocks exactly (Q4_0: scale d, offset -8 d;
+Q4_1: scale d, offset m; Q8_0: signed codes, offset 0 after the +128 shift is folded in).
+
+``QuantizedLinear`` runs it through one of several kernels (``Backend``):
+  loom       loom's native kernel: fp32 activations, weights dequantized in registers (exact up to
+             summation order); codes in int4 (bits <= 4) or int8 (5..8 bits) containers, any group
+             that is a multiple of 32
+  torch      torch's CPU kernels: ``_weight_int4pack_mm_for_cpu`` (bits <= 4, groups 32/64/128/256,
+             out features divisible by 16) or ``_weight_int8pack_mm`` (8-bit symmetric per channel);
+             bf16 activations and scales, as their fast paths require
+  reference  dequantize, then an fp32 matmul: runs anywhere, the definition the others are tested against
+``W8A8Linear`` quantizes activations too (SmoothQuant's setting): per-token dynamic int8 activations
+times per-channel int8 weights through ``torch._int_mm`` (int32 accumulation).
+
+``apply_linear`` is the one dispatch function used by the module path and by the scripted decode
+step, so both run the same kernel for the same layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from loom.layers.linear import Linear, linear
+
+DENSE, LOOM, TORCH_INT4, TORCH_INT8, W8A8, REFERENCE = 0, 1, 2, 3, 4, 5
+BACKENDS = ("auto", "loom", "torch", "reference")
+TORCH_INT4_GROUPS = (32, 64, 128, 256)
+# Above this many rows a matmul is compute-bound: dequantize once and let the BLAS GEMM run.
+GEMM_ROWS = 32
+
+
+class QuantizationError(ValueError):
+    """A format that a layer or kernel cannot hold (bits, group size, shape)."""
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes, scales and offsets of one weight matrix [out_features, in_features] (see module doc)."""
+
+    codes: torch.Tensor  # uint8 [N, K], values in [0, 2^bits)
+    scales: torch.Tensor  # fp32 [N, K // group_size]
+    offsets: torch.Tensor  # fp32 [N, K // group_size]
+    bits: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        n, k = self.codes.shape
+        if self.group_size <= 0 or k % self.group_size:
+            raise QuantizationError(f"group size {self.group_size} does not divide the input size {k}")
+        if not 1 <= self.bits <= 8:
+            raise QuantizationError(f"{self.bits}-bit codes are not supported (1..8)")
+        want = (n, k // self.group_size)
+        if tuple(self.scales.shape) != want or tuple(self.offsets.shape) != want:
+            raise QuantizationError(f"scales/offsets must be {want}, got {tuple(self.scales.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.codes.view(n, k // self.group_size, self.group_size).float()
+        return (g * self.scales.unsqueeze(-1) + self.offsets.unsqueeze(-1)).view(n, k)
+
+    def rows(self, index: torch.Tensor | slice) -> QuantizedTensor:
+        return QuantizedTensor(self.codes[index].contiguous(), self.scales[index].contiguous(),
+                               self.offsets[index].contiguous(), self.bits, self.group_size)
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Row-wise concatenation (fused q|k|v, gate|up); parts must share bits and group size."""
+        if len({(p.bits, p.group_size) for p in parts}) != 1:
+            raise QuantizationError("cannot fuse tensors with different bits or group sizes")
+        return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                               torch.cat([p.offsets for p in parts]), parts[0].bits, parts[0].group_size)
+
+    def storage_bytes(self) -> int:
+        """Bytes as the loom kernel stores it: packed codes (int4 for <= 4 bits) plus fp32 scales/offsets."""
+        n, k = self.codes.shape
+        code_bytes = n * k // 2 if self.bits <= 4 else n * k
+        return code_bytes + 2 * self.scales.numel() * 4
+
+    def bits_per_weight(self) -> float:
+        """Information bits per weight, counting one fp16 scale and one fp16 offset per group."""
+        return self.bits + 32 / self.group_size
+
+
+# Packing ---------------------------------------------------------------------------------------
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in 0..15 -> [N, K/2] bytes: in each chunk of 32, byte i = q[i] | q[i + 16] << 4."""
+    n, k = codes.shape
+    if k % 32:
+        raise QuantizationError(f"int4 packing needs the input size to be a multiple of 32, got {k}")
+    c = codes.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    b = packed.view(n, half // 16, 16)
+    return torch.stack((b & 0x0F, b >> 4), dim=2).reshape(n, 2 * half)
+
+
+def dequantize_kernel_weight(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
+                             group: int) -> torch.Tensor:
+    """The fp32 weight of the loom kernel's format (int4 pairs, or int8 codes shifted by -128)."""
+    n = q.shape[0]
+    if bits <= 4:
+        b = q.view(n, q.shape[1] // 16, 16)
+        codes = torch.stack((b & 15, b >> 4), dim=2).reshape(n, -1).float()
+    else:
+        codes = q.view(torch.int8).float()
+    k = codes.shape[1]
+    if offsets.numel() > 0:  # the same arithmetic as QuantizedTensor.dequantize: q s + o
+        return (codes.view(n, k // group, group) * scales.unsqueeze(-1) + offsets.unsqueeze(-1)).view(n, k)
+    return (codes.view(n, k // group, group) * scales.unsqueeze(-1)).view(n, k)
+
+
+# The one dispatch ------------------------------------------------------------------------------
+
+
+def apply_linear(x: torch.Tensor, kind: int, t: List[torch.Tensor], bits: int, group: int) -> torch.Tensor:
+    """y = x W^T for a weight held in format ``kind`` (tensors ``t``; ``bits`` is the codes' container,
+    4 or 8, for the loom and reference kinds); bias is the caller's.
+
+    (The kinds are spelled as literals: TorchScript, which compiles this into the decode step,
+    cannot read module-level constants.)
+    """
+    if kind == 0:  # DENSE
+        return linear(x, t[0])
+    if kind == 1:  # LOOM
+        offsets: Optional[torch.Tensor] = t[2] if t[2].numel() > 0 else None
+        if x.dim() == 2 and x.shape[0] > 32:  # GEMM_ROWS: compute-bound, let BLAS run on the dequantized W
+            return linear(x, torch.ops.loom.quant_dequantize(t[0], t[1], offsets, bits, group))
+        return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, bits, group)
+    if kind == 2:  # TORCH_INT4
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], group, t[1]).to(x.dtype)
+    if kind == 3:  # TORCH_INT8
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), t[0], t[1]).to(x.dtype)
+    if kind == 4:  # W8A8
+        return w8a8_matmul(x, t[0], t[1])
+    return linear(x, dequantize_kernel_weight(t[0], t[1], t[2], bits, group))  # REFERENCE
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: x ~ q * s with s = max|x_row| / 127."""
+    s = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / 127.0
+    return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s
+
+
+def w8a8_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(q_x s_x)(q_w s_w)^T computed as s_x s_w (q_x q_w^T), the integer product in int32 (torch._int_mm)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    qx, sx = quantize_activations(x2)
+    acc = torch._int_mm(qx, w_int8.t())
+    y = acc.float() * sx * w_scale.unsqueeze(0)
+    return y.to(x.dtype).reshape(list(shape[:-1]) + [w_int8.shape[0]])
+
+
+# Modules -----------------------------------------------------------------------------------------
+
+
+def _native_available() -> bool:
+    from loom.layers.fused import native_ops
+
+    return native_ops()
+
+
+def torch_backend_problem(qt: QuantizedTensor) -> str | None:
+    """Why torch's int4/int8 CPU kernels cannot run this format, or None if they can."""
+    n, k = qt.shape
+    if qt.bits <= 4:
+        if qt.group_size not in TORCH_INT4_GROUPS:
+            return f"torch's int4 kernel takes groups {TORCH_INT4_GROUPS}, not {qt.group_size}"
+        if n % 16:
+            return f"torch's int4 kernel needs out features divisible by 16, got {n}"
+        return None
+    if qt.bits == 8:
+        if qt.group_size != k:
+            return "torch's int8 kernel takes one scale per output channel (group size = in features)"
+        if not torch.equal(qt.offsets, -128.0 * qt.scales):
+            return "torch's int8 kernel takes symmetric weights (offset = -128 scale)"
+        return None
+    return f"torch has no {qt.bits}-bit kernel"
+
+
+def loom_backend_problem(qt: QuantizedTensor) -> str | None:
+    if qt.group_size % 32:
+        return f"loom's kernel needs groups that are multiples of 32, got {qt.group_size}"
+    if not _native_available():
+        return "the native kernels are not built (no compiler, or LOOM_NATIVE=0)"
+    return None
+
+
+def choose_backend(qt: QuantizedTensor, backend: str = "auto") -> str:
+    backend = os.environ.get("LOOM_QUANT_BACKEND", backend) if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise QuantizationError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "loom" if loom_backend_problem(qt) is None else "torch" if torch_backend_problem(qt) is None \
+            else "reference"
+    problem = {"loom": loom_backend_problem, "torch": torch_backend_problem}.get(backend, lambda _: None)(qt)
+    if problem:
+        raise QuantizationError(problem)
+    return backend
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W_hat^T + b for a weight-only quantized W (see module doc)."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.out_features, self.in_features = qt.shape
+        self.bits, self.group_size = qt.bits, qt.group_size
+        self.backend = choose_backend(qt, backend)
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        # Codes in the loom kernel's containers (int4 pairs, or int8 = code - 128); scales and offsets
+        # as given, so that ``quantized()`` returns exactly what was put in.
+        # Shapes that int4 pairs cannot hold (inputs not a multiple of 32) use the int8 container.
+        self.container_bits = 4 if qt.bits <= 4 and self.in_features % 32 == 0 else 8
+        if self.container_bits == 4:
+            q, kernel_offsets = pack_int4(qt.codes), qt.offsets.float()
+        else:  # the -128 shift of the codes moves into the kernel's offset
+            q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+            kernel_offsets = qt.offsets.float() + 128.0 * qt.scales.float()
+            if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
+                kernel_offsets = torch.empty(0)
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scales", qt.scales.float().contiguous())
+        self.register_buffer("offsets", qt.offsets.float().contiguous())
+        self.kind = LOOM if self.backend == "loom" else REFERENCE
+        self.kernel_tensors: list[torch.Tensor] = [self.qweight, self.scales, kernel_offsets.contiguous()]
+        if self.backend == "torch":
+            self.kind, self.kernel_tensors = self._torch_tensors(qt)
+
+    def _torch_tensors(self, qt: QuantizedTensor) -> tuple[int, list[torch.Tensor]]:
+        if qt.bits <= 4:
+            # torch: w = (q - 8) * scale + zero  =>  zero = offset + 8 scale.
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)
+            sz = torch.stack((qt.scales, qt.offsets + 8.0 * qt.scales), dim=-1).transpose(0, 1)
+            return TORCH_INT4, [packed, sz.to(torch.bfloat16).contiguous()]
+        w = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        return TORCH_INT8, [w, qt.scales[:, 0].to(torch.bfloat16).contiguous()]
+
+    def kernel_args(self) -> tuple[int, list[torch.Tensor], int, int]:
+        return self.kind, self.kernel_tensors, self.container_bits, self.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = apply_linear(x, self.kind, self.kernel_tensors, self.container_bits, self.group_size)
+        return y if self.bias is None else y + self.bias
+
+    def quantized(self) -> QuantizedTensor:
+        """The portable form back, exactly as it was given."""
+        codes = unpack_int4(self.qweight) if self.container_bits == 4 else \
+            (self.qweight.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        return QuantizedTensor(codes, self.scales.clone(), self.offsets.clone(), self.bits, self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantized().dequantize()
+
+    def weight_bytes(self) -> int:
+        """Bytes the kernel reads per use (for the bandwidth roof)."""
+        return sum(t.numel() * t.element_size() for t in self.kernel_tensors)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+                f"backend={self.backend}")
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (symmetric, per output channel) x int8 activations (symmetric, per token, dynamic)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(dim=1).float().clamp_min(1e-12) / 127.0
+        self.register_buffer("weight_int8", torch.round(weight.float() / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+
+    @classmethod
+    def from_int8(cls, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> W8A8Linear:
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.out_features, m.in_features = weight_int8.shape
+        m.register_buffer("weight_int8", weight_int8.contiguous())
+        m.register_buffer("weight_scale", weight_scale.float().contiguous())
+        m.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        return m
+
+    def kernel_args(self) -> tuple[int, list[torch.Tensor], int, int]:
+        return W8A8, [self.weight_int8, self.weight_scale], 8, self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = w8a8_matmul(x, self.weight_int8, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def weight_bytes(self) -> int:
+        return self.weight_int8.numel() + self.weight_scale.numel() * 4
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8a8"
+
+
+def dense_kernel_args(layer: nn.Module) -> tuple[int, list[torch.Tensor], int, int]:
+    """``kernel_args`` of any linear layer (dense ones included)."""
+    if isinstance(layer, Linear):
+        return DENSE, [layer.weight], 0, 0
+    return layer.kernel_args()  # type: ignore[operator]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (Linear, QuantizedLinear, W8A8Linear))
+
+
