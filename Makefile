@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench serve clean
+.PHONY: install run test bench peers serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,16 @@ $(CHROMIUM):
 test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
-bench: install
-	$(BIN)/loom bench latency --batch 1 --prompt-len 32 --gen-len 128 --peers hf --json
-	$(BIN)/loom bench throughput --num-prompts 64 --input-len 128 --output-len 128 --peers hf --json
+# Optional peers for the benchmarks: llama.cpp (compiles for ~10 minutes), torchao, optimum-quanto.
+peers: install
+	$(BIN)/pip install --quiet llama-cpp-python torchao optimum-quanto
+
+bench: install peers
+	$(BIN)/loom bench latency --weights native --batch 1 --prompt-len 32 --gen-len 128 --peers llamacpp,hf --json
+	$(BIN)/loom bench latency --weights fp32 --batch 1 --prompt-len 32 --gen-len 128 --peers hf --json
+	$(BIN)/loom bench throughput --weights fp32 --num-prompts 64 --input-len 128 --output-len 128 --peers hf --json
 	$(BIN)/loom bench serve --concurrency 16 --num-prompts 64 --input-len 128 --output-len 128 --json
+	$(BIN)/loom bench quantization --plot docs/quantization.png --out docs/quantization.json
 
 serve: install
 	$(BIN)/loom serve

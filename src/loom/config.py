@@ -217,8 +217,11 @@ class CacheConfig:
     memory_fraction: float = 0.1
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    kv_dtype: str = "auto"  # "auto": the model's dtype; "int8": keys per channel, values per token (kv_quant.py)
 
     def __post_init__(self) -> None:
+        if self.kv_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_dtype must be 'auto' or 'int8', got {self.kv_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if not 0 < self.memory_fraction <= 0.9:

@@ -269,3 +269,20 @@ def test_prompt_logprobs_survive_chunking_preemption_and_the_prefix_cache(tiny):
     small = make_engine(tiny, num_blocks=28, max_num_batched_tokens=8)
     assert run(small) == want and "p" in small.victims
     assert run(make_engine(tiny), warm=True) == want
+
+
+def test_int8_kv_cache_serves_batches_without_leaks(tiny):
+    """The engine over an int8 cache (small enough to preempt, n > 1): every request completes in full
+    and every block comes back. (Closeness to the fp cache is tested at the model level.)"""
+    model, tok = tiny
+    prompts = varied_prompts(12, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2 if i % 4 == 0 else 1)
+              for i in range(len(prompts))]
+    outs = {}
+    for kind in ("auto", "int8"):
+        engine = LLMEngine(model, tok, CacheConfig(block_size=4, num_blocks=40, kv_dtype=kind), SchedulerConfig())
+        assert engine.kv_cache.quantized == (kind == "int8")
+        outs[kind] = run_all(engine, prompts, params, check=True)
+        assert engine.block_manager.num_used_blocks == 0
+        assert all(len(toks) == 10 for out in outs[kind].values() for toks in out.values())
+        assert sum(len(out) for out in outs[kind].values()) == sum(p.n for p in params)

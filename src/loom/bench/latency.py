@@ -23,7 +23,7 @@ from loom.models.decode_graph import DecodeGraph
 from loom.outputs import Timings
 from loom.sampling_params import SamplingParams
 
-PEERS = ("hf", "eager")  # eager: loom itself without the scripted decode step
+PEERS = ("hf", "llamacpp", "eager")  # eager: loom itself without the scripted decode step
 
 
 def loom_runner(llm: LLM, graph: bool = True) -> Callable[[list[int], int], LatencySample]:
@@ -95,6 +95,12 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
         folder = llm.model_path if os.path.isdir(llm.model_path) else hf_reference_copy(llm.model_path)
         hf_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         runners["hf"] = HFGenerate(folder, hf_dtype).run
+    if "llamacpp" in peers:
+        from loom.bench.peers import LlamaCppGenerate
+
+        if not llm.model_path.endswith(".gguf"):
+            raise ValueError("the llamacpp peer runs GGUF files; --model must be one")
+        runners["llamacpp"] = LlamaCppGenerate(llm.model_path, torch.get_num_threads()).run
     bandwidth = measure_memory_bandwidth()
     samples: dict[str, list[LatencySample]] = {name: [] for name in runners}
     for run in runners.values():
@@ -102,21 +108,23 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     for _ in range(repeats):
         for name, run in runners.items():
             samples[name].append(run(prompt_ids, gen_len))
-    results = {name: {"dtype": dtype, **_summary(s, prompt_len, bytes_tok if name.startswith("loom") else hf_bytes,
-                                                bandwidth)} for name, s in samples.items()}
+    gguf_bytes = os.path.getsize(llm.model_path) if llm.model_path.endswith(".gguf") else 0
+    peer_bytes = {"hf": hf_bytes, "llamacpp": gguf_bytes + context * llm.config.kv_bytes_per_token(2)}
+    results = {name: {"dtype": None if name == "llamacpp" else dtype,
+                      **_summary(s, prompt_len, bytes_tok if name.startswith("loom") else peer_bytes[name], bandwidth)}
+               for name, s in samples.items()}
     for name in results:
         if name.startswith("loom"):
             results[name]["weights"] = _weights_label(llm)
     results["loom"]["load_s"] = llm.load_seconds
     results["loom"]["decode_path"] = "scripted graph" if DecodeGraph.supports(llm.model) else "modules"
-    speedup = None
-    if "hf" in results:
-        speedup = {"decode": results["loom"]["decode_tokens_per_s"] / results["hf"]["decode_tokens_per_s"],
-                   "prefill": results["hf"]["prefill_s"] / results["loom"]["prefill_s"]}
+    speedup = {peer: {"decode": results["loom"]["decode_tokens_per_s"] / results[peer]["decode_tokens_per_s"],
+                      "prefill": results[peer]["prefill_s"] / results["loom"]["prefill_s"]}
+               for peer in ("hf", "llamacpp") if peer in results} or None
     return {
         "benchmark": "latency", "model": llm.model_path, "batch": batch, "prompt_len": prompt_len,
         "gen_len": gen_len, "repeats": repeats, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "memory_bandwidth_GBps": bandwidth / 1e9, "results": results, "speedup_vs_hf": speedup,
+        "memory_bandwidth_GBps": bandwidth / 1e9, "results": results, "speedup": speedup,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -73,3 +73,38 @@ class HFGenerate:
             self.model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
             total = time.perf_counter() - t
         return LatencySample(prefill, (gen_len - 1) / max(total - prefill, 1e-9))
+
+
+class LlamaCppGenerate:
+    """llama.cpp (through llama-cpp-python, an optional peer) on the same GGUF: greedy, exactly gen_len tokens.
+
+    ``use_extra_bufts=False`` keeps llama.cpp off its AMX / repacked-buffer path, which crashed on
+    the project's machines; everything else is llama.cpp's default CPU path with ``threads`` threads.
+    """
+
+    def __init__(self, gguf_path: str, threads: int, n_ctx: int = 2048) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise RuntimeError("the llamacpp peer needs llama-cpp-python: `make peers` "
+                               "(pip install llama-cpp-python; it compiles llama.cpp, ~10 minutes)") from e
+        kwargs = dict(model_path=gguf_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                      logits_all=False)
+        try:
+            self.llm = Llama(**kwargs, use_extra_bufts=False)
+        except TypeError:  # older bindings without the option
+            self.llm = Llama(**kwargs)
+
+    def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
+        self.llm.reset()
+        t = time.perf_counter()
+        count, first = 0, 0.0
+        for _ in self.llm.generate(list(prompt_ids), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                   reset=True):
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - t  # prefill + the first sampled token
+            if count == gen_len:
+                break
+        total = time.perf_counter() - t
+        return LatencySample(first, (gen_len - 1) / max(total - first, 1e-9))

@@ -27,7 +27,8 @@ from loom.compress.quantize.methods import QuantizeRecipe, quantize
 from loom.compress.quantize.rtn import QuantConfig
 from loom.default_model import default_model_path
 from loom.eval.corpora import corpus_path, read_corpus
-from loom.eval.perplexity import perplexity
+from loom.config import CacheConfig
+from loom.eval.perplexity import engine_perplexity, perplexity
 from loom.llm import LLM
 from loom.weights.loader import load_model
 from loom.weights.quantized_checkpoint import save_checkpoint
@@ -43,7 +44,7 @@ class Setting:
     alpha: float = 0.5
 
     def nominal_bits(self, in_features: int) -> float:
-        if self.method == "fp32":
+        if self.method in ("fp32", "kv-int8"):
             return 32.0
         if self.method in ("w8a8", "smoothquant"):
             return 8.0 + 16.0 / in_features  # one fp16 scale per output channel
@@ -60,6 +61,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("W8A8 naive", "w8a8", 8), Setting("W8A8 SmoothQuant a=0.5", "smoothquant", 8, alpha=0.5),
     Setting("W8A8 SmoothQuant a=0.85", "smoothquant", 8, alpha=0.85),
     Setting("GGUF Q4_1 native (Q8_0 output)", "native", 4, 32),
+    Setting("KV int8 (fp32 weights)", "kv-int8"),
 )
 
 
@@ -74,7 +76,9 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
                            max_tokens: int | None = 20480, calib: str = "hamlet", samples: int = 32,
                            seq_len: int = 512, only: Sequence[str] = (), out_dir: str | None = None,
                            prompt_len: int = 32, gen_len: int = 64, repeats: int = 2,
-                           progress: bool = True) -> dict[str, Any]:
+                           progress: bool = True, merge: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every setting of ``SETTINGS`` (or those named in ``only``); ``merge``: an earlier result whose rows
+    are kept unless run again here (to add or redo settings without rerunning all)."""
     path = model or default_model_path()
     out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), "quantized")
     base = LLM(path, weights="fp32")
@@ -93,6 +97,8 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
             llm = base
         elif s.method == "native":
             llm = LLM(path, weights="native")
+        elif s.method == "kv-int8":
+            llm = LLM(path, weights="fp32", cache=CacheConfig(kv_dtype="int8"))
         else:
             m = load_model(path, weights="fp32").model
             recipe = QuantizeRecipe(method=s.method, quant=QuantConfig(s.bits, s.group, s.symmetric),
@@ -104,7 +110,10 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
             del m
             llm = LLM(folder)
         quantize_s = time.perf_counter() - t0
-        ppl = perplexity(llm.model, eval_ids, window, max_tokens=max_tokens, progress=progress)
+        if s.method == "kv-int8":  # the cache's format matters only when attention reads the cache
+            ppl = engine_perplexity(llm, eval_ids, window, max_tokens=max_tokens, progress=progress)
+        else:
+            ppl = perplexity(llm.model, eval_ids, window, max_tokens=max_tokens, progress=progress)
         tps = _decode_tokens_per_s(llm, prompt_len, gen_len, repeats)
         rows.append({"name": s.name, "method": s.method, "bits": s.bits, "group_size": s.group,
                      "nominal_bits_per_weight": round(s.nominal_bits(hidden), 3),
@@ -114,6 +123,11 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
             print(json.dumps(rows[-1]), flush=True)
         if llm is not base:
             del llm
+    if merge is not None:
+        done = {r["name"] for r in rows}
+        order = [s.name for s in SETTINGS]
+        rows = sorted([r for r in merge["results"] if r["name"] not in done] + rows,
+                      key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
     for r in rows:
         r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
@@ -130,7 +144,8 @@ def plot_quantization(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"fp32": "*", "rtn": "o", "awq": "s", "gptq": "^", "w8a8": "x", "smoothquant": "D", "native": "P"}
+    markers = {"fp32": "*", "rtn": "o", "awq": "s", "gptq": "^", "w8a8": "x", "smoothquant": "D", "native": "P",
+               "kv-int8": "v"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, marker in markers.items():
         pts = [r for r in result["results"] if r["method"] == method]

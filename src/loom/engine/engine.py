@@ -64,6 +64,8 @@ class LLMEngine:
         self.cache_config = cache or CacheConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
         self.kv_cache = KVCache.from_config(model.config, self.cache_config, model.dtype)
+        if self.kv_cache.quantized:
+            self.kv_cache.calibrate_key_scales(model, kv_calibration_ids(tokenizer))
         bs = self.cache_config.block_size
         self.block_manager = BlockManager(self.kv_cache.num_blocks, bs, self.cache_config.enable_prefix_caching)
         self.max_model_len = min(self.scheduler_config.max_model_len or model.config.max_position_embeddings,
@@ -87,7 +89,7 @@ class LLMEngine:
     def describe(self) -> str:
         kv = self.kv_cache
         return (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
-                f"{kv.nbytes / 2**30:.2f} GiB ({str(kv.dtype).replace('torch.', '')}); "
+                f"{kv.nbytes / 2**30:.2f} GiB ({'int8' if kv.quantized else str(kv.dtype).replace('torch.', '')}); "
                 f"max model len {self.max_model_len}")
 
     # Requests ---------------------------------------------------------------------------------
@@ -276,3 +278,15 @@ class LLMEngine:
 
     def live_sequences(self) -> list[Sequence]:
         return [s for r in self.requests.values() for s in r.seqs if not s.is_finished]
+
+
+KV_CALIBRATION_TOKENS = 1024
+
+
+def kv_calibration_ids(tokenizer: Tokenizer) -> list[int]:
+    """Tokens whose keys fix an int8 KV cache's per-channel key scales: the start of the calibration
+    corpus (never the evaluation text)."""
+    from loom.eval.corpora import CALIBRATION_CORPUS, corpus_path, read_corpus
+
+    text = read_corpus(corpus_path(CALIBRATION_CORPUS))
+    return tokenizer.encode(text[: 8 * KV_CALIBRATION_TOKENS])[:KV_CALIBRATION_TOKENS]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from loom.config import CacheConfig, ModelConfig
+from loom.layers.kv_quant import Int8LayerKV, key_scales_from_cache
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -31,18 +32,24 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, kv_dtype: str = "auto") -> None:
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self.k = _zeros(shape, dtype)
-        self.v = _zeros(shape, dtype)
+        self.quantized = kv_dtype == "int8"
+        store = torch.int8 if self.quantized else dtype
+        self.k = _zeros(shape, store)
+        self.v = _zeros(shape, store)
+        if self.quantized:  # see layers/kv_quant.py; key scales are set by calibrate_key_scales
+            self.k_scale = torch.ones(config.num_layers, config.num_kv_heads, config.head_dim)
+            self.v_scale = _zeros(shape[:-1], torch.float32)
+            self.v_zero = _zeros(shape[:-1], torch.float32)
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, cache_config: CacheConfig,
                     dtype: torch.dtype = torch.float32) -> KVCache:
         """As many blocks as the budget allows: ``num_blocks``, else ``memory_bytes``, else a fraction
         of the memory available now."""
-        per_block = cls.bytes_per_block(model_config, cache_config.block_size, dtype)
+        per_block = cls.bytes_per_block(model_config, cache_config.block_size, dtype, cache_config.kv_dtype)
         if cache_config.num_blocks is not None:
             n = cache_config.num_blocks
         else:
@@ -50,9 +57,12 @@ class KVCache:
             n = budget // per_block
         if n < 1:
             raise ValueError(f"the KV cache budget holds no block (one block is {per_block} bytes)")
-        return cls(model_config, n, cache_config.block_size, dtype)
+        return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype)
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.quantized:
+            return [Int8LayerKV(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i], self.v_zero[i])
+                    for i in range(self.k.shape[0])]
         return [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -62,6 +72,9 @@ class KVCache:
             dst = torch.tensor([d for _, d in copies], dtype=torch.long)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
+            if self.quantized:
+                self.v_scale[:, dst] = self.v_scale[:, src]
+                self.v_zero[:, dst] = self.v_zero[:, src]
 
     @property
     def num_tokens(self) -> int:
@@ -69,8 +82,23 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        extra = self.v_scale.nbytes + self.v_zero.nbytes + self.k_scale.nbytes if self.quantized else 0
+        return self.k.nbytes + self.v.nbytes + extra
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32) -> int:
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32,
+                        kv_dtype: str = "auto") -> int:
+        if kv_dtype == "int8":  # int8 codes + a fp32 scale and zero per (token, head) for the values
+            return int((config.kv_bytes_per_token(1) + config.num_layers * config.num_kv_heads * 8) * block_size)
         return int(config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size)
+
+    @torch.inference_mode()
+    def calibrate_key_scales(self, model: torch.nn.Module, token_ids: list[int]) -> None:
+        """Fix the int8 keys' per-channel scales from the keys ``model`` computes on ``token_ids``."""
+        from loom.layers.attention import AttentionMetadata
+
+        n = len(token_ids)
+        fp = KVCache(model.config, 1, n, torch.float32)  # type: ignore[attr-defined]
+        meta = AttentionMetadata(torch.arange(n), [0, n], [n], torch.arange(n), torch.zeros(1, 1, dtype=torch.long))
+        model(torch.tensor(token_ids), meta, fp.layers())
+        self.k_scale.copy_(key_scales_from_cache(fp.k, n))

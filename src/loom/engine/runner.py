@@ -27,7 +27,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.layers = kv_cache.layers()
         self.block_size = kv_cache.block_size
-        self.graph = DecodeGraph(model, kv_cache.k, kv_cache.v) if DecodeGraph.supports(model) else None
+        # The scripted step reads fp caches; an int8 cache decodes through the modules (kv_quant.py).
+        use = DecodeGraph.supports(model) and not kv_cache.quantized
+        self.graph = DecodeGraph(model, kv_cache.k, kv_cache.v) if use else None
         self.use_graph = use_graph  # decode-only steps run the scripted step (see decode_graph.py)
 
     @torch.inference_mode()

@@ -124,6 +124,33 @@ def perplexity(model: Transformer, token_ids: Sequence[int] | torch.Tensor, wind
                             protocol=protocol, window_nll=sums)
 
 
+def engine_perplexity(llm: Any, token_ids: Sequence[int], window: int, max_tokens: int | None = None,
+                      progress: bool = True) -> PerplexityResult:
+    """The GPTQ protocol run through the serving engine (``LLM``): each window is a prompt whose
+    prompt logprobs are the scores. Everything the engine does on the way (the paged KV cache and
+    its storage format, e.g. int8) is part of what is measured; with an fp cache it equals
+    ``perplexity``."""
+    from loom.sampling_params import SamplingParams
+
+    ids = list(token_ids)[: max_tokens or None]
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens make no window of {window}")
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    sums: list[float] = []
+    t0 = time.perf_counter()
+    for s in tqdm(range(0, n * window, window), desc=f"ppl via engine (L={window})", unit="window",
+                  disable=not progress):
+        chunk = ids[s:s + window]
+        llm.engine.block_manager.reset_prefix_cache()
+        out = llm.generate([chunk], params)[0]
+        sums.append(-math.fsum(entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], chunk[1:])))
+    nll, scored = math.fsum(sums), n * (window - 1)
+    return PerplexityResult(perplexity=math.exp(nll / scored), nll_sum=nll, tokens_scored=scored, windows=n,
+                            window=window, tokens_used=n * window, tokens_total=len(list(token_ids)),
+                            seconds=time.perf_counter() - t0, protocol="gptq", window_nll=sums)
+
+
 def load_for_eval(model_path: str | None = None, dtype: str | None = None, weights: str | None = None):
     """(LoadedModel, Tokenizer) built the way ``LLM`` builds them, without a serving engine or KV cache.
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, write_kv
+from loom.layers.kv_quant import Int8LayerKV
 from loom.layers.linear import Linear
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
 
@@ -127,7 +128,9 @@ class Attention(nn.Module):
             q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]
         v = qkv[:, hq + hkv:]
         cache = kv_cache if meta.cached else None
-        if cache is not None:
+        if isinstance(cache, Int8LayerKV):
+            cache.write(*_kept(k, v, meta.writes))
+        elif cache is not None:
             write_kv(cache[0], cache[1], k, v, meta.writes)
         if meta.num_seqs == 1:
             return self.o_proj(self._attend_one(0, q, k, v, meta, cache).reshape(t, self.q_size))
@@ -137,7 +140,10 @@ class Attention(nn.Module):
         if decodes is not None:  # all one-token sequences in one call
             batched, rows, tables, lens = decodes
             q_rows = q if len(batched) == t else q.index_select(0, rows)
-            o = paged_decode_attention(q_rows, cache[0], cache[1], tables, lens, self.scale, self.window or 0)
+            if isinstance(cache, Int8LayerKV):
+                o = cache.decode_attention(q_rows, tables, lens, self.scale, self.window or 0)
+            else:
+                o = paged_decode_attention(q_rows, cache[0], cache[1], tables, lens, self.scale, self.window or 0)
             out.index_copy_(0, rows, o)
         for i in sorted(set(range(meta.num_seqs)) - set(batched)):
             out[meta.query_start[i]:meta.query_start[i + 1]] = self._attend_one(i, q, k, v, meta, cache)
@@ -150,7 +156,10 @@ class Attention(nn.Module):
         length = meta.context_lens[i]
         if cache is not None:
             table = meta.tables[i]
-            ki, vi = gather_kv(cache[0], table, length), gather_kv(cache[1], table, length)
+            if isinstance(cache, Int8LayerKV):
+                ki, vi = cache.gather(table, length)
+            else:
+                ki, vi = gather_kv(cache[0], table, length), gather_kv(cache[1], table, length)
         else:
             ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         bias = None
@@ -158,3 +167,12 @@ class Attention(nn.Module):
             bias = alibi_bias(self.alibi, meta.positions[s:e], torch.arange(length, device=q.device))
         return self.kernel(q[s:e].transpose(0, 1), ki, vi, scale=self.scale, window=self.window,
                            bias=bias).transpose(0, 1)
+
+
+def _kept(k: torch.Tensor, v: torch.Tensor, writes: SlotWrites) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k, v, flat slots) of the tokens a step writes, padding dropped."""
+    if writes.slots is None:
+        return k, v, torch.arange(writes.start, writes.end)
+    if writes.keep is not None:
+        k, v = k[writes.keep], v[writes.keep]
+    return k, v, writes.slots

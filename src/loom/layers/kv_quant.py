@@ -1,0 +1,88 @@
+"""int8 KV cache (KIVI's split, arXiv 2402.02750): keys per channel, values per token.
+
+Keys have a few channels with large magnitudes that persist across tokens (and RoPE's slow
+frequencies barely rotate them), so each (layer, KV head, channel) gets its own scale; loom fixes
+those scales once, from calibration text, as the maximum |k| seen there (with a 10% margin, values
+beyond it are clipped): k ~ round(k / s_c) s_c, codes in [-127, 127]. Values have no such structure
+across channels but vary from token to token, so each (token, KV head) gets an asymmetric grid
+computed when the token is written: v ~ q s_t + z_t, codes in [-128, 127].
+
+``Int8LayerKV`` is one layer's cache; it writes (quantizing), gathers (dequantizing) and runs
+decode attention over the paged blocks. Attention over int8 keys needs no dequantized copy of K:
+q . (k_q * s) = (q * s) . k_q, and for values sum_t p_t (q_t s_t + z_t) = sum_t (p_t s_t) q_t + sum_t p_t z_t;
+this PyTorch version dequantizes the gathered blocks, which is the definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY_MARGIN = 1.1
+
+
+class Int8LayerKV(tuple):
+    """(k, v) int8 [num_blocks, block_size, Hkv, D] with their scales; indexes like the fp (k, v) pair."""
+
+    def __new__(cls, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                v_zero: torch.Tensor) -> Int8LayerKV:
+        obj = super().__new__(cls, (k, v))
+        obj.k_scale = k_scale  # [Hkv, D]
+        obj.v_scale = v_scale  # [num_blocks, block_size, Hkv]
+        obj.v_zero = v_zero
+        return obj
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize and store tokens [T, Hkv, D] at flat slots [T]."""
+        kc, vc = self[0], self[1]
+        flat_k = kc.view(-1, kc.shape[2], kc.shape[3])
+        flat_v = vc.view(-1, vc.shape[2], vc.shape[3])
+        flat_k.index_copy_(0, slots, quantize_keys(k, self.k_scale))
+        codes, scale, zero = quantize_values(v)
+        flat_v.index_copy_(0, slots, codes)
+        self.v_scale.view(-1, vc.shape[2]).index_copy_(0, slots, scale)
+        self.v_zero.view(-1, vc.shape[2]).index_copy_(0, slots, zero)
+
+    def gather(self, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` tokens of a sequence, dequantized, head-major [Hkv, length, D]."""
+        idx = torch.tensor(blocks[: -(-length // self[0].shape[1])], dtype=torch.long)
+        k, v = self.dequantize(idx)
+        hkv, d = k.shape[-2], k.shape[-1]
+        return (k.reshape(-1, hkv, d)[:length].transpose(0, 1), v.reshape(-1, hkv, d)[:length].transpose(0, 1))
+
+    def dequantize(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 K and V of whole blocks [n, block_size, Hkv, D]."""
+        k = self[0].index_select(0, blocks).float() * self.k_scale
+        v = (self[1].index_select(0, blocks).float() * self.v_scale.index_select(0, blocks).unsqueeze(-1)
+             + self.v_zero.index_select(0, blocks).unsqueeze(-1))
+        return k, v
+
+    def decode_attention(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         scale: float, window: int) -> torch.Tensor:
+        """One query per sequence over its blocks, dequantized (``paged_decode_attention_torch`` on them)."""
+        from loom.layers.kernels import paged_decode_attention_torch
+
+        k, v = self.dequantize(block_tables.reshape(-1))  # the sequences' blocks, in table order
+        local = torch.arange(block_tables.numel()).view(block_tables.shape)
+        return paged_decode_attention_torch(q, k, v, local, context_lens, scale, window)
+
+
+def quantize_keys(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of keys [T, Hkv, D] on the fixed per-channel grid ``k_scale`` [Hkv, D] (clipped)."""
+    return torch.round(k.float() / k_scale).clamp(-127, 127).to(torch.int8)
+
+
+def quantize_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (token, head) asymmetric int8: codes [T, Hkv, D], scale and zero [T, Hkv]."""
+    v = v.float()
+    lo, hi = v.amin(dim=-1), v.amax(dim=-1)
+    scale = ((hi - lo) / 255.0).clamp_min(1e-8)
+    zero = lo + 128.0 * scale  # code -128 maps to lo
+    codes = torch.round((v - zero.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return codes, scale, zero
+
+
+def key_scales_from_cache(k: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per (layer, head, channel) key scale from an fp cache [L, 1, capacity, Hkv, D] holding ``tokens``
+    calibration tokens: margin * max |k| / 127."""
+    absmax = k[:, 0, :tokens].abs().amax(dim=1)  # [L, Hkv, D]
+    return (absmax * KEY_MARGIN / 127.0).clamp_min(1e-6)
