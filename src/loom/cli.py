@@ -315,7 +315,9 @@ def cmd_bench_quantization(args: argparse.Namespace) -> int:
             merge = json.load(f)
     result = run_quantization_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
                                     calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
-                                    progress=not args.json, merge=merge)
+                                    progress=not args.json, merge=merge,
+                                    peers=[p for p in args.peers.split(",") if p and p != "none"],
+                                    decode_only=args.decode_only)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -325,8 +327,12 @@ def cmd_bench_quantization(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         for r in result["results"]:
+            if "error" in r:
+                print(f"{r['name']:<34} failed: {r['error']}")
+                continue
+            mb = f"{r['weight_bytes_per_token'] / 1e6:7.1f}" if r["weight_bytes_per_token"] else "      -"
             print(f"{r['name']:<34} ppl {r['perplexity']:8.3f}  {r['nominal_bits_per_weight']:5.2f} bpw  "
-                  f"{r['weight_bytes_per_token'] / 1e6:7.1f} MB/token  {r['decode_tokens_per_s']:6.1f} tok/s")
+                  f"{mb} MB/token  {r['decode_tokens_per_s']:6.1f} tok/s")
     return 0
 
 
@@ -489,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--plot", default=None, help="write perplexity vs bits per weight to this PNG")
     bq.add_argument("--out", default=None, help="also write the JSON here")
     bq.add_argument("--merge", default=None, help="keep this earlier JSON's rows for settings not run now")
+    bq.add_argument("--decode-only", action="store_true",
+                    help="re-measure decode tok/s of an earlier run's checkpoints (give it with --merge)")
+    bq.add_argument("--peers", default="none", help="comma-separated: torchao, quanto (int8 / int4 weight-only "
+                    "on the HF model; `make peers` installs them)")
     bq.add_argument("--json", action="store_true")
     bq.set_defaults(func=cmd_bench_quantization)
     return parser

@@ -62,10 +62,20 @@ class HFGenerate:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.dtype = dtype
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> HFGenerate:
+        """Wrap an already-built (e.g. quantized by a peer library) HF model."""
+        obj = cls.__new__(cls)
+        obj.model, obj.dtype = model, next(model.parameters()).dtype
+        obj.grad_mode = torch.no_grad  # some peer libraries' tensors refuse inference mode
+        return obj
+
+    grad_mode = torch.inference_mode
+
     def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
         ids = torch.tensor([list(prompt_ids)])
         kwargs = dict(do_sample=False, pad_token_id=self.model.config.eos_token_id)
-        with torch.inference_mode():
+        with self.grad_mode():
             t = time.perf_counter()
             self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
             prefill = time.perf_counter() - t

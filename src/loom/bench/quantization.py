@@ -65,6 +65,77 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+PEER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "torchao": ("torchao int8 weight-only",),  # torchao 0.18's int4 weight-only has no CPU path here
+    "quanto": ("quanto int8 weight-only", "quanto int4 weight-only"),
+}
+
+
+def _peer_model(name: str, folder: str) -> torch.nn.Module:
+    """The HF fp32 model quantized by a peer library; the output head stays dense, as in loom's rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if name.startswith("torchao"):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    else:
+        from optimum.quanto import freeze, qint4, qint8, quantize as quanto_quantize
+
+        quanto_quantize(model, weights=qint8 if "int8" in name else qint4, exclude="lm_head")
+        freeze(model)
+    return model
+
+
+def _hf_perplexity(model: torch.nn.Module, token_ids: list[int], window: int, max_tokens: int | None,
+                   progress: bool) -> tuple[float, int]:
+    """The GPTQ protocol (as ``eval.perplexity``) on an HF model: (ppl, tokens scored)."""
+    import math
+
+    from tqdm import tqdm
+
+    ids = torch.tensor(token_ids[: max_tokens or None])
+    n = ids.numel() // window
+    nll = 0.0
+    with torch.no_grad():
+        for s in tqdm(range(0, n * window, window), desc="peer ppl", unit="window", disable=not progress):
+            w = ids[s:s + window]
+            logp = torch.log_softmax(model(w[None]).logits[0, :-1].float(), dim=-1)
+            nll -= float(logp.gather(-1, w[1:, None]).double().sum())
+    return math.exp(nll / (n * (window - 1))), n * (window - 1)
+
+
+def _peer_rows(peers: Sequence[str], path: str, eval_ids: list[int], window: int, max_tokens: int | None,
+               prompt_ids: list[int], gen_len: int, progress: bool) -> list[dict[str, Any]]:
+    from loom.bench.peers import HFGenerate, hf_reference_copy
+
+    folder = path if os.path.isdir(path) else hf_reference_copy(path)
+    rows = []
+    for peer in peers:
+        for name in PEER_SETTINGS[peer]:
+            t0 = time.perf_counter()
+            try:
+                model = _peer_model(name, folder)
+                setup = time.perf_counter() - t0
+                ppl, _ = _hf_perplexity(model, eval_ids, window, max_tokens, progress)
+                gen = HFGenerate.from_model(model)
+                gen.run(prompt_ids[:8], 4)
+                tps = max(gen.run(prompt_ids, gen_len).decode_tokens_per_s for _ in range(2))
+            except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
+                rows.append({"name": name, "method": f"peer:{peer}", "error": f"{type(e).__name__}: {e}"})
+                continue
+            rows.append({"name": name, "method": f"peer:{peer}", "bits": 8 if "int8" in name else 4,
+                         "group_size": None, "nominal_bits_per_weight": 8.0 if "int8" in name else 4.0,
+                         "perplexity": ppl, "weight_bytes_per_token": None, "decode_tokens_per_s": tps,
+                         "quantize_and_load_s": setup})
+            if progress:
+                print(json.dumps(rows[-1]), flush=True)
+            del model, gen
+    return rows
+
+
 def _decode_tokens_per_s(llm: LLM, prompt_len: int, gen_len: int, repeats: int) -> float:
     ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
     run = loom_runner(llm)
@@ -76,9 +147,14 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
                            max_tokens: int | None = 20480, calib: str = "hamlet", samples: int = 32,
                            seq_len: int = 512, only: Sequence[str] = (), out_dir: str | None = None,
                            prompt_len: int = 32, gen_len: int = 64, repeats: int = 2,
-                           progress: bool = True, merge: dict[str, Any] | None = None) -> dict[str, Any]:
+                           progress: bool = True, merge: dict[str, Any] | None = None,
+                           peers: Sequence[str] = (), decode_only: bool = False) -> dict[str, Any]:
     """Every setting of ``SETTINGS`` (or those named in ``only``); ``merge``: an earlier result whose rows
-    are kept unless run again here (to add or redo settings without rerunning all)."""
+    are kept unless run again here (to add or redo settings without rerunning all). ``decode_only``:
+    load the checkpoints an earlier run wrote and measure decode speed again (on a quiet machine),
+    keeping ``merge``'s perplexities."""
+    if decode_only and merge is None:
+        raise ValueError("--decode-only re-measures an earlier run: give it with --merge")
     path = model or default_model_path()
     out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), "quantized")
     base = LLM(path, weights="fp32")
@@ -90,6 +166,9 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
                                         CalibrationConfig(samples, seq_len, seed=0))
     hidden = base.config.hidden_size
     rows: list[dict[str, Any]] = []
+    unknown = set(peers) - set(PEER_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown peers {sorted(unknown)} (available: {', '.join(PEER_SETTINGS)})")
     settings = [s for s in SETTINGS if not only or s.method in only or s.name in only]
     for s in settings:
         t0 = time.perf_counter()
@@ -100,22 +179,30 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
         elif s.method == "kv-int8":
             llm = LLM(path, weights="fp32", cache=CacheConfig(kv_dtype="int8"))
         else:
-            m = load_model(path, weights="fp32").model
-            recipe = QuantizeRecipe(method=s.method, quant=QuantConfig(s.bits, s.group, s.symmetric),
-                                    gptq=GPTQConfig(), alpha=s.alpha)
-            quantize(m, recipe, None if s.method == "rtn" else calib_samples)
             folder = os.path.join(out_dir, s.name.replace(" ", "_").replace("(", "").replace(")", "")
                                   .replace(",", "").replace("=", ""))
-            save_checkpoint(m, folder, recipe.metadata(), tokenizer)
-            del m
+            if not decode_only:
+                m = load_model(path, weights="fp32").model
+                recipe = QuantizeRecipe(method=s.method, quant=QuantConfig(s.bits, s.group, s.symmetric),
+                                        gptq=GPTQConfig(), alpha=s.alpha)
+                quantize(m, recipe, None if s.method == "rtn" else calib_samples)
+                save_checkpoint(m, folder, recipe.metadata(), tokenizer)
+                del m
             llm = LLM(folder)
         quantize_s = time.perf_counter() - t0
+        if decode_only:
+            earlier = next(r for r in merge["results"] if r["name"] == s.name)  # type: ignore[index]
+            rows.append({**earlier, "decode_tokens_per_s": _decode_tokens_per_s(llm, prompt_len, gen_len, 3)})
+            if progress:
+                print(json.dumps(rows[-1]), flush=True)
+            continue
         if s.method == "kv-int8":  # the cache's format matters only when attention reads the cache
             ppl = engine_perplexity(llm, eval_ids, window, max_tokens=max_tokens, progress=progress)
         else:
             ppl = perplexity(llm.model, eval_ids, window, max_tokens=max_tokens, progress=progress)
         tps = _decode_tokens_per_s(llm, prompt_len, gen_len, repeats)
         rows.append({"name": s.name, "method": s.method, "bits": s.bits, "group_size": s.group,
+                     "tokens_scored": ppl.tokens_scored,
                      "nominal_bits_per_weight": round(s.nominal_bits(hidden), 3),
                      "perplexity": ppl.perplexity, "weight_bytes_per_token": weight_bytes_per_token(llm.model),
                      "decode_tokens_per_s": tps, "quantize_and_load_s": quantize_s})
@@ -123,6 +210,9 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
             print(json.dumps(rows[-1]), flush=True)
         if llm is not base:
             del llm
+    if peers and not decode_only:
+        rows += _peer_rows(peers, path, eval_ids, window, max_tokens, benchmark_prompt_ids(tokenizer, prompt_len),
+                           gen_len, progress)
     if merge is not None:
         done = {r["name"] for r in rows}
         order = [s.name for s in SETTINGS]
@@ -130,8 +220,10 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
                       key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
     for r in rows:
-        r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
-    return {"model": path, "corpus": eval_path, "window": window, "tokens_scored": ppl.tokens_scored,
+        if "perplexity" in r:
+            r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
+    scored = merge["tokens_scored"] if merge is not None else rows[0].get("tokens_scored")
+    return {"model": path, "corpus": eval_path, "window": window, "tokens_scored": scored,
             "calibration": {"text": calib_path, "samples": samples, "seq_len": seq_len},
             "threads": torch.get_num_threads(), "decode": {"prompt_len": prompt_len, "gen_len": gen_len},
             "results": rows}
@@ -145,17 +237,18 @@ def plot_quantization(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     markers = {"fp32": "*", "rtn": "o", "awq": "s", "gptq": "^", "w8a8": "x", "smoothquant": "D", "native": "P",
-               "kv-int8": "v"}
+               "kv-int8": "v", "peer:torchao": "1", "peer:quanto": "2"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, marker in markers.items():
-        pts = [r for r in result["results"] if r["method"] == method]
+        pts = [r for r in result["results"] if r["method"] == method and "perplexity" in r]
         if pts:
             ax.scatter([r["nominal_bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
                        s=60, label=method)
-    for r in result["results"]:
+    for r in (r for r in result["results"] if "perplexity" in r and r["nominal_bits_per_weight"] < 7):
         ax.annotate(r["name"], (r["nominal_bits_per_weight"], r["perplexity"]), fontsize=6,
                     xytext=(4, 2), textcoords="offset points")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + fp16 scale/zero per group)")
     ax.set_ylabel(f"perplexity ({os.path.basename(result['corpus'])}, L={result['window']})")
     ax.set_title("SmolLM2-135M: quality against size")
