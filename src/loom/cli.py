@@ -13,19 +13,18 @@ from loom.compress.cli import add_quantize_parser
 from loom.sampling_params import SamplingParams
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_source_args(p)
     p.add_argument("--weights", default=None, choices=["native", "fp32", "bf16"],
                    help="native: quantized weights run quantized (the default for quantized files); "
                         "fp32 / bf16: everything dense in that dtype")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="run dense in this dtype (same as --weights fp32/bf16)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-
-
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

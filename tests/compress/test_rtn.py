@@ -51,3 +51,17 @@ def test_int8_per_channel_is_nearly_lossless():
     w = torch.randn(64, 512)
     err = (fake_quantize(w, QuantConfig(8, 0, True)) - w).norm() / w.norm()
     assert err < 0.01
+
+
+def test_rtn_reaches_every_decoder_linear_including_ungated_mlps():
+    from loom.compress.quantize.methods import QuantizeRecipe, quantize
+    from loom.config import ModelConfig
+    from loom.layers.quantized import QuantizedLinear
+    from loom.models.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
+                      gated_mlp=False, activation="gelu", max_position_embeddings=32)
+    model = quantize(Transformer(cfg).init_random(0), QuantizeRecipe("rtn", QuantConfig(4, 32)))
+    for layer in model.layers:
+        for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert isinstance(m, QuantizedLinear)

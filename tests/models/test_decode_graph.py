@@ -113,11 +113,11 @@ def test_paged_batch_of_decodes_equals_each_sequence_alone():
 @pytest.mark.parametrize("bits,group,backend", [(4, 32, "loom"), (8, 32, "loom"), (3, 32, "reference"),
                                                 (4, 32, "torch")])
 def test_graph_runs_quantized_linears_like_the_module_path(bits, group, backend):
-    from loom.compress.quantize.apply import quantize_model
+    from loom.compress.quantize.methods import QuantizeRecipe, quantize
     from loom.compress.quantize.rtn import QuantConfig
 
     cfg = ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96, "num_kv_heads": 2})
-    model = quantize_model(Transformer(cfg).init_random(0, std=0.2), QuantConfig(bits, group), backend=backend)
+    model = quantize(Transformer(cfg).init_random(0, std=0.2), QuantizeRecipe("rtn", QuantConfig(bits, group), backend=backend))
     assert DecodeGraph.supports(model)
     ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     cache = KVCache(model.config, 1, 32)

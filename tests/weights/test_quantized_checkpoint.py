@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loom.compress.quantize.apply import quantize_model
+from loom.compress.quantize.methods import QuantizeRecipe, quantize
 from loom.compress.quantize.rtn import QuantConfig
 from loom.layers.quantized import QuantizedLinear, W8A8Linear
 from loom.weights.loader import load_model
@@ -28,7 +28,7 @@ def test_round_trip_is_exact(tmp_path, model_type, bits, group):
     src = str(tmp_path / "src")
     save_tiny_hf(src, model_type, hidden_size=64, intermediate_size=128, num_key_value_heads=2)
     model = load_model(src).model
-    quantize_model(model, QuantConfig(bits, group), backend="reference")
+    quantize(model, QuantizeRecipe("rtn", QuantConfig(bits, group), backend="reference"))
     out = str(tmp_path / "q")
     save_checkpoint(model, out, {"method": "rtn", "bits": bits, "group_size": group, "symmetric": False})
     with open(os.path.join(out, "config.json")) as f:

@@ -28,7 +28,7 @@ from loom.compress.quantize.rtn import QuantConfig
 from loom.default_model import default_model_path
 from loom.eval.corpora import corpus_path, read_corpus
 from loom.config import CacheConfig
-from loom.eval.perplexity import engine_perplexity, perplexity
+from loom.eval.perplexity import engine_perplexity, perplexity, window_nll
 from loom.llm import LLM
 from loom.weights.loader import load_model
 from loom.weights.quantized_checkpoint import save_checkpoint
@@ -89,21 +89,31 @@ def _peer_model(name: str, folder: str) -> torch.nn.Module:
     return model
 
 
+class _HFLogits:
+    """An HF causal LM seen through loom's ``logits(ids)`` interface, so ``window_nll`` scores it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids[None]).logits[0]
+
+
 def _hf_perplexity(model: torch.nn.Module, token_ids: list[int], window: int, max_tokens: int | None,
                    progress: bool) -> tuple[float, int]:
-    """The GPTQ protocol (as ``eval.perplexity``) on an HF model: (ppl, tokens scored)."""
+    """The GPTQ protocol (``eval.perplexity``'s windows and scores) on an HF model: (ppl, tokens scored).
+    Under no_grad rather than inference mode: some peer libraries' tensors refuse the latter."""
     import math
 
     from tqdm import tqdm
 
     ids = torch.tensor(token_ids[: max_tokens or None])
     n = ids.numel() // window
-    nll = 0.0
+    hf = _HFLogits(model)
     with torch.no_grad():
-        for s in tqdm(range(0, n * window, window), desc="peer ppl", unit="window", disable=not progress):
-            w = ids[s:s + window]
-            logp = torch.log_softmax(model(w[None]).logits[0, :-1].float(), dim=-1)
-            nll -= float(logp.gather(-1, w[1:, None]).double().sum())
+        nll = math.fsum(window_nll(hf, ids[s:s + window], ids[s + 1:s + window])  # type: ignore[arg-type]
+                        for s in tqdm(range(0, n * window, window), desc="peer ppl", unit="window",
+                                      disable=not progress))
     return math.exp(nll / (n * (window - 1))), n * (window - 1)
 
 

@@ -129,7 +129,7 @@ class Attention(nn.Module):
         v = qkv[:, hq + hkv:]
         cache = kv_cache if meta.cached else None
         if isinstance(cache, Int8LayerKV):
-            cache.write(*_kept(k, v, meta.writes))
+            cache.write(*meta.writes.kept(k, v), meta.writes.flat_slots)
         elif cache is not None:
             write_kv(cache[0], cache[1], k, v, meta.writes)
         if meta.num_seqs == 1:
@@ -168,11 +168,3 @@ class Attention(nn.Module):
         return self.kernel(q[s:e].transpose(0, 1), ki, vi, scale=self.scale, window=self.window,
                            bias=bias).transpose(0, 1)
 
-
-def _kept(k: torch.Tensor, v: torch.Tensor, writes: SlotWrites) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(k, v, flat slots) of the tokens a step writes, padding dropped."""
-    if writes.slots is None:
-        return k, v, torch.arange(writes.start, writes.end)
-    if writes.keep is not None:
-        k, v = k[writes.keep], v[writes.keep]
-    return k, v, writes.slots

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Literal
 
 import torch
@@ -227,6 +228,15 @@ class SlotWrites:
             keep = slot_mapping >= 0
             slot_mapping = slot_mapping[keep]
         return cls(slots=slot_mapping, keep=keep)
+
+    @cached_property
+    def flat_slots(self) -> torch.Tensor:
+        """The destination slots as one index tensor (for caches that quantize on the way in)."""
+        return torch.arange(self.start, self.end) if self.slots is None else self.slots
+
+    def kept(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of k and v that are written (padding dropped), in ``flat_slots`` order."""
+        return (k, v) if self.keep is None else (k[self.keep], v[self.keep])
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -37,8 +37,6 @@ from loom.layers.linear import Linear, linear
 DENSE, LOOM, TORCH_INT4, TORCH_INT8, W8A8, REFERENCE = 0, 1, 2, 3, 4, 5
 BACKENDS = ("auto", "loom", "torch", "reference")
 TORCH_INT4_GROUPS = (32, 64, 128, 256)
-# Above this many rows a matmul is compute-bound: dequantize once and let the BLAS GEMM run.
-GEMM_ROWS = 32
 
 
 class QuantizationError(ValueError):
@@ -85,16 +83,6 @@ class QuantizedTensor:
             raise QuantizationError("cannot fuse tensors with different bits or group sizes")
         return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                                torch.cat([p.offsets for p in parts]), parts[0].bits, parts[0].group_size)
-
-    def storage_bytes(self) -> int:
-        """Bytes as the loom kernel stores it: packed codes (int4 for <= 4 bits) plus fp32 scales/offsets."""
-        n, k = self.codes.shape
-        code_bytes = n * k // 2 if self.bits <= 4 else n * k
-        return code_bytes + 2 * self.scales.numel() * 4
-
-    def bits_per_weight(self) -> float:
-        """Information bits per weight, counting one fp16 scale and one fp16 offset per group."""
-        return self.bits + 32 / self.group_size
 
 
 # Packing ---------------------------------------------------------------------------------------
@@ -144,7 +132,7 @@ def apply_linear(x: torch.Tensor, kind: int, t: List[torch.Tensor], bits: int, g
         return linear(x, t[0])
     if kind == 1:  # LOOM
         offsets: Optional[torch.Tensor] = t[2] if t[2].numel() > 0 else None
-        if x.dim() == 2 and x.shape[0] > 32:  # GEMM_ROWS: compute-bound, let BLAS run on the dequantized W
+        if x.dim() == 2 and x.shape[0] > 32:  # compute-bound: dequantize once, let BLAS run the GEMM
             return linear(x, torch.ops.loom.quant_dequantize(t[0], t[1], offsets, bits, group))
         return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, bits, group)
     if kind == 2:  # TORCH_INT4
@@ -327,9 +315,3 @@ def dense_kernel_args(layer: nn.Module) -> tuple[int, list[torch.Tensor], int, i
     if isinstance(layer, Linear):
         return DENSE, [layer.weight], 0, 0
     return layer.kernel_args()  # type: ignore[operator]
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (Linear, QuantizedLinear, W8A8Linear))
-
-

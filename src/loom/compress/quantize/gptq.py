@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.compress.quantize.rtn import QuantConfig, grid, quantize_groups
+from loom.compress.quantize.rtn import QuantConfig, grid
 from loom.layers.quantized import QuantizedTensor
 
 
@@ -123,5 +123,3 @@ def layer_output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) ->
     ref = x @ w.t()
     return float((x @ w_hat.t() - ref).pow(2).sum() / ref.pow(2).sum())
 
-
-__all__ = ["GPTQConfig", "Hessian", "gptq_quantize", "layer_output_error", "quantize_groups"]

@@ -24,10 +24,20 @@ from loom.compress.quantize.gptq import GPTQConfig, Hessian, gptq_quantize
 from loom.compress.quantize.rtn import QuantConfig, rtn_quantize
 from loom.compress.quantize.smoothquant import smoothing_scales
 from loom.layers.linear import Linear
-from loom.layers.quantized import QuantizationError, QuantizedLinear, W8A8Linear
+from loom.layers.quantized import QuantizationError, QuantizedLinear, QuantizedTensor, W8A8Linear
 from loom.models.transformer import Transformer
 
 METHODS = ("rtn", "awq", "gptq", "smoothquant", "w8a8")
+# A decoder layer's linears in forward order (up_proj: ungated MLPs). Embeddings and the output
+# head are left alone, as in the GPTQ and AWQ papers.
+LAYER_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def layer_linears(model: Transformer, i: int) -> list[tuple[str, nn.Module]]:
+    """(name relative to the layer, module) of layer i's linears that the model has."""
+    block = model.layers[i]
+    names = dict(block.named_modules())
+    return [(name, names[name]) for name in LAYER_LINEARS if name in names]
 
 
 @dataclass
@@ -64,7 +74,7 @@ def _set(model: Transformer, i: int, name: str, module: nn.Module) -> None:
     model.replace_module(f"layers.{i}.{name}", module)
 
 
-def _weight_only(layer: Linear, qt, recipe: QuantizeRecipe) -> QuantizedLinear:
+def _weight_only(layer: Linear, qt: QuantizedTensor, recipe: QuantizeRecipe) -> QuantizedLinear:
     return QuantizedLinear(qt, None if layer.bias is None else layer.bias.detach(), recipe.backend)
 
 
@@ -73,10 +83,12 @@ def quantize(model: Transformer, recipe: QuantizeRecipe, calibration: torch.Tens
     """Quantize every decoder linear of ``model`` in place (embeddings and the output head stay dense)."""
     if recipe.method not in METHODS:
         raise QuantizationError(f"unknown method {recipe.method!r}; choose one of {METHODS}")
-    if recipe.method == "rtn":
-        from loom.compress.quantize.apply import quantize_model
-
-        return quantize_model(model, recipe.quant, recipe.backend)
+    if recipe.method == "rtn":  # no data: every linear on its own
+        for i in range(model.config.num_layers):
+            for name, layer in layer_linears(model, i):
+                if type(layer) is Linear:
+                    _set(model, i, name, _weight_only(layer, rtn_quantize(layer.weight.float(), recipe.quant), recipe))
+        return model
     if calibration is None:
         raise QuantizationError(f"{recipe.method} needs calibration samples")
     _check_shape(model)
@@ -126,8 +138,8 @@ def _awq_layer(model: Transformer, i: int, calib: LayerwiseCalibration, recipe: 
 
 def _gptq_layer(model: Transformer, i: int, calib: LayerwiseCalibration, recipe: QuantizeRecipe) -> None:
     # "true sequential": each linear sees inputs computed with the linears before it already quantized
-    for name in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-        layer = model.layers[i].get_submodule(name)
+    for name, _ in layer_linears(model, i):
+        layer = model.layers[i].get_submodule(name)  # the previous ones are quantized by now
         h = Hessian(layer.in_features)
         calib.run({layer: h.add})
         qt = gptq_quantize(layer.weight.float(), h.value(), recipe.quant, recipe.gptq)
@@ -148,6 +160,5 @@ def _smooth_layer(model: Transformer, i: int, calib: LayerwiseCalibration, recip
             s = smoothing_scales(maxes[layer], layer.weight, recipe.alpha)
             norm.weight.div_(s)
             layer.weight.mul_(s[None, :])
-    for name, layer in (("attn.qkv_proj", qkv), ("attn.o_proj", o), ("mlp.gate_up_proj", gate_up),
-                        ("mlp.down_proj", down)):
+    for name, layer in layer_linears(model, i):
         _set(model, i, name, W8A8Linear(layer.weight, None if layer.bias is None else layer.bias.detach()))
