@@ -258,7 +258,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             args.model, methods=[m for m in args.speculative.split(",") if m], num_tokens=args.num_speculative_tokens,
             draft_model=args.draft_model, draft_weights=args.draft_weights, weights=args.weights, dtype=args.dtype,
             gen_len=args.gen_len, repeats=args.repeats, temperature=args.temperature, window=args.spec_window,
-            sink_tokens=args.spec_sink_tokens)
+            sink_tokens=args.spec_sink_tokens, prompts=[p for p in args.spec_prompts.split(",") if p])
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--temperature", type=float, default=0.0, help="with --speculative: 0 = greedy")
     _add_speculative_args(lat, several=True)
+    lat.add_argument("--spec-prompts", default="copy,open,long", help="with --speculative: which prompts "
+                     "(copy: rewrite a passage; open: a story; long: summarize ~3,000 tokens of Hamlet)")
     lat.add_argument("--json", action="store_true")
     lat.set_defaults(func=cmd_bench_latency)
     tp = bsub.add_parser("throughput", help="many requests at once: loom's engine vs HF static batching")

@@ -1,5 +1,6 @@
 """`loom bench latency --speculative METHODS`: batch-1 decoding with speculation against plain
-decoding, from one run, on a copy-heavy prompt and an open-ended one.
+decoding, from one run, on a copy-heavy prompt, an open-ended one, and a long-context one (a scene of
+Hamlet, ~3,000 tokens, to summarize: where reading the KV cache is a large part of each step).
 
 Every engine shares the one loaded target model (each has its own KV cache); runs alternate
 between plain decoding and each method, keeping each one's best decode speed. Each generation is
@@ -29,7 +30,18 @@ from loom.sampling_params import SamplingParams
 PROMPTS = {
     "copy": "Rewrite the following passage, keeping its wording wherever you can:\n\n" + PASSAGE,
     "open": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "long": "{hamlet}\n\nSummarize what happens in the text above.",
 }
+LONG_CHARS = 11_000  # of the calibration corpus (Hamlet): ~3,000 tokens
+
+
+def prompt_text(name: str) -> str:
+    text = PROMPTS[name]
+    if "{hamlet}" in text:
+        from loom.eval.corpora import CALIBRATION_CORPUS, read_corpus
+
+        text = text.replace("{hamlet}", read_corpus(CALIBRATION_CORPUS)[:LONG_CHARS])
+    return text
 METHODS = ("ngram", "draft", "window")
 
 
@@ -61,13 +73,15 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
                             weights: str | None = None, dtype: str | None = None, gen_len: int = 128,
                             repeats: int = 3, temperature: float = 0.0, window: int = 64, sink_tokens: int = 4,
                             prompts: Sequence[str] = tuple(PROMPTS)) -> dict[str, Any]:
+    if set(prompts) - set(PROMPTS):
+        raise ValueError(f"unknown prompts {sorted(set(prompts) - set(PROMPTS))} (available: {', '.join(PROMPTS)})")
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise ValueError(f"--speculative takes one or more of {', '.join(METHODS)} (got {', '.join(methods)})")
     if gen_len < 2 or repeats < 1:
         raise ValueError("--gen-len must be at least 2 and --repeats at least 1")
     llm = LLM(model, weights=weights, dtype=dtype)
-    cache = CacheConfig(memory_bytes=256 << 20)
+    cache = CacheConfig(memory_bytes=512 << 20)
     engines = {"plain": LLMEngine(llm.model, llm.tokenizer, cache)}
     configs = {m: speculative_config(m, num_tokens, llm.model_path, draft_model, draft_weights, window, sink_tokens)
                for m in methods}
@@ -76,7 +90,7 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
     params = SamplingParams(temperature=temperature, max_tokens=gen_len, min_tokens=gen_len, seed=0)
     results: dict[str, Any] = {}
     for name in prompts:
-        ids = llm.encode_chat([{"role": "user", "content": PROMPTS[name]}])
+        ids = llm.encode_chat([{"role": "user", "content": prompt_text(name)}])
         for engine in engines.values():
             _decode(engine, ids, SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
             if engine.speculator is not None:
