@@ -168,6 +168,8 @@ class LLMEngine:
                 raise RuntimeError("nothing can be scheduled although requests wait (KV cache too small?)")
             return deltas
         self.steps += 1
+        start = time.perf_counter()
+        decode_only = all(item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)
         self.kv_cache.copy_blocks(sched.copies)
         reserved = [item.seq for item in sched.scheduled if item.num_draft]
         if reserved:
@@ -196,6 +198,9 @@ class LLMEngine:
             deltas += self._sample(out.sample_seqs, out.logits, now)
         for seq, logits in out.verify:
             deltas.append(self._verify(seq, logits, now))
+        if self.speculator is not None and decode_only:
+            self.speculator.stats.record_step(time.perf_counter() - start, sum(len(d.token_ids) for d in deltas),
+                                              bool(out.verify))
         return deltas
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, now: float) -> StreamDelta:

@@ -45,6 +45,9 @@ class Metrics:
                                    labels, registry=r)
         self.spec_expected = Gauge("loom_spec_decode_expected_tokens_per_pass",
                                    "(1 - a^(k+1)) / (1 - a) at the measured a", labels, registry=r)
+        self.spec_speedup = Gauge("loom_spec_decode_speedup",
+                                  "Decode tokens/s of steps verifying drafts / of steps without drafts", labels,
+                                  registry=r)
         self.model = model_name
 
     def request_finished(self, request: Request) -> None:
@@ -80,4 +83,6 @@ class Metrics:
             self.spec_acceptance.labels(label).set(spec.acceptance_rate)
             self.spec_per_pass.labels(label).set(spec.tokens_per_pass)
             self.spec_expected.labels(label).set(spec.expected_tokens_per_pass)
+            if spec.speedup is not None:
+                self.spec_speedup.labels(label).set(spec.speedup)
         return generate_latest(self.registry)

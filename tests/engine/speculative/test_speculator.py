@@ -286,12 +286,15 @@ def test_no_leaks_under_random_add_abort_step(models, ops, method):
 def test_stats_reach_the_metrics_endpoint(models):
     from loom.serve.metrics import Metrics
 
-    engine = make_engine(models, "ngram")
+    engine = make_engine(models, "draft")
     run_all(engine, [[1, 2, 3, 1, 2, 3, 1, 2]], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)])
     s = engine.stats().speculative
     text = Metrics(engine, "tiny").render().decode()
     assert f'loom_spec_decode_num_draft_tokens{{model_name="tiny"}} {float(s.draft_tokens)}' in text
     assert "loom_spec_decode_acceptance_rate" in text and "loom_spec_decode_expected_tokens_per_pass" in text
+    # the last token of a request is decoded without drafts (k = 0): both kinds of step were timed
+    assert s.plain_step_tokens > 0 and s.spec_step_tokens > s.passes > 0 and s.speedup > 0
+    assert f'loom_spec_decode_speedup{{model_name="tiny"}} {s.speedup}' in text
 
 
 def test_window_proposer_rejects_models_it_cannot_view(models):

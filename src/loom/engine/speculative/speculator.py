@@ -54,6 +54,29 @@ class SpeculativeStats:
     emitted_tokens: int = 0  # accepted drafts + the target's own token, per pass
     draft_seconds: float = 0.0  # time spent proposing
     passes_by_k: Counter = field(default_factory=Counter)  # passes per number of drafts
+    # Decode-only steps (no prefill in the batch), timed whole (drafting included), split by whether any
+    # sequence verified drafts; their tokens per second give the speedup over plain decoding as it
+    # happens (plain steps occur naturally: no n-gram match, or a request's last token).
+    spec_step_seconds: float = 0.0
+    spec_step_tokens: int = 0
+    plain_step_seconds: float = 0.0
+    plain_step_tokens: int = 0
+
+    def record_step(self, seconds: float, tokens: int, speculated: bool) -> None:
+        if speculated:
+            self.spec_step_seconds += seconds
+            self.spec_step_tokens += tokens
+        else:
+            self.plain_step_seconds += seconds
+            self.plain_step_tokens += tokens
+
+    @property
+    def speedup(self) -> float | None:
+        """Tokens/s of decode steps that verified drafts over tokens/s of those that did not (None until
+        both kinds occurred; meaningful when their batch sizes are alike, e.g. one request at a time)."""
+        if not (self.spec_step_seconds and self.plain_step_seconds and self.plain_step_tokens):
+            return None
+        return (self.spec_step_tokens / self.spec_step_seconds) / (self.plain_step_tokens / self.plain_step_seconds)
 
     @property
     def acceptance_rate(self) -> float:
@@ -85,7 +108,8 @@ class SpeculativeStats:
                 "draft_acceptance_rate": round(self.draft_acceptance_rate, 4),
                 "tokens_per_pass": round(self.tokens_per_pass, 4),
                 "expected_tokens_per_pass": round(self.expected_tokens_per_pass, 4),
-                "draft_seconds": round(self.draft_seconds, 4)}
+                "draft_seconds": round(self.draft_seconds, 4),
+                "speedup_in_engine": None if self.speedup is None else round(self.speedup, 4)}
 
 
 def load_draft_model(config: SpeculativeConfig) -> Transformer:
