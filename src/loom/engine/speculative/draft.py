@@ -84,10 +84,11 @@ class DraftModelProposer:
                                   self.shadows[seqs[i].seq_id].num_tokens - self.shadows[seqs[i].seq_id].num_computed)
                      for i in active]
             out = self.runner.execute(batch)
+            logits = out.logits.cpu()
             for row, i in enumerate(active):
                 shadow = self.shadows[seqs[i].seq_id]
                 shadow.num_computed += batch[row].num_tokens
-                token, q = choose_draft_token(out.logits[row], seqs[i], drafts[i].tokens, self.eos_token_ids)
+                token, q = choose_draft_token(logits[row], seqs[i], drafts[i].tokens, self.eos_token_ids)
                 drafts[i].tokens.append(token)
                 shadow.tokens.append(token)
                 if q is not None:

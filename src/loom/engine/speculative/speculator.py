@@ -163,6 +163,7 @@ class Speculator:
         """The target's logits at the last token and each draft [1 + k, V] -> (drafts accepted m, the
         m + 1 tokens to append). Clears the sequence's drafts."""
         draft = Draft(seq.draft, seq.draft_probs)
+        logits = logits.cpu()  # [k + 1, V]: the per-row sampling work and the request's generator are on the CPU
         choices = target_choices(logits, seq, draft.tokens, self.eos_token_ids)
         if seq.params.greedy:
             m, token = accept_greedy(choices.tolist(), draft.tokens)

@@ -64,7 +64,7 @@ class WindowProposer:
                 view, n = self.view(seq.block_table, p + 1)
                 tables.append(view)
                 lens.append(n)
-            logits = self.runner.decode(ids, positions, slots, tables, lens)
+            logits = self.runner.decode(ids, positions, slots, tables, lens).cpu()
             for row, i in enumerate(active):
                 token, q = choose_draft_token(logits[row], seqs[i], drafts[i].tokens, self.eos_token_ids)
                 drafts[i].tokens.append(token)
