@@ -44,7 +44,7 @@ class Int8LayerKV(tuple):
 
     def gather(self, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` tokens of a sequence, dequantized, head-major [Hkv, length, D]."""
-        idx = torch.tensor(blocks[: -(-length // self[0].shape[1])], dtype=torch.long)
+        idx = torch.tensor(blocks[: -(-length // self[0].shape[1])], dtype=torch.long, device=self[0].device)
         k, v = self.dequantize(idx)
         hkv, d = k.shape[-2], k.shape[-1]
         return (k.reshape(-1, hkv, d)[:length].transpose(0, 1), v.reshape(-1, hkv, d)[:length].transpose(0, 1))
@@ -62,7 +62,7 @@ class Int8LayerKV(tuple):
         from loom.layers.kernels import paged_decode_attention_torch
 
         k, v = self.dequantize(block_tables.reshape(-1))  # the sequences' blocks, in table order
-        local = torch.arange(block_tables.numel()).view(block_tables.shape)
+        local = torch.arange(block_tables.numel(), device=block_tables.device).view(block_tables.shape)
         return paged_decode_attention_torch(q, k, v, local, context_lens, scale, window)
 
 
