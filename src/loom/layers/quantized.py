@@ -168,18 +168,17 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s
 
 
-INT_MM_MIN_ROWS_CUDA = 17  # torch._int_mm on CUDA wants more than 16 rows (and K, N multiples of 8)
-
-
 def w8a8_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """(q_x s_x)(q_w s_w)^T computed as s_x s_w (q_x q_w^T), the integer product in int32 (torch._int_mm).
-    On CUDA fewer than 17 rows are padded with zero rows (their products are dropped)."""
+    On CUDA, where torch._int_mm wants more than 16 rows (and K, N multiples of 8), fewer rows are padded
+    to 17 with zero rows whose products are dropped. (17 is spelled out: TorchScript reads no module
+    constants.)"""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     qx, sx = quantize_activations(x2)
     m = qx.shape[0]
-    if qx.is_cuda and m < INT_MM_MIN_ROWS_CUDA:
-        pad = torch.zeros(INT_MM_MIN_ROWS_CUDA - m, qx.shape[1], dtype=qx.dtype, device=qx.device)
+    if qx.is_cuda and m < 17:
+        pad = torch.zeros(17 - m, qx.shape[1], dtype=qx.dtype, device=qx.device)
         acc = torch._int_mm(torch.cat([qx, pad]), w_int8.t())[:m]
     else:
         acc = torch._int_mm(qx, w_int8.t())
