@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 RESULTS: dict[str, Any] = {}
+OUT_FILE = ""
 
 
 def section(name: str) -> Callable[[Callable[[], Any]], Any]:
@@ -42,6 +43,9 @@ def section(name: str) -> Callable[[Callable[[], Any]], Any]:
             print(f"[{name}] FAILED: {e}", flush=True)
         print(f"[{name}] {time.perf_counter() - t:.1f} s", flush=True)
         free_gpu()
+        if OUT_FILE:  # after every section: a run cut short keeps what it measured
+            with open(OUT_FILE, "w") as f:
+                json.dump(RESULTS, f, indent=2)
         return RESULTS[name]
     return run
 
@@ -114,7 +118,7 @@ def parity(model_dir: str) -> dict[str, Any]:
 
 def kernels() -> dict[str, Any]:
     """Per-call time of each SmolLM2 linear at 1 and 64 rows: bf16 F.linear vs int4 _weight_int4pack_mm
-    (groups 32 and 128), timed as CUDA-graph replays of 20 calls (GPU time, no launch gaps) and eagerly."""
+    (groups 32 and 64), timed as CUDA-graph replays of 20 calls (GPU time, no launch gaps) and eagerly."""
     from loom.compress.quantize.rtn import QuantConfig, rtn_quantize
     from loom.layers.quantized import QuantizedLinear
 
@@ -124,7 +128,7 @@ def kernels() -> dict[str, Any]:
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda") * 0.02
         layers = {"bf16": lambda x, w16=w.to(torch.bfloat16): torch.nn.functional.linear(x, w16)}
-        for g in (32, 128):
+        for g in (32, 64):  # groups that divide every input size here (576 = 9 x 64)
             layers[f"int4 g{g}"] = QuantizedLinear(rtn_quantize(w, QuantConfig(4, g)))
         for m in (1, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -176,14 +180,98 @@ def decode_step(model_dir: str, weights: str) -> dict[str, Any]:
             "graph_call_ms": full_call * 1e3, "bytes_per_token": bytes_tok}
 
 
+def step_breakdown(model_dir: str, weights: str) -> dict[str, Any]:
+    """Where a throughput run's time goes: each engine step timed (GPU synchronized), and inside it the
+    runner (forward + CUDA-graph replay) apart from the rest (scheduling, sampling, detokenizing)."""
+    from loom.bench.throughput import random_prompts
+    from loom.config import CacheConfig, SchedulerConfig
+    from loom.device import synchronize
+    from loom.llm import LLM
+    from loom.sampling_params import SamplingParams
+
+    llm = LLM(model_dir, device="cuda", weights=weights, cache=CacheConfig(memory_bytes=4 << 30),
+              scheduler=SchedulerConfig(max_num_batched_tokens=8192))
+    engine, runner = llm.engine, llm.engine.runner
+    inner = runner.execute
+    spent: list[float] = []
+
+    def timed(scheduled):  # type: ignore[no-untyped-def]
+        synchronize("cuda")
+        t = time.perf_counter()
+        out = inner(scheduled)
+        synchronize("cuda")
+        spent.append(time.perf_counter() - t)
+        return out
+
+    runner.execute = timed
+    prompts = random_prompts(64, 128, llm.config.vocab_size, 0, avoid=(1, 2))
+    params = SamplingParams(temperature=0.0, max_tokens=128, min_tokens=128)
+    result: dict[str, Any] = {}
+    for run in ("warm-up", "timed"):
+        engine.block_manager.reset_prefix_cache()
+        spent.clear()
+        steps = []
+        for i, q in enumerate(prompts):
+            engine.add_request(f"{run}-{i}", q, params)
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            synchronize("cuda")
+            steps.append(time.perf_counter() - t)
+        result = {"steps": len(steps), "first_step_ms": steps[0] * 1e3, "first_step_runner_ms": spent[0] * 1e3,
+                  "decode_step_ms_median": sorted(steps[1:])[len(steps) // 2 - 1] * 1e3,
+                  "decode_runner_ms_median": sorted(spent[1:])[len(spent) // 2 - 1] * 1e3,
+                  "total_s": sum(steps), "runner_total_s": sum(spent)}
+    return result
+
+
+def compiled_graph(model_dir: str) -> dict[str, Any]:
+    """Experiment: CUDA graphs of torch.compile(decode_forward) against plain ones, one batch-1 step at
+    context 100 (bf16): compile time, logits agreement, kernels per step, replay time."""
+    from loom.config import CacheConfig
+    from loom.llm import LLM
+    from loom.models.cuda_graph import CudaGraphDecode
+
+    llm = LLM(model_dir, device="cuda", weights="bf16", cache=CacheConfig(memory_bytes=1 << 30))
+    kv = llm.engine.kv_cache
+    ctx = 100
+    inputs = [torch.tensor([7]), torch.tensor([ctx - 1]), torch.tensor([ctx - 1]),
+              torch.arange(8, dtype=torch.long)[None], torch.tensor([ctx])]
+    with torch.inference_mode():
+        plain = CudaGraphDecode(llm.model, kv.k, kv.v)
+        want = plain(*inputs)
+        t = time.perf_counter()
+        comp = CudaGraphDecode(llm.model, kv.k, kv.v, compile=True)
+        got = comp(*inputs)
+        compile_s = time.perf_counter() - t
+        rel = float((got - want).abs().max() / want.abs().max())
+        same_token = int(got.argmax()) == int(want.argmax())
+        replay = {name: cuda_time(next(iter(g.graphs.values())).graph.replay, repeats=50) * 1e3
+                  for name, g in (("plain", plain), ("compiled", comp))}
+        from torch.profiler import ProfilerActivity, profile
+
+        dev = [x.cuda() for x in inputs]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            comp.forward(llm.model, *dev, comp.k, comp.v)
+            torch.cuda.synchronize()
+        kernels_compiled = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"compile_s": compile_s, "logits_rel_vs_plain": rel, "same_argmax": same_token,
+            "replay_ms_plain": replay["plain"], "replay_ms_compiled": replay["compiled"],
+            "cuda_kernels_per_step_compiled": kernels_compiled}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=None, help="folder with SmolLM2's tokenizer.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "cuda-out"))
     ap.add_argument("--work", default="/tmp/loom-cuda")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--compile-experiment", action="store_true",
+                    help="only the torch.compile experiment (writes compile_experiment.json)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    global OUT_FILE
+    OUT_FILE = os.path.join(args.out, "compile_experiment.json" if args.compile_experiment else "cuda_check.json")
     from loom.bench.random_model import save_random_llama
 
     dense = os.path.join(args.work, "smollm2-135m-random")
@@ -193,6 +281,12 @@ def main() -> int:
         save_random_llama(dense, seed=0, tokenizer_dir=args.tokenizer)
     print(f"[model] {time.perf_counter() - t:.1f} s", flush=True)
     reps = "2" if args.quick else "5"
+    if args.compile_experiment:
+        section("compiled_graph")(lambda: compiled_graph(dense))
+        with open(os.path.join(args.out, "compile_experiment.json"), "w") as f:
+            json.dump(RESULTS, f, indent=2)
+        print(json.dumps({k: v for k, v in RESULTS["compiled_graph"].items() if k != "traceback"}, indent=1))
+        return 0
 
     section("ceilings")(ceilings)
     section("parity")(lambda: parity(dense))
@@ -214,6 +308,7 @@ def main() -> int:
                                                  "--peers", "hf", "--hf-batch", "64", *tp]))
     section("throughput_int4")(lambda: cli_json(["bench", "throughput", "--model", int4, "--weights", "native",
                                                  "--peers", "none", *tp]))
+    section("step_breakdown_bf16")(lambda: step_breakdown(dense, "bf16"))
     with open(os.path.join(args.out, "cuda_check.json"), "w") as f:
         json.dump(RESULTS, f, indent=2)
     print_table()
@@ -259,6 +354,11 @@ def print_table() -> None:
             print(f"{key:15s} {name:5s} {x['output_tokens_per_s']:8.0f} output tok/s  "
                   f"{x['total_tokens_per_s']:8.0f} total tok/s  ({x['elapsed_s']:.2f} s; runs "
                   f"{', '.join(f'{v:.0f}' for v in x['total_tokens_per_s_runs'])})")
+    b = r.get("step_breakdown_bf16", {})
+    if "error" not in b and b:
+        print(f"throughput bf16 steps: first (prefill) {b['first_step_ms']:.1f} ms (runner {b['first_step_runner_ms']:.1f}),"
+              f" decode median {b['decode_step_ms_median']:.2f} ms (runner {b['decode_runner_ms_median']:.2f}); "
+              f"total {b['total_s']:.2f} s, runner {b['runner_total_s']:.2f} s")
     for key, v in r.items():
         if isinstance(v, dict) and "error" in v:
             print(f"ERROR {key}: {v['error']}")

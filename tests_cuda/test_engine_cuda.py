@@ -71,26 +71,30 @@ def test_logprobs_are_log_softmax_of_the_models_logits(llm32):
 
 
 def test_preemption_and_parallel_sampling_on_a_small_cuda_cache(smol_dir, llm32):
-    """A cache of 40 blocks of 16 tokens forces preemptions; outputs equal the roomy engine's, every block
-    comes back."""
+    """24 blocks of 4 tokens for 10 short prompts growing by 32 tokens each force recompute preemptions;
+    outputs equal the roomy engine's, and every block comes back."""
     from loom import LLM
     from loom.config import CacheConfig
 
-    small = LLM(smol_dir, device="cuda", weights="fp32", cache=CacheConfig(num_blocks=40, block_size=16))
-    p = SamplingParams(temperature=0, max_tokens=20, min_tokens=20)
-    prompts = PROMPTS[:10]
+    small = LLM(smol_dir, device="cuda", weights="fp32", cache=CacheConfig(num_blocks=24, block_size=4))
+    p = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
+    prompts = [q[:12] for q in PROMPTS[:10]]
     got = [o.outputs[0].token_ids for o in small.generate(prompts, p)]
     assert small.engine.scheduler.num_preemptions > 0
     assert got == [o.outputs[0].token_ids for o in llm32.generate(prompts, p)]
     assert small.engine.block_manager.num_used_blocks == 0
-    n2 = small.generate([PROMPTS[0]], SamplingParams(temperature=0.7, seed=1, n=3, max_tokens=8, min_tokens=8))[0]
-    assert len(n2.outputs) == 3 and all(len(c.token_ids) == 8 for c in n2.outputs)
+    n3 = small.generate([PROMPTS[0]], SamplingParams(temperature=0.7, seed=1, n=3, max_tokens=8, min_tokens=8))[0]
+    assert len(n3.outputs) == 3 and all(len(c.token_ids) == 8 for c in n3.outputs)
 
 
-def test_int8_kv_cache_on_cuda_serves_a_batch(smol_dir):
+def test_int8_kv_cache_on_cuda_serves_a_batch(smol_dir, monkeypatch):
+    """The int8 cache's key scales are calibrated on the GPU (from these ids: the calibration corpus is a
+    separate package); the engine decodes through the modules and returns every block."""
+    import loom.engine.engine as engine_module
     from loom import LLM
     from loom.config import CacheConfig
 
+    monkeypatch.setattr(engine_module, "kv_calibration_ids", lambda tokenizer: PROMPTS[7][:200])
     llm = LLM(smol_dir, device="cuda", cache=CacheConfig(memory_bytes=1 << 30, kv_dtype="int8"))
     assert llm.engine.kv_cache.k.dtype == torch.int8 and llm.engine.kv_cache.k.is_cuda
     assert llm.engine.runner.graph is None  # the int8 cache decodes through the modules

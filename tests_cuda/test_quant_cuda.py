@@ -66,13 +66,18 @@ def test_int8_per_channel_on_cuda():
     assert _rel(y, x.to(torch.bfloat16).double() @ qt.dequantize().double().t()) < 2e-2
 
 
-def test_groupwise_int8_and_3bit_fall_back_to_the_reference_on_cuda():
-    for qt in (_random_qt(64, 256, 8, 32, seed=6), _random_qt(64, 256, 3, 64, seed=7)):
-        assert choose_backend(qt.to("cuda")) == "reference"
-        layer = QuantizedLinear(qt.to("cuda"))
-        x = torch.randn(3, 256)
-        y = layer(x.to("cuda"))  # fp32 activations: the reference is exact up to summation order
-        assert _rel(y, x.double() @ qt.dequantize().double().t()) < 1e-5
+def test_groupwise_int8_falls_back_to_the_reference_and_3bit_runs_on_the_int4_kernel():
+    qt = _random_qt(64, 256, 8, 32, seed=6)  # GGUF Q8_0's shape: one scale per 32, no torch kernel
+    assert choose_backend(qt.to("cuda")) == "reference"
+    layer = QuantizedLinear(qt.to("cuda"))
+    x = torch.randn(3, 256)
+    y = layer(x.to("cuda"))  # fp32 activations: the reference is exact up to summation order
+    assert _rel(y, x.double() @ qt.dequantize().double().t()) < 1e-5
+    qt3 = _random_qt(64, 256, 3, 64, seed=7)  # 3-bit codes fit the int4 container
+    layer3 = QuantizedLinear(qt3.to("cuda"))
+    assert layer3.backend == "torch"
+    y3 = layer3(x.to("cuda", torch.bfloat16))
+    assert _rel(y3, x.to(torch.bfloat16).double() @ qt3.dequantize().double().t()) < 2e-2
     with pytest.raises(ValueError, match="CPU"):
         QuantizedLinear(_random_qt(64, 256, 4, 32).to("cuda"), backend="loom")
 

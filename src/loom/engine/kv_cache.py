@@ -97,8 +97,9 @@ class KVCache:
         from loom.layers.attention import AttentionMetadata
 
         n, dev = len(token_ids), self.device
-        fp = KVCache(model.config, 1, n, torch.float32, device=dev)  # type: ignore[attr-defined]
+        # a cache in the model's own dtype (attention reads it with the model's queries)
+        fp = KVCache(model.config, 1, n, model.dtype, device=dev)  # type: ignore[attr-defined]
         meta = AttentionMetadata(torch.arange(n, device=dev), [0, n], [n], torch.arange(n, device=dev),
                                  torch.zeros(1, 1, dtype=torch.long, device=dev))
         model(torch.tensor(token_ids, device=dev), meta, fp.layers())
-        self.k_scale.copy_(key_scales_from_cache(fp.k, n))
+        self.k_scale.copy_(key_scales_from_cache(fp.k.float(), n))

@@ -162,11 +162,11 @@ class Attention(nn.Module):
         s, e = meta.query_start[i], meta.query_start[i + 1]
         length = meta.context_lens[i]
         if cache is not None:
-            table = meta.tables[i]
+            table, row = meta.tables[i], meta.block_tables[i]  # the list for views, the tensor for gathers
             if isinstance(cache, Int8LayerKV):
-                ki, vi = cache.gather(table, length)
+                ki, vi = cache.gather(table, length, row, q.dtype)
             else:
-                ki, vi = gather_kv(cache[0], table, length), gather_kv(cache[1], table, length)
+                ki, vi = gather_kv(cache[0], table, length, row), gather_kv(cache[1], table, length, row)
         else:
             ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         bias = None

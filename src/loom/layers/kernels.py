@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -258,17 +258,21 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     flat_v.index_copy_(0, writes.slots, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, blocks: list[int], length: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """The first ``length`` cached tokens of one sequence, as a head-major view [Hkv, length, D].
 
     ``blocks`` is the sequence's block table. A single block is a view into the cache (no copy);
-    otherwise the blocks are gathered.
+    otherwise the blocks are gathered, through ``index`` (the same table as a tensor on the cache's
+    device, e.g. a row of the batch's block tables: no host-to-device copy per layer) when given.
     """
     block_size = cache.shape[1]
     n = -(-length // block_size)
     if n == 1:
         return cache[blocks[0], :length].transpose(0, 1)
-    index = torch.tensor(blocks[:n], dtype=torch.long, device=cache.device)
+    if index is not None and index.device == cache.device:
+        index = index[:n]
+    else:
+        index = torch.tensor(blocks[:n], dtype=torch.long, device=cache.device)
     gathered = cache.index_select(0, index)  # [n, B, Hkv, D]
     return gathered.view(n * block_size, cache.shape[2], cache.shape[3])[:length].transpose(0, 1)
 
@@ -318,21 +322,31 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return paged_decode_attention_masked(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
+def decode_visibility(context_lens: torch.Tensor, length: int, window: int) -> torch.Tensor:
+    """Boolean [B, length]: key j of sequence i is visible to its one new query (j < context length, and
+    within the window when one is set)."""
+    j = torch.arange(length, device=context_lens.device).unsqueeze(0)
+    visible = j < context_lens.unsqueeze(1)
+    if window > 0:
+        visible = visible & (j >= context_lens.unsqueeze(1) - window)
+    return visible
+
+
 def paged_decode_attention_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                  window: int) -> torch.Tensor:
+                                  window: int, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``paged_decode_attention_torch``'s general case: every shape is fixed by the arguments' shapes and
-    nothing is read back to the host, so a CUDA graph can capture it (see models/cuda_graph.py)."""
+    nothing is read back to the host, so a CUDA graph can capture it (see models/cuda_graph.py).
+    ``visible``: ``decode_visibility`` of these lengths and window, when the caller computed it once for
+    all layers."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     flat = block_tables.reshape(-1)
     length = block_tables.shape[1] * block_size
     k = k_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
     v = v_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
-    j = torch.arange(length, device=q.device).unsqueeze(0)
-    visible = j < context_lens.unsqueeze(1)
-    if window > 0:
-        visible = visible & (j >= context_lens.unsqueeze(1) - window)
+    if visible is None:
+        visible = decode_visibility(context_lens, length, window)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale,
                                          enable_gqa=hq != hkv)
     return out.squeeze(2)

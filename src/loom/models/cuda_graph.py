@@ -14,6 +14,9 @@ table of fixed width with the positions past each context masked. One graph is c
 (batch size, table width rounded up to a power of two) the first time it is needed; all graphs
 share one memory pool. Inputs travel as one packed int64 tensor copied into the graph's static
 buffer before each replay. Tests hold the replayed logits equal to the module path's.
+
+``compile=True`` (an experiment, off by default) records ``torch.compile(decode_forward)`` instead:
+Inductor fuses the elementwise ops into fewer kernels, at the price of a compile per graph shape.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.layers.kernels import paged_decode_attention_masked
+from loom.layers.kernels import decode_visibility, paged_decode_attention_masked
 from loom.models.transformer import Transformer
 
 
@@ -37,6 +40,8 @@ def decode_forward(model: Transformer, tokens: torch.Tensor, positions: torch.Te
     b = tokens.shape[0]
     h = model.embed(tokens, positions)
     rope = model.rotary.lookup(positions, h.dtype) if model.rotary is not None else None
+    length = block_tables.shape[1] * k_cache[0].shape[1]
+    masks: dict[int, torch.Tensor] = {}  # one visibility mask per window size, shared by the layers
     for i, layer in enumerate(model.layers):
         attn = layer.attn
         hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -44,8 +49,11 @@ def decode_forward(model: Transformer, tokens: torch.Tensor, positions: torch.Te
         qk = attn.rotary.apply(qkv[:, : hq + hkv], rope) if rope is not None else qkv[:, : hq + hkv]
         k_cache[i].view(-1, hkv, d).index_copy_(0, slots, qk[:, hq:])
         v_cache[i].view(-1, hkv, d).index_copy_(0, slots, qkv[:, hq + hkv:])
+        window = attn.window or 0
+        if window not in masks:
+            masks[window] = decode_visibility(context_lens, length, window)
         a = paged_decode_attention_masked(qk[:, :hq], k_cache[i], v_cache[i], block_tables, context_lens,
-                                          attn.scale, attn.window or 0)
+                                          attn.scale, window, masks[window])
         h = h + attn.o_proj(a.reshape(b, hq * d))
         h = h + layer.mlp(layer.mlp_norm(h))
     return model.compute_logits(h if model.norm is None else model.norm(h))
@@ -68,7 +76,7 @@ class CudaGraphDecode:
     CUDA graphs; the call signature of ``DecodeGraph`` (host tensors in, fp32 logits out)."""
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 max_batch: int = 512) -> None:
+                 max_batch: int = 512, compile: bool = False) -> None:
         if not self.supports(model):
             raise ValueError("CudaGraphDecode needs a pre-norm model without ALiBi on a CUDA device")
         self.model = model
@@ -80,6 +88,7 @@ class CudaGraphDecode:
             model.rotary.ensure(model.config.max_position_embeddings + 1)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Captured] = {}
+        self.forward = torch.compile(decode_forward, dynamic=False) if compile else decode_forward
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -111,7 +120,7 @@ class CudaGraphDecode:
     def _step(self, inputs: torch.Tensor, b: int, w: int) -> torch.Tensor:
         tokens, positions, slots, lens = (inputs[i * b:(i + 1) * b] for i in range(4))
         tables = inputs[4 * b:].view(b, w)
-        return decode_forward(self.model, tokens, positions, slots, tables, lens, self.k, self.v)
+        return self.forward(self.model, tokens, positions, slots, tables, lens, self.k, self.v)
 
     def _capture(self, b: int, w: int, packed: torch.Tensor) -> _Captured:
         """Warm up once eagerly on a side stream (library handles, workspaces), then record the step.
