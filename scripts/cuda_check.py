@@ -11,6 +11,9 @@
 6. The benchmarks, through the CLI's own entry point (each command is recorded beside its result):
    `loom bench latency` (batch 1) and `loom bench throughput` (64 x 128 in / 128 out), bf16 and int4,
    loom on CUDA against HF transformers on CUDA in the same process.
+7. Where a throughput run's time goes: each engine step timed, the runner apart from the rest.
+``--compile-experiment`` instead runs only the torch.compile-inside-a-CUDA-graph experiment.
+Correctness proper is asserted by ``python -m pytest tests_cuda``.
 """
 
 from __future__ import annotations
