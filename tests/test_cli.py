@@ -108,3 +108,26 @@ def test_bench_serve_json(capsys):
         assert set(http[name]) == {"mean", "p50", "p99"} and http[name]["p50"] > 0
     assert http["ttft_s"]["mean"] < http["e2e_s"]["mean"]
     assert result["http_over_offline"] > 0
+
+
+def test_generate_with_speculative_decoding_equals_plain(capsys):
+    argv = ["generate", "Repeat: the quick brown fox jumps over the lazy dog. Repeat: the quick brown fox",
+            "--temperature", "0", "--max-tokens", "12", "--json"]
+    code, out, _ = run(capsys, *argv)
+    plain = json.loads(out)["token_ids"]
+    for extra in (["--speculative", "ngram"], ["--speculative", "window", "--spec-window", "8"]):
+        code, out, _ = run(capsys, *argv, *extra, "--num-speculative-tokens", "3")
+        assert code == 0 and json.loads(out)["token_ids"] == plain
+
+
+def test_bench_latency_speculative_json(capsys):
+    code, out, _ = run(capsys, "bench", "latency", "--speculative", "ngram,window", "--gen-len", "8",
+                       "--repeats", "1", "--spec-prompts", "copy", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["methods"]) == {"ngram", "window"}
+    row = result["results"]["copy"]
+    for m in ("ngram", "window"):
+        assert row[m]["speedup"] > 0 and row[m]["same_tokens_as_plain"] is True
+        assert 0 <= row[m]["acceptance_rate"] <= 1 and row[m]["tokens_per_pass"] >= 1
+    code, _, err = run(capsys, "bench", "latency", "--speculative", "beam")
+    assert code == 2 and "ngram" in err

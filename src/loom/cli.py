@@ -47,6 +47,33 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8: keys per channel (calibrated), values per token; 3.8x smaller than fp32")
 
 
+def _add_speculative_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    s = p.add_argument_group("speculative decoding")
+    if several:
+        s.add_argument("--speculative", default=None, metavar="METHODS",
+                       help="comma-separated methods to compare with plain decoding: ngram, draft, window")
+    else:
+        s.add_argument("--speculative", default=None, choices=["ngram", "draft", "window"],
+                       help="ngram: prompt lookup; draft: a draft model (--draft-model); window: self-drafting "
+                            "over attention sinks + a recent window")
+    s.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per step (k)")
+    s.add_argument("--draft-model", default=None, help="the draft model's file or folder (same tokenizer)")
+    s.add_argument("--draft-weights", default=None, choices=["native", "fp32", "bf16"],
+                   help="how to hold the draft's weights (default: native, e.g. a GGUF's own 4-bit weights)")
+    s.add_argument("--spec-window", type=int, default=64, help="window: recent tokens the draft attends to")
+    s.add_argument("--spec-sink-tokens", type=int, default=4, help="window: first tokens the draft keeps")
+
+
+def _speculative_config(args: argparse.Namespace):
+    if not args.speculative:
+        return None
+    from loom.config import SpeculativeConfig
+
+    return SpeculativeConfig(args.speculative, args.num_speculative_tokens, draft_model=args.draft_model,
+                             draft_weights=args.draft_weights, window=args.spec_window,
+                             sink_tokens=args.spec_sink_tokens)
+
+
 def _engine_configs(args: argparse.Namespace):
     from loom.config import CacheConfig, SchedulerConfig, parse_bytes
 
@@ -81,7 +108,7 @@ def _load(args: argparse.Namespace):
 
     cache, sched = _engine_configs(args)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, device=args.device)
+              scheduler=sched, speculative=_speculative_config(args), device=args.device)
     if not getattr(args, "json", False):
         print(llm.engine.describe(), file=sys.stderr)
     return llm
@@ -230,6 +257,25 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.speculative:
+        from loom.bench.speculative import run_speculative_latency
+
+        result = run_speculative_latency(
+            args.model, methods=[m for m in args.speculative.split(",") if m], num_tokens=args.num_speculative_tokens,
+            draft_model=args.draft_model, draft_weights=args.draft_weights, weights=args.weights, dtype=args.dtype,
+            gen_len=args.gen_len, repeats=args.repeats, temperature=args.temperature, window=args.spec_window,
+            sink_tokens=args.spec_sink_tokens, prompts=[p for p in args.spec_prompts.split(",") if p])
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for prompt, row in result["results"].items():
+                print(f"{prompt}: plain {row['plain']['decode_tokens_per_s']:.1f} tok/s")
+                for m in result["methods"]:
+                    r = row[m]
+                    print(f"  {m:7s} {r['decode_tokens_per_s']:6.1f} tok/s  {r['speedup']:.2f}x  acceptance "
+                          f"{r['acceptance_rate']:.2f}  tokens/pass {r['tokens_per_pass']:.2f} "
+                          f"(formula {r['expected_tokens_per_pass']:.2f})")
+        return 0
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          peers=peers, weights=args.weights, dtype=args.dtype,
@@ -380,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom.llm import LLM
 
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, device=args.device)
+              scheduler=sched, speculative=_speculative_config(args), device=args.device)
     name = args.served_model_name or default_served_name(llm.model_path)
     app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)
@@ -399,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_device_arg(g)
     _add_engine_args(g)
+    _add_speculative_args(g)
     _add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
@@ -409,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_device_arg(c)
     _add_engine_args(c)
+    _add_speculative_args(c)
     _add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
@@ -417,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sv)
     _add_device_arg(sv)
     _add_engine_args(sv)
+    _add_speculative_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
@@ -445,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--peers", default="hf", help="comma-separated: hf (transformers), eager (loom without its "
                      "scripted decode step), or none")
     lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--temperature", type=float, default=0.0, help="with --speculative: 0 = greedy")
+    _add_speculative_args(lat, several=True)
+    lat.add_argument("--spec-prompts", default="copy,open,long", help="with --speculative: which prompts "
+                     "(copy: rewrite a passage; open: a story; long: summarize ~3,000 tokens of Hamlet)")
     lat.add_argument("--json", action="store_true")
     lat.set_defaults(func=cmd_bench_latency)
     tp = bsub.add_parser("throughput", help="many requests at once: loom's engine vs HF static batching")

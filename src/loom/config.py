@@ -252,3 +252,45 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.preemption_mode != "recompute":
             raise ValueError(f"unsupported preemption_mode {self.preemption_mode!r} (supported: recompute)")
+
+
+SPECULATIVE_METHODS = ("ngram", "draft", "window")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (Leviathan et al. 2211.17192; Chen et al. 2302.01318): a proposer drafts up
+    to ``num_tokens`` tokens for each decoding sequence, the target scores all of them in one forward,
+    and the rejection sampler keeps a prefix of them plus one token of its own, so the output follows
+    the target's distribution exactly.
+
+    method:
+      "ngram"   prompt lookup: continue the latest earlier occurrence of the last n tokens
+                (n from ``ngram_max`` down to ``ngram_min``); no extra model.
+      "draft"   a separate model sharing the target's tokenizer (``draft_model``: a path, or a loaded
+                Transformer), with its own paged KV cache; a quantized copy of the target works
+                (``draft_weights="native"`` runs a GGUF's own 4-bit weights).
+      "window"  self-drafting (seed 002): the target's own weights attending only to the first
+                ``sink_tokens`` tokens (rounded up to whole KV blocks) and the last ``window`` tokens.
+    """
+
+    method: str
+    num_tokens: int = 4
+    draft_model: Any = None
+    draft_weights: str | None = None
+    ngram_max: int = 3
+    ngram_min: int = 1
+    window: int = 64
+    sink_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ValueError(f"num_tokens (speculative tokens per step) must be in [1, 16], got {self.num_tokens}")
+        if self.method == "draft" and self.draft_model is None:
+            raise ValueError("speculative method 'draft' needs a draft_model (a path or a loaded model)")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.window < 1 or self.sink_tokens < 0:
+            raise ValueError("window must be positive and sink_tokens non-negative")

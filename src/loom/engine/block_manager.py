@@ -122,6 +122,15 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past those holding ``seq.num_computed`` tokens (speculative decoding's
+        rollback: slots reserved for drafts the target rejected)."""
+        keep = -(-seq.num_computed // self.block_size)
+        for block in reversed(seq.block_table[keep:]):
+            self._release(block)
+        del seq.block_table[keep:]
+        del seq.block_hashes[seq.num_computed // self.block_size:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares all of ``parent``'s blocks (parallel sampling)."""
         for block in parent.block_table:

@@ -5,9 +5,10 @@
         for delta in engine.step():
             print(delta.request_id, delta.index, delta.text, delta.finish_reason)
 
-A step: schedule (which sequences compute how many tokens) -> copy-on-write copies -> one model
-forward over the flat batch -> sample the sequences that reached their last token -> detokenize,
-check stops, free the blocks of finished sequences -> deltas.
+A step: schedule (which sequences compute how many tokens) -> copy-on-write copies -> drafts, when
+speculating -> one model forward over the flat batch -> sample the sequences that reached their last
+token, verify the drafts of speculating ones -> detokenize, check stops, free the blocks of finished
+sequences -> deltas.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from loom.config import CacheConfig, SchedulerConfig
+from loom.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from loom.engine.block_manager import BlockManager
 from loom.engine.generate import check_context
 from loom.engine.kv_cache import KVCache
@@ -27,6 +28,7 @@ from loom.engine.runner import ModelRunner
 from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
 from loom.engine.scheduler import Scheduler
 from loom.engine.sequence import Request, Sequence, SequenceStatus
+from loom.engine.speculative import SpeculativeStats, Speculator
 from loom.engine.text_output import TextOutput, accept_token
 from loom.models.transformer import Transformer
 from loom.outputs import Logprob, PositionLogprobs, StreamDelta
@@ -54,11 +56,13 @@ class EngineStats:
     prompt_tokens_cached: int  # prompt tokens found in the prefix cache
     generation_tokens: int
     steps: int
+    speculative: SpeculativeStats | None = None  # acceptance and tokens per pass, when speculating
 
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: CacheConfig | None = None,
-                 scheduler: SchedulerConfig | None = None, decode_graph: bool = True) -> None:
+                 scheduler: SchedulerConfig | None = None, decode_graph: bool = True,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
@@ -74,10 +78,14 @@ class LLMEngine:
             # Without chunking a whole prompt (or a preempted sequence's whole history) must fit one step.
             self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
                                                                self.max_model_len)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        log.info("%s", self.describe())
         self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
+        self.speculator = None if speculative is None else Speculator(
+            speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, decode_graph)
+        draft_tokens = None if self.speculator is None else (
+            lambda seq: self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, draft_tokens)
+        log.info("%s", self.describe())
         self.requests: dict[str, Request] = {}
         self._pending: list[StreamDelta] = []
         self._next_seq_id = 0
@@ -141,6 +149,8 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
+                if self.speculator is not None:
+                    self.speculator.release(seq)
                 self._pending.append(StreamDelta("", [], "abort", None, request_id, seq.index))
         return True
 
@@ -158,11 +168,16 @@ class LLMEngine:
                 raise RuntimeError("nothing can be scheduled although requests wait (KV cache too small?)")
             return deltas
         self.steps += 1
+        start = time.perf_counter()
+        decode_only = all(item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)
         self.kv_cache.copy_blocks(sched.copies)
+        reserved = [item.seq for item in sched.scheduled if item.num_draft]
+        if reserved:
+            self.speculator.propose(sched.scheduled)  # type: ignore[union-attr]
         out = self.runner.execute(sched.scheduled)
         now = time.perf_counter()
         for item in sched.scheduled:
-            seq, n = item.seq, item.num_tokens
+            seq, n = item.seq, item.num_tokens - item.num_draft  # drafts count once verified
             request = self.requests[seq.request_id]
             if request.metrics.first_scheduled is None:
                 request.metrics.first_scheduled = now
@@ -176,9 +191,34 @@ class LLMEngine:
                 self._add_prompt_logprobs(request, seq, out.prompt_logits[seq.seq_id])
             seq.num_computed += n
             self.block_manager.register_computed(seq)
+        for seq in reserved:
+            if not seq.draft:  # given fewer drafts than slots (none): the slots go back now
+                self.block_manager.trim(seq)
         if out.sample_seqs:
             deltas += self._sample(out.sample_seqs, out.logits, now)
+        for seq, logits in out.verify:
+            deltas.append(self._verify(seq, logits, now))
+        if self.speculator is not None and decode_only:
+            self.speculator.stats.record_step(time.perf_counter() - start, sum(len(d.token_ids) for d in deltas),
+                                              bool(out.verify))
         return deltas
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, now: float) -> StreamDelta:
+        """A speculating sequence: keep m drafts and one token of the target's, count the K/V of the kept
+        drafts as computed, and give back the slots of the rejected ones (here and in a draft cache)."""
+        assert self.speculator is not None
+        m, tokens = self.speculator.verify(seq, logits)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            entries = top_logprobs(logits[: m + 1], tokens, seq.params.logprobs)
+            logprobs = [self._logprob_dict(e) for e in entries]
+        delta = self._append(seq, tokens, logprobs, now)
+        if not seq.is_finished:
+            seq.num_computed += m
+            self.block_manager.trim(seq)
+            self.block_manager.register_computed(seq)
+            self.speculator.rollback(seq)
+        return delta
 
     def _fork(self, request: Request, parent: Sequence) -> list[Sequence]:
         """The other n - 1 completions of a request, sharing the parent's blocks (prompt prefilled once)."""
@@ -222,7 +262,8 @@ class LLMEngine:
                 logprobs[i] = self._logprob_dict([entry[0]] + [e for e in entry[1:] if e[2] <= k])
         deltas = []
         for i, (seq, token) in enumerate(zip(group, tokens)):
-            deltas.append(self._append(seq, token, logprobs.get(i), now))
+            entry = logprobs.get(i)
+            deltas.append(self._append(seq, [token], None if entry is None else [entry], now))
         return deltas
 
     def _logprob_dict(self, entry: list[tuple[int, float, int]]) -> PositionLogprobs:
@@ -241,17 +282,25 @@ class LLMEngine:
         entries = top_logprobs(rows, seq.tokens[first:end], request.params.prompt_logprobs)
         request.prompt_logprobs += [self._logprob_dict(e) for e in entries]
 
-    def _append(self, seq: Sequence, token: int, logprobs: PositionLogprobs | None, now: float) -> StreamDelta:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[PositionLogprobs] | None,
+                now: float) -> StreamDelta:
+        """Append tokens to ``seq`` one by one until one of them ends it; one delta for all of them."""
         request = self.requests[seq.request_id]
-        seq.tokens.append(token)
-        self.generation_tokens += 1
         if request.metrics.first_token is None:
             request.metrics.first_token = now
         request.metrics.last_token = now
         stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_token_ids))
-        text, finish, reason = accept_token(seq.text, token, seq.num_output, seq.max_tokens, stop_ids)
-        delta = StreamDelta(text, [token], finish, reason, seq.request_id, seq.index,
-                            [logprobs] if logprobs is not None else None)
+        text, finish, reason, taken = "", None, None, 0
+        for token in tokens:
+            seq.tokens.append(token)
+            self.generation_tokens += 1
+            taken += 1
+            piece, finish, reason = accept_token(seq.text, token, seq.num_output, seq.max_tokens, stop_ids)
+            text += piece
+            if finish is not None:
+                break
+        delta = StreamDelta(text, tokens[:taken], finish, reason, seq.request_id, seq.index,
+                            logprobs[:taken] if logprobs is not None else None)
         if seq.index == 0 and not request.prompt_logprobs_sent:
             request.prompt_logprobs_sent = True
             delta.prompt_token_ids = request.prompt_ids
@@ -260,6 +309,8 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason, seq.stop_reason = finish, reason
             self.scheduler.remove(seq)
+            if self.speculator is not None:
+                self.speculator.release(seq)
             if request.is_finished:
                 request.metrics.finished = now
                 del self.requests[seq.request_id]
@@ -274,7 +325,8 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks, kv_blocks_cached=bm.num_cached_blocks,
             prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_computed=self.prompt_tokens_computed, prompt_tokens_cached=self.prompt_tokens_cached,
-            generation_tokens=self.generation_tokens, steps=self.steps)
+            generation_tokens=self.generation_tokens, steps=self.steps,
+            speculative=None if self.speculator is None else self.speculator.stats)
 
     def live_sequences(self) -> list[Sequence]:
         return [s for r in self.requests.values() for s in r.seqs if not s.is_finished]

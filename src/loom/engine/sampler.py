@@ -1,10 +1,11 @@
 """Logits -> next tokens, one row per sequence, each row with its own SamplingParams.
 
 Order: penalties -> logit bias -> min_tokens ban -> temperature -> top-k -> top-p -> min-p -> draw.
-The draw uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d., which picks i
-with probability p_i exactly (the Gumbel-max trick in another guise) and needs one vector of
-random numbers from the row's own generator, so a seeded request draws the same numbers whatever
-else is in the batch.
+The draw inverts the CDF: one uniform u from the row's own generator picks the first i whose
+cumulative probability exceeds u (cumulated in float64). One random number per token, so a seeded
+request draws the same numbers whatever else is in the batch, and the cost is one pass over the
+vocabulary (an exponential race, argmax p_i / E_i, needs V random numbers: ~5 ms per token for
+SmolLM2's 49,152 on this CPU, against ~0.1 ms).
 """
 
 from __future__ import annotations
@@ -100,9 +101,15 @@ def sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
     out = processed_logits(logits, row)
     if row.params.greedy:
         return int(torch.argmax(out))
-    probs = sampling_distribution(out, row.params)
-    race = torch.empty_like(probs).exponential_(generator=row.generator)
-    return int(torch.argmax(probs / race))
+    return draw(sampling_distribution(out, row.params), row.generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index i with probability weights_i / sum(weights) (weights >= 0, not necessarily
+    normalized; zero-weight indices are never drawn)."""
+    cdf = torch.cumsum(weights.double(), dim=0)
+    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cdf[-1])
+    return min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), weights.numel() - 1)
 
 
 def _banned(row: SamplingRow, vocab: int) -> list[int]:

@@ -11,6 +11,11 @@ Every step the scheduler decides afresh which sequences compute how many tokens:
 
 Nothing is lost in a preemption: the sequence keeps its tokens and recomputes their K/V (with the
 prefix cache often finding most of them still cached).
+
+With speculative decoding a decoding sequence asks for 1 + k tokens (its last token and k draft
+slots, ``draft_tokens(seq)``). k is a function of the sequence alone: if 1 + k tokens do not fit
+this step's remaining budget the sequence waits for the next step, and missing blocks are found by
+preemption as for any other allocation.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from loom.config import SchedulerConfig
 from loom.engine.block_manager import BlockManager
@@ -27,7 +33,8 @@ from loom.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, from seq.num_computed
+    num_tokens: int  # tokens computed this step, from seq.num_computed (drafts included)
+    num_draft: int = 0  # of which draft tokens (speculative decoding), after the sequence's last token
 
 
 @dataclass
@@ -50,9 +57,11 @@ def _order(seq: Sequence) -> tuple[float, int]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 draft_tokens: Callable[[Sequence], int] | None = None) -> None:
         self.config = config
         self.blocks = block_manager
+        self.draft_tokens = draft_tokens  # speculative decoding: drafts a decoding sequence may verify
         self.waiting: deque[Sequence] = deque()  # kept in arrival order
         self.running: list[Sequence] = []  # kept in arrival order
         self.num_preemptions = 0
@@ -106,16 +115,26 @@ class Scheduler:
             if n > budget and not chunked:
                 continue
             n = min(n, budget)
+            k = 0
+            if n == 1 and self.draft_tokens is not None:
+                # k depends on the sequence alone, never on the batch: a seeded request must sample the
+                # same tokens in a busy batch as alone, and its random draws depend on k.
+                k = min(self.draft_tokens(seq), self.config.max_num_batched_tokens - 1)
+                if 1 + k > budget:
+                    continue  # next step, first in line
+                n += k
             while not self.blocks.can_allocate(seq, n):
                 if queue:
                     self._preempt(queue.pop(), out)  # the newest running sequence
+                elif k and self.blocks.can_allocate(seq, 1):
+                    n, k = 1, 0  # nobody left to preempt: decode without drafts rather than stall
                 else:
                     self._preempt(seq, out)
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
             out.copies += self.blocks.allocate(seq, n)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            out.scheduled.append(ScheduledSeq(seq, n, k))
             budget -= n
         if out.preempted:
             return out

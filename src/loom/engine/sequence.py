@@ -44,6 +44,10 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full, computed blocks
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # Speculative decoding: tokens proposed to follow ``tokens`` this step (verified by the target in
+    # the same forward as the last token), and the draft distributions they were sampled from.
+    draft: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,19 @@ class Metrics:
                               labels, buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("loom_e2e_request_latency_seconds", "Arrival to last token", labels,
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.spec_drafts = Gauge("loom_spec_decode_num_draft_tokens", "Draft tokens proposed and verified",
+                                 labels, registry=r)
+        self.spec_accepted = Gauge("loom_spec_decode_num_accepted_tokens", "Draft tokens accepted", labels,
+                                   registry=r)
+        self.spec_acceptance = Gauge("loom_spec_decode_acceptance_rate",
+                                     "Accepted drafts / drafts evaluated (the per-position a)", labels, registry=r)
+        self.spec_per_pass = Gauge("loom_spec_decode_tokens_per_pass", "Tokens emitted per target verification pass",
+                                   labels, registry=r)
+        self.spec_expected = Gauge("loom_spec_decode_expected_tokens_per_pass",
+                                   "(1 - a^(k+1)) / (1 - a) at the measured a", labels, registry=r)
+        self.spec_speedup = Gauge("loom_spec_decode_speedup",
+                                  "Decode tokens/s of steps verifying drafts / of steps without drafts", labels,
+                                  registry=r)
         self.model = model_name
 
     def request_finished(self, request: Request) -> None:
@@ -63,4 +76,13 @@ class Metrics:
         self.kv_usage.labels(label).set(s.kv_blocks_used / s.kv_blocks_total)
         self.prefix_hit.labels(label).set(s.prefix_cache_hit_rate)
         self.preemptions.labels(label).set(s.num_preemptions)
+        if s.speculative is not None:
+            spec = s.speculative
+            self.spec_drafts.labels(label).set(spec.draft_tokens)
+            self.spec_accepted.labels(label).set(spec.accepted_tokens)
+            self.spec_acceptance.labels(label).set(spec.acceptance_rate)
+            self.spec_per_pass.labels(label).set(spec.tokens_per_pass)
+            self.spec_expected.labels(label).set(spec.expected_tokens_per_pass)
+            if spec.speedup is not None:
+                self.spec_speedup.labels(label).set(spec.speedup)
         return generate_latest(self.registry)
