@@ -27,9 +27,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run dense in this dtype (same as --weights fp32/bf16)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (default cpu); on cuda the dense dtype defaults to bf16")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
-    e.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: 10%% of free memory)")
+    e.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache budget, e.g. 2GiB (default: 10%% of free memory, the GPU's on cuda)")
     e.add_argument("--kv-cache-fraction", type=float, default=0.1, help="budget as a fraction of free memory")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     e.add_argument("--max-num-seqs", type=int, default=64)
@@ -102,7 +108,7 @@ def _load(args: argparse.Namespace):
 
     cache, sched = _engine_configs(args)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, speculative=_speculative_config(args))
+              scheduler=sched, speculative=_speculative_config(args), device=args.device)
     if not getattr(args, "json", False):
         print(llm.engine.describe(), file=sys.stderr)
     return llm
@@ -273,7 +279,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          peers=peers, weights=args.weights, dtype=args.dtype,
-                         repeats=args.repeats)
+                         repeats=args.repeats, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -298,7 +304,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, peers=peers, weights=args.weights, dtype=args.dtype,
                             hf_batch=args.hf_batch,
-                            cache=cache, scheduler=sched, repeats=args.repeats)
+                            cache=cache, scheduler=sched, repeats=args.repeats, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -420,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom.llm import LLM
 
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, speculative=_speculative_config(args))
+              scheduler=sched, speculative=_speculative_config(args), device=args.device)
     name = args.served_model_name or default_served_name(llm.model_path)
     app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)
@@ -437,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete one prompt, streaming the text")
     g.add_argument("prompt")
     _add_model_args(g)
+    _add_device_arg(g)
     _add_engine_args(g)
     _add_speculative_args(g)
     _add_sampling_args(g)
@@ -447,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat, streaming")
     _add_model_args(c)
+    _add_device_arg(c)
     _add_engine_args(c)
     _add_speculative_args(c)
     _add_sampling_args(c, max_tokens=512)
@@ -455,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
     _add_model_args(sv)
+    _add_device_arg(sv)
     _add_engine_args(sv)
     _add_speculative_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
@@ -478,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     lat = bsub.add_parser("latency", help="batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit")
     _add_model_args(lat)
+    _add_device_arg(lat)
     lat.add_argument("--batch", type=int, default=1)
     lat.add_argument("--prompt-len", type=int, default=32)
     lat.add_argument("--gen-len", type=int, default=128)
@@ -492,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.set_defaults(func=cmd_bench_latency)
     tp = bsub.add_parser("throughput", help="many requests at once: loom's engine vs HF static batching")
     _add_model_args(tp)
+    _add_device_arg(tp)
     _add_engine_args(tp)
     tp.add_argument("--num-prompts", type=int, default=64)
     tp.add_argument("--input-len", type=int, default=128)

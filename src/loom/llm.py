@@ -82,13 +82,17 @@ class LLM:
     def __init__(self, model: str | None = None, *, weights: str | None = None, dtype: str | torch.dtype | None = None,
                  attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None) -> None:
+        """``device``: "cpu" (default) or "cuda"; on CUDA the dense dtype defaults to bf16 and the KV cache
+        budget is a fraction of the GPU's free memory."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
         t0 = time.perf_counter()
-        weights, dtype = choose_weights(weights, dtype)  # default: native (quantized files run quantized)
-        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights)
+        # default: native (quantized files run quantized), in the device's default dtype
+        weights, dtype = choose_weights(weights, dtype, device)
+        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights, device=device)
+        self.device = loaded.model.device
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)

@@ -69,3 +69,31 @@ def test_model_through_an_int8_cache_stays_close_to_fp(tmp_path):
     err = (out["int8"] - out["auto"]).abs().max() / out["auto"].abs().max()
     assert 0 < err < 0.02
     assert caches["int8"].nbytes < caches["auto"].nbytes / 3
+
+
+def test_bf16_model_reads_an_int8_cache_in_its_own_dtype():
+    """Dequantized keys and values come back in the queries' dtype (a bf16 model, as on CUDA, attends
+    over them with bf16 queries): prefill and batched decode through the int8 cache run and stay close
+    to the bf16 model over a bf16 cache."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=96, max_position_embeddings=64)
+    model = Transformer(cfg, dtype=torch.bfloat16).init_random(0, std=0.1)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for kind in ("auto", "int8"):
+        cache = KVCache.from_config(cfg, CacheConfig(block_size=4, num_blocks=8, kv_dtype=kind), torch.bfloat16)
+        if cache.quantized:  # each sequence's keys inside the grid: the larger scale of the two
+            cache.calibrate_key_scales(model, ids[0].tolist())
+            first = cache.k_scale.clone()
+            cache.calibrate_key_scales(model, ids[1].tolist())
+            cache.k_scale.copy_(torch.maximum(first, cache.k_scale))
+        tables = torch.tensor([[0, 1, 2], [3, 4, 5]])
+        slots = [b * 4 + p % 4 for row in tables.tolist() for p in range(9) for b in [row[p // 4]]]
+        with torch.inference_mode():  # two prompts of 9, then one decode step for both (batched)
+            meta = AttentionMetadata(torch.arange(9).repeat(2), [0, 9, 18], [9, 9], torch.tensor(slots), tables)
+            model(ids[:, :9].reshape(-1), meta, cache.layers())
+            step = AttentionMetadata(torch.tensor([9, 9]), [0, 1, 2], [10, 10],
+                                     torch.tensor([2 * 4 + 1, 5 * 4 + 1]), tables)
+            out[kind] = model.compute_logits(model(ids[:, 9], step, cache.layers())).float()
+    assert out["int8"].dtype == torch.float32 and torch.isfinite(out["int8"]).all()
+    assert (out["int8"] - out["auto"]).abs().max() < 0.05 * out["auto"].abs().max()

@@ -21,3 +21,32 @@ def measure_memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.nbytes / best
+
+
+def measure_device_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 20) -> dict[str, float]:
+    """A GPU's memory bandwidth, timed with CUDA events (median of ``repeats`` after warm-up).
+
+    ``copy``: a device-to-device copy of ``nbytes``, counting bytes read plus bytes written (the
+    usual "measured bandwidth" figure); ``read``: a sum over the same buffer, bytes read only (what a
+    batch-1 GEMV does). The buffer (1 GiB) is far larger than the L2 cache. Random data, not zeros.
+    """
+    dev = torch.device(device)
+    src = torch.rand(nbytes // 4, device=dev)
+    dst = torch.empty_like(src)
+
+    def median_seconds(fn) -> float:  # type: ignore[no-untyped-def]
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    copy_s = median_seconds(lambda: dst.copy_(src))
+    read_s = median_seconds(lambda: src.sum())
+    return {"copy": 2 * src.nbytes / copy_s, "read": src.nbytes / read_s}

@@ -14,11 +14,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from loom.analysis.hardware import measure_memory_bandwidth
+from loom.analysis.hardware import measure_device_bandwidth, measure_memory_bandwidth
 from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per_token
 from loom.bench.peers import LatencySample
 from loom.bench.text import benchmark_prompt_ids
 from loom.llm import LLM
+from loom.models.cuda_graph import CudaGraphDecode
 from loom.models.decode_graph import DecodeGraph
 from loom.outputs import Timings
 from loom.sampling_params import SamplingParams
@@ -67,9 +68,18 @@ def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: flo
             "fraction_of_limit": best_decode / roof}
 
 
+def _decode_path(llm: LLM) -> str:
+    if llm.device.type == "cuda":
+        return "cuda graphs" if CudaGraphDecode.supports(llm.model) else "modules"
+    return "scripted graph" if DecodeGraph.supports(llm.model) else "modules"
+
+
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
                 peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
-                repeats: int = 3) -> dict[str, Any]:
+                repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """On CUDA the bandwidth roof is the GPU's measured device-to-device copy bandwidth (bytes read +
+    written), and loom's first decode steps at each context width capture CUDA graphs: the warm-up
+    run covers the whole workload so that no timed run captures."""
     if batch != 1:
         raise ValueError("bench latency measures batch 1")
     if gen_len < 2:
@@ -79,8 +89,8 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: {', '.join(PEERS)})")
-    llm = LLM(model, weights=weights, dtype=dtype)
-    dtype = dtype or ("bfloat16" if weights == "bf16" else "float32")  # HF runs dense in this dtype
+    llm = LLM(model, weights=weights, dtype=dtype, device=device)
+    dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     prompt_ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
     context = prompt_len + gen_len / 2  # mean context over the decode
     bytes_tok = decode_bytes_per_token(llm.model, context)
@@ -94,17 +104,25 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
 
         folder = llm.model_path if os.path.isdir(llm.model_path) else hf_reference_copy(llm.model_path)
         hf_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        runners["hf"] = HFGenerate(folder, hf_dtype).run
+        runners["hf"] = HFGenerate(folder, hf_dtype, llm.device).run
     if "llamacpp" in peers:
         from loom.bench.peers import LlamaCppGenerate
 
         if not llm.model_path.endswith(".gguf"):
             raise ValueError("the llamacpp peer runs GGUF files; --model must be one")
+        if llm.device.type != "cpu":
+            raise ValueError("the llamacpp peer runs on the CPU; use --device cpu")
         runners["llamacpp"] = LlamaCppGenerate(llm.model_path, torch.get_num_threads()).run
-    bandwidth = measure_memory_bandwidth()
+    if llm.device.type == "cuda":
+        measured = measure_device_bandwidth(llm.device)
+        bandwidth = measured["copy"]
+    else:
+        bandwidth = measure_memory_bandwidth()
     samples: dict[str, list[LatencySample]] = {name: [] for name in runners}
     for run in runners.values():
         run(prompt_ids[:8], 4)  # warm-up
+        if llm.device.type == "cuda":
+            run(prompt_ids, gen_len)  # every context width once: CUDA graphs are captured here, not timed
     for _ in range(repeats):
         for name, run in runners.items():
             samples[name].append(run(prompt_ids, gen_len))
@@ -117,7 +135,7 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
         if name.startswith("loom"):
             results[name]["weights"] = _weights_label(llm)
     results["loom"]["load_s"] = llm.load_seconds
-    results["loom"]["decode_path"] = "scripted graph" if DecodeGraph.supports(llm.model) else "modules"
+    results["loom"]["decode_path"] = _decode_path(llm)
     speedup = {peer: {"decode": results["loom"]["decode_tokens_per_s"] / results[peer]["decode_tokens_per_s"],
                       "prefill": results[peer]["prefill_s"] / results["loom"]["prefill_s"]}
                for peer in ("hf", "llamacpp") if peer in results} or None
@@ -125,6 +143,7 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
         "benchmark": "latency", "model": llm.model_path, "batch": batch, "prompt_len": prompt_len,
         "gen_len": gen_len, "repeats": repeats, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
         "memory_bandwidth_GBps": bandwidth / 1e9, "results": results, "speedup": speedup,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -56,10 +56,10 @@ class LatencySample:
 class HFGenerate:
     """HF ``generate`` (greedy, exactly gen_len new tokens) on one prompt: what a user of HF would run."""
 
-    def __init__(self, folder: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, folder: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(device)
         self.dtype = dtype
 
     @classmethod
@@ -73,14 +73,20 @@ class HFGenerate:
     grad_mode = torch.inference_mode
 
     def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
-        ids = torch.tensor([list(prompt_ids)])
+        from loom.device import synchronize
+
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([list(prompt_ids)], device=dev)
         kwargs = dict(do_sample=False, pad_token_id=self.model.config.eos_token_id)
         with self.grad_mode():
+            synchronize(dev)
             t = time.perf_counter()
             self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            synchronize(dev)
             prefill = time.perf_counter() - t
             t = time.perf_counter()
             self.model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
+            synchronize(dev)
             total = time.perf_counter() - t
         return LatencySample(prefill, (gen_len - 1) / max(total - prefill, 1e-9))
 

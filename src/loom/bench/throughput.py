@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from loom.config import CacheConfig, SchedulerConfig
+from loom.device import synchronize
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
 
@@ -66,25 +67,28 @@ def run_loom(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, A
 class HFStatic:
     """HF transformers ``generate`` over static batches of ``batch`` prompts (left-padded)."""
 
-    def __init__(self, folder: str, dtype: torch.dtype, pad_id: int) -> None:
+    def __init__(self, folder: str, dtype: torch.dtype, pad_id: int, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(device)
         self.pad_id = pad_id
+        self.device = torch.device(device)
 
     def run(self, prompts: list[list[int]], output_len: int, batch: int) -> dict[str, Any]:
         generated = 0
+        synchronize(self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(prompts), batch):
                 chunk = prompts[i:i + batch]
                 width = max(len(p) for p in chunk)
-                ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk])
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+                ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
                 out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                           max_new_tokens=output_len, min_new_tokens=output_len,
                                           pad_token_id=self.pad_id)
                 generated += (out.shape[1] - width) * len(chunk)
+        synchronize(self.device)
         elapsed = time.perf_counter() - t0
         total = sum(len(p) for p in prompts) + generated
         return {"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
@@ -96,14 +100,16 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
                    peers: tuple[str, ...] = ("hf",), weights: str | None = None, dtype: str | None = None,
                    hf_batch: int = 8,
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                   seed: int = 0, repeats: int = 1) -> dict[str, Any]:
+                   seed: int = 0, repeats: int = 1, device: str = "cpu", warmup: bool | None = None) -> dict[str, Any]:
+    """``warmup``: one untimed run of each engine first (default: on CUDA only, where it captures loom's
+    decode graphs and loads the GPU libraries of both)."""
     if min(num_prompts, input_len, output_len, repeats) < 1:
         raise ValueError("--num-prompts, --input-len, --output-len and --repeats must be at least 1")
     unknown = set(peers) - {"hf"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
-    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler)
-    dtype = dtype or ("bfloat16" if weights == "bf16" else "float32")  # HF runs dense in this dtype
+    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler, device=device)
+    dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
                                                      is not None else ())
     prompts = random_prompts(num_prompts, input_len, llm.config.vocab_size, seed, avoid=special)
@@ -114,7 +120,11 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
         folder = llm.model_path if os.path.isdir(llm.model_path) else hf_reference_copy(llm.model_path)
         pad = llm.tokenizer.eos_token_ids[0] if llm.tokenizer.eos_token_ids else 0
         hf_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        hf = HFStatic(folder, hf_dtype, pad)
+        hf = HFStatic(folder, hf_dtype, pad, llm.device)
+    if warmup if warmup is not None else llm.device.type == "cuda":
+        run_loom(llm, prompts, output_len)
+        if hf is not None:
+            hf.run(prompts[:hf_batch], output_len, hf_batch)
     loom_runs, hf_runs = [], []
     for _ in range(repeats):  # alternate, so a drifting machine slows both alike
         loom_runs.append(run_loom(llm, prompts, output_len))
@@ -133,5 +143,6 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
                  for k in ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
     return {"benchmark": "throughput", "model": model or "default", "num_prompts": num_prompts,
             "input_len": input_len, "output_len": output_len, "dtype": dtype, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
             "repeats": repeats,
             "results": results, "loom_over_hf": ratio, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -67,7 +67,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
-        self.kv_cache = KVCache.from_config(model.config, self.cache_config, model.dtype)
+        self.kv_cache = KVCache.from_config(model.config, self.cache_config, model.dtype, model.device)
         if self.kv_cache.quantized:
             self.kv_cache.calibrate_key_scales(model, kv_calibration_ids(tokenizer))
         bs = self.cache_config.block_size
@@ -243,7 +243,7 @@ class LLMEngine:
             group += members
             rows += [i] * len(members)
         if len(group) != len(seqs):
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long))
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
         sampling_rows = []
         for seq in group:
             p = seq.params
@@ -256,7 +256,7 @@ class LLMEngine:
         logprobs: dict[int, PositionLogprobs] = {}
         if want:
             top_n = max(group[i].params.logprobs for i in want)
-            entries = top_logprobs(logits[torch.tensor(want)], [tokens[i] for i in want], top_n)
+            entries = top_logprobs(logits[torch.tensor(want, device=logits.device)], [tokens[i] for i in want], top_n)
             for i, entry in zip(want, entries):
                 k = group[i].params.logprobs
                 logprobs[i] = self._logprob_dict([entry[0]] + [e for e in entry[1:] if e[2] <= k])

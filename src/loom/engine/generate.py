@@ -68,18 +68,19 @@ class Generator:
         start = time.perf_counter()
 
         capacity = len(prompt_ids) + budget
-        cache = KVCache(self.model.config, num_blocks=1, block_size=capacity, dtype=self.model.dtype)
+        dev = self.model.device
+        cache = KVCache(self.model.config, num_blocks=1, block_size=capacity, dtype=self.model.dtype, device=dev)
         layers = cache.layers()
-        table = torch.zeros(1, 1, dtype=torch.long)
+        table = torch.zeros(1, 1, dtype=torch.long, device=dev)
         row = SamplingRow(params, prompt_ids, [], make_generator(params.seed) if not params.greedy else None,
                           self.eos_token_ids)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         text = TextOutput(self.tokenizer, prompt_ids, params)
 
         n = len(prompt_ids)
-        meta = AttentionMetadata(positions=torch.arange(n), query_start=[0, n], context_lens=[n],
-                                 slot_mapping=torch.arange(n), block_tables=table)
-        input_ids = torch.tensor(prompt_ids, dtype=torch.long)
+        meta = AttentionMetadata(positions=torch.arange(n, device=dev), query_start=[0, n], context_lens=[n],
+                                 slot_mapping=torch.arange(n, device=dev), block_tables=table)
+        input_ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, meta, layers)
         logits = self.model.compute_logits(hidden[-1:])
         graph = DecodeGraph(self.model, cache.k, cache.v) if self.use_graph else None
@@ -102,7 +103,8 @@ class Generator:
             if graph is not None:
                 logits = graph.step_one(token, pos, table)
                 continue
-            meta = AttentionMetadata(positions=torch.tensor([pos]), query_start=[0, 1], context_lens=[pos + 1],
-                                     slot_mapping=torch.tensor([pos]), block_tables=table)
-            hidden = self.model(torch.tensor([token]), meta, layers)
+            meta = AttentionMetadata(positions=torch.tensor([pos], device=dev), query_start=[0, 1],
+                                     context_lens=[pos + 1], slot_mapping=torch.tensor([pos], device=dev),
+                                     block_tables=table)
+            hidden = self.model(torch.tensor([token], device=dev), meta, layers)
             logits = self.model.compute_logits(hidden)

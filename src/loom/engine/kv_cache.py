@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from loom.config import CacheConfig, ModelConfig
+from loom.device import available_memory
 from loom.layers.kv_quant import Int8LayerKV, key_scales_from_cache
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    # numpy's zeros come from calloc: the OS hands out zero pages lazily, so a multi-GiB cache costs
-    # nothing until used (torch.zeros writes every byte up front: ~0.5 s per GiB here). Zeros, not
-    # garbage, matter: padded attention reads unused slots, and masked NaN would still poison it.
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    # On the CPU numpy's zeros come from calloc: the OS hands out zero pages lazily, so a multi-GiB
+    # cache costs nothing until used (torch.zeros writes every byte up front: ~0.5 s per GiB here).
+    # On a GPU torch.zeros is one memset at device bandwidth. Zeros, not garbage, matter: padded
+    # attention reads unused slots, and masked NaN would still poison it.
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     element = torch.tensor([], dtype=dtype).element_size()
     raw = np.zeros(shape, dtype={2: np.int16, 4: np.float32, 1: np.int8}[element])
     return torch.from_numpy(raw).view(dtype)
-
-
-def available_memory() -> int:
-    """Bytes of physical memory available now."""
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class KVCache:
@@ -32,32 +29,34 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, kv_dtype: str = "auto") -> None:
+                 dtype: torch.dtype = torch.float32, kv_dtype: str = "auto",
+                 device: torch.device | str | None = None) -> None:
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.device = torch.device(device if device is not None else "cpu")
         self.quantized = kv_dtype == "int8"
         store = torch.int8 if self.quantized else dtype
-        self.k = _zeros(shape, store)
-        self.v = _zeros(shape, store)
+        self.k = _zeros(shape, store, self.device)
+        self.v = _zeros(shape, store, self.device)
         if self.quantized:  # see layers/kv_quant.py; key scales are set by calibrate_key_scales
-            self.k_scale = torch.ones(config.num_layers, config.num_kv_heads, config.head_dim)
-            self.v_scale = _zeros(shape[:-1], torch.float32)
-            self.v_zero = _zeros(shape[:-1], torch.float32)
+            self.k_scale = torch.ones(config.num_layers, config.num_kv_heads, config.head_dim, device=self.device)
+            self.v_scale = _zeros(shape[:-1], torch.float32, self.device)
+            self.v_zero = _zeros(shape[:-1], torch.float32, self.device)
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, cache_config: CacheConfig,
-                    dtype: torch.dtype = torch.float32) -> KVCache:
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> KVCache:
         """As many blocks as the budget allows: ``num_blocks``, else ``memory_bytes``, else a fraction
-        of the memory available now."""
+        of the memory available now on ``device`` (host memory, or the GPU's free memory)."""
         per_block = cls.bytes_per_block(model_config, cache_config.block_size, dtype, cache_config.kv_dtype)
         if cache_config.num_blocks is not None:
             n = cache_config.num_blocks
         else:
-            budget = cache_config.memory_bytes or int(cache_config.memory_fraction * available_memory())
+            budget = cache_config.memory_bytes or int(cache_config.memory_fraction * available_memory(device))
             n = budget // per_block
         if n < 1:
             raise ValueError(f"the KV cache budget holds no block (one block is {per_block} bytes)")
-        return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype)
+        return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype, device)
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.quantized:
@@ -68,8 +67,8 @@ class KVCache:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write)."""
         if copies:
-            src = torch.tensor([s for s, _ in copies], dtype=torch.long)
-            dst = torch.tensor([d for _, d in copies], dtype=torch.long)
+            src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
+            dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
             if self.quantized:
@@ -97,8 +96,10 @@ class KVCache:
         """Fix the int8 keys' per-channel scales from the keys ``model`` computes on ``token_ids``."""
         from loom.layers.attention import AttentionMetadata
 
-        n = len(token_ids)
-        fp = KVCache(model.config, 1, n, torch.float32)  # type: ignore[attr-defined]
-        meta = AttentionMetadata(torch.arange(n), [0, n], [n], torch.arange(n), torch.zeros(1, 1, dtype=torch.long))
-        model(torch.tensor(token_ids), meta, fp.layers())
-        self.k_scale.copy_(key_scales_from_cache(fp.k, n))
+        n, dev = len(token_ids), self.device
+        # a cache in the model's own dtype (attention reads it with the model's queries)
+        fp = KVCache(model.config, 1, n, model.dtype, device=dev)  # type: ignore[attr-defined]
+        meta = AttentionMetadata(torch.arange(n, device=dev), [0, n], [n], torch.arange(n, device=dev),
+                                 torch.zeros(1, 1, dtype=torch.long, device=dev))
+        model(torch.tensor(token_ids, device=dev), meta, fp.layers())
+        self.k_scale.copy_(key_scales_from_cache(fp.k.float(), n))

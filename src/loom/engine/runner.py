@@ -10,7 +10,7 @@ from loom.engine.kv_cache import KVCache
 from loom.engine.scheduler import ScheduledSeq
 from loom.engine.sequence import Sequence
 from loom.layers.attention import AttentionMetadata
-from loom.models.decode_graph import DecodeGraph
+from loom.models.decode_graph import make_decode_graph
 from loom.models.transformer import Transformer
 
 
@@ -29,10 +29,11 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.layers = kv_cache.layers()
         self.block_size = kv_cache.block_size
-        # The scripted step reads fp caches; an int8 cache decodes through the modules (kv_quant.py).
-        use = DecodeGraph.supports(model) and not kv_cache.quantized
-        self.graph = DecodeGraph(model, kv_cache.k, kv_cache.v) if use else None
-        self.use_graph = use_graph  # decode-only steps run the scripted step (see decode_graph.py)
+        # The scripted step (CPU) or CUDA graphs (GPU) read fp caches; an int8 cache decodes through the
+        # modules (kv_quant.py).
+        self.graph = make_decode_graph(model, kv_cache)
+        self.use_graph = use_graph  # decode-only steps run the graph (see decode_graph.py, cuda_graph.py)
+        self.device = model.device
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> RunnerOutput:
@@ -69,8 +70,8 @@ class ModelRunner:
                 logits = logits[sample_rows]
             return RunnerOutput(sample_seqs, logits, verify=verify)
         meta = AttentionMetadata(torch.tensor(positions, dtype=torch.long), starts, context_lens, torch.tensor(slots),
-                                 _tables([item.seq.block_table for item in scheduled]))
-        hidden = self.model(torch.tensor(ids), meta, self.layers)
+                                 _tables([item.seq.block_table for item in scheduled])).to(self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.layers)
         logits = self.model.compute_logits(hidden[sample_rows]).float()
         prompt_logits = {}
         for i, item in enumerate(scheduled):
@@ -90,8 +91,9 @@ class ModelRunner:
         if self.graph is not None and self.use_graph:
             return self.graph(torch.tensor(ids), positions_t, torch.tensor(slots), tables_t,
                               torch.tensor(context_lens)).float()
-        meta = AttentionMetadata(positions_t, list(range(len(ids) + 1)), context_lens, torch.tensor(slots), tables_t)
-        return self.model.compute_logits(self.model(torch.tensor(ids), meta, self.layers)).float()
+        meta = AttentionMetadata(positions_t, list(range(len(ids) + 1)), context_lens, torch.tensor(slots),
+                                 tables_t).to(self.device)
+        return self.model.compute_logits(self.model(torch.tensor(ids, device=self.device), meta, self.layers)).float()
 
 
 def _tables(tables: list[list[int]]) -> torch.Tensor:

@@ -123,28 +123,35 @@ def _banned(row: SamplingRow, vocab: int) -> list[int]:
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """Raw logits [N, V] -> one token per row. Plain greedy rows (no penalties or bias) are decided
-    together with one argmax; the rest row by row."""
+    together with one argmax (on the logits' device); the rest row by row, on the CPU (GPU logits are
+    copied over once), so a seeded row draws from its CPU generator exactly as on a CPU run."""
     vocab = logits.shape[-1]
+    dev = logits.device
     plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.has_penalties
              and not r.params.logit_bias]
     out = [0] * len(rows)
     if plain:
         # The min_tokens ban is applied in place and undone after the argmax: the caller's logits (read
         # again for logprobs) come back unchanged, and no [N, V] copy is made.
-        bans = [(i, torch.tensor(b, dtype=torch.long)) for i in plain if rows[i].params.min_tokens
+        bans = [(i, torch.tensor(b, dtype=torch.long, device=dev)) for i in plain if rows[i].params.min_tokens
                 for b in [_banned(rows[i], vocab)] if b]
         saved = [logits[i, b].clone() for i, b in bans]
         for i, b in bans:
             logits[i, b] = float("-inf")
-        sub = logits if len(plain) == len(rows) else logits[torch.tensor(plain, dtype=torch.long)]
+        sub = logits if len(plain) == len(rows) else logits[torch.tensor(plain, dtype=torch.long, device=dev)]
         for i, token in zip(plain, torch.argmax(sub, dim=-1).tolist()):
             out[i] = token
         for (i, b), value in zip(bans, saved):
             logits[i, b] = value
     done = set(plain)
-    for i, row in enumerate(rows):
-        if i not in done:
-            out[i] = sample_row(logits[i], row)
+    rest = [i for i in range(len(rows)) if i not in done]
+    if rest and dev.type != "cpu":
+        host = logits[torch.tensor(rest, device=dev)].cpu()
+        for j, i in enumerate(rest):
+            out[i] = sample_row(host[j], rows[i])
+        return out
+    for i in rest:
+        out[i] = sample_row(logits[i], rows[i])
     return out
 
 
@@ -155,15 +162,18 @@ def top_logprobs(logits: torch.Tensor, chosen: Sequence[int], top_n: int) -> lis
     before penalties, temperature or filters (what OpenAI and vLLM report). Rank 1 is the most likely.
     """
     lp = torch.log_softmax(logits.float(), dim=-1)
-    idx = torch.tensor(list(chosen), dtype=torch.long)
+    idx = torch.tensor(list(chosen), dtype=torch.long, device=lp.device)
     chosen_lp = lp.gather(1, idx[:, None])[:, 0]
-    ranks = (lp > chosen_lp[:, None]).sum(dim=-1) + 1
+    ranks = ((lp > chosen_lp[:, None]).sum(dim=-1) + 1).cpu()
     top = torch.topk(lp, top_n, dim=-1) if top_n > 0 else None
+    chosen_lp = chosen_lp.cpu()
+    if top is not None:
+        top = (top.values.cpu(), top.indices.cpu())
     out = []
     for i, token in enumerate(chosen):
         row = [(int(token), float(chosen_lp[i]), int(ranks[i]))]
         if top is not None:
-            for r, (v, t) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist())):
+            for r, (v, t) in enumerate(zip(top[0][i].tolist(), top[1][i].tolist())):
                 if t != token:
                     row.append((t, v, r + 1))
         out.append(row)

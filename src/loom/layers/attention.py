@@ -71,13 +71,20 @@ class AttentionMetadata:
         idx = [i for i in range(self.num_seqs) if self.query_start[i + 1] - self.query_start[i] == 1]
         if len(idx) < 2:
             return None
-        rows = torch.tensor([self.query_start[i] for i in idx], dtype=torch.long)
+        dev = self.block_tables.device
+        rows = torch.tensor([self.query_start[i] for i in idx], dtype=torch.long, device=dev)
         if len(idx) == self.num_seqs:
             tables = self.block_tables
         else:
-            tables = self.block_tables.index_select(0, torch.tensor(idx, dtype=torch.long))
-        lens = torch.tensor([self.context_lens[i] for i in idx], dtype=torch.long)
+            tables = self.block_tables.index_select(0, torch.tensor(idx, dtype=torch.long, device=dev))
+        lens = torch.tensor([self.context_lens[i] for i in idx], dtype=torch.long, device=dev)
         return idx, rows, tables, lens
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        """The same metadata with its tensors on ``device`` (the Python lists stay as they are)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return AttentionMetadata(self.positions.to(device), self.query_start, self.context_lens,
+                                 move(self.slot_mapping), move(self.block_tables))
 
     @classmethod
     def uncached(cls, lengths: Sequence[int]) -> AttentionMetadata:
@@ -155,11 +162,11 @@ class Attention(nn.Module):
         s, e = meta.query_start[i], meta.query_start[i + 1]
         length = meta.context_lens[i]
         if cache is not None:
-            table = meta.tables[i]
+            table, row = meta.tables[i], meta.block_tables[i]  # the list for views, the tensor for gathers
             if isinstance(cache, Int8LayerKV):
-                ki, vi = cache.gather(table, length)
+                ki, vi = cache.gather(table, length, row, q.dtype)
             else:
-                ki, vi = gather_kv(cache[0], table, length), gather_kv(cache[1], table, length)
+                ki, vi = gather_kv(cache[0], table, length, row), gather_kv(cache[1], table, length, row)
         else:
             ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         bias = None

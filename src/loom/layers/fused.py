@@ -1,5 +1,6 @@
 """Elementwise steps of a decoder layer, each as one native kernel when loom's native ops are built
-(see loom/native), else as the PyTorch composition that defines it. Tests hold the two equal."""
+(see loom/native) and the tensor is on the CPU, else (no build, or a GPU tensor) as the PyTorch
+composition that defines it. Tests hold the two equal."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if native_ops():
+    if x.device.type == "cpu" and native_ops():
         return torch.ops.loom.rms_norm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
@@ -33,7 +34,7 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if native_ops():
+    if gate_up.device.type == "cpu" and native_ops():
         return torch.ops.loom.silu_and_mul(gate_up)
     return silu_and_mul_torch(gate_up)
 
@@ -44,6 +45,6 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if native_ops() and x.stride(-1) == 1:
+    if x.device.type == "cpu" and native_ops() and x.stride(-1) == 1:
         return torch.ops.loom.rope(x, cos, sin)
     return rope_torch(x, cos, sin)

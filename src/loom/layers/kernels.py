@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,9 @@ def _online_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, j_start: 
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Running (m, l, o) of the online softmax over keys [j_start, j_end) in tiles; fp32."""
     hq, tq, d = q.shape
-    m = torch.full((hq, tq, 1), float("-inf"))
-    l = torch.zeros(hq, tq, 1)
-    o = torch.zeros(hq, tq, v.shape[-1])
+    m = torch.full((hq, tq, 1), float("-inf"), device=q.device)
+    l = torch.zeros(hq, tq, 1, device=q.device)
+    o = torch.zeros(hq, tq, v.shape[-1], device=q.device)
     for j0 in range(j_start, j_end, tile):
         j1 = min(j0 + tile, j_end)
         s = _tile_scores(q, k[:, j0:j1], j0, tk, scale, window, bias, causal)
@@ -117,7 +117,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     groups = hq // k.shape[0]
     kf, vf = _expand_kv(k.float(), groups), _expand_kv(v.float(), groups)
-    out = torch.empty(hq, tq, v.shape[-1])
+    out = torch.empty(hq, tq, v.shape[-1], device=q.device)
     for i0 in range(0, tq, block_q):
         i1 = min(i0 + block_q, tq)
         qi = q[:, i0:i1].float()
@@ -150,7 +150,7 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
         outs.append(torch.where(l > 0, o / l.clamp_min(1e-38), torch.zeros_like(o)))
         lses.append(torch.where(l > 0, m + torch.log(l.clamp_min(1e-38)), torch.full_like(l, float("-inf"))))
     if not outs:
-        return torch.zeros(hq, tq, v.shape[-1], dtype=q.dtype)
+        return torch.zeros(hq, tq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.stack(lses)  # [S, Hq, Tq, 1]
     total = torch.logsumexp(lse, dim=0)
     total_safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
@@ -217,22 +217,26 @@ class SlotWrites:
     end: int = 0
     slots: torch.Tensor | None = None  # indexed path
     keep: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")  # where the slot mapping lives
 
     @classmethod
     def plan(cls, slot_mapping: torch.Tensor) -> SlotWrites:
         slots = slot_mapping.tolist()
         if slots and slots[0] >= 0 and slots == list(range(slots[0], slots[0] + len(slots))):
-            return cls(start=slots[0], end=slots[0] + len(slots))
+            return cls(start=slots[0], end=slots[0] + len(slots), device=slot_mapping.device)
         keep = None
         if any(x < 0 for x in slots):
             keep = slot_mapping >= 0
             slot_mapping = slot_mapping[keep]
-        return cls(slots=slot_mapping, keep=keep)
+        return cls(slots=slot_mapping, keep=keep, device=slot_mapping.device)
 
     @cached_property
     def flat_slots(self) -> torch.Tensor:
-        """The destination slots as one index tensor (for caches that quantize on the way in)."""
-        return torch.arange(self.start, self.end) if self.slots is None else self.slots
+        """The destination slots as one index tensor (for caches that quantize on the way in). Only the
+        indexed path knows the device; callers on a GPU pass slot mappings that take it (see ``plan``)."""
+        if self.slots is not None:
+            return self.slots
+        return torch.arange(self.start, self.end, device=self.device)
 
     def kept(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of k and v that are written (padding dropped), in ``flat_slots`` order."""
@@ -254,17 +258,22 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     flat_v.index_copy_(0, writes.slots, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, blocks: list[int], length: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """The first ``length`` cached tokens of one sequence, as a head-major view [Hkv, length, D].
 
     ``blocks`` is the sequence's block table. A single block is a view into the cache (no copy);
-    otherwise the blocks are gathered.
+    otherwise the blocks are gathered, through ``index`` (the same table as a tensor on the cache's
+    device, e.g. a row of the batch's block tables: no host-to-device copy per layer) when given.
     """
     block_size = cache.shape[1]
     n = -(-length // block_size)
     if n == 1:
         return cache[blocks[0], :length].transpose(0, 1)
-    gathered = cache.index_select(0, torch.tensor(blocks[:n], dtype=torch.long))  # [n, B, Hkv, D]
+    if index is not None and index.device == cache.device:
+        index = index[:n]
+    else:
+        index = torch.tensor(blocks[:n], dtype=torch.long, device=cache.device)
+    gathered = cache.index_select(0, index)  # [n, B, Hkv, D]
     return gathered.view(n * block_size, cache.shape[2], cache.shape[3])[:length].transpose(0, 1)
 
 
@@ -275,9 +284,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q [B, Hq, D]; block_tables [B, max_blocks] (padding entries may be any valid block);
     context_lens [B]; window 0 means none. Returns [B, Hq, D]. Runs the native kernel (which reads
-    the blocks in place) when it is built, else the PyTorch version.
+    the blocks in place) on CPU tensors when it is built, else (and on a GPU) the PyTorch version.
     """
-    fn = paged_decode_attention_native if use_native_decode_attention() else paged_decode_attention_torch
+    native = q.device.type == "cpu" and use_native_decode_attention()
+    fn = paged_decode_attention_native if native else paged_decode_attention_torch
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
@@ -309,14 +319,34 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         v = v_cache[int(block_tables[0, 0]), start:n].transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=hq != hkv)
         return out.squeeze(2)
+    return paged_decode_attention_masked(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+def decode_visibility(context_lens: torch.Tensor, length: int, window: int) -> torch.Tensor:
+    """Boolean [B, length]: key j of sequence i is visible to its one new query (j < context length, and
+    within the window when one is set)."""
+    j = torch.arange(length, device=context_lens.device).unsqueeze(0)
+    visible = j < context_lens.unsqueeze(1)
+    if window > 0:
+        visible = visible & (j >= context_lens.unsqueeze(1) - window)
+    return visible
+
+
+def paged_decode_attention_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  window: int, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``paged_decode_attention_torch``'s general case: every shape is fixed by the arguments' shapes and
+    nothing is read back to the host, so a CUDA graph can capture it (see models/cuda_graph.py).
+    ``visible``: ``decode_visibility`` of these lengths and window, when the caller computed it once for
+    all layers."""
+    b, hq, d = q.shape[0], q.shape[1], q.shape[2]
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     flat = block_tables.reshape(-1)
     length = block_tables.shape[1] * block_size
     k = k_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
     v = v_cache.index_select(0, flat).view(b, length, hkv, d).transpose(1, 2)
-    j = torch.arange(length, device=q.device).unsqueeze(0)
-    visible = j < context_lens.unsqueeze(1)
-    if window > 0:
-        visible = visible & (j >= context_lens.unsqueeze(1) - window)
+    if visible is None:
+        visible = decode_visibility(context_lens, length, window)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale,
                                          enable_gqa=hq != hkv)
     return out.squeeze(2)

@@ -42,12 +42,19 @@ class Int8LayerKV(tuple):
         self.v_scale.view(-1, vc.shape[2]).index_copy_(0, slots, scale)
         self.v_zero.view(-1, vc.shape[2]).index_copy_(0, slots, zero)
 
-    def gather(self, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` tokens of a sequence, dequantized, head-major [Hkv, length, D]."""
-        idx = torch.tensor(blocks[: -(-length // self[0].shape[1])], dtype=torch.long)
+    def gather(self, blocks: list[int], length: int, index: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` tokens of a sequence, dequantized to ``dtype`` (the queries'), head-major
+        [Hkv, length, D]; ``index``: the block table as a tensor on the cache's device, if at hand."""
+        n = -(-length // self[0].shape[1])
+        if index is not None and index.device == self[0].device:
+            idx = index[:n]
+        else:
+            idx = torch.tensor(blocks[:n], dtype=torch.long, device=self[0].device)
         k, v = self.dequantize(idx)
         hkv, d = k.shape[-2], k.shape[-1]
-        return (k.reshape(-1, hkv, d)[:length].transpose(0, 1), v.reshape(-1, hkv, d)[:length].transpose(0, 1))
+        return (k.reshape(-1, hkv, d)[:length].transpose(0, 1).to(dtype),
+                v.reshape(-1, hkv, d)[:length].transpose(0, 1).to(dtype))
 
     def dequantize(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 K and V of whole blocks [n, block_size, Hkv, D]."""
@@ -62,8 +69,8 @@ class Int8LayerKV(tuple):
         from loom.layers.kernels import paged_decode_attention_torch
 
         k, v = self.dequantize(block_tables.reshape(-1))  # the sequences' blocks, in table order
-        local = torch.arange(block_tables.numel()).view(block_tables.shape)
-        return paged_decode_attention_torch(q, k, v, local, context_lens, scale, window)
+        local = torch.arange(block_tables.numel(), device=block_tables.device).view(block_tables.shape)
+        return paged_decode_attention_torch(q, k.to(q.dtype), v.to(q.dtype), local, context_lens, scale, window)
 
 
 def quantize_keys(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ class RotaryEmbedding(nn.Module):
         self._build(max_position)
 
     def _build(self, n: int) -> None:
-        t = torch.arange(n, dtype=torch.int64).float()
+        t = torch.arange(n, dtype=torch.int64, device=self.inv_freq.device).float()
         freqs = torch.outer(t, self.inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cached", emb.cos() * self.attention_factor, persistent=False)
@@ -95,14 +95,23 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> RopeTables:
         """cos and sin rows [T, rotary_dim] of the given positions."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self.cos_cached.shape[0]:
-            self._build(max(needed, 2 * self.cos_cached.shape[0]))
+        self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
         return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
+
+    def ensure(self, n: int) -> None:
+        """Make the tables cover positions [0, n)."""
+        if n > self.cos_cached.shape[0]:
+            self._build(max(n, 2 * self.cos_cached.shape[0]))
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> RopeTables:
         """(cos, signed sin), each [T, 1, rotary_dim], ready to broadcast over heads."""
         cos, sin = self.cos_sin(positions, dtype)
+        return cos.unsqueeze(1), (sin * self.sign.to(dtype)).unsqueeze(1)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> RopeTables:
+        """``prepare`` without growing the tables (the caller has called ``ensure``): no value is read
+        back to the host, so a CUDA graph can capture it."""
+        cos, sin = self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
         return cos.unsqueeze(1), (sin * self.sign.to(dtype)).unsqueeze(1)
 
     def apply(self, x: torch.Tensor, tables: RopeTables) -> torch.Tensor:

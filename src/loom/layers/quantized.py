@@ -12,10 +12,16 @@ Q4_1: scale d, offset m; Q8_0: signed codes, offset 0 after the +128 shift is fo
   loom       loom's native kernel: fp32 activations, weights dequantized in registers (exact up to
              summation order); codes in int4 (bits <= 4) or int8 (5..8 bits) containers, any group
              that is a multiple of 32
-  torch      torch's CPU kernels: ``_weight_int4pack_mm_for_cpu`` (bits <= 4, groups 32/64/128/256,
+  torch      torch's kernels. CPU: ``_weight_int4pack_mm_for_cpu`` (bits <= 4, groups 32/64/128/256,
              out features divisible by 16) or ``_weight_int8pack_mm`` (8-bit symmetric per channel);
-             bf16 activations and scales, as their fast paths require
+             bf16 activations and scales, as their fast paths require. CUDA: ``_weight_int4pack_mm``
+             (tinygemm; layout and scales in cuda_quant.py) and ``_weight_int8pack_mm`` where the
+             torch build has a CUDA kernel for it
   reference  dequantize, then an fp32 matmul: runs anywhere, the definition the others are tested against
+
+The kernel follows the layer's device: a layer built on (or moved to) a GPU re-chooses its backend
+there ("auto": torch's CUDA kernels where they take the format, else the reference) and re-packs its
+codes for it; loom's own kernels are CPU code.
 ``W8A8Linear`` quantizes activations too (SmoothQuant's setting): per-token dynamic int8 activations
 times per-channel int8 weights through ``torch._int_mm`` (int32 accumulation).
 
@@ -32,9 +38,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from loom.layers.cuda_quant import cuda_int4_problem, int4pack_cuda_tensors, int4pack_mm_cuda, int8pack_cuda_dtype
 from loom.layers.linear import Linear, linear
 
-DENSE, LOOM, TORCH_INT4, TORCH_INT8, W8A8, REFERENCE = 0, 1, 2, 3, 4, 5
+DENSE, LOOM, TORCH_INT4, TORCH_INT8, W8A8, REFERENCE, TORCH_INT4_CUDA = 0, 1, 2, 3, 4, 5, 6
 BACKENDS = ("auto", "loom", "torch", "reference")
 TORCH_INT4_GROUPS = (32, 64, 128, 256)
 
@@ -66,6 +73,14 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.offsets.to(device), self.bits,
+                               self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
@@ -137,11 +152,14 @@ def apply_linear(x: torch.Tensor, kind: int, t: List[torch.Tensor], bits: int, g
         return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, bits, group)
     if kind == 2:  # TORCH_INT4
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], group, t[1]).to(x.dtype)
-    if kind == 3:  # TORCH_INT8
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), t[0], t[1]).to(x.dtype)
+    if kind == 6:  # TORCH_INT4_CUDA
+        return int4pack_mm_cuda(x, t[0], group, t[1])
+    if kind == 3:  # TORCH_INT8: activations in the scales' dtype (bf16 on CPU; what the CUDA build takes)
+        return torch.ops.aten._weight_int8pack_mm(x.to(t[1].dtype), t[0], t[1]).to(x.dtype)
     if kind == 4:  # W8A8
         return w8a8_matmul(x, t[0], t[1])
-    return linear(x, dequantize_kernel_weight(t[0], t[1], t[2], bits, group))  # REFERENCE
+    # REFERENCE: the definition in fp32, rounded to x's dtype
+    return linear(x.float(), dequantize_kernel_weight(t[0], t[1], t[2], bits, group)).to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +169,19 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def w8a8_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """(q_x s_x)(q_w s_w)^T computed as s_x s_w (q_x q_w^T), the integer product in int32 (torch._int_mm)."""
+    """(q_x s_x)(q_w s_w)^T computed as s_x s_w (q_x q_w^T), the integer product in int32 (torch._int_mm).
+    On CUDA, where torch._int_mm wants more than 16 rows (and K, N multiples of 8), fewer rows are padded
+    to 17 with zero rows whose products are dropped. (17 is spelled out: TorchScript reads no module
+    constants.)"""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     qx, sx = quantize_activations(x2)
-    acc = torch._int_mm(qx, w_int8.t())
+    m = qx.shape[0]
+    if qx.is_cuda and m < 17:
+        pad = torch.zeros(17 - m, qx.shape[1], dtype=qx.dtype, device=qx.device)
+        acc = torch._int_mm(torch.cat([qx, pad]), w_int8.t())[:m]
+    else:
+        acc = torch._int_mm(qx, w_int8.t())
     y = acc.float() * sx * w_scale.unsqueeze(0)
     return y.to(x.dtype).reshape(list(shape[:-1]) + [w_int8.shape[0]])
 
@@ -170,8 +196,10 @@ def _native_available() -> bool:
 
 
 def torch_backend_problem(qt: QuantizedTensor) -> str | None:
-    """Why torch's int4/int8 CPU kernels cannot run this format, or None if they can."""
+    """Why torch's int4/int8 kernels on the tensor's device cannot run this format, or None if they can."""
     n, k = qt.shape
+    if qt.device.type == "cuda" and qt.bits <= 4:
+        return cuda_int4_problem(qt)
     if qt.bits <= 4:
         if qt.group_size not in TORCH_INT4_GROUPS:
             return f"torch's int4 kernel takes groups {TORCH_INT4_GROUPS}, not {qt.group_size}"
@@ -183,11 +211,15 @@ def torch_backend_problem(qt: QuantizedTensor) -> str | None:
             return "torch's int8 kernel takes one scale per output channel (group size = in features)"
         if not torch.equal(qt.offsets, -128.0 * qt.scales):
             return "torch's int8 kernel takes symmetric weights (offset = -128 scale)"
+        if qt.device.type == "cuda" and int8pack_cuda_dtype(str(qt.device)) is None:
+            return f"this torch build ({torch.__version__}) has no working CUDA kernel for _weight_int8pack_mm"
         return None
     return f"torch has no {qt.bits}-bit kernel"
 
 
 def loom_backend_problem(qt: QuantizedTensor) -> str | None:
+    if qt.device.type != "cpu":
+        return f"loom's quantized kernels are CPU code; this weight is on {qt.device.type}"
     if qt.group_size % 32:
         return f"loom's kernel needs groups that are multiples of 32, got {qt.group_size}"
     if not _native_available():
@@ -196,6 +228,8 @@ def loom_backend_problem(qt: QuantizedTensor) -> str | None:
 
 
 def choose_backend(qt: QuantizedTensor, backend: str = "auto") -> str:
+    """The backend that runs ``qt`` on its device: "auto" takes loom's kernel (CPU), else torch's, else the
+    reference; a named backend that cannot run the format raises QuantizationError saying why."""
     backend = os.environ.get("LOOM_QUANT_BACKEND", backend) if backend == "auto" else backend
     if backend not in BACKENDS:
         raise QuantizationError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -215,42 +249,60 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.bits, self.group_size = qt.bits, qt.group_size
-        self.backend = choose_backend(qt, backend)
+        self.requested_backend = backend
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         # Codes in the loom kernel's containers (int4 pairs, or int8 = code - 128); scales and offsets
         # as given, so that ``quantized()`` returns exactly what was put in.
         # Shapes that int4 pairs cannot hold (inputs not a multiple of 32) use the int8 container.
         self.container_bits = 4 if qt.bits <= 4 and self.in_features % 32 == 0 else 8
         if self.container_bits == 4:
-            q, kernel_offsets = pack_int4(qt.codes), qt.offsets.float()
-        else:  # the -128 shift of the codes moves into the kernel's offset
+            q = pack_int4(qt.codes)
+        else:
             q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-            kernel_offsets = qt.offsets.float() + 128.0 * qt.scales.float()
-            if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
-                kernel_offsets = torch.empty(0)
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scales", qt.scales.float().contiguous())
         self.register_buffer("offsets", qt.offsets.float().contiguous())
+        self._prepare_kernel(qt)
+
+    def _prepare_kernel(self, qt: QuantizedTensor) -> None:
+        """Choose the backend for the device the buffers are on and build the tensors its kernel reads."""
+        self.backend = choose_backend(qt, self.requested_backend)
+        if self.container_bits == 4:
+            kernel_offsets = self.offsets
+        else:  # the -128 shift of the codes moves into the kernel's offset
+            kernel_offsets = self.offsets + 128.0 * self.scales
+            if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
+                kernel_offsets = torch.empty(0, device=self.offsets.device)
         self.kind = LOOM if self.backend == "loom" else REFERENCE
         self.kernel_tensors: list[torch.Tensor] = [self.qweight, self.scales, kernel_offsets.contiguous()]
         if self.backend == "torch":
             self.kind, self.kernel_tensors = self._torch_tensors(qt)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """After ``.to(device)`` (or any buffer conversion) the kernel is chosen and packed again, for the
+        buffers' new device: the derived tensors are not buffers and would otherwise stay behind."""
+        super()._apply(fn, recurse)
+        self._prepare_kernel(self.quantized())
+        return self
+
     def _torch_tensors(self, qt: QuantizedTensor) -> tuple[int, list[torch.Tensor]]:
+        if qt.bits <= 4 and qt.device.type == "cuda":
+            return TORCH_INT4_CUDA, int4pack_cuda_tensors(qt)
         if qt.bits <= 4:
             # torch: w = (q - 8) * scale + zero  =>  zero = offset + 8 scale.
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)
             sz = torch.stack((qt.scales, qt.offsets + 8.0 * qt.scales), dim=-1).transpose(0, 1)
             return TORCH_INT4, [packed, sz.to(torch.bfloat16).contiguous()]
         w = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
-        return TORCH_INT8, [w, qt.scales[:, 0].to(torch.bfloat16).contiguous()]
+        act = int8pack_cuda_dtype(str(qt.device)) if qt.device.type == "cuda" else torch.bfloat16
+        return TORCH_INT8, [w, qt.scales[:, 0].to(act).contiguous()]
 
     def kernel_args(self) -> tuple[int, list[torch.Tensor], int, int]:
         return self.kind, self.kernel_tensors, self.container_bits, self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = apply_linear(x, self.kind, self.kernel_tensors, self.container_bits, self.group_size)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def quantized(self) -> QuantizedTensor:
         """The portable form back, exactly as it was given."""
@@ -298,7 +350,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = w8a8_matmul(x, self.weight_int8, self.weight_scale)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, List, Tuple
+from typing import TYPE_CHECKING, Callable, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ from loom.layers import fused, kernels
 from loom.layers.linear import Linear
 from loom.layers.quantized import QuantizedLinear, W8A8Linear, apply_linear, dense_kernel_args
 from loom.models.transformer import Transformer
+
+if TYPE_CHECKING:
+    from loom.engine.kv_cache import KVCache
+    from loom.models.cuda_graph import CudaGraphDecode
 
 
 LinearSpec = Tuple[int, List[torch.Tensor], int, int]  # (kind, tensors, bits, group): see quantized.apply_linear
@@ -133,7 +137,7 @@ class DecodeGraph:
         return (c.norm == "rmsnorm" and c.norm_placement == "pre" and c.final_norm and not c.norm_bias
                 and c.gated_mlp and c.activation == "silu" and not c.mlp_bias and not c.attn_out_bias
                 and c.position == "rope" and c.rotary_dim == c.head_dim
-                and model.dtype == torch.float32
+                and model.dtype == torch.float32 and model.device.type == "cpu"
                 and all(type(m) in (Linear, QuantizedLinear, W8A8Linear) for l in model.layers
                         for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj))
                 and (model.lm_head is None or type(model.lm_head) in (Linear, QuantizedLinear, W8A8Linear)))
@@ -152,3 +156,15 @@ class DecodeGraph:
         capacity = self.k[0].shape[1]
         return self(torch.tensor([token]), torch.tensor([pos]), torch.tensor([block * capacity + pos]),
                     block_table, torch.tensor([pos + 1]))
+
+
+def make_decode_graph(model: Transformer, kv_cache: KVCache) -> Union[DecodeGraph, CudaGraphDecode, None]:
+    """The decode-step accelerator for the model's device: the scripted step on the CPU, CUDA graphs on a
+    GPU; None where neither takes the model (other shapes, an int8 KV cache): the module path runs."""
+    if kv_cache.quantized:
+        return None
+    if model.device.type == "cuda":
+        from loom.models.cuda_graph import CudaGraphDecode
+
+        return CudaGraphDecode(model, kv_cache.k, kv_cache.v) if CudaGraphDecode.supports(model) else None
+    return DecodeGraph(model, kv_cache.k, kv_cache.v) if DecodeGraph.supports(model) else None

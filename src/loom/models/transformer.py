@@ -102,9 +102,15 @@ class Transformer(nn.Module):
             h = h + self.pos_table[positions]
         return h
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: KVCaches | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for a flat batch of T tokens."""
+        if meta.positions.device != input_ids.device:  # e.g. AttentionMetadata.uncached() for a GPU model
+            meta = meta.to(input_ids.device)
         h = self.embed(input_ids, meta.positions)
         rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
@@ -125,7 +131,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> Transformer:
         """Random weights (normal(0, std); norms at 1, biases at 0) for tests and experiments."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same weights on every device
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.fill_(1.0) if name.endswith("weight") else p.zero_()

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from loom.config import ModelConfig
+from loom.device import default_dtype, resolve_device
 from loom.layers.quantized import QuantizedLinear, QuantizedTensor
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
@@ -70,27 +71,34 @@ def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Ca
 WEIGHTS = ("native", "fp32", "bf16")
 
 
-def choose_weights(weights: str | None, dtype: str | torch.dtype | None) -> tuple[str | None, str | torch.dtype]:
+def choose_weights(weights: str | None, dtype: str | torch.dtype | None,
+                   device: str | torch.device | None = None) -> tuple[str | None, str | torch.dtype]:
     """(weights, dtype) for ``load_model`` from what a user gave: nothing means native (quantized files
-    run quantized); a dtype alone means dense in that dtype."""
+    run quantized); a dtype alone means dense in that dtype. The dtype left unsaid is the device's
+    default (fp32 on the CPU, bf16 on CUDA)."""
+    fallback = default_dtype(resolve_device(device))
     if weights is None and dtype is None:
-        return "native", torch.float32
-    return weights, dtype if dtype is not None else torch.float32
+        return "native", fallback
+    return weights, dtype if dtype is not None else fallback
 
 
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.float32,
-               kernel: str = "sdpa", weights: str | None = None) -> LoadedModel:
+               kernel: str = "sdpa", weights: str | None = None,
+               device: str | torch.device | None = None) -> LoadedModel:
     """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors.
 
     ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
-    the int4 / int8 kernels, a loom-quantized checkpoint loads as saved) with fp32 everywhere else;
-    "fp32" / "bf16" dequantize everything to that dtype. None means ``dtype`` (all dense).
+    the int4 / int8 kernels, a loom-quantized checkpoint loads as saved) with the device's default
+    dtype everywhere else (fp32 on the CPU, bf16 on CUDA); "fp32" / "bf16" dequantize everything to
+    that dtype. None means ``dtype`` (all dense). ``device``: "cpu" (default) or "cuda"; the model is
+    built on the CPU and moved there, quantized linears are packed for that device's kernels.
     """
     path = os.fspath(path)
+    dev = resolve_device(device)
     if weights is not None:
         if weights not in WEIGHTS:
             raise ValueError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
-        dtype = {"native": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}[weights]
+        dtype = {"native": default_dtype(dev), "fp32": torch.float32, "bf16": torch.bfloat16}[weights]
     dtype = resolve_dtype(dtype)
     native = weights == "native"
     t0 = time.perf_counter()
@@ -102,7 +110,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
         quant = read_quantization(path)
         filled: set[str] = set()
         if quant is not None:
-            sources, filled = load_quantized_linears(model, quant, sources, ckpt, dequantize=not native)
+            sources, filled = load_quantized_linears(model, quant, sources, ckpt, dequantize=not native, device=dev)
         fill_parameters(model, sources, lambda n: ckpt.tensor(n).float(), path, filled)
         fmt, metadata = "hf", None
     elif os.path.isfile(path):
@@ -113,7 +121,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
             sources = gguf_tensor_sources(config)
             filled: set[str] = set()
             if native:
-                sources, filled = native_gguf_linears(model, g, sources)
+                sources, filled = native_gguf_linears(model, g, sources, dev)
             fill_parameters(model, sources, lambda n: read_gguf_tensor(g, config, n), path, filled)
         finally:
             g.close()
@@ -121,14 +129,17 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     else:
         raise WeightsError(path, "no such file or folder")
     model.eval().requires_grad_(False)
+    if dev.type != "cpu":
+        model.to(dev)
     return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
 
 
-def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]]
-                        ) -> tuple[dict[str, list[str]], set[str]]:
-    """Replace the linears whose GGUF parts are all Q4_0 / Q4_1 / Q8_0 (one type) by quantized ones;
-    return the sources still to fill densely and the parameters already filled. A tied output layer gets its own quantized copy of
-    the embedding (the lookup table stays dense: it reads one row per token)."""
+def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]],
+                        device: torch.device | None = None) -> tuple[dict[str, list[str]], set[str]]:
+    """Replace the linears whose GGUF parts are all Q4_0 / Q4_1 / Q8_0 (one type) by quantized ones, built
+    on ``device`` (so that their kernels are chosen for it); return the sources still to fill densely
+    and the parameters already filled. A tied output layer gets its own quantized copy of the
+    embedding (the lookup table stays dense: it reads one row per token)."""
     sources = dict(sources)
     filled: set[str] = set()
     targets = [name[: -len(".weight")] for name in sources
@@ -145,7 +156,8 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
         bias = None
         if target + ".bias" in sources:
             bias = torch.cat([read_gguf_tensor(g, model.config, p) for p in sources.pop(target + ".bias")])
-        model.replace_module(target, QuantizedLinear(QuantizedTensor.cat(qts), bias))  # type: ignore[arg-type]
+        qt = QuantizedTensor.cat(qts).to(device or "cpu")  # type: ignore[arg-type]
+        model.replace_module(target, QuantizedLinear(qt, None if bias is None else bias.to(qt.device)))
         del sources[target + ".weight"]
         if bias is not None:
             filled.add(target + ".bias")

@@ -108,13 +108,18 @@ def read_quantization(folder: str) -> dict[str, Any] | None:
 
 
 def load_quantized_linears(model: Transformer, quant: dict[str, Any], sources: dict[str, list[str]], ckpt: Any,
-                           dequantize: bool = False) -> tuple[dict[str, list[str]], set[str]]:
-    """Install the checkpoint's quantized linears (or their dequantized weights, if ``dequantize``);
-    return the sources still to be filled densely and the parameters already filled."""
+                           dequantize: bool = False, device: torch.device | None = None
+                           ) -> tuple[dict[str, list[str]], set[str]]:
+    """Install the checkpoint's quantized linears (or their dequantized weights, if ``dequantize``), built on
+    ``device``; return the sources still to be filled densely and the parameters already filled.
+    A recorded "loom" backend (CPU kernels) means "auto" on a GPU."""
     sources = dict(sources)
     filled: set[str] = set()
     bits = int(quant["bits"])
+    dev = torch.device(device or "cpu")
     backend = str(quant.get("backend", "auto"))
+    if dev.type != "cpu" and backend == "loom":
+        backend = "auto"
     if "lm_head.qweight" in ckpt or "lm_head.weight_int8" in ckpt:
         sources.setdefault("lm_head.weight", ["lm_head.weight"])
     for name in [n for n in sources if n.endswith(".weight")]:
@@ -133,7 +138,7 @@ def load_quantized_linears(model: Transformer, quant: dict[str, Any], sources: d
                 qts.append(QuantizedTensor(codes, scales, ckpt.tensor(p + ".offsets").float(), bits,
                                            codes.shape[1] // scales.shape[1]))
             bias = _bias(sources, target, ckpt)
-            module = QuantizedLinear(QuantizedTensor.cat(qts), bias, backend)
+            module = QuantizedLinear(QuantizedTensor.cat(qts).to(dev), None if bias is None else bias.to(dev), backend)
         else:
             continue
         del sources[name]
