@@ -56,7 +56,7 @@ def _add_speculative_args(p: argparse.ArgumentParser, several: bool = False) -> 
         s.add_argument("--speculative", default=None, choices=["ngram", "draft", "window"],
                        help="ngram: prompt lookup; draft: a draft model (--draft-model); window: self-drafting "
                             "over attention sinks + a recent window")
-    s.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per step (k)")
+    s.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step (k)")
     s.add_argument("--draft-model", default=None, help="the draft model's file or folder (same tokenizer)")
     s.add_argument("--draft-weights", default=None, choices=["native", "fp32", "bf16"],
                    help="how to hold the draft's weights (default: native, e.g. a GGUF's own 4-bit weights)")

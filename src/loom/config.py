@@ -275,7 +275,7 @@ class SpeculativeConfig:
     """
 
     method: str
-    num_tokens: int = 4
+    num_tokens: int = 3  # 1 + 3 rows fill one tile of loom's int4 kernel: k = 4 verified slower here
     draft_model: Any = None
     draft_weights: str | None = None
     ngram_max: int = 3

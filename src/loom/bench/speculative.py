@@ -68,7 +68,7 @@ def speculative_config(method: str, k: int, model_path: str, draft_model: str | 
     return SpeculativeConfig(method, k, window=window, sink_tokens=sink_tokens)
 
 
-def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] = METHODS, num_tokens: int = 4,
+def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] = METHODS, num_tokens: int = 3,
                             draft_model: str | None = None, draft_weights: str | None = None,
                             weights: str | None = None, dtype: str | None = None, gen_len: int = 128,
                             repeats: int = 3, temperature: float = 0.0, window: int = 64, sink_tokens: int = 4,
