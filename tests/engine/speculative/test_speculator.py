@@ -303,3 +303,17 @@ def test_window_proposer_rejects_models_it_cannot_view(models):
     with pytest.raises(ValueError, match="sliding window"):
         WindowProposer(type(engine.runner)(Transformer(ModelConfig(**CFG, sliding_window=16)).init_random(0),
                                            engine.kv_cache), 8, 4, ())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_int8_kv_cache_speculates_losslessly(models, method):
+    """Verification rows and drafts go through the int8 cache's module path (no scripted step)."""
+    target, near, tok = models
+    prompts, params = workload(12, seed=7)
+    outs = {}
+    for spec in (None, spec_config(method, near)):
+        engine = LLMEngine(target, tok, CacheConfig(block_size=4, num_blocks=200, kv_dtype="int8"),
+                           speculative=spec)
+        outs[spec is None] = run_all(engine, prompts, params)
+        assert engine.block_manager.num_used_blocks == 0
+    assert outs[False] == outs[True]
