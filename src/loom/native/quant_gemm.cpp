@@ -5,7 +5,7 @@
 //          GGUF "min" (Q4_1: w = d q + m), or 0 (symmetric / Q8_0)
 //
 // The weights are dequantized in registers, one 32-input chunk at a time, and multiplied against up
-// to kMaxRows activation rows while they are hot, so a decode step reads each quantized byte once.
+// to eight activation rows while they are hot, so a decode step reads each quantized byte once.
 // Activations stay fp32 (no activation rounding: the result equals the dequantized matmul up to
 // summation order), unlike torch's int4/int8 CPU kernels, whose fast paths take bf16 activations
 // and bf16 scales.
@@ -29,7 +29,12 @@
 namespace {
 
 constexpr int64_t kChunk = 32;
-constexpr int kMaxRows = 4;
+// Rows per tile: up to 4 in the two-chunk kernel, 5 to 8 in the one-chunk ("wide") kernel.
+#if defined(__AVX512F__)
+constexpr int kMaxWideRows = 8;
+#else
+constexpr int kMaxWideRows = 4;
+#endif
 
 struct QuantWeight {
   const uint8_t* q;
@@ -98,6 +103,34 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
   }
 }
 
+// Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
+// iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
+// 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
+template <int BITS, int ROWS>
+void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
+                             int64_t n1, const int32_t* group_of_chunk) {
+  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * w.row_bytes;
+    const float* sn = w.s + n * groups;
+    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t g = group_of_chunk[c];
+      __m512 a0, a1;
+      load_chunk<BITS>(row, c, sn[g], zn != nullptr ? zn[g] : 0.f, a0, a1);
+      const float* xc = x + c * kChunk;
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xc + r * ldx), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xc + r * ldx + 16), acc[r][1]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
 #else  // portable: the same arithmetic, one weight at a time
 
 template <int BITS, int ROWS>
@@ -133,15 +166,25 @@ void gemm(const float* x, int64_t m, const QuantWeight& w, float* y) {
   const int32_t* gc = group_of_chunk.data();
   // Few output rows per task: a decode GEMV has N of a few hundred, and both cores must get work.
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < m; r += kMaxRows) {
+    for (int64_t r = 0; r < m;) {
       const float* xr = x + r * w.k;
       float* yr = y + r * w.n;
-      switch (std::min<int64_t>(kMaxRows, m - r)) {
+      const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
+      switch (rows) {
         case 1: rows_times_weights<BITS, 1>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
         case 2: rows_times_weights<BITS, 2>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
         case 3: rows_times_weights<BITS, 3>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+        case 4: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+#if defined(__AVX512F__)
+        case 5: wide_rows_times_weights<BITS, 5>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+        case 6: wide_rows_times_weights<BITS, 6>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+        case 7: wide_rows_times_weights<BITS, 7>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+        default: wide_rows_times_weights<BITS, 8>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+#else
         default: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+#endif
       }
+      r += rows;
     }
   });
 }
