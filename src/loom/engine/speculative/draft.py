@@ -37,7 +37,7 @@ class DraftModelProposer:
                              f"target's ({target_vocab}): they must share a tokenizer")
         self.model = draft
         self.kv_cache = KVCache.from_config(draft.config, CacheConfig(block_size=block_size, num_blocks=num_blocks),
-                                            draft.dtype)
+                                            draft.dtype, draft.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(draft, self.kv_cache, use_graph=decode_graph)
         self.eos_token_ids = tuple(eos_token_ids)

@@ -112,13 +112,16 @@ class SpeculativeStats:
                 "speedup_in_engine": None if self.speedup is None else round(self.speedup, 4)}
 
 
-def load_draft_model(config: SpeculativeConfig) -> Transformer:
+def load_draft_model(config: SpeculativeConfig, device: torch.device) -> Transformer:
+    """The draft model, on the target's device."""
     if isinstance(config.draft_model, Transformer):
+        if config.draft_model.device != device:
+            raise ValueError(f"the draft model is on {config.draft_model.device}, the target on {device}")
         return config.draft_model
     from loom.weights.loader import choose_weights, load_model
 
     weights, dtype = choose_weights(config.draft_weights, None)
-    return load_model(str(config.draft_model), dtype=dtype, weights=weights).model
+    return load_model(str(config.draft_model), dtype=dtype, weights=weights, device=device).model
 
 
 class Speculator:
@@ -129,7 +132,8 @@ class Speculator:
         self.stats = SpeculativeStats()
         self.drafter: DraftModelProposer | WindowProposer | None = None
         if config.method == "draft":
-            self.drafter = DraftModelProposer(load_draft_model(config), num_blocks, runner.block_size,
+            self.drafter = DraftModelProposer(load_draft_model(config, runner.model.device), num_blocks,
+                                              runner.block_size,
                                               runner.model.config.vocab_size, self.eos_token_ids, decode_graph)
         elif config.method == "window":
             self.drafter = WindowProposer(runner, config.window, config.sink_tokens, self.eos_token_ids)
