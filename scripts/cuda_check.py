@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from loom.analysis.hardware import cuda_median_seconds
+
 RESULTS: dict[str, Any] = {}
 OUT_FILE = ""
 
@@ -60,17 +62,7 @@ def free_gpu() -> None:
 
 def cuda_time(fn: Callable[[], Any], repeats: int = 50, warmup: int = 5) -> float:
     """Median seconds of ``fn`` by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return cuda_median_seconds(fn, repeats, warmup)
 
 
 def cli_json(argv: list[str]) -> dict[str, Any]:

@@ -150,3 +150,14 @@ def random_k_quant(qtype: str, n_blocks: int, rng: np.random.Generator, scale: f
         d = rng.uniform(-scale, scale, size=n_blocks).astype(np.float16)
         raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
     return raw
+
+
+def random_quantized_tensor(n: int, k: int, bits: int, group: int, seed: int = 0):
+    """A QuantizedTensor of random codes, scales and offsets (w = q * s + o per group)."""
+    from loom.layers.quantized import QuantizedTensor
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    offsets = torch.randn(n, k // group, generator=g) * 0.05
+    return QuantizedTensor(codes, scales, offsets, bits, group)

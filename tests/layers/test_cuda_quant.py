@@ -12,18 +12,13 @@ import torch
 from loom.layers.cuda_quant import (cuda_int4_problem, dequantize_int4pack_operands, inner_k_tiles,
                                     int4pack_operands)
 from loom.layers.quantized import QuantizedLinear, QuantizedTensor, choose_backend
+from tests.helpers import random_quantized_tensor
 
 
-def _random_qt(n: int, k: int, bits: int, group: int, seed: int = 0) -> QuantizedTensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
-    scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
-    offsets = torch.randn(n, k // group, generator=g) * 0.05
-    return QuantizedTensor(codes, scales, offsets, bits, group)
 
 
 def test_bytes_hold_even_codes_in_the_high_nibble():
-    qt = _random_qt(8, 64, 4, 32)
+    qt = random_quantized_tensor(8, 64, 4, 32)
     u8, _ = int4pack_operands(qt)
     assert u8.shape == (8, 32) and u8.dtype == torch.uint8
     for n, i in ((0, 0), (3, 7), (7, 31)):
@@ -32,7 +27,7 @@ def test_bytes_hold_even_codes_in_the_high_nibble():
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, 256), (3, 32), (2, 64)])
 def test_operands_describe_the_dequantized_weight_within_bf16_rounding(bits, group):
-    qt = _random_qt(24, 512, bits, group, seed=bits * 1000 + group)
+    qt = random_quantized_tensor(24, 512, bits, group, seed=bits * 1000 + group)
     u8, sz = int4pack_operands(qt)
     assert sz.shape == (512 // group, 24, 2) and sz.dtype == torch.bfloat16
     got, want = dequantize_int4pack_operands(u8, sz, group), qt.dequantize()
@@ -53,14 +48,14 @@ def test_inner_k_tiles_takes_the_widest_packing_that_divides():
 
 
 def test_cuda_int4_constraints_say_why():
-    assert cuda_int4_problem(_random_qt(16, 64, 4, 32)) is None
-    assert "groups" in cuda_int4_problem(_random_qt(16, 96, 4, 96))
-    assert "divisible by 8" in cuda_int4_problem(_random_qt(12, 64, 4, 32))
-    assert "4 bits" in cuda_int4_problem(_random_qt(16, 64, 8, 32))
+    assert cuda_int4_problem(random_quantized_tensor(16, 64, 4, 32)) is None
+    assert "groups" in cuda_int4_problem(random_quantized_tensor(16, 96, 4, 96))
+    assert "divisible by 8" in cuda_int4_problem(random_quantized_tensor(12, 64, 4, 32))
+    assert "4 bits" in cuda_int4_problem(random_quantized_tensor(16, 64, 8, 32))
 
 
 def test_cpu_choice_is_unchanged_and_loom_refuses_other_devices():
-    qt = _random_qt(16, 64, 4, 32)
+    qt = random_quantized_tensor(16, 64, 4, 32)
     assert qt.to("cpu").device.type == "cpu"
     assert choose_backend(qt, "reference") == "reference"
     assert choose_backend(qt, "torch") == "torch"
@@ -72,7 +67,7 @@ def test_cpu_choice_is_unchanged_and_loom_refuses_other_devices():
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_moving_a_layer_rebuilds_its_kernel_and_keeps_its_output(backend):
-    qt = _random_qt(32, 64, 4, 32)
+    qt = random_quantized_tensor(32, 64, 4, 32)
     layer = QuantizedLinear(qt, torch.randn(32), backend=backend)
     x = torch.randn(3, 64)
     before = layer(x)
@@ -82,7 +77,7 @@ def test_moving_a_layer_rebuilds_its_kernel_and_keeps_its_output(backend):
 
 
 def test_reference_kernel_keeps_the_activation_dtype():
-    qt = _random_qt(16, 64, 4, 32)
+    qt = random_quantized_tensor(16, 64, 4, 32)
     layer = QuantizedLinear(qt, torch.randn(16), backend="reference")
     x = torch.randn(2, 64)
     y = layer(x.to(torch.bfloat16))

@@ -9,6 +9,7 @@ from loom import native
 from loom.compress.quantize.rtn import QuantConfig, rtn_quantize
 from loom.layers.quantized import (QuantizationError, QuantizedLinear, QuantizedTensor, W8A8Linear, pack_int4,
                                    quantize_activations, unpack_int4)
+from tests.helpers import random_quantized_tensor
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -16,12 +17,6 @@ def _ops_loaded() -> None:
     native.available()
 
 
-def _random_qt(n: int, k: int, bits: int, group: int, seed: int = 0) -> QuantizedTensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
-    scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
-    offsets = torch.randn(n, k // group, generator=g) * 0.05
-    return QuantizedTensor(codes, scales, offsets, bits, group)
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -40,7 +35,7 @@ def test_int4_packing_round_trips_and_matches_the_gguf_block_layout():
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (4, 256), (8, 32), (8, 256), (6, 64)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17, 40])
 def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
-    qt = _random_qt(48, 256, bits, group, seed=bits * 100 + group)
+    qt = random_quantized_tensor(48, 256, bits, group, seed=bits * 100 + group)
     layer = QuantizedLinear(qt, backend="loom")
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     want = x.double() @ qt.dequantize().double().t()
@@ -48,7 +43,7 @@ def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
 
 
 def test_loom_kernel_takes_any_leading_shape_and_bias():
-    qt = _random_qt(32, 64, 4, 32)
+    qt = random_quantized_tensor(32, 64, 4, 32)
     bias = torch.randn(32)
     layer = QuantizedLinear(qt, bias, backend="loom")
     x = torch.randn(2, 3, 64)
@@ -57,7 +52,7 @@ def test_loom_kernel_takes_any_leading_shape_and_bias():
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (3, 64)])
 def test_torch_int4_kernel_equals_reference_in_bf16(bits, group):
-    qt = _random_qt(64, 256, bits, group)
+    qt = random_quantized_tensor(64, 256, bits, group)
     layer = QuantizedLinear(qt, backend="torch")
     assert layer.backend == "torch"
     x = torch.randn(3, 256)
@@ -78,7 +73,7 @@ def test_torch_int8_kernel_per_channel_symmetric():
 
 
 def test_reference_backend_is_the_definition():
-    qt = _random_qt(16, 64, 4, 32)
+    qt = random_quantized_tensor(16, 64, 4, 32)
     layer = QuantizedLinear(qt, backend="reference")
     x = torch.randn(4, 64)
     assert torch.allclose(layer(x), x @ qt.dequantize().t(), atol=1e-6)
@@ -86,7 +81,7 @@ def test_reference_backend_is_the_definition():
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (3, 64), (8, 32), (8, 128)])
 def test_quantized_form_round_trips_exactly(bits, group):
-    qt = _random_qt(32, 128, bits, group)
+    qt = random_quantized_tensor(32, 128, bits, group)
     back = QuantizedLinear(qt, backend="loom").quantized()
     assert torch.equal(back.codes, qt.codes)
     assert torch.equal(back.scales, qt.scales)
@@ -97,17 +92,17 @@ def test_unsupported_formats_say_why():
     with pytest.raises(QuantizationError, match="does not divide"):
         rtn_quantize(torch.randn(8, 100), QuantConfig(bits=4, group_size=32))
     with pytest.raises(QuantizationError, match="groups"):
-        QuantizedLinear(_random_qt(32, 192, 4, 96), backend="torch")
+        QuantizedLinear(random_quantized_tensor(32, 192, 4, 96), backend="torch")
     with pytest.raises(QuantizationError, match="divisible by 16"):
-        QuantizedLinear(_random_qt(24, 64, 4, 32), backend="torch")
+        QuantizedLinear(random_quantized_tensor(24, 64, 4, 32), backend="torch")
     with pytest.raises(QuantizationError, match="multiples of 32"):
-        QuantizedLinear(_random_qt(32, 48, 4, 16), backend="loom")
+        QuantizedLinear(random_quantized_tensor(32, 48, 4, 16), backend="loom")
     with pytest.raises(QuantizationError, match="symmetric"):
         QuantizedLinear(rtn_quantize(torch.randn(16, 64), QuantConfig(8, 0, symmetric=False)), backend="torch")
     with pytest.raises(QuantizationError, match="bits"):
         QuantConfig(bits=1)
     # the automatic choice falls back to a kernel that can run it
-    assert QuantizedLinear(_random_qt(32, 48, 4, 16)).backend == "reference"
+    assert QuantizedLinear(random_quantized_tensor(32, 48, 4, 16)).backend == "reference"
 
 
 def test_w8a8_equals_integer_formula():
@@ -124,7 +119,7 @@ def test_w8a8_equals_integer_formula():
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 96)])
 def test_native_dequantize_equals_the_definition(bits, group):
-    qt = _random_qt(40, 192, bits, group)
+    qt = random_quantized_tensor(40, 192, bits, group)
     layer = QuantizedLinear(qt, backend="loom")
     _, t, container, g = layer.kernel_args()
     offsets = t[2] if t[2].numel() else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from typing import Any, Callable
+
 import torch
 
 
@@ -23,6 +25,21 @@ def measure_memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return x.nbytes / best
 
 
+def cuda_median_seconds(fn: Callable[[], Any], repeats: int = 50, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def measure_device_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 20) -> dict[str, float]:
     """A GPU's memory bandwidth, timed with CUDA events (median of ``repeats`` after warm-up).
 
@@ -34,19 +51,6 @@ def measure_device_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, 
     src = torch.rand(nbytes // 4, device=dev)
     dst = torch.empty_like(src)
 
-    def median_seconds(fn) -> float:  # type: ignore[no-untyped-def]
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-
-    copy_s = median_seconds(lambda: dst.copy_(src))
-    read_s = median_seconds(lambda: src.sum())
+    copy_s = cuda_median_seconds(lambda: dst.copy_(src), repeats)
+    read_s = cuda_median_seconds(lambda: src.sum(), repeats)
     return {"copy": 2 * src.nbytes / copy_s, "read": src.nbytes / read_s}

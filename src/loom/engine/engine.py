@@ -169,7 +169,8 @@ class LLMEngine:
             return deltas
         self.steps += 1
         start = time.perf_counter()
-        decode_only = all(item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)
+        decode_only = self.speculator is not None and all(
+            item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)  # timed for the stats
         self.kv_cache.copy_blocks(sched.copies)
         reserved = [item.seq for item in sched.scheduled if item.num_draft]
         if reserved:
@@ -198,9 +199,9 @@ class LLMEngine:
             deltas += self._sample(out.sample_seqs, out.logits, now)
         for seq, logits in out.verify:
             deltas.append(self._verify(seq, logits, now))
-        if self.speculator is not None and decode_only:
-            self.speculator.stats.record_step(time.perf_counter() - start, sum(len(d.token_ids) for d in deltas),
-                                              bool(out.verify))
+        if decode_only:
+            tokens = sum(len(d.token_ids) for d in deltas)
+            self.speculator.stats.record_step(time.perf_counter() - start, tokens, bool(out.verify))  # type: ignore[union-attr]
         return deltas
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, now: float) -> StreamDelta:
