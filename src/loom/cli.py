@@ -45,6 +45,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-chunked-prefill", action="store_true")
     e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="int8: keys per channel (calibrated), values per token; 3.8x smaller than fp32")
+    k = p.add_argument_group("KV eviction (bounded memory per sequence)")
+    k.add_argument("--kv-policy", default="full", choices=["full", "window", "streaming", "h2o"],
+                   help="window: the last --kv-budget tokens; streaming: --sink-tokens first tokens + a window "
+                        "(StreamingLLM); h2o: a recent window + heavy hitters by accumulated attention")
+    k.add_argument("--kv-budget", type=int, default=None, help="tokens kept per sequence and layer")
+    k.add_argument("--sink-tokens", type=int, default=4, help="streaming: attention sinks kept")
+    k.add_argument("--h2o-recent", type=float, default=0.5, help="h2o: share of the budget for recent tokens")
+    k.add_argument("--kv-prefill-chunk", type=int, default=64, help="prompt tokens per step under a policy")
 
 
 def _add_speculative_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -72,6 +80,14 @@ def _speculative_config(args: argparse.Namespace):
     return SpeculativeConfig(args.speculative, args.num_speculative_tokens, draft_model=args.draft_model,
                              draft_weights=args.draft_weights, window=args.spec_window,
                              sink_tokens=args.spec_sink_tokens)
+
+
+def _kv_policy(args: argparse.Namespace):
+    from loom.config import KVPolicyConfig
+
+    if args.kv_policy == "full":
+        return None
+    return KVPolicyConfig(args.kv_policy, args.kv_budget, args.sink_tokens, args.h2o_recent, args.kv_prefill_chunk)
 
 
 def _engine_configs(args: argparse.Namespace):
@@ -108,7 +124,8 @@ def _load(args: argparse.Namespace):
 
     cache, sched = _engine_configs(args)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, speculative=_speculative_config(args), device=args.device)
+              scheduler=sched, speculative=_speculative_config(args), device=args.device,
+              kv_policy=_kv_policy(args))
     if not getattr(args, "json", False):
         print(llm.engine.describe(), file=sys.stderr)
     return llm
@@ -304,7 +321,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, peers=peers, weights=args.weights, dtype=args.dtype,
                             hf_batch=args.hf_batch,
-                            cache=cache, scheduler=sched, repeats=args.repeats, device=args.device)
+                            cache=cache, scheduler=sched, repeats=args.repeats, device=args.device,
+                            kv_policy=_kv_policy(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -426,7 +444,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom.llm import LLM
 
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
-              scheduler=sched, speculative=_speculative_config(args), device=args.device)
+              scheduler=sched, speculative=_speculative_config(args), device=args.device,
+              kv_policy=_kv_policy(args))
     name = args.served_model_name or default_served_name(llm.model_path)
     app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)

@@ -254,6 +254,72 @@ class SchedulerConfig:
             raise ValueError(f"unsupported preemption_mode {self.preemption_mode!r} (supported: recompute)")
 
 
+KV_POLICIES = ("full", "window", "streaming", "h2o")
+
+
+@dataclass(frozen=True)
+class KVPolicyConfig:
+    """Bounded KV memory per sequence (ALGORITHMS.md, "KV eviction and streaming").
+
+    A bounded sequence keeps at most ``budget`` tokens' keys and values in each layer; after every step
+    the policy evicts down to the budget:
+
+      "full"       keep everything (no policy: the plain paged cache).
+      "window"     the last ``budget`` tokens (window-only attention).
+      "streaming"  StreamingLLM (Xiao et al. 2309.17453): the first ``sink_tokens`` tokens (attention
+                   sinks) plus the last ``budget - sink_tokens``.
+      "h2o"        H2O (Zhang et al. 2306.14048): per layer and KV head, the last ``recent`` tokens plus
+                   the older ones that received the most attention so far (the heavy hitters), where
+                   recent = round(budget * ``recent_fraction``).
+
+    Keys are cached before RoPE and rotated by their rank in the cache (positions 0..n-1, the query at
+    n-1), so a sequence can run far past the model's trained context with positions it knows. A prompt
+    is computed ``prefill_chunk`` tokens per step (each chunk attends to the kept tokens and causally to
+    itself), so a sequence holds at most ``budget + prefill_chunk`` tokens' slots, whatever its length.
+    """
+
+    kind: str = "full"
+    budget: int | None = None  # tokens kept per layer (required unless kind is "full")
+    sink_tokens: int = 4  # streaming
+    recent_fraction: float = 0.5  # h2o: the share of the budget kept for the most recent tokens
+    prefill_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in KV_POLICIES:
+            raise ValueError(f"kv policy must be one of {KV_POLICIES}, got {self.kind!r}")
+        if self.kind == "full":
+            return
+        if self.budget is None or self.budget < 2:
+            raise ValueError(f"kv policy {self.kind!r} needs a budget of at least 2 tokens, got {self.budget}")
+        if self.kind == "streaming" and not 0 <= self.sink_tokens < self.budget:
+            raise ValueError(f"sink_tokens must be in [0, budget = {self.budget}), got {self.sink_tokens}")
+        if self.kind == "h2o" and not 0 < self.recent_fraction <= 1:
+            raise ValueError(f"recent_fraction must be in (0, 1], got {self.recent_fraction}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+
+    @property
+    def bounded(self) -> bool:
+        return self.kind != "full"
+
+    @property
+    def sinks(self) -> int:
+        """Tokens at the start that are never evicted."""
+        return self.sink_tokens if self.kind == "streaming" else 0
+
+    @property
+    def recent(self) -> int:
+        """Most recent tokens that are never evicted (the rest of the budget is chosen by the policy)."""
+        if self.kind == "h2o":
+            return max(1, round(self.budget * self.recent_fraction))  # type: ignore[operator]
+        return self.budget - self.sinks  # type: ignore[operator]
+
+    @property
+    def capacity(self) -> int:
+        """Slots a bounded sequence can need at once: the kept tokens plus one step's new ones."""
+        return self.budget + self.prefill_chunk  # type: ignore[operator]
+
+
 SPECULATIVE_METHODS = ("ngram", "draft", "window")
 
 

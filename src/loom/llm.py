@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from loom.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig, SpeculativeConfig
 from loom.default_model import default_model_path
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
@@ -82,9 +82,11 @@ class LLM:
     def __init__(self, model: str | None = None, *, weights: str | None = None, dtype: str | torch.dtype | None = None,
                  attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None,
+                 kv_policy: KVPolicyConfig | None = None) -> None:
         """``device``: "cpu" (default) or "cuda"; on CUDA the dense dtype defaults to bf16 and the KV cache
-        budget is a fraction of the GPU's free memory."""
+        budget is a fraction of the GPU's free memory. ``kv_policy``: bounded KV memory per sequence
+        (window, StreamingLLM or H2O eviction) for every request that does not set its own."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
@@ -97,7 +99,7 @@ class LLM:
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
         self.engine = LLMEngine(self.model, self.tokenizer, cache or CacheConfig(), scheduler or SchedulerConfig(),
-                                decode_graph=decode_graph, speculative=speculative)
+                                decode_graph=decode_graph, speculative=speculative, kv_policy=kv_policy)
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
         self._buffers: dict[str, deque[StreamDelta]] = {}

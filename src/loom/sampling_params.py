@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loom.config import KVPolicyConfig
+
 
 MAX_LOGPROBS = 20
 
@@ -35,6 +37,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-N log-probabilities per generated token (plus the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    kv_policy: KVPolicyConfig | None = None  # KV eviction for this request (None: the engine's policy)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +79,8 @@ class SamplingParams:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
+            raise bad("kv_policy", "must be a KVPolicyConfig")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain empty strings")
 

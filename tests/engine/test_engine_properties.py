@@ -1,12 +1,13 @@
 """Property test: any interleaving of add / abort / step keeps the block accounting exact, and when
-everything has ended no block is held except by the prefix cache (and those are reclaimable)."""
+everything has ended no block is held except by the prefix cache (and those are reclaimable). Some
+requests run under a KV eviction policy (bounded memory), mixed with plain ones."""
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.config import CacheConfig, ModelConfig, SchedulerConfig
+from loom.config import CacheConfig, KVPolicyConfig, ModelConfig, SchedulerConfig
 from loom.engine.engine import LLMEngine
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
@@ -20,7 +21,7 @@ BASE = list(range(40, 120))
 
 op = st.one_of(
     st.tuples(st.just("add"), st.integers(1, 40), st.integers(0, 40), st.integers(1, 12), st.integers(1, 3),
-              st.booleans()),
+              st.booleans(), st.sampled_from([None, "window", "streaming", "h2o"])),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(1, 4)),
 )
@@ -43,10 +44,11 @@ def test_random_interleavings_keep_accounting_exact(ops, num_blocks, block_size,
 
     for item in ops:
         if item[0] == "add":
-            _, shared, tail, max_tokens, n, sample = item
+            _, shared, tail, max_tokens, n, sample, policy = item
             prompt = BASE[:shared] + [200 + (added * 7 + i) % 50 for i in range(tail)]
+            kv_policy = None if policy is None else KVPolicyConfig(policy, budget=5, sink_tokens=1, prefill_chunk=3)
             params = SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0 if sample else 0.0, seed=added,
-                                    ignore_eos=True)
+                                    ignore_eos=True, kv_policy=kv_policy)
             try:
                 engine.add_request(str(added), prompt, params)
             except ValueError:

@@ -7,6 +7,8 @@ prefix cache (PagedAttention, Kwon et al. 2309.06180; vLLM's automatic prefix ca
   blocks, and sequences with a common prefix share its full blocks through the prefix cache.
 - A full block never changes again. Only a sequence's last, partly filled block is written, and if
   that block is shared it is copied first (copy-on-write).
+- A sequence under a KV eviction policy (kv_policy.py) overwrites its own slots, so it needs at most
+  ``policy.capacity`` tokens' blocks, never shares them and never names them.
 - Prefix cache: a full block is named by hash(parent block's hash, its tokens), so equal names mean
   equal token prefixes. When nothing references a named block it stays cached ("evictable") and is
   reused on a hit; new allocations take never-named free blocks first, then evict cached ones least
@@ -59,9 +61,14 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """New blocks (including a copy-on-write copy) to compute ``num_new_tokens`` more tokens."""
-        total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
+        total = -(-self._tokens_held(seq, num_new_tokens) // self.block_size)
         cow = 1 if self._needs_copy(seq) else 0
         return max(0, total - len(seq.block_table)) + cow
+
+    @staticmethod
+    def _tokens_held(seq: Sequence, num_new_tokens: int) -> int:
+        tokens = seq.num_computed + num_new_tokens
+        return tokens if seq.kv_policy is None else min(tokens, seq.kv_policy.capacity)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
@@ -109,7 +116,7 @@ class BlockManager:
             copies.append((old, new))
             self._release(old)
             seq.block_table[-1] = new
-        total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
+        total = -(-self._tokens_held(seq, num_new_tokens) // self.block_size)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take())
         return copies
@@ -150,7 +157,7 @@ class BlockManager:
         blocks; returns the number of tokens whose K/V it thereby has. At least one token is always
         left to compute, since the last one's logits are needed."""
         assert not seq.block_table and seq.num_computed == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.kv_policy is not None:
             return 0
         bs = self.block_size
         parent: int | None = None
@@ -175,7 +182,7 @@ class BlockManager:
 
     def register_computed(self, seq: Sequence) -> None:
         """Name the blocks of ``seq`` that became full and computed, so later sequences can reuse them."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.kv_policy is not None:
             return
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed // bs:

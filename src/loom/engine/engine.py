@@ -20,10 +20,11 @@ from typing import Sequence as Seq
 
 import torch
 
-from loom.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig, SpeculativeConfig
 from loom.engine.block_manager import BlockManager
 from loom.engine.generate import check_context
 from loom.engine.kv_cache import KVCache
+from loom.engine.kv_policy import EvictingKV
 from loom.engine.runner import ModelRunner
 from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
 from loom.engine.scheduler import Scheduler
@@ -62,7 +63,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, decode_graph: bool = True,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, kv_policy: KVPolicyConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = cache or CacheConfig()
@@ -85,6 +86,9 @@ class LLMEngine:
         draft_tokens = None if self.speculator is None else (
             lambda seq: self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, draft_tokens)
+        self.kv_policy = kv_policy if kv_policy is not None and kv_policy.bounded else None
+        if self.kv_policy is not None:
+            self.check_kv_policy(self.kv_policy)
         log.info("%s", self.describe())
         self.requests: dict[str, Request] = {}
         self._pending: list[StreamDelta] = []
@@ -99,6 +103,35 @@ class LLMEngine:
         return (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
                 f"{kv.nbytes / 2**30:.2f} GiB ({'int8' if kv.quantized else str(kv.dtype).replace('torch.', '')}); "
                 f"max model len {self.max_model_len}")
+
+    def check_kv_policy(self, policy: KVPolicyConfig) -> None:
+        """Raise ValueError if this engine cannot run sequences under ``policy`` (a bounded one)."""
+        c = self.model.config
+        why = None
+        if c.position != "rope" or c.sliding_window is not None:
+            why = f"needs a RoPE model without its own sliding window (position={c.position!r})"
+        elif self.kv_cache.quantized:
+            why = "does not run over the int8 KV cache"
+        elif self.speculator is not None:
+            why = "and speculative decoding cannot be combined"
+        elif policy.capacity > c.max_position_embeddings:
+            why = (f"needs budget + prefill_chunk = {policy.capacity} <= the model's context "
+                   f"({c.max_position_embeddings}): cache positions must stay inside it")
+        elif policy.prefill_chunk > self.scheduler_config.max_num_batched_tokens:
+            why = (f"prefill_chunk {policy.prefill_chunk} exceeds max_num_batched_tokens "
+                   f"{self.scheduler_config.max_num_batched_tokens}")
+        elif -(-policy.capacity // self.kv_cache.block_size) > self.kv_cache.num_blocks:
+            why = f"needs {policy.capacity} tokens of KV cache; the cache holds {self.kv_cache.num_tokens}"
+        if why is not None:
+            raise ValueError(f"KV policy {policy.kind!r} {why}")
+
+    def _request_policy(self, params: SamplingParams) -> KVPolicyConfig | None:
+        policy = params.kv_policy if params.kv_policy is not None else self.kv_policy
+        if policy is None or not policy.bounded:
+            return None
+        if policy is not self.kv_policy:
+            self.check_kv_policy(policy)
+        return policy
 
     # Requests ---------------------------------------------------------------------------------
 
@@ -125,17 +158,27 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        # max_model_len never exceeds the cache's capacity, so a request that fits it fits the cache alone.
-        max_tokens = check_context(len(ids), params.max_tokens, self.max_model_len)
+        policy = self._request_policy(params)
+        if policy is None:
+            # max_model_len never exceeds the cache's capacity, so a request that fits it fits the cache alone.
+            max_tokens = check_context(len(ids), params.max_tokens, self.max_model_len)
+        else:  # bounded memory: any length; positions stay inside the cache
+            max_tokens = check_context(len(ids), params.max_tokens, 2**62) if params.max_tokens else self.max_model_len
         now = time.perf_counter()
-        seq = self._new_sequence(request_id, 0, list(ids), len(ids), params, now)
-        seq.max_tokens = max_tokens
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, list(ids), params, [seq])
+        # Bounded sequences overwrite their own slots and cannot share a prompt's blocks: each of the n
+        # completions computes the prompt itself.
+        count = params.n if policy is not None else 1
+        seqs = [self._new_sequence(request_id, i, list(ids), len(ids), params, now) for i in range(count)]
+        for seq in seqs:
+            seq.max_tokens = max_tokens
+            seq.kv_policy = policy
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, list(ids), params, seqs)
         request.metrics.arrival = now
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self.requests[request_id] = request
-        self.scheduler.add(seq)
+        for seq in seqs:
+            self.scheduler.add(seq)
         return len(ids)
 
     def abort_request(self, request_id: str) -> bool:
@@ -149,6 +192,7 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
+                seq.kv_state = None
                 if self.speculator is not None:
                     self.speculator.release(seq)
                 self._pending.append(StreamDelta("", [], "abort", None, request_id, seq.index))
@@ -172,6 +216,10 @@ class LLMEngine:
         decode_only = self.speculator is not None and all(
             item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)  # timed for the stats
         self.kv_cache.copy_blocks(sched.copies)
+        for item in sched.scheduled:
+            seq = item.seq
+            if seq.kv_policy is not None and (seq.kv_state is None or seq.num_computed == 0):
+                seq.kv_state = self._new_kv_state(seq.kv_policy)  # first step, or again after a preemption
         reserved = [item.seq for item in sched.scheduled if item.num_draft]
         if reserved:
             self.speculator.propose(sched.scheduled)  # type: ignore[union-attr]
@@ -203,6 +251,10 @@ class LLMEngine:
             tokens = sum(len(d.token_ids) for d in deltas)
             self.speculator.stats.record_step(time.perf_counter() - start, tokens, bool(out.verify))  # type: ignore[union-attr]
         return deltas
+
+    def _new_kv_state(self, policy: KVPolicyConfig) -> EvictingKV:
+        c = self.model.config
+        return EvictingKV(policy, c.num_layers, c.num_kv_heads, self.kv_cache.block_size, self.kv_cache.device)
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, now: float) -> StreamDelta:
         """A speculating sequence: keep m drafts and one token of the target's, count the K/V of the kept
@@ -309,6 +361,7 @@ class LLMEngine:
         if finish is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason, seq.stop_reason = finish, reason
+            seq.kv_state = None
             self.scheduler.remove(seq)
             if self.speculator is not None:
                 self.speculator.release(seq)

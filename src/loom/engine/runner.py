@@ -44,13 +44,19 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         starts, context_lens, sample_rows, sample_seqs, verify_rows = [0], [], [], [], []
-        for item in scheduled:
+        evicting = {}
+        for i, item in enumerate(scheduled):
             seq, n, c = item.seq, item.num_tokens, item.seq.num_computed
             table = seq.block_table
             source = seq.tokens + seq.draft if seq.draft else seq.tokens
             ids += source[c:c + n]
-            positions += range(c, c + n)
-            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
+            if seq.kv_state is not None:  # bounded KV: positions are ranks in its cache, slots its own
+                evicting[i] = seq.kv_state
+                positions += seq.kv_state.begin_step(table, c, n)
+                slots += [-1] * n
+            else:
+                positions += range(c, c + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             starts.append(starts[-1] + n)
             context_lens.append(c + n)
             if c + n == len(source):
@@ -59,7 +65,7 @@ class ModelRunner:
                 else:
                     sample_rows.append(starts[-1] - 1)
                     sample_seqs.append(seq)
-        if all(item.num_tokens == 1 or item.seq.draft for item in scheduled):
+        if not evicting and all(item.num_tokens == 1 or item.seq.draft for item in scheduled):
             # Decodes and verifications only: one row per token, each attending over the context up to
             # itself through its sequence's block table (all rows' K/V are written before any row
             # attends), so the scripted decode step also verifies drafts, reading the weights once.
@@ -70,8 +76,10 @@ class ModelRunner:
                 logits = logits[sample_rows]
             return RunnerOutput(sample_seqs, logits, verify=verify)
         meta = AttentionMetadata(torch.tensor(positions, dtype=torch.long), starts, context_lens, torch.tensor(slots),
-                                 _tables([item.seq.block_table for item in scheduled])).to(self.device)
+                                 _tables([item.seq.block_table for item in scheduled]), evicting).to(self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), meta, self.layers)
+        for state in evicting.values():
+            state.end_step()
         logits = self.model.compute_logits(hidden[sample_rows]).float()
         prompt_logits = {}
         for i, item in enumerate(scheduled):

@@ -52,6 +52,20 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def _tokens_to_compute(seq: Sequence) -> int:
+    """The rest of the sequence's tokens. A bounded sequence (KV eviction) has room for only
+    ``prefill_chunk`` tokens beyond its budget, and what it keeps depends on how its tokens were
+    grouped into steps; so it always takes its prompt in chunks of ``prefill_chunk`` and its generated
+    tokens one per step, also when recomputing after a preemption, and waits for a step with room for
+    the whole chunk: its outputs are then the same alone, in any batch, and after a preemption."""
+    n = seq.num_tokens - seq.num_computed
+    if seq.kv_policy is None:
+        return n
+    if seq.num_computed < seq.prompt_len:
+        return min(seq.prompt_len - seq.num_computed, seq.kv_policy.prefill_chunk)
+    return 1
+
+
 def _order(seq: Sequence) -> tuple[float, int]:
     return (seq.arrival, seq.seq_id)
 
@@ -111,8 +125,8 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
-            n = seq.num_tokens - seq.num_computed
-            if n > budget and not chunked:
+            n = _tokens_to_compute(seq)
+            if n > budget and (not chunked or seq.kv_policy is not None):
                 continue
             n = min(n, budget)
             k = 0
@@ -142,8 +156,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt logit
                 self.blocks.match_prefix(seq)
-            n = seq.num_tokens - seq.num_computed
-            if n > budget and not chunked:
+            n = _tokens_to_compute(seq)
+            if n > budget and (not chunked or seq.kv_policy is not None):
                 break
             n = min(n, budget)
             if not self.blocks.can_allocate(seq, n):

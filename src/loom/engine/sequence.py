@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from loom.config import KVPolicyConfig
 from loom.engine.text_output import TextOutput
 from loom.outputs import PositionLogprobs
 from loom.sampling_params import SamplingParams
@@ -48,6 +50,9 @@ class Sequence:
     # the same forward as the last token), and the draft distributions they were sampled from.
     draft: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    # KV eviction (engine/kv_policy.py): a bounded sequence's policy and its kept tokens (EvictingKV).
+    kv_policy: KVPolicyConfig | None = None
+    kv_state: Any = None
 
     @property
     def num_tokens(self) -> int:

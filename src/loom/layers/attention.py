@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ class AttentionMetadata:
                    None means no cache (plain causal attention among the batch's own tokens).
     block_tables:  [B, max_blocks] physical block of each logical block of each sequence, padded
                    with any valid block id (0) past a sequence's last block.
+    evicting:      sequence index -> the bounded KV state of a sequence under a KV eviction policy
+                   (engine/kv_policy.py): its tokens' positions are their ranks in its cache, their slots
+                   -1, and attention over its kept tokens is the state's ``attend``.
     """
 
     positions: torch.Tensor
@@ -40,6 +43,7 @@ class AttentionMetadata:
     context_lens: list[int]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    evicting: dict[int, Any] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +72,9 @@ class AttentionMetadata:
         more: (their indices, their token rows, their block tables, their context lengths)."""
         if not self.cached or self.num_seqs == 1:
             return None
-        idx = [i for i in range(self.num_seqs) if self.query_start[i + 1] - self.query_start[i] == 1]
+        evicting = self.evicting or {}
+        idx = [i for i in range(self.num_seqs)
+               if self.query_start[i + 1] - self.query_start[i] == 1 and i not in evicting]
         if len(idx) < 2:
             return None
         dev = self.block_tables.device
@@ -84,7 +90,7 @@ class AttentionMetadata:
         """The same metadata with its tensors on ``device`` (the Python lists stay as they are)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return AttentionMetadata(self.positions.to(device), self.query_start, self.context_lens,
-                                 move(self.slot_mapping), move(self.block_tables))
+                                 move(self.slot_mapping), move(self.block_tables), self.evicting)
 
     @classmethod
     def uncached(cls, lengths: Sequence[int]) -> AttentionMetadata:
@@ -107,6 +113,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.layer = layer
         self.window = config.layer_window(layer)
         self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
                                bias=config.qkv_bias, dtype=dtype)
@@ -139,6 +146,8 @@ class Attention(nn.Module):
             cache.write(*meta.writes.kept(k, v), meta.writes.flat_slots)
         elif cache is not None:
             write_kv(cache[0], cache[1], k, v, meta.writes)
+        if meta.evicting:  # keys of bounded sequences stay unrotated: the cache rotates them by rank
+            k = qkv[:, hq:hq + hkv]
         if meta.num_seqs == 1:
             return self.o_proj(self._attend_one(0, q, k, v, meta, cache).reshape(t, self.q_size))
         out = torch.empty(t, hq, self.head_dim, dtype=x.dtype, device=x.device)
@@ -160,6 +169,9 @@ class Attention(nn.Module):
                     cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Attention output [Tq, Hq, D] of sequence i of the batch."""
         s, e = meta.query_start[i], meta.query_start[i + 1]
+        if meta.evicting and i in meta.evicting:
+            return meta.evicting[i].attend(self.layer, q[s:e], k[s:e], v[s:e], cache, self.rotary, self.scale,
+                                           self.kernel)
         length = meta.context_lens[i]
         if cache is not None:
             table, row = meta.tables[i], meta.block_tables[i]  # the list for views, the tensor for gathers
