@@ -131,3 +131,39 @@ def test_bench_latency_speculative_json(capsys):
         assert 0 <= row[m]["acceptance_rate"] <= 1 and row[m]["tokens_per_pass"] >= 1
     code, _, err = run(capsys, "bench", "latency", "--speculative", "beam")
     assert code == 2 and "ngram" in err
+
+
+def test_kv_policy_options(capsys):
+    code, out, _ = run(capsys, "generate", "The history of England", "--temperature", "0", "--max-tokens", "40",
+                       "--kv-policy", "streaming", "--kv-budget", "24", "--kv-prefill-chunk", "8", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 40
+    code, _, err = run(capsys, "generate", "Hi", "--kv-policy", "h2o")
+    assert code == 2 and "budget" in err
+
+
+def test_bench_kv_eviction_json(capsys):
+    """The full-cache row is the model's own perplexity over the same tokens (one window of the GPTQ
+    protocol), and every bounded row has its buckets."""
+    from loom import LLM
+    from loom.eval.corpora import read_corpus
+    from loom.eval.perplexity import perplexity
+
+    code, out, _ = run(capsys, "bench", "kv-eviction", "--tokens", "64", "--budgets", "0.25", "--bucket", "32",
+                       "--json")
+    result = json.loads(out)
+    assert code == 0 and result["tokens_scored"] == 63
+    rows = {r["name"]: r for r in result["results"]}
+    assert set(rows) == {"full", "window 16", "streaming 16, 4 sinks", "h2o 16, 8 recent"}
+    assert all(len(r["buckets"]) == 2 for r in rows.values())
+    llm = LLM()
+    ids = llm.tokenizer.encode(read_corpus("britannica"))[:64]
+    reference = perplexity(llm.model, ids, 64, max_tokens=64, progress=False).perplexity
+    assert rows["full"]["perplexity"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_bench_streaming_memory_is_constant(capsys):
+    code, out, _ = run(capsys, "bench", "streaming", "--generate", "120", "--budget", "32", "--every", "30", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["generated"] == 120
+    assert [t["kv_blocks"] for t in result["trace"]] == [6, 6, 6, 6]  # (32 + 64) / 16 from the first sample on
+    assert result["kv_bytes_held_at_end"] < result["kv_bytes_a_full_cache_would_hold"]

@@ -375,6 +375,54 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
+    from loom.bench.kv_eviction import plot_kv_eviction, run_kv_eviction
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_kv_eviction(args.model, weights=args.weights, corpus=args.corpus, tokens=args.tokens,
+                             budgets=[float(b) for b in args.budgets.split(",")], sink_tokens=args.sink_tokens,
+                             bucket=args.bucket, chunk=args.chunk, progress=not args.json)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_kv_eviction(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result["results"]:
+            worst = max(b["perplexity"] for b in r["buckets"])
+            print(f"{r['name']:<26} ppl {r['perplexity']:9.2f}   worst {result['bucket']}-token bucket {worst:9.2f}")
+    return 0
+
+
+def cmd_bench_streaming(args: argparse.Namespace) -> int:
+    from loom.bench.kv_eviction import run_streaming
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_streaming(args.model, weights=args.weights, prompt=args.prompt, generate=args.generate,
+                           budget=args.budget, sink_tokens=args.sink_tokens, kind=args.kind, every=args.every,
+                           progress=not args.json)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        blocks = sorted({t["kv_blocks"] for t in result["trace"]})
+        print(f"{result['policy']}: {result['generated']} tokens in {result['seconds']:.0f} s "
+              f"({result['tokens_per_s']:.1f} tok/s); KV blocks held over the run: {blocks}; "
+              f"{result['kv_bytes_held_at_end'] / 2**20:.1f} MiB at the end vs "
+              f"{result['kv_bytes_a_full_cache_would_hold'] / 2**20:.1f} MiB for a full cache")
+    return 0
+
+
 def cmd_bench_quantization(args: argparse.Namespace) -> int:
     from loom.bench.quantization import plot_quantization, run_quantization_bench
 
@@ -565,6 +613,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub)
     add_quantize_parser(sub, _add_source_args)
 
+    ke = bsub.add_parser("kv-eviction", help="perplexity by position under window / StreamingLLM / H2O KV budgets")
+    _add_model_args(ke)
+    ke.add_argument("--corpus", default="britannica")
+    ke.add_argument("--tokens", type=int, default=2048, help="text length scored token by token")
+    ke.add_argument("--budgets", default="0.1,0.2,0.5", help="KV budgets as fractions of --tokens")
+    ke.add_argument("--sink-tokens", type=int, default=4)
+    ke.add_argument("--bucket", type=int, default=256, help="positions per row of the table")
+    ke.add_argument("--chunk", type=int, default=1,
+                    help="tokens scored per step (1: every token sees exactly the policy's cache)")
+    ke.add_argument("--out", default=None, help="write the JSON result here")
+    ke.add_argument("--plot", default=None, help="write a PNG plot here")
+    ke.add_argument("--json", action="store_true")
+    ke.set_defaults(func=cmd_bench_kv_eviction)
+    sg = bsub.add_parser("streaming", help="a generation far past the KV budget: memory held and speed")
+    _add_model_args(sg)
+    sg.add_argument("--prompt", default="The history of England")
+    sg.add_argument("--generate", type=int, default=20000)
+    sg.add_argument("--budget", type=int, default=1024)
+    sg.add_argument("--kind", default="streaming", choices=["window", "streaming", "h2o"])
+    sg.add_argument("--sink-tokens", type=int, default=4)
+    sg.add_argument("--every", type=int, default=500, help="record the KV blocks held every N tokens")
+    sg.add_argument("--out", default=None)
+    sg.add_argument("--json", action="store_true")
+    sg.set_defaults(func=cmd_bench_streaming)
     bq = bsub.add_parser("quantization", help="perplexity, bytes and decode tokens/s of every quantization method")
     bq.add_argument("--model", default=None)
     bq.add_argument("--corpus", default="britannica")

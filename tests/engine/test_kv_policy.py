@@ -315,3 +315,19 @@ def test_bad_policies_are_refused(tiny):
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="bounded"):
         EvictingKV(KVPolicyConfig("full"), 2, 2, 4)
+
+
+
+def test_smollm_greedy_is_unchanged_by_a_budget_that_holds_everything(smollm_native):
+    """The real model: a streaming or H2O budget larger than the sequence changes no greedy token; a
+    small window does change them (the policy is really on)."""
+    engine = smollm_native.engine
+    ids = smollm_native.tokenizer.encode("The history of the printing press begins")
+
+    def greedy_ids(name: str, policy: KVPolicyConfig | None) -> list[int]:
+        return run(engine, {name: (ids, greedy(48, kv_policy=policy))})[name][0]
+
+    plain = greedy_ids("plain", None)
+    assert greedy_ids("streaming", KVPolicyConfig("streaming", budget=128, prefill_chunk=16)) == plain
+    assert greedy_ids("h2o", KVPolicyConfig("h2o", budget=128, prefill_chunk=16)) == plain
+    assert greedy_ids("window", KVPolicyConfig("window", budget=16, prefill_chunk=8)) != plain
