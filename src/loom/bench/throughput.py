@@ -100,15 +100,18 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
                    peers: tuple[str, ...] = ("hf",), weights: str | None = None, dtype: str | None = None,
                    hf_batch: int = 8,
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                   seed: int = 0, repeats: int = 1, device: str = "cpu", warmup: bool | None = None) -> dict[str, Any]:
+                   seed: int = 0, repeats: int = 1, device: str = "cpu", warmup: bool | None = None,
+                   rope_scaling: Any = None) -> dict[str, Any]:
     """``warmup``: one untimed run of each engine first (default: on CUDA only, where it captures loom's
-    decode graphs and loads the GPU libraries of both)."""
+    decode graphs and loads the GPU libraries of both). ``rope_scaling`` overrides loom's RoPE scaling
+    (``load_model``); the HF peer runs the file as it is."""
     if min(num_prompts, input_len, output_len, repeats) < 1:
         raise ValueError("--num-prompts, --input-len, --output-len and --repeats must be at least 1")
     unknown = set(peers) - {"hf"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
-    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler, device=device)
+    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler, device=device,
+              rope_scaling=rope_scaling)
     dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
                                                      is not None else ())
