@@ -25,6 +25,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "fp32 / bf16: everything dense in that dtype")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="run dense in this dtype (same as --weights fp32/bf16)")
+    _add_rope_args(p)
+
+
+def _add_rope_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("RoPE scaling (overrides the file's)")
+    r.add_argument("--rope-scaling", default=None, choices=["none", "linear", "ntk", "yarn"],
+                   help="linear: position interpolation; ntk: NTK-aware base; yarn: YaRN; none: switch off the "
+                        "file's scaling (default: as the file says)")
+    r.add_argument("--rope-factor", type=float, default=None,
+                   help="context extension factor s: the context becomes s x the original context")
+    r.add_argument("--rope-original-context", type=int, default=None,
+                   help="the context the model was trained with (default: the file's)")
+
+
+def _rope_scaling(args: argparse.Namespace):
+    from loom.config import parse_rope_scaling
+
+    return parse_rope_scaling(getattr(args, "rope_scaling", None), getattr(args, "rope_factor", None),
+                              getattr(args, "rope_original_context", None))
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -125,7 +144,8 @@ def _load(args: argparse.Namespace):
     cache, sched = _engine_configs(args)
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
               scheduler=sched, speculative=_speculative_config(args), device=args.device,
-              kv_policy=_kv_policy(args))
+              kv_policy=_kv_policy(args),
+              rope_scaling=_rope_scaling(args))
     if not getattr(args, "json", False):
         print(llm.engine.describe(), file=sys.stderr)
     return llm
@@ -261,6 +281,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  positions     {c['position']}" + (f" theta {c['rope_theta']:g}" if c["position"] == "rope" else "")
           + f", context {c['max_position_embeddings']}, norm {c['norm']} eps {c['norm_eps']:g}, "
           f"tied embeddings {c['tie_word_embeddings']}")
+    if c.get("rope_scaling"):
+        r = c["rope_scaling"]
+        print(f"  rope scaling  {r['kind']} x{r['factor']:g} (trained context {r['original_max_position']})")
     print(f"  parameters    {info['parameters']:,} ({info['parameters_without_embeddings']:,} without embeddings)")
     print("  weight bytes  " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in info["bytes_by_dtype"].items()))
     print("  KV per token  " + ", ".join(f"{k} {v:,.0f} B" for k, v in info["kv_bytes_per_token"].items()))
@@ -281,7 +304,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             args.model, methods=[m for m in args.speculative.split(",") if m], num_tokens=args.num_speculative_tokens,
             draft_model=args.draft_model, draft_weights=args.draft_weights, weights=args.weights, dtype=args.dtype,
             gen_len=args.gen_len, repeats=args.repeats, temperature=args.temperature, window=args.spec_window,
-            sink_tokens=args.spec_sink_tokens, prompts=[p for p in args.spec_prompts.split(",") if p])
+            sink_tokens=args.spec_sink_tokens, prompts=[p for p in args.spec_prompts.split(",") if p],
+            rope_scaling=_rope_scaling(args))
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -296,7 +320,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          peers=peers, weights=args.weights, dtype=args.dtype,
-                         repeats=args.repeats, device=args.device)
+                         repeats=args.repeats, device=args.device, rope_scaling=_rope_scaling(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -322,7 +346,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
                             output_len=args.output_len, peers=peers, weights=args.weights, dtype=args.dtype,
                             hf_batch=args.hf_batch,
                             cache=cache, scheduler=sched, repeats=args.repeats, device=args.device,
-                            kv_policy=_kv_policy(args))
+                            kv_policy=_kv_policy(args),
+                            rope_scaling=_rope_scaling(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -384,7 +409,8 @@ def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_kv_eviction(args.model, weights=args.weights, corpus=args.corpus, tokens=args.tokens,
                              budgets=[float(b) for b in args.budgets.split(",")], sink_tokens=args.sink_tokens,
-                             bucket=args.bucket, chunk=args.chunk, progress=not args.json)
+                             bucket=args.bucket, chunk=args.chunk, rope_scaling=_rope_scaling(args),
+                             progress=not args.json)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -408,7 +434,7 @@ def cmd_bench_streaming(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_streaming(args.model, weights=args.weights, prompt=args.prompt, generate=args.generate,
                            budget=args.budget, sink_tokens=args.sink_tokens, kind=args.kind, every=args.every,
-                           progress=not args.json)
+                           rope_scaling=_rope_scaling(args), progress=not args.json)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -462,7 +488,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_perplexity(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
                             dtype=args.dtype, weights=args.weights, progress=not args.no_progress,
-                            protocol=args.protocol)
+                            protocol=args.protocol, rope_scaling=_rope_scaling(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -470,6 +496,29 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         print(f"perplexity {r['perplexity']:.3f} ({r['protocol']}) on {r['tokens_scored']:,} scored tokens "
               f"({r['windows']} windows of {r['window']}, {r['tokens_total']:,} tokens in {r['corpus_path']}); "
               f"{r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s")
+    return 0
+
+
+def cmd_eval_context(args: argparse.Namespace) -> int:
+    from loom.eval.context import format_table, plot_context, run_context
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    result = run_context(args.model, methods=methods, factor=args.rope_factor,
+                         original_context=args.rope_original_context, window=args.window, windows=args.windows,
+                         bucket=args.bucket, corpus=args.corpus, weights=args.weights,
+                         progress=not args.no_progress, out=args.out)
+    if args.plot:
+        plot_context(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"mean NLL (perplexity) by position, {result['windows']} windows of {result['window']} tokens "
+              f"of {result['corpus']}, factor {result['factor']:g}, trained context {result['trained_context']}")
+        print(format_table(result))
     return 0
 
 
@@ -493,7 +542,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads, cache=cache,
               scheduler=sched, speculative=_speculative_config(args), device=args.device,
-              kv_policy=_kv_policy(args))
+              kv_policy=_kv_policy(args),
+              rope_scaling=_rope_scaling(args))
     name = args.served_model_name or default_served_name(llm.model_path)
     app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)
@@ -609,6 +659,23 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=cmd_eval_ppl)
+    cx = esub.add_parser("context", help="NLL by position past the trained context, with and without RoPE scaling")
+    _add_source_args(cx)
+    cx.add_argument("--weights", default="fp32", choices=["native", "fp32", "bf16"])
+    cx.add_argument("--methods", default="none,linear,ntk,yarn",
+                    help="comma-separated: none (plain RoPE), linear (PI), ntk, yarn")
+    cx.add_argument("--rope-factor", type=float, default=2.0, help="scaling factor s of every method but none")
+    cx.add_argument("--rope-original-context", type=int, default=None,
+                    help="the trained context L0 the scaling starts from (default: the file's)")
+    cx.add_argument("--corpus", default="britannica", help="a named corpus (britannica, hamlet) or a text file")
+    cx.add_argument("--window", type=int, default=16384, help="tokens per window, scored from position 0")
+    cx.add_argument("--windows", type=int, default=2, help="non-overlapping windows from the corpus start")
+    cx.add_argument("--bucket", type=int, default=2048, help="positions per reported bucket")
+    cx.add_argument("--out", default=None, help="write the JSON here (rewritten after each method)")
+    cx.add_argument("--plot", default=None, help="write NLL per position bucket to this PNG")
+    cx.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cx.add_argument("--json", action="store_true")
+    cx.set_defaults(func=cmd_eval_context)
 
     add_analyze_parser(sub)
     add_quantize_parser(sub, _add_source_args)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 NormKind = Literal["rmsnorm", "layernorm"]
@@ -19,13 +20,23 @@ NormPlacement = Literal["pre", "post"]
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 
 
+ROPE_SCALING_KINDS = ("linear", "ntk", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Context extension for RoPE (ALGORITHMS.md, "Positions").
 
-    kind: "linear" (position interpolation, m -> m / factor), "ntk" (NTK-aware base change,
-    base' = base * factor^(d / (d - 2))) or "yarn" (ramp between interpolated and extrapolated
-    frequencies, attention scaled by 0.1 ln(factor) + 1).
+    kind: "linear" (position interpolation, Chen et al. 2306.15595: m -> m / factor), "ntk"
+    (NTK-aware base change, base' = base * factor^(d / (d - 2))) or "yarn" (Peng et al. 2309.00071:
+    ramp between interpolated and extrapolated frequencies, cos/sin scaled by 0.1 ln(factor) + 1).
+
+    original_max_position: the context the model was trained with, L (YaRN's ramp is measured in
+    rotations over L; the scaled model's context is L * factor). None: the config's
+    ``max_position_embeddings``. beta_fast / beta_slow: YaRN's ramp ends, in rotations over L.
+    attention_factor: YaRN's cos/sin scale when a checkpoint names it (None: 0.1 ln(factor) + 1).
+    truncate: YaRN rounds the ramp's ends to whole dimensions (transformers' default; False keeps
+    them fractional).
     """
 
     kind: Literal["linear", "ntk", "yarn"]
@@ -33,6 +44,79 @@ class RopeScaling:
     original_max_position: int | None = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALING_KINDS:
+            raise ValueError(f"unknown RoPE scaling {self.kind!r}; choose one of {', '.join(ROPE_SCALING_KINDS)} "
+                             "(or none)")
+        if not math.isfinite(self.factor) or self.factor <= 0:
+            raise ValueError(f"RoPE scaling factor must be a positive number, got {self.factor}")
+        if self.original_max_position is not None and self.original_max_position < 1:
+            raise ValueError(f"original context must be a positive number of tokens, got {self.original_max_position}")
+        if self.beta_fast <= 0 or self.beta_slow <= 0:
+            raise ValueError(f"YaRN beta_fast and beta_slow must be positive, got {self.beta_fast}, {self.beta_slow}")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ValueError(f"attention_factor must be positive, got {self.attention_factor}")
+
+
+# What a caller may ask of a model's RoPE scaling: None keeps the file's, "none" switches it off,
+# a RopeScaling replaces it.
+RopeScalingOverride = Union["RopeScaling", Literal["none"], None]
+
+
+def scaled_context(max_position: int, scaling: RopeScaling | None) -> tuple[int, RopeScaling | None]:
+    """The context a checkpoint's RoPE scaling gives, and the scaling with its original context filled in.
+
+    A checkpoint's ``max_position_embeddings`` is the trained context L unless its scaling names
+    another (``original_max_position``, e.g. Qwen2.5 YaRN configs keep both at 32768 and mean
+    4 x 32768); with factor s the model serves max(max_position, L * s) tokens.
+    """
+    if scaling is None:
+        return max_position, None
+    original = scaling.original_max_position or max_position
+    filled = dataclasses.replace(scaling, original_max_position=original)
+    return max(max_position, int(original * scaling.factor)), filled
+
+
+def with_rope_scaling(config: ModelConfig, scaling: RopeScalingOverride) -> ModelConfig:
+    """``config`` with its RoPE scaling replaced (``load_model(..., rope_scaling=...)``, ``--rope-scaling``).
+
+    The original context L is the override's ``original_max_position``, else the checkpoint's own
+    scaling's, else the checkpoint's context; the new context is L * max(factor, 1), so SmolLM2
+    (8192) with factor 2 accepts 16,384-token prompts. "none" drops a checkpoint's scaling and
+    returns to its original context. None returns ``config`` itself.
+    """
+    if scaling is None:
+        return config
+    if scaling == "none":
+        if config.rope_scaling is None:
+            return config
+        context = config.rope_scaling.original_max_position or config.max_position_embeddings
+        return dataclasses.replace(config, rope_scaling=None, max_position_embeddings=context)
+    if not isinstance(scaling, RopeScaling):
+        raise ValueError(f"rope_scaling must be a RopeScaling, 'none' or None, got {scaling!r}")
+    if config.position != "rope":
+        raise ValueError(f"RoPE scaling needs a RoPE model; this one uses {config.position!r} positions")
+    file_original = config.rope_scaling.original_max_position if config.rope_scaling is not None else None
+    original = scaling.original_max_position or file_original or config.max_position_embeddings
+    return dataclasses.replace(config, rope_scaling=dataclasses.replace(scaling, original_max_position=original),
+                               max_position_embeddings=int(original * max(scaling.factor, 1.0)))
+
+
+def parse_rope_scaling(kind: str | None, factor: float | None = None, original_context: int | None = None,
+                       beta_fast: float = 32.0, beta_slow: float = 1.0) -> RopeScalingOverride:
+    """The override the CLI's ``--rope-scaling KIND --rope-factor F [--rope-original-context N]`` asks for."""
+    if kind is None:
+        if factor is not None or original_context is not None:
+            raise ValueError("--rope-factor / --rope-original-context need --rope-scaling linear|ntk|yarn")
+        return None
+    if kind == "none":
+        return "none"
+    if factor is None:
+        raise ValueError(f"--rope-scaling {kind} needs --rope-factor")
+    return RopeScaling(kind, float(factor), original_context, beta_fast, beta_slow)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -113,6 +197,8 @@ class ModelConfig:
             raise ValueError("sliding_window_layers needs one entry per layer")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(f"RoPE scaling needs RoPE positions, got position {self.position!r}")
 
     # Derived sizes -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, KVPolicyConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig
 from loom.default_model import default_model_path
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
@@ -83,17 +83,20 @@ class LLM:
                  attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                  speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None,
-                 kv_policy: KVPolicyConfig | None = None) -> None:
+                 kv_policy: KVPolicyConfig | None = None, rope_scaling: RopeScalingOverride = None) -> None:
         """``device``: "cpu" (default) or "cuda"; on CUDA the dense dtype defaults to bf16 and the KV cache
         budget is a fraction of the GPU's free memory. ``kv_policy``: bounded KV memory per sequence
-        (window, StreamingLLM or H2O eviction) for every request that does not set its own."""
+        (window, StreamingLLM or H2O eviction) for every request that does not set its own.
+        ``rope_scaling``: a RopeScaling overrides the file's RoPE scaling (the context, and so the
+        engine's max_model_len, grows with its factor), "none" switches it off (see ``load_model``)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = model or default_model_path()
         t0 = time.perf_counter()
         # default: native (quantized files run quantized), in the device's default dtype
         weights, dtype = choose_weights(weights, dtype, device)
-        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights, device=device)
+        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights, device=device,
+                            rope_scaling=rope_scaling)
         self.device = loaded.model.device
         self.model = loaded.model
         self.config = loaded.config

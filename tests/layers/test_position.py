@@ -69,18 +69,22 @@ def test_ntk_changes_the_base():
     assert factor == 1.0
 
 
-@pytest.mark.parametrize("kind,factor", [("linear", 2.0), ("yarn", 4.0), ("yarn", 8.0)])
-def test_scaling_matches_transformers(kind, factor):
+@pytest.mark.parametrize("kind,factor,extra", [
+    ("linear", 2.0, {}), ("yarn", 4.0, {}), ("yarn", 8.0, {}),
+    ("yarn", 4.0, {"truncate": False}),  # fractional ramp ends
+    ("yarn", 4.0, {"beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3}),
+])
+def test_scaling_matches_transformers(kind, factor, extra):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": kind, "factor": factor, "rope_theta": 10000.0}
+    params = {"rope_type": kind, "factor": factor, "rope_theta": 10000.0, **extra}
     if kind == "yarn":
         params["original_max_position_embeddings"] = 512
     cfg = LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=512 * int(factor),
                       rope_parameters=params)
     want_inv, want_factor = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
-    got_inv, got_factor = rope_inv_freq(64, 10000.0, RopeScaling(kind, factor, original_max_position=512),
+    got_inv, got_factor = rope_inv_freq(64, 10000.0, RopeScaling(kind, factor, original_max_position=512, **extra),
                                         max_position=512 * int(factor))
     torch.testing.assert_close(got_inv, want_inv.float())
     assert got_factor == pytest.approx(want_factor)

@@ -292,6 +292,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spatten(args: argparse.Namespace) -> int:
+    from loom.analysis.spatten import format_spatten, run_spatten
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
+    result = run_spatten(args.model, window=args.window, tail=args.tail, windows=args.windows, keeps=floats(args.keep),
+                         scorers=[s for s in args.scorers.split(",") if s], head_keeps=floats(args.head_keep),
+                         corpus=args.corpus, weights=args.weights, progress=not args.no_progress)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"tail of {result['tail']} tokens after a {result['prompt_tokens']}-token pruned prompt, "
+              f"{result['windows']} windows of {result['corpus']} ({result['seconds']:.0f} s)")
+        print(format_spatten(result))
+    return 0
+
+
 def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `loom analyze ...` on the top-level subparsers."""
     a = sub.add_parser("analyze", help="roofline, FLOPs/MOPs, memory, offload and speculative calculators")
@@ -373,4 +396,21 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     pl.add_argument("--out", default="roofline.png")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plot)
+
+    sp = asub.add_parser("spatten", help="SpAtten cascade token / head pruning of the prompt: quality and cost")
+    sp.add_argument("--model", default=None)
+    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--weights", default="fp32", choices=["native", "fp32", "bf16"])
+    sp.add_argument("--corpus", default="britannica")
+    sp.add_argument("--window", type=int, default=1024, help="prompt + scored tail, tokens")
+    sp.add_argument("--tail", type=int, default=64, help="tokens scored after the pruned prompt")
+    sp.add_argument("--windows", type=int, default=16)
+    sp.add_argument("--keep", default="0.75,0.5,0.25", help="comma-separated final token keep fractions")
+    sp.add_argument("--scorers", default="importance,importance-mean,random,recent",
+                    help="importance (SpAtten), importance-mean (per-query mean), random, recent")
+    sp.add_argument("--head-keep", default="", help="comma-separated head keep fractions (SpAtten head pruning)")
+    sp.add_argument("--out", default=None, help="also write the JSON here")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_spatten)
     return a

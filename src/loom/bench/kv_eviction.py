@@ -40,9 +40,10 @@ def _policy_name(policy: KVPolicyConfig | None) -> str:
 def run_kv_eviction(model: str | None = None, *, weights: str | None = None, corpus: str = "britannica",
                     tokens: int = 2048, budgets: Sequence[float] = (0.1, 0.2, 0.5), sink_tokens: int = 4,
                     bucket: int = 256, kinds: Sequence[str] = POLICY_ORDER, chunk: int = 1,
-                    progress: bool = True) -> dict[str, Any]:
+                    rope_scaling: Any = None, progress: bool = True) -> dict[str, Any]:
     """Per-position NLL of the first ``tokens`` tokens of ``corpus`` under every policy and budget."""
-    llm = LLM(model, weights=weights, cache=CacheConfig(), scheduler=SchedulerConfig(max_num_seqs=64))
+    llm = LLM(model, weights=weights, cache=CacheConfig(), scheduler=SchedulerConfig(max_num_seqs=64),
+              rope_scaling=rope_scaling)
     engine = llm.engine
     ids = llm.tokenizer.encode(read_corpus(corpus))[:tokens]
     if len(ids) < tokens:
@@ -113,11 +114,11 @@ def plot_kv_eviction(result: dict[str, Any], path: str) -> None:
 
 def run_streaming(model: str | None = None, *, weights: str | None = None, prompt: str = "The history of England",
                   generate: int = 20000, budget: int = 1024, sink_tokens: int = 4, kind: str = "streaming",
-                  every: int = 500, progress: bool = True) -> dict[str, Any]:
+                  every: int = 500, rope_scaling: Any = None, progress: bool = True) -> dict[str, Any]:
     """One greedy generation of ``generate`` tokens under a bounded policy, sampling the KV blocks the
     sequence holds every ``every`` tokens."""
     policy = KVPolicyConfig(kind, budget, sink_tokens=sink_tokens)
-    llm = LLM(model, weights=weights, kv_policy=policy)
+    llm = LLM(model, weights=weights, kv_policy=policy, rope_scaling=rope_scaling)
     engine = llm.engine
     engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=generate, ignore_eos=True))
     seq = engine.requests["s"].seqs[0]

@@ -76,10 +76,11 @@ def _decode_path(llm: LLM) -> str:
 
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
                 peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
-                repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+                repeats: int = 3, device: str = "cpu", rope_scaling: Any = None) -> dict[str, Any]:
     """On CUDA the bandwidth roof is the GPU's measured device-to-device copy bandwidth (bytes read +
     written), and loom's first decode steps at each context width capture CUDA graphs: the warm-up
-    run covers the whole workload so that no timed run captures."""
+    run covers the whole workload so that no timed run captures. ``rope_scaling`` overrides loom's
+    RoPE scaling (``load_model``); the HF peer runs the file as it is."""
     if batch != 1:
         raise ValueError("bench latency measures batch 1")
     if gen_len < 2:
@@ -89,7 +90,7 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: {', '.join(PEERS)})")
-    llm = LLM(model, weights=weights, dtype=dtype, device=device)
+    llm = LLM(model, weights=weights, dtype=dtype, device=device, rope_scaling=rope_scaling)
     dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     prompt_ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
     context = prompt_len + gen_len / 2  # mean context over the decode

@@ -72,7 +72,7 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
                             draft_model: str | None = None, draft_weights: str | None = None,
                             weights: str | None = None, dtype: str | None = None, gen_len: int = 128,
                             repeats: int = 3, temperature: float = 0.0, window: int = 64, sink_tokens: int = 4,
-                            prompts: Sequence[str] = tuple(PROMPTS)) -> dict[str, Any]:
+                            prompts: Sequence[str] = tuple(PROMPTS), rope_scaling: Any = None) -> dict[str, Any]:
     if set(prompts) - set(PROMPTS):
         raise ValueError(f"unknown prompts {sorted(set(prompts) - set(PROMPTS))} (available: {', '.join(PROMPTS)})")
     unknown = set(methods) - set(METHODS)
@@ -80,7 +80,7 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
         raise ValueError(f"--speculative takes one or more of {', '.join(METHODS)} (got {', '.join(methods)})")
     if gen_len < 2 or repeats < 1:
         raise ValueError("--gen-len must be at least 2 and --repeats at least 1")
-    llm = LLM(model, weights=weights, dtype=dtype)
+    llm = LLM(model, weights=weights, dtype=dtype, rope_scaling=rope_scaling)
     cache = CacheConfig(memory_bytes=512 << 20)
     engines = {"plain": LLMEngine(llm.model, llm.tokenizer, cache)}
     configs = {m: speculative_config(m, num_tokens, llm.model_path, draft_model, draft_weights, window, sink_tokens)

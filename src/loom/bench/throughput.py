@@ -101,17 +101,18 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
                    hf_batch: int = 8,
                    cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                    seed: int = 0, repeats: int = 1, device: str = "cpu", warmup: bool | None = None,
-                   kv_policy: KVPolicyConfig | None = None) -> dict[str, Any]:
+                   kv_policy: KVPolicyConfig | None = None, rope_scaling: Any = None) -> dict[str, Any]:
     """``warmup``: one untimed run of each engine first (default: on CUDA only, where it captures loom's
     decode graphs and loads the GPU libraries of both). ``kv_policy``: loom's requests run with bounded
-    KV memory (eviction), the peers with their full caches."""
+    KV memory (eviction), the peers with their full caches. ``rope_scaling`` overrides loom's RoPE
+    scaling (``load_model``); the HF peer runs the file as it is."""
     if min(num_prompts, input_len, output_len, repeats) < 1:
         raise ValueError("--num-prompts, --input-len, --output-len and --repeats must be at least 1")
     unknown = set(peers) - {"hf"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
     llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler, device=device,
-              kv_policy=kv_policy)
+              kv_policy=kv_policy, rope_scaling=rope_scaling)
     dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
                                                      is not None else ())

@@ -151,10 +151,12 @@ def engine_perplexity(llm: Any, token_ids: Sequence[int], window: int, max_token
                             seconds=time.perf_counter() - t0, protocol="gptq", window_nll=sums)
 
 
-def load_for_eval(model_path: str | None = None, dtype: str | None = None, weights: str | None = None):
+def load_for_eval(model_path: str | None = None, dtype: str | None = None, weights: str | None = None,
+                  rope_scaling: Any = None):
     """(LoadedModel, Tokenizer) built the way ``LLM`` builds them, without a serving engine or KV cache.
 
-    ``weights`` goes to ``load_model`` ("fp32", "bf16", "native", ...) only when given.
+    ``weights`` goes to ``load_model`` ("fp32", "bf16", "native", ...) only when given;
+    ``rope_scaling`` overrides the file's RoPE scaling (``load_model``).
     """
     from loom.default_model import default_model_path
     from loom.tokenizer import load_tokenizer
@@ -162,24 +164,26 @@ def load_for_eval(model_path: str | None = None, dtype: str | None = None, weigh
 
     model_path = model_path or default_model_path()
     weights, dtype = choose_weights(weights, dtype)  # as LLM: native unless told otherwise
-    loaded = load_model(model_path, dtype=dtype, weights=weights)
+    loaded = load_model(model_path, dtype=dtype, weights=weights, rope_scaling=rope_scaling)
     return loaded, load_tokenizer(model_path, loaded.metadata, loaded.config.eos_token_ids)
 
 
 def run_perplexity(model_path: str | None = None, corpus: str = "britannica", window: int = 512,
                    max_tokens: int | None = None, dtype: str | None = None, weights: str | None = None,
-                   progress: bool = True, protocol: Protocol = "gptq") -> dict[str, Any]:
+                   progress: bool = True, protocol: Protocol = "gptq", rope_scaling: Any = None) -> dict[str, Any]:
     """Load a model and its tokenizer, tokenize ``corpus`` whole and score it (for ``loom eval ppl``)."""
     from loom.eval.corpora import corpus_path, read_corpus
 
     path = corpus_path(corpus)
     text = read_corpus(path)
-    loaded, tokenizer = load_for_eval(model_path, dtype, weights)
+    loaded, tokenizer = load_for_eval(model_path, dtype, weights, rope_scaling)
     t0 = time.perf_counter()
     ids = tokenizer.encode(text)
     tokenize_s = time.perf_counter() - t0
     result = perplexity(loaded.model, ids, window, max_tokens=max_tokens, progress=progress, protocol=protocol)
-    return {"model": loaded.path, "dtype": dtype, "weights": weights, "corpus": corpus, "corpus_path": path,
+    scaling = loaded.config.rope_scaling
+    return {"model": loaded.path, "dtype": dtype, "weights": weights, "corpus": corpus,
+            "rope_scaling": None if scaling is None else asdict(scaling), "context": loaded.config.max_position_embeddings, "corpus_path": path,
             "corpus_chars": len(text), "bos_at_start": bool(ids) and ids[0] == tokenizer.bos_token_id,
             "max_tokens": max_tokens, **result.to_dict(), "protocol_description": PROTOCOLS[protocol],
             "load_s": loaded.load_seconds, "tokenize_s": tokenize_s}

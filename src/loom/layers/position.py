@@ -25,8 +25,10 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
       ntk (NTK-aware, bloc97): base' = base * s^(dim / (dim - 2)).
       yarn (Peng et al. 2309.00071): per frequency, blend the interpolated theta_i / s and the
         extrapolated theta_i with a linear ramp over the dimensions whose wavelength completes
-        between beta_fast and beta_slow rotations in the original context; cos/sin are scaled by
-        0.1 ln(s) + 1.
+        between beta_fast and beta_slow rotations in the original context L (dimension
+        d_r = dim ln(L / (2 pi r)) / (2 ln base) completes r rotations in L tokens); cos/sin are scaled
+        by sqrt(1/t) = 0.1 ln(s) + 1 (q and k both carry it, so the logits carry 1/t), unless the
+        checkpoint names its own ``attention_factor``.
     """
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     if scaling is not None and scaling.kind == "ntk":
@@ -45,14 +47,18 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
         # The dimension index whose wavelength fits `rotations` full turns into `original` tokens.
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(dim_of(scaling.beta_fast)), 0)
-    high = min(math.ceil(dim_of(scaling.beta_slow)), dim - 1)
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the original frequency (high frequencies), 0: interpolate
     inv_freq = (inv_freq / s) * (1 - extrapolate) + inv_freq * extrapolate
-    attention_factor = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
     return inv_freq, attention_factor
 
 

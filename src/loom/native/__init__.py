@@ -46,6 +46,9 @@ def available() -> bool:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())
+    # The build file names the sources by path: checkouts at different paths (git worktrees) sharing one
+    # cache would otherwise rebuild each other's library on every switch.
+    digest.update(here.encode())
     tag = digest.hexdigest()[:12]
     try:
         from torch.utils import cpp_extension

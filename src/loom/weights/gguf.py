@@ -22,14 +22,14 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from loom.config import ModelConfig, RopeScaling
+from loom.config import ModelConfig, RopeScaling, scaled_context
 from loom.weights.dequant import DEQUANTIZERS, dequantize
 from loom.weights.errors import WeightsError
 
@@ -201,6 +201,25 @@ def _scalar(value: Any, key: str, path: str) -> Any:
     return value
 
 
+def _rope_scaling(get: Callable[[str, Any], Any], path: str) -> RopeScaling | None:
+    """RoPE scaling from llama.cpp's keys: {arch}.rope.scaling.type ("none", "linear", "yarn"),
+    .factor, .original_context_length, .yarn_beta_fast, .yarn_beta_slow. A factor of 1 (or none)
+    means no scaling, as llama.cpp reads it."""
+    kind = get("rope.scaling.type", None)
+    factor = get("rope.scaling.factor", None)
+    if kind in (None, "none") or not factor or float(factor) == 1.0:
+        return None
+    if kind not in ("linear", "yarn"):
+        raise WeightsError(path, f"unsupported rope.scaling.type {kind!r} (supported: none, linear, yarn)")
+    original = get("rope.scaling.original_context_length", None)
+    try:
+        return RopeScaling(kind=kind, factor=float(factor), original_max_position=int(original) if original else None,
+                           beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                           beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)))
+    except ValueError as e:
+        raise WeightsError(path, str(e)) from None
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     meta = g.metadata
     arch = meta.get("general.architecture")
@@ -223,12 +242,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         vocab = g.info("token_embd.weight").shape[0]
-    rope_scaling = None
-    kind = get("rope.scaling.type", None)
-    factor = get("rope.scaling.factor", None)
-    if kind in ("linear", "yarn") and factor and float(factor) != 1.0:
-        rope_scaling = RopeScaling(kind=kind, factor=float(factor),
-                                   original_max_position=get("rope.scaling.original_context_length", None))
+    rope_scaling = _rope_scaling(get, g.path)
+    context, rope_scaling = scaled_context(int(get("context_length", 2048)), rope_scaling)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = [eos] if eos is not None else []
     eot = meta.get("tokenizer.ggml.eot_token_id")
@@ -251,7 +266,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rotary_dim=int(get("rope.dimension_count", head_dim)),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(get("context_length", 2048)),
+        max_position_embeddings=context,
         qkv_bias="blk.0.attn_q.bias" in g,
         attn_out_bias="blk.0.attn_output.bias" in g,
         tie_word_embeddings="output.weight" not in g,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from loom.config import ModelConfig, RopeScaling
+from loom.config import ROPE_SCALING_KINDS, ModelConfig, RopeScaling, scaled_context
 from loom.weights.errors import WeightsError
 
 HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -22,7 +22,12 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_t
 
 
 def _rope_settings(cfg: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from either the classic keys or transformers 5's ``rope_parameters``."""
+    """(theta, scaling) from either the classic keys or transformers 5's ``rope_parameters``.
+
+    ``rope_scaling`` spells the kind "type" (older configs) or "rope_type"; YaRN reads its optional
+    beta_fast / beta_slow / attention_factor / truncate and, as transformers does, takes
+    factor = max_position_embeddings / original_max_position_embeddings when no factor is given.
+    """
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     if isinstance(params, dict) and "rope_type" in params and not scaling:
@@ -31,13 +36,23 @@ def _rope_settings(cfg: dict[str, Any], max_pos: int) -> tuple[float, RopeScalin
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind in ("default", None):
         return theta, None
-    mapping = {"linear": "linear", "yarn": "yarn", "ntk": "ntk"}
-    if kind not in mapping:
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, ntk, yarn)")
+    if kind not in ROPE_SCALING_KINDS:
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_SCALING_KINDS)})")
+    unsupported = [k for k in ("mscale", "mscale_all_dim") if scaling.get(k)]
+    if unsupported:
+        raise ValueError(f"rope scaling parameters {unsupported} are not supported")
+    original = scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    factor = scaling.get("factor")
+    if factor is None:
+        if kind != "yarn" or not original:
+            raise ValueError(f"rope scaling {kind!r} needs a factor")
+        factor = max_pos / original
+    attention = scaling.get("attention_factor")
     return theta, RopeScaling(
-        kind=mapping[kind], factor=float(scaling["factor"]),
-        original_max_position=scaling.get("original_max_position_embeddings"),
-        beta_fast=float(scaling.get("beta_fast") or 32.0), beta_slow=float(scaling.get("beta_slow") or 1.0))
+        kind=kind, factor=float(factor), original_max_position=int(original) if original else None,
+        beta_fast=float(scaling.get("beta_fast") or 32.0), beta_slow=float(scaling.get("beta_slow") or 1.0),
+        attention_factor=float(attention) if attention is not None else None,
+        truncate=bool(scaling.get("truncate", True)))
 
 
 def config_from_hf(cfg: dict[str, Any], path: str = "config.json") -> ModelConfig:
@@ -48,6 +63,7 @@ def config_from_hf(cfg: dict[str, Any], path: str = "config.json") -> ModelConfi
         hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         max_pos = int(cfg.get("max_position_embeddings", 2048))
         theta, scaling = _rope_settings(cfg, max_pos)
+        max_pos, scaling = scaled_context(max_pos, scaling)
         head_dim = cfg.get("head_dim") or hidden // n_heads
         act = cfg.get("hidden_act", "silu")
         if act not in _ACTIVATIONS:
@@ -125,7 +141,10 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     if config.rope_scaling is not None:
         r = config.rope_scaling
         cfg["rope_scaling"] = {"rope_type": r.kind, "factor": r.factor, "beta_fast": r.beta_fast,
-                               "beta_slow": r.beta_slow, "original_max_position_embeddings": r.original_max_position}
+                               "beta_slow": r.beta_slow, "original_max_position_embeddings": r.original_max_position,
+                               "truncate": r.truncate}
+        if r.attention_factor is not None:
+            cfg["rope_scaling"]["attention_factor"] = r.attention_factor
     return cfg
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from loom.config import ModelConfig
+from loom.config import ModelConfig, RopeScalingOverride, with_rope_scaling
 from loom.device import default_dtype, resolve_device
 from loom.layers.quantized import QuantizedLinear, QuantizedTensor
 from loom.models.transformer import Transformer
@@ -84,7 +84,8 @@ def choose_weights(weights: str | None, dtype: str | torch.dtype | None,
 
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.float32,
                kernel: str = "sdpa", weights: str | None = None,
-               device: str | torch.device | None = None) -> LoadedModel:
+               device: str | torch.device | None = None,
+               rope_scaling: RopeScalingOverride = None) -> LoadedModel:
     """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors.
 
     ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
@@ -92,6 +93,9 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     dtype everywhere else (fp32 on the CPU, bf16 on CUDA); "fp32" / "bf16" dequantize everything to
     that dtype. None means ``dtype`` (all dense). ``device``: "cpu" (default) or "cuda"; the model is
     built on the CPU and moved there, quantized linears are packed for that device's kernels.
+    ``rope_scaling``: a RopeScaling replaces the file's RoPE scaling (and grows the context to the
+    original context times the factor), "none" switches the file's off, None keeps it
+    (``config.with_rope_scaling``); the rotary tables are built from the result.
     """
     path = os.fspath(path)
     dev = resolve_device(device)
@@ -103,7 +107,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     native = weights == "native"
     t0 = time.perf_counter()
     if os.path.isdir(path):
-        config = read_hf_config(path)
+        config = with_rope_scaling(read_hf_config(path), rope_scaling)
         ckpt = SafetensorsCheckpoint(path)
         model = Transformer(config, dtype=dtype, kernel=kernel)
         sources = hf_tensor_sources(config, ckpt)
@@ -116,7 +120,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     elif os.path.isfile(path):
         g = GGUFFile(path)
         try:
-            config = config_from_gguf(g)
+            config = with_rope_scaling(config_from_gguf(g), rope_scaling)
             model = Transformer(config, dtype=dtype, kernel=kernel)
             sources = gguf_tensor_sources(config)
             filled: set[str] = set()
