@@ -145,6 +145,7 @@ def plot_pruning(result: dict[str, Any], path: str) -> None:
 
 
 def _column(row: dict[str, Any]) -> str:
-    """The x-axis group of a row: its target, plus its grid when quantized."""
-    target = row["pattern"] or f"{100 * row['sparsity']:.0f}%"
+    """The x-axis group of a row: its target, plus its grid when quantized (unpruned: the quantizer alone,
+    magnitude's bar being RTN and SparseGPT's GPTQ without act-order)."""
+    target = row["pattern"] or (f"{100 * row['sparsity']:.0f}%" if row["sparsity"] else "unpruned")
     return target if row["bits"] is None else f"{target} + W{row['bits']} g{row['group_size']}"
