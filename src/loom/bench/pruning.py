@@ -88,7 +88,10 @@ def run_pruning_bench(model: str | None = None, *, corpus: str = "britannica", w
             m = load_model(path, weights="fp32").model
             prune(m, recipe, None if s.method == "magnitude" else calib_samples)
             folder = _folder(out_dir, s.name)
-            save_checkpoint(m, folder, recipe.quantization_metadata(), tokenizer, pruning=recipe.metadata())
+            meta = recipe.metadata()
+            if s.method != "magnitude":
+                meta["calibration"] = {"text": calib_path, "samples": samples, "seq_len": seq_len, "seed": 0}
+            save_checkpoint(m, folder, recipe.quantization_metadata(), tokenizer, pruning=meta)
             del m
             llm = LLM(folder)
         prune_s = time.perf_counter() - t0
