@@ -9,7 +9,7 @@ import time
 from typing import Any, Sequence
 
 from loom.analysis.cli import add_analyze_parser
-from loom.compress.cli import add_quantize_parser
+from loom.compress.cli import add_prune_parser, add_quantize_parser
 from loom.sampling_params import SamplingParams
 
 
@@ -479,6 +479,30 @@ def cmd_bench_quantization(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pruning(args: argparse.Namespace) -> int:
+    from loom.bench.pruning import plot_pruning, run_pruning_bench
+
+    merge = None
+    if args.merge:
+        with open(args.merge) as f:
+            merge = json.load(f)
+    result = run_pruning_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                               calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
+                               progress=not args.json, merge=merge)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_pruning(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result["results"]:
+            print(f"{r['name']:<48} ppl {r['perplexity']:9.3f} ({100 * r['perplexity_vs_fp32']:+7.1f}%)  "
+                  f"{100 * r['linear_sparsity']:5.1f}% zeros")
+    return 0
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from loom.eval.perplexity import run_perplexity
 
@@ -679,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
     add_quantize_parser(sub, _add_source_args)
+    add_prune_parser(sub, _add_source_args)
 
     ke = bsub.add_parser("kv-eviction", help="perplexity by position under window / StreamingLLM / H2O KV budgets")
     _add_model_args(ke)
@@ -722,6 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the HF model; `make peers` installs them)")
     bq.add_argument("--json", action="store_true")
     bq.set_defaults(func=cmd_bench_quantization)
+
+    bp = bsub.add_parser("pruning", help="perplexity of magnitude, Wanda and SparseGPT at 50% and N:M sparsity")
+    bp.add_argument("--model", default=None)
+    bp.add_argument("--corpus", default="britannica")
+    bp.add_argument("--window", type=int, default=512)
+    bp.add_argument("--max-tokens", type=int, default=20480, help="first N tokens of the corpus (default 20480)")
+    bp.add_argument("--calib", default="hamlet")
+    bp.add_argument("--samples", type=int, default=32)
+    bp.add_argument("--seq-len", type=int, default=512)
+    bp.add_argument("--only", nargs="*", default=[], help="methods or setting names to run (default: all)")
+    bp.add_argument("--plot", default=None, help="write the perplexity bars to this PNG")
+    bp.add_argument("--out", default=None, help="also write the JSON here")
+    bp.add_argument("--merge", default=None, help="keep this earlier JSON's rows for settings not run now")
+    bp.add_argument("--json", action="store_true")
+    bp.set_defaults(func=cmd_bench_pruning)
     return parser
 
 

@@ -1,1 +1,1 @@
-"""Model compression: quantization (RTN, AWQ, GPTQ, SmoothQuant, KV int8) and, later, pruning."""
+"""Model compression: quantization (RTN, AWQ, GPTQ, SmoothQuant, KV int8) and pruning (magnitude, Wanda, SparseGPT)."""

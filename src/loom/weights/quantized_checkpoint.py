@@ -1,6 +1,7 @@
 """Quantized checkpoints: a Hugging Face-shaped folder that keeps loom's quantized linears.
 
     DIR/config.json            the model's HF config + "quantization_config" {"quant_method": "loom", ...}
+                               and, for a pruned model, "pruning" {"method": ..., "sparsity": ..., ...}
     DIR/model.safetensors      dense tensors under their HF names; for each quantized linear X.weight:
                                  X.qweight   uint8 codes (two per byte for <= 4 bits, loom's int4 layout)
                                  X.scales    fp32 [out, in / group]
@@ -35,8 +36,10 @@ def _base(hf_name: str) -> str:
 
 
 def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any] | None = None,
-                    tokenizer: Any = None) -> None:
-    """Write ``model`` (dense or with quantized linears) as a folder that ``load_model`` reads."""
+                    tokenizer: Any = None, pruning: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (dense or with quantized linears) as a folder that ``load_model`` reads;
+    ``quantization`` and ``pruning`` are recorded in its config.json (readers of the weights ignore
+    "pruning": a pruned weight is an ordinary tensor with zeros)."""
     os.makedirs(folder, exist_ok=True)
     config = model.config
     sources = hf_tensor_sources(config, None)  # type: ignore[arg-type]
@@ -75,6 +78,8 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
     cfg = hf_config_dict(config)
     if quantization is not None:
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quantization}
+    if pruning is not None:
+        cfg["pruning"] = pruning
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:

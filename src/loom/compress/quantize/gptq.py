@@ -50,7 +50,16 @@ class Hessian:
         return self.h * (2.0 / max(self.n, 1))
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+def neutralize_dead_inputs(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp64 copy of H whose dead inputs (diag H = 0) have their diagonal set to 1, so that it factors,
+    and the mask of those inputs (their weight columns are to be zeroed: they only ever see zeros)."""
+    H = hessian.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    return H, dead
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp mean(diag H) I)^-1, raising damp until it factors."""
     mean_diag = float(torch.diagonal(h).mean())
     eye = torch.eye(h.shape[0], dtype=h.dtype)
@@ -67,10 +76,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, qconfig: QuantConfig,
     n, k = w.shape
     g = qconfig.group_for(k)
     groups = k // g
+    H, dead = neutralize_dead_inputs(hessian)
     W = w.double().clone()
-    H = hessian.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     scales = torch.empty(n, groups, dtype=torch.float64)
@@ -83,7 +90,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, qconfig: QuantConfig,
 
     perm = torch.argsort(torch.diagonal(H), descending=True) if config.act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, config.damp)
+    U = inverse_cholesky(H, config.damp)
     codes = torch.empty(n, k, dtype=torch.float64)
     qmax = 2 ** qconfig.bits - 1
 

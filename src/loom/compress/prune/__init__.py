@@ -1,0 +1,1 @@
+"""Post-training pruning (magnitude, Wanda, SparseGPT), unstructured or N:M, optionally with quantization."""
