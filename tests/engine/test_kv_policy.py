@@ -181,8 +181,8 @@ def test_full_policy_is_the_plain_engine(tiny):
 
 @pytest.mark.parametrize("kind", POLICIES)
 def test_memory_stays_constant(tiny, kind):
-    """150 tokens under a budget of 16: the sequence's blocks stop growing at budget + chunk, and every
-    block is free once it ends."""
+    """150 tokens under a budget of 16: the sequence's blocks stop growing at budget + one prompt chunk,
+    and every block is free once it ends."""
     policy = KVPolicyConfig(kind, budget=16, prefill_chunk=4)
     engine = make_engine(tiny, policy)
     used: list[int] = []

@@ -8,7 +8,8 @@ prefix cache (PagedAttention, Kwon et al. 2309.06180; vLLM's automatic prefix ca
 - A full block never changes again. Only a sequence's last, partly filled block is written, and if
   that block is shared it is copied first (copy-on-write).
 - A sequence under a KV eviction policy (kv_policy.py) overwrites its own slots, so it needs at most
-  ``policy.capacity`` tokens' blocks, never shares them and never names them.
+  budget + one step's tokens' blocks (``policy.capacity`` for a prompt chunk), never shares them and
+  never names them.
 - Prefix cache: a full block is named by hash(parent block's hash, its tokens), so equal names mean
   equal token prefixes. When nothing references a named block it stays cached ("evictable") and is
   reused on a hit; new allocations take never-named free blocks first, then evict cached ones least
@@ -67,8 +68,10 @@ class BlockManager:
 
     @staticmethod
     def _tokens_held(seq: Sequence, num_new_tokens: int) -> int:
+        """Slots the sequence needs for a step: all its tokens, or under a KV policy at most the kept
+        ones (<= budget) plus the step's new ones (a table never shrinks, so this is a running max)."""
         tokens = seq.num_computed + num_new_tokens
-        return tokens if seq.kv_policy is None else min(tokens, seq.kv_policy.capacity)
+        return tokens if seq.kv_policy is None else min(tokens, seq.kv_policy.budget + num_new_tokens)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
