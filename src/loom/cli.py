@@ -151,6 +151,34 @@ def _load(args: argparse.Namespace):
     return llm
 
 
+def _use_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], plot: Any = None) -> bool:
+    """Write the result to --out and its plot to --plot when asked; print it as JSON with --json.
+    Returns whether it printed (the caller prints its summary otherwise)."""
+    if getattr(args, "out", None):
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if plot is not None and getattr(args, "plot", None):
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return bool(args.json)
+
+
+def _merged(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The earlier result given with --merge, if any."""
+    if not args.merge:
+        return None
+    with open(args.merge) as f:
+        return json.load(f)
+
+
 def _stats_line(t: Any, load_s: float | None = None) -> str:
     parts = [f"prompt {t.prompt_tokens} tokens in {t.prefill:.2f} s ({t.prefill_tokens_per_s:.0f} tok/s)",
              f"{t.generated_tokens} tokens, decode {t.decode_tokens_per_s:.1f} tok/s"]
@@ -293,10 +321,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from loom.bench.latency import run_latency
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     if args.speculative:
         from loom.bench.speculative import run_speculative_latency
 
@@ -336,10 +361,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from loom.bench.throughput import run_throughput
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     cache, sched = _engine_configs(args)
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
@@ -403,22 +425,12 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
     from loom.bench.kv_eviction import plot_kv_eviction, run_kv_eviction
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     result = run_kv_eviction(args.model, weights=args.weights, corpus=args.corpus, tokens=args.tokens,
                              budgets=[float(b) for b in args.budgets.split(",")], sink_tokens=args.sink_tokens,
                              bucket=args.bucket, chunk=args.chunk, rope_scaling=_rope_scaling(args),
                              progress=not args.json)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot_kv_eviction(result, args.plot)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    if not _emit(args, result, plot_kv_eviction):
         for r in result["results"]:
             worst = max(b["perplexity"] for b in r["buckets"])
             print(f"{r['name']:<26} ppl {r['perplexity']:9.2f}   worst {result['bucket']}-token bucket {worst:9.2f}")
@@ -428,19 +440,11 @@ def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
 def cmd_bench_streaming(args: argparse.Namespace) -> int:
     from loom.bench.kv_eviction import run_streaming
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     result = run_streaming(args.model, weights=args.weights, prompt=args.prompt, generate=args.generate,
                            budget=args.budget, sink_tokens=args.sink_tokens, kind=args.kind, every=args.every,
                            rope_scaling=_rope_scaling(args), progress=not args.json)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    if not _emit(args, result):
         blocks = sorted({t["kv_blocks"] for t in result["trace"]})
         print(f"{result['policy']}: {result['generated']} tokens in {result['seconds']:.0f} s "
               f"({result['tokens_per_s']:.1f} tok/s); KV blocks held over the run: {blocks}; "
@@ -452,23 +456,12 @@ def cmd_bench_streaming(args: argparse.Namespace) -> int:
 def cmd_bench_quantization(args: argparse.Namespace) -> int:
     from loom.bench.quantization import plot_quantization, run_quantization_bench
 
-    merge = None
-    if args.merge:
-        with open(args.merge) as f:
-            merge = json.load(f)
     result = run_quantization_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
                                     calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
-                                    progress=not args.json, merge=merge,
+                                    progress=not args.json, merge=_merged(args),
                                     peers=[p for p in args.peers.split(",") if p and p != "none"],
                                     decode_only=args.decode_only)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot_quantization(result, args.plot)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    if not _emit(args, result, plot_quantization):
         for r in result["results"]:
             if "error" in r:
                 print(f"{r['name']:<34} failed: {r['error']}")
@@ -482,21 +475,10 @@ def cmd_bench_quantization(args: argparse.Namespace) -> int:
 def cmd_bench_pruning(args: argparse.Namespace) -> int:
     from loom.bench.pruning import plot_pruning, run_pruning_bench
 
-    merge = None
-    if args.merge:
-        with open(args.merge) as f:
-            merge = json.load(f)
     result = run_pruning_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
                                calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
-                               progress=not args.json, merge=merge)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot_pruning(result, args.plot)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+                               progress=not args.json, merge=_merged(args))
+    if not _emit(args, result, plot_pruning):
         for r in result["results"]:
             print(f"{r['name']:<48} ppl {r['perplexity']:9.3f} ({100 * r['perplexity_vs_fp32']:+7.1f}%)  "
                   f"{100 * r['linear_sparsity']:5.1f}% zeros")
@@ -506,10 +488,7 @@ def cmd_bench_pruning(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from loom.eval.perplexity import run_perplexity
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     result = run_perplexity(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
                             dtype=args.dtype, weights=args.weights, progress=not args.no_progress,
                             protocol=args.protocol, rope_scaling=_rope_scaling(args))
@@ -526,10 +505,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def cmd_eval_context(args: argparse.Namespace) -> int:
     from loom.eval.context import format_table, plot_context, run_context
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     methods = [m for m in args.methods.split(",") if m]
     result = run_context(args.model, methods=methods, factor=args.rope_factor,
                          original_context=args.rope_original_context, window=args.window, windows=args.windows,

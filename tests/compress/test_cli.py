@@ -8,16 +8,6 @@ import os
 import pytest
 
 from loom.cli import main
-from tests.helpers import byte_level_vocab_meta, save_tiny_hf, write_llama_gguf
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny")
-    hf = save_tiny_hf(str(folder / "hf"), "llama", num_key_value_heads=2)
-    path = str(folder / "tiny.gguf")
-    write_llama_gguf(path, hf, "F32", tokenizer_meta=byte_level_vocab_meta())
-    return path
 
 
 @pytest.mark.parametrize("method,extra", [("rtn", []), ("gptq", ["--samples", "2", "--seq-len", "64"]),

@@ -18,12 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from loom.compress.calibration import CalibrationConfig, calibration_samples
+from loom.bench.quantization import CompressionInputs
 from loom.compress.prune.masks import NMPattern, Target, describe
 from loom.compress.prune.methods import PruneRecipe, linear_sparsity, prune
 from loom.compress.quantize.rtn import QuantConfig
-from loom.default_model import default_model_path
-from loom.eval.corpora import corpus_path, read_corpus
 from loom.eval.perplexity import perplexity
 from loom.llm import LLM
 from loom.weights.loader import load_model
@@ -69,15 +67,9 @@ def run_pruning_bench(model: str | None = None, *, corpus: str = "britannica", w
                       merge: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every setting of ``SETTINGS`` (or those whose method or name is in ``only``); ``merge``: an earlier
     result whose rows are kept unless run again here."""
-    path = model or default_model_path()
-    out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), "pruned")
-    base = LLM(path, weights="fp32")
-    tokenizer = base.tokenizer
-    eval_path = corpus_path(corpus)
-    eval_ids = tokenizer.encode(read_corpus(eval_path))
-    calib_path = corpus_path(calib)
-    calib_samples = calibration_samples(tokenizer.encode(read_corpus(calib_path)),
-                                        CalibrationConfig(samples, seq_len, seed=0))
+    inputs = CompressionInputs.prepare(model, corpus, calib, samples, seq_len, out_dir, "pruned")
+    path, out_dir, base, eval_path, eval_ids = inputs.path, inputs.out_dir, inputs.base, inputs.eval_path, inputs.eval_ids
+    calib_path, calib_samples, tokenizer = inputs.calib_path, inputs.calib_samples, base.tokenizer
     rows: list[dict[str, Any]] = []
     for s in (s for s in SETTINGS if not only or s.method in only or s.name in only):
         t0 = time.perf_counter()

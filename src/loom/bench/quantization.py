@@ -34,6 +34,32 @@ from loom.weights.loader import load_model
 from loom.weights.quantized_checkpoint import save_checkpoint
 
 
+@dataclass
+class CompressionInputs:
+    """What a compression benchmark (quantization, pruning) starts from: the dense fp32 model, the
+    tokenized evaluation text, calibration samples from a different text, and where checkpoints go."""
+
+    path: str
+    out_dir: str
+    base: LLM
+    eval_path: str
+    eval_ids: list[int]
+    calib_path: str
+    calib_samples: torch.Tensor
+
+    @classmethod
+    def prepare(cls, model: str | None, corpus: str, calib: str, samples: int, seq_len: int,
+                out_dir: str | None, subdir: str) -> CompressionInputs:
+        path = model or default_model_path()
+        out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), subdir)
+        base = LLM(path, weights="fp32")
+        eval_path, calib_path = corpus_path(corpus), corpus_path(calib)
+        eval_ids = base.tokenizer.encode(read_corpus(eval_path))
+        calib_samples = calibration_samples(base.tokenizer.encode(read_corpus(calib_path)),
+                                            CalibrationConfig(samples, seq_len, seed=0))
+        return cls(path, out_dir, base, eval_path, eval_ids, calib_path, calib_samples)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -165,15 +191,9 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
     keeping ``merge``'s perplexities."""
     if decode_only and merge is None:
         raise ValueError("--decode-only re-measures an earlier run: give it with --merge")
-    path = model or default_model_path()
-    out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), "quantized")
-    base = LLM(path, weights="fp32")
-    tokenizer = base.tokenizer
-    eval_path = corpus_path(corpus)
-    eval_ids = tokenizer.encode(read_corpus(eval_path))
-    calib_path = corpus_path(calib)
-    calib_samples = calibration_samples(tokenizer.encode(read_corpus(calib_path)),
-                                        CalibrationConfig(samples, seq_len, seed=0))
+    inputs = CompressionInputs.prepare(model, corpus, calib, samples, seq_len, out_dir, "quantized")
+    path, out_dir, base, eval_path, eval_ids = inputs.path, inputs.out_dir, inputs.base, inputs.eval_path, inputs.eval_ids
+    calib_path, calib_samples, tokenizer = inputs.calib_path, inputs.calib_samples, base.tokenizer
     hidden = base.config.hidden_size
     rows: list[dict[str, Any]] = []
     unknown = set(peers) - set(PEER_SETTINGS)

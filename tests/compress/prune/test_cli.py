@@ -11,18 +11,8 @@ import pytest
 from loom.cli import main
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
-from tests.helpers import byte_level_vocab_meta, save_tiny_hf, write_llama_gguf
 
 CALIB = ["--samples", "2", "--seq-len", "32"]
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny")
-    hf = save_tiny_hf(str(folder / "hf"), "llama", num_key_value_heads=2)
-    path = str(folder / "tiny.gguf")
-    write_llama_gguf(path, hf, "F32", tokenizer_meta=byte_level_vocab_meta())
-    return path
 
 
 @pytest.mark.parametrize("method,target,quant", [("sparsegpt", ["--pattern", "2:4"], ["--bits", "4", "--group-size", "32"]),
