@@ -24,12 +24,16 @@ from loom.models.decode_graph import DecodeGraph
 from loom.outputs import Timings
 from loom.sampling_params import SamplingParams
 
-PEERS = ("hf", "llamacpp", "eager")  # eager: loom itself without the scripted decode step
+# eager: loom itself without a compiled decode step; scripted: loom with the TorchScript step instead of
+# the native one (where the native step takes the model).
+PEERS = ("hf", "llamacpp", "eager", "scripted")
 
 
-def loom_runner(llm: LLM, graph: bool = True) -> Callable[[list[int], int], LatencySample]:
+def loom_runner(llm: LLM, graph: bool = True, native: bool = True) -> Callable[[list[int], int], LatencySample]:
     def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
         llm.engine.runner.use_graph = graph
+        if isinstance(llm.engine.runner.graph, DecodeGraph):
+            llm.engine.runner.graph.use_native = native
         llm.engine.block_manager.reset_prefix_cache()  # each run prefills its whole prompt (no cache hits)
         t = Timings()
         # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
@@ -71,7 +75,10 @@ def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: flo
 def _decode_path(llm: LLM) -> str:
     if llm.device.type == "cuda":
         return "cuda graphs" if CudaGraphDecode.supports(llm.model) else "modules"
-    return "scripted graph" if DecodeGraph.supports(llm.model) else "modules"
+    graph = llm.engine.runner.graph
+    if isinstance(graph, DecodeGraph):
+        return "native step" if graph.native is not None else "scripted graph"
+    return "modules"
 
 
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
@@ -100,6 +107,8 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     runners: dict[str, Callable[[list[int], int], LatencySample]] = {"loom": loom_runner(llm)}
     if "eager" in peers:
         runners["loom-eager"] = loom_runner(llm, graph=False)
+    if "scripted" in peers and _decode_path(llm) == "native step":
+        runners["loom-scripted"] = loom_runner(llm, native=False)
     if "hf" in peers:
         from loom.bench.peers import HFGenerate, hf_reference_copy
 

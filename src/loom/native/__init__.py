@@ -20,7 +20,8 @@ import warnings
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp"]
+SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "decode_step.cpp"]
+HEADERS = ["kernels.h"]  # included by the sources: part of the build's identity
 # -ffast-math lets reductions vectorize; -fno-finite-math-only keeps inf/NaN semantics (overflowing
 # activations must behave as in PyTorch, not as undefined behaviour).
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
@@ -42,7 +43,7 @@ def available() -> bool:
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join(here, s) for s in SOURCES]
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + [os.path.join(here, h) for h in HEADERS]:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())

@@ -16,6 +16,8 @@
 #include <limits>
 #include <tuple>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int64_t kRowsPerTask = 8;
@@ -77,33 +79,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {y, hsum};
 }
 
-// exp(x) in fp32 that the compiler can vectorize: libm's expf stays a scalar call unless
-// finite-math is assumed, which we refuse (inf and NaN must behave as in PyTorch). Cody-Waite
-// reduction x = n ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (relative error
-// 1.2e-7, about one ulp) and 2^n built from exponent bits in two halves so n = 128 stays finite.
-// Overflow gives inf, underflow 0 (no subnormals), NaN propagates. Branch-free: ternaries, since
-// std::fmin/fmax's NaN rules also block vectorization.
-inline float exp_vec(float x) {
-  float xc = x > 88.72f ? 88.72f : x;
-  xc = xc < -87.5f ? -87.5f : xc;
-  const float n = std::floor(std::fma(xc, 1.44269504f, 0.5f));
-  float r = std::fma(n, -0.693145751953125f, xc);  // ln2 split into a short high part ...
-  r = std::fma(n, -1.428606765330187e-06f, r);     // ... and the rest, so n ln2_hi is exact
-  float p = 1.f / 5040.f;
-  p = std::fma(p, r, 1.f / 720.f);
-  p = std::fma(p, r, 1.f / 120.f);
-  p = std::fma(p, r, 1.f / 24.f);
-  p = std::fma(p, r, 1.f / 6.f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t half = ni >> 1;
-  float y = p * __builtin_bit_cast(float, (half + 127) << 23) * __builtin_bit_cast(float, (ni - half + 127) << 23);
-  y = x > 88.72f ? std::numeric_limits<float>::infinity() : y;
-  y = x < -87.5f ? 0.f : y;
-  return x != x ? x : y;
-}
+using loom_native::exp_vec;
 
 // (Loops with pragmas live in templates: a pragma cannot sit inside the AT_DISPATCH macro's argument.)
 template <typename T>

@@ -22,170 +22,18 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "kernels.h"
 
 namespace {
 
-constexpr int64_t kChunk = 32;
-// Rows per tile: up to 4 in the two-chunk kernel, 5 to 8 in the one-chunk ("wide") kernel.
-#if defined(__AVX512F__)
-constexpr int kMaxWideRows = 8;
-#else
-constexpr int kMaxWideRows = 4;
-#endif
+using loom_native::kChunk;
+using loom_native::QuantWeight;
 
-struct QuantWeight {
-  const uint8_t* q;
-  const float* s;
-  const float* z;  // may be null
-  int64_t n, k, group, row_bytes;
-  int bits;
-};
-
-#if defined(__AVX512F__)
-
-// The 32 dequantized weights of chunk c of a row, as two vectors of 16. For int4 the 16 possible
-// values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
-// the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
-// two int->float conversions and two FMAs per chunk.
-template <int BITS>
-inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, __m512& w0, __m512& w1) {
-  if constexpr (BITS == 4) {
-    const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_ps(scale), _mm512_set1_ps(offset));
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
-    w0 = _mm512_permutexvar_ps(b, table);
-    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-  } else {
-    const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32)));
-    const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32 + 16)));
-    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
-    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
-  }
-}
-
-template <int BITS, int ROWS>
-void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                        int64_t n1, const int32_t* group_of_chunk) {
-  // Two chunks per iteration, each with its own accumulators (4 independent FMA chains per row):
-  // with one chain, a GEMV waits on FMA latency instead of streaming weights.
-  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.q + n * w.row_bytes;
-    const float* sn = w.s + n * groups;
-    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
-    __m512 acc[ROWS][4];
-    for (int r = 0; r < ROWS; ++r)
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; c += 2) {
-      const bool pair = c + 1 < chunks;
-      const int32_t ga = group_of_chunk[c], gb = group_of_chunk[pair ? c + 1 : c];
-      __m512 a0, a1, b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      load_chunk<BITS>(row, c, sn[ga], zn != nullptr ? zn[ga] : 0.f, a0, a1);
-      if (pair) load_chunk<BITS>(row, c + 1, sn[gb], zn != nullptr ? zn[gb] : 0.f, b0, b1);
-      const float* xc = x + c * kChunk;
-#pragma GCC unroll 4
-      for (int r = 0; r < ROWS; ++r) {
-        const float* xr = xc + r * ldx;
-        acc[r][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xr), acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xr + 16), acc[r][1]);
-        if (pair) {
-          acc[r][2] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xr + 32), acc[r][2]);
-          acc[r][3] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(xr + 48), acc[r][3]);
-        }
-      }
-    }
-    for (int r = 0; r < ROWS; ++r)
-      y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                          _mm512_add_ps(acc[r][2], acc[r][3])));
-  }
-}
-
-// Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
-// iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
-// 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
-template <int BITS, int ROWS>
-void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                             int64_t n1, const int32_t* group_of_chunk) {
-  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.q + n * w.row_bytes;
-    const float* sn = w.s + n * groups;
-    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
-    __m512 acc[ROWS][2];
-    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t g = group_of_chunk[c];
-      __m512 a0, a1;
-      load_chunk<BITS>(row, c, sn[g], zn != nullptr ? zn[g] : 0.f, a0, a1);
-      const float* xc = x + c * kChunk;
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) {
-        acc[r][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xc + r * ldx), acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xc + r * ldx + 16), acc[r][1]);
-      }
-    }
-    for (int r = 0; r < ROWS; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-  }
-}
-
-#else  // portable: the same arithmetic, one weight at a time
-
-template <int BITS, int ROWS>
-void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                        int64_t n1, const int32_t* /*group_of_chunk*/) {
-  const int64_t groups = w.k / w.group;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.q + n * w.row_bytes;
-    float acc[ROWS] = {};
-    for (int64_t k = 0; k < w.k; ++k) {
-      int code;
-      if constexpr (BITS == 4) {
-        const int64_t c = k / kChunk, i = k % kChunk;
-        const uint8_t b = row[c * 16 + (i & 15)];
-        code = i < 16 ? (b & 0xF) : (b >> 4);
-      } else {
-        code = static_cast<int8_t>(row[k]);
-      }
-      const int64_t g = k / w.group;
-      const float wk = static_cast<float>(code) * w.s[n * groups + g] + (w.z != nullptr ? w.z[n * groups + g] : 0.f);
-      for (int r = 0; r < ROWS; ++r) acc[r] += wk * x[r * ldx + k];
-    }
-    for (int r = 0; r < ROWS; ++r) y[r * ldy + n] = acc[r];
-  }
-}
-
-#endif
-
-template <int BITS>
 void gemm(const float* x, int64_t m, const QuantWeight& w, float* y) {
-  std::vector<int32_t> group_of_chunk(w.k / kChunk);
-  for (size_t c = 0; c < group_of_chunk.size(); ++c) group_of_chunk[c] = static_cast<int32_t>(c * kChunk / w.group);
-  const int32_t* gc = group_of_chunk.data();
+  const std::vector<int32_t> gc = loom_native::group_of_chunks(w.k, w.group);
   // Few output rows per task: a decode GEMV has N of a few hundred, and both cores must get work.
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < m;) {
-      const float* xr = x + r * w.k;
-      float* yr = y + r * w.n;
-      const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
-      switch (rows) {
-        case 1: rows_times_weights<BITS, 1>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        case 2: rows_times_weights<BITS, 2>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        case 3: rows_times_weights<BITS, 3>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        case 4: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-#if defined(__AVX512F__)
-        case 5: wide_rows_times_weights<BITS, 5>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        case 6: wide_rows_times_weights<BITS, 6>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        case 7: wide_rows_times_weights<BITS, 7>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-        default: wide_rows_times_weights<BITS, 8>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-#else
-        default: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-#endif
-      }
-      r += rows;
-    }
+    loom_native::quant_rows(x, m, w, y, n0, n1, gc.data(), false);
   });
 }
 
@@ -216,8 +64,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const QuantWeight w{static_cast<const uint8_t*>(qweight.data_ptr()),
                       s.data_ptr<float>(), z.defined() ? z.data_ptr<float>() : nullptr, n, k, group, qweight.size(1),
                       static_cast<int>(bits)};
-  if (bits == 4) gemm<4>(xc.data_ptr<float>(), m, w, y.data_ptr<float>());
-  else gemm<8>(xc.data_ptr<float>(), m, w, y.data_ptr<float>());
+  gemm(xc.data_ptr<float>(), m, w, y.data_ptr<float>());
   return y;
 }
 

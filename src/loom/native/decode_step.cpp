@@ -1,0 +1,270 @@
+// The decode step in C++: the forward of one new token for each of B sequences of a Llama-shaped
+// model (pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias, sliding windows) over a
+// paged fp32 KV cache, run inside one OpenMP parallel region.
+//
+// Why: at batch 1 a decode step of SmolLM2 is 121 GEMVs of 20-500 us and ~300 small ops. The
+// TorchScript step (models/decode_graph.py) pays for each op an interpreter and dispatcher visit,
+// an output allocation, and for each GEMV the start of a parallel region: ~4 ms of a 13.4 ms step
+// went there (measured with torch.profiler). Here the threads start once per step and meet at a
+// barrier between dependent stages (llama.cpp's CPU backend works the same way), buffers are
+// allocated once per step, the bias add, RoPE and cache write are one pass, and the residual adds
+// happen inside the GEMVs' stores.
+//
+// It computes what decode_graph._decode_step computes, op for op, with the same kernels
+// (kernels.h); tests hold the two to the same logits. Linears must be loom's group-quantized
+// int4 / int8 kind or dense fp32; anything else stays on the TorchScript step.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+// One linear layer: dense fp32 [N, K], or loom's quantized codes with scales and offsets.
+struct LinearWeight {
+  at::Tensor w, s, z;  // kept alive; s is empty for dense weights
+  loom_native::QuantWeight q{};
+  std::vector<int32_t> group_of_chunk;
+  bool dense = true;
+  int64_t n = 0, k = 0;
+
+  LinearWeight() = default;
+  LinearWeight(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& offsets, int64_t bits,
+               int64_t group)
+      : w(weight), s(scales), z(offsets), dense(scales.numel() == 0) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "NativeDecoder: weights must be contiguous 2-D CPU tensors");
+    n = w.size(0);
+    if (dense) {
+      TORCH_CHECK(w.scalar_type() == at::kFloat, "NativeDecoder: dense weights must be fp32");
+      k = w.size(1);
+      return;
+    }
+    TORCH_CHECK(bits == 4 || bits == 8, "NativeDecoder: quantized weights must be int4 or int8, got ", bits, " bits");
+    TORCH_CHECK(w.scalar_type() == at::kByte || w.scalar_type() == at::kChar, "NativeDecoder: codes must be uint8 / int8");
+    k = bits == 4 ? w.size(1) * 2 : w.size(1);
+    TORCH_CHECK(group % loom_native::kChunk == 0 && k % group == 0, "NativeDecoder: group size ", group,
+                " must be a multiple of 32 dividing ", k);
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / group),
+                "NativeDecoder: scales must be contiguous fp32 [N, K / group]");
+    const bool has_z = z.numel() > 0;
+    TORCH_CHECK(!has_z || (z.scalar_type() == at::kFloat && z.is_contiguous() && z.numel() == s.numel()),
+                "NativeDecoder: offsets must be empty or contiguous fp32 like the scales");
+    q = {static_cast<const uint8_t*>(w.data_ptr()), s.data_ptr<float>(), has_z ? z.data_ptr<float>() : nullptr,
+         n, k, group, w.size(1), static_cast<int>(bits)};
+    group_of_chunk = loom_native::group_of_chunks(k, group);
+  }
+
+  // y[r, j] (+)= x[r] . W[j] for r < m, j in [n0, n1); y has n columns.
+  void run(const float* x, int64_t m, float* y, int64_t n0, int64_t n1, bool accumulate) const {
+    if (n0 >= n1) return;
+    if (dense) loom_native::dense_rows(x, m, w.data_ptr<float>(), n, k, y, n0, n1, accumulate);
+    else loom_native::quant_rows(x, m, q, y, n0, n1, group_of_chunk.data(), accumulate);
+  }
+};
+
+struct Layer {
+  at::Tensor attn_norm, mlp_norm, qkv_bias, k_cache, v_cache;  // caches [blocks, block_size, n_kv, head_dim]
+  int64_t window = 0;
+  std::vector<LinearWeight> linears;  // qkv, o, gate_up, down
+};
+
+// [n0, n1): thread t's share of `total` outputs, in pieces of `align` (both cores get work, rows stay
+// in whole kernel tiles).
+inline void share(int64_t total, int t, int nt, int64_t align, int64_t& n0, int64_t& n1) {
+  const int64_t per = ((total + nt - 1) / nt + align - 1) / align * align;
+  n0 = std::min<int64_t>(total, t * per);
+  n1 = std::min<int64_t>(total, n0 + per);
+}
+
+class NativeDecoder : public torch::CustomClassHolder {
+ public:
+  NativeDecoder(at::Tensor embed, at::Tensor final_norm, int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps,
+                double scale)
+      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), hq_(n_heads), hkv_(n_kv), hd_(head_dim),
+        eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)) {
+    TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == at::kFloat && embed_.is_contiguous(),
+                "NativeDecoder: the embedding must be a contiguous fp32 [vocab, hidden]");
+    TORCH_CHECK(hq_ > 0 && hkv_ > 0 && hq_ % hkv_ == 0, "NativeDecoder: query heads must be a multiple of KV heads");
+    d_ = embed_.size(1);
+    check_vector(final_norm_, d_, "final norm");
+  }
+
+  void set_head(at::Tensor w, at::Tensor scales, at::Tensor offsets, int64_t bits, int64_t group) {
+    head_ = LinearWeight(w, scales, offsets, bits, group);
+    TORCH_CHECK(head_.k == d_, "NativeDecoder: the output layer takes ", head_.k, " inputs, not the hidden size ", d_);
+  }
+
+  void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm, at::Tensor qkv_bias, at::Tensor k_cache, at::Tensor v_cache,
+                 int64_t window) {
+    check_vector(attn_norm, d_, "attention norm");
+    check_vector(mlp_norm, d_, "MLP norm");
+    TORCH_CHECK(qkv_bias.numel() == 0 || qkv_bias.numel() == qkv_width(), "NativeDecoder: bad q/k/v bias size");
+    TORCH_CHECK(qkv_bias.numel() == 0 || (qkv_bias.scalar_type() == at::kFloat && qkv_bias.is_contiguous()),
+                "NativeDecoder: the q/k/v bias must be contiguous fp32");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == hkv_ &&
+                    k_cache.size(3) == hd_ && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous(),
+                "NativeDecoder: caches must be contiguous fp32 [blocks, block_size, n_kv, head_dim]");
+    layers_.push_back(Layer{attn_norm, mlp_norm, qkv_bias, k_cache, v_cache, window, {}});
+  }
+
+  // The linears of the last layer added, in the order q|k|v, o, gate|up, down.
+  void add_linear(at::Tensor w, at::Tensor scales, at::Tensor offsets, int64_t bits, int64_t group) {
+    TORCH_CHECK(!layers_.empty() && layers_.back().linears.size() < 4, "NativeDecoder: add_linear after add_layer, four per layer");
+    auto& ls = layers_.back().linears;
+    LinearWeight l(w, scales, offsets, bits, group);
+    const int64_t i = static_cast<int64_t>(ls.size());
+    const int64_t want_k = i == 0 || i == 2 ? d_ : i == 1 ? hq_ * hd_ : ls[2].n / 2;
+    const int64_t want_n = i == 0 ? qkv_width() : i == 2 ? l.n : d_;
+    TORCH_CHECK(l.k == want_k && l.n == want_n && (i != 2 || l.n % 2 == 0), "NativeDecoder: linear ", i,
+                " of a layer is [", l.n, ", ", l.k, "], expected [", want_n, ", ", want_k, "]");
+    ls.push_back(std::move(l));
+  }
+
+  // Logits [B, vocab] for tokens [B] at cos/sin [B, head_dim] (RoPE tables of their positions, sin
+  // signed); each token's K/V is written at slots[b]; it attends over context_lens[b] positions read
+  // through block_tables [B, W].
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin) {
+    TORCH_CHECK(head_.n > 0, "NativeDecoder: set_head was not called");
+    for (const auto& l : layers_) TORCH_CHECK(l.linears.size() == 4, "NativeDecoder: a layer lacks linears");
+    const int64_t b = tokens.size(0);
+    TORCH_CHECK(b > 0 && tokens.dim() == 1 && slots.numel() == b && context_lens.numel() == b &&
+                    block_tables.dim() == 2 && block_tables.size(0) == b,
+                "NativeDecoder: tokens, slots, context_lens [B] and block_tables [B, W] disagree");
+    auto tok = tokens.to(at::kLong).contiguous();
+    auto slot = slots.to(at::kLong).contiguous();
+    auto tables = block_tables.to(at::kLong).contiguous();
+    auto lens = context_lens.to(at::kLong).contiguous();
+    auto c = cos.to(at::kFloat).reshape({b, hd_}).contiguous();
+    auto sn = sin.to(at::kFloat).reshape({b, hd_}).contiguous();
+    const int64_t vocab = embed_.size(0), width = tables.size(1);
+    const int64_t blocks = layers_.empty() ? 0 : layers_[0].k_cache.size(0);
+    const int64_t block_size = layers_.empty() ? 1 : layers_[0].k_cache.size(1);
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    const int64_t* sp = slot.data_ptr<int64_t>();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    const int64_t* tabp = tables.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i) {
+      TORCH_CHECK(tp[i] >= 0 && tp[i] < vocab, "NativeDecoder: token ", tp[i], " outside the vocabulary");
+      TORCH_CHECK(layers_.empty() || (sp[i] >= 0 && sp[i] < blocks * block_size), "NativeDecoder: slot out of range");
+      TORCH_CHECK(lp[i] >= 1 && lp[i] <= width * block_size, "NativeDecoder: context length out of range");
+    }
+    for (int64_t i = 0; i < tables.numel(); ++i)
+      TORCH_CHECK(tabp[i] >= 0 && (layers_.empty() || tabp[i] < blocks), "NativeDecoder: block id out of range");
+
+    const int64_t f = layers_.empty() ? 0 : layers_[0].linears[2].n / 2;
+    const int64_t qkv_n = qkv_width(), heads_total = hq_ + 2 * hkv_;
+    auto opts = embed_.options();
+    auto h = at::empty({b, d_}, opts), x = at::empty({b, d_}, opts), qkv = at::empty({b, qkv_n}, opts);
+    auto q = at::empty({b, hq_ * hd_}, opts), attn = at::empty({b, hq_ * hd_}, opts);
+    auto gu = at::empty({b, 2 * f}, opts), act = at::empty({b, f}, opts);
+    auto logits = at::empty({b, head_.n}, opts);
+    float *hp = h.data_ptr<float>(), *xp = x.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+    float *qp = q.data_ptr<float>(), *ap = attn.data_ptr<float>(), *gup = gu.data_ptr<float>();
+    float *actp = act.data_ptr<float>(), *outp = logits.data_ptr<float>();
+    const float *cp = c.data_ptr<float>(), *sinp = sn.data_ptr<float>(), *ep = embed_.data_ptr<float>();
+
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      loom_native::AttentionScratch scratch;
+      std::vector<float> tmp(hd_);
+      int64_t n0, n1;
+      auto norm_rows = [&](const at::Tensor& w) {
+        for (int64_t r = t; r < b; r += nt) loom_native::rms_norm_row(hp + r * d_, w.data_ptr<float>(), xp + r * d_, d_, eps_);
+      };
+      for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
+#pragma omp barrier
+      for (const Layer& layer : layers_) {
+        const auto& lin = layer.linears;
+        norm_rows(layer.attn_norm);
+#pragma omp barrier
+        share(qkv_n, t, nt, 16, n0, n1);
+        lin[0].run(xp, b, qkvp, n0, n1, false);
+#pragma omp barrier
+        // Bias, RoPE on q and k, and the cache writes: one pass per (sequence, head).
+        float* kc = layer.k_cache.data_ptr<float>();
+        float* vc = layer.v_cache.data_ptr<float>();
+        const float* bias = layer.qkv_bias.numel() > 0 ? layer.qkv_bias.data_ptr<float>() : nullptr;
+        for (int64_t item = t; item < b * heads_total; item += nt) {
+          const int64_t r = item / heads_total, head = item % heads_total;
+          const float* src = qkvp + r * qkv_n + head * hd_;
+          if (bias != nullptr) {
+            for (int64_t i = 0; i < hd_; ++i) tmp[i] = src[i] + bias[head * hd_ + i];
+            src = tmp.data();
+          }
+          const float *cr = cp + r * hd_, *sr = sinp + r * hd_;
+          if (head < hq_) {
+            loom_native::rope_row(src, cr, sr, qp + (r * hq_ + head) * hd_, hd_);
+          } else if (head < hq_ + hkv_) {
+            loom_native::rope_row(src, cr, sr, kc + (sp[r] * hkv_ + head - hq_) * hd_, hd_);
+          } else {
+            std::memcpy(vc + (sp[r] * hkv_ + head - hq_ - hkv_) * hd_, src, hd_ * sizeof(float));
+          }
+        }
+#pragma omp barrier
+        for (int64_t item = t; item < b * hkv_; item += nt) {
+          const int64_t r = item / hkv_, g = item % hkv_;
+          loom_native::attend_group(qp + r * hq_ * hd_, kc, vc, tabp + r * width, lp[r], g, hq_, hkv_, hd_, block_size,
+                                    scale_, layer.window, ap + r * hq_ * hd_, scratch);
+        }
+#pragma omp barrier
+        share(d_, t, nt, 16, n0, n1);
+        lin[1].run(ap, b, hp, n0, n1, true);  // h += attn O^T
+#pragma omp barrier
+        norm_rows(layer.mlp_norm);
+#pragma omp barrier
+        share(2 * f, t, nt, 16, n0, n1);
+        lin[2].run(xp, b, gup, n0, n1, false);
+#pragma omp barrier
+        share(f, t, nt, 16, n0, n1);
+        for (int64_t r = 0; r < b && n0 < n1; ++r)
+          loom_native::silu_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
+#pragma omp barrier
+        share(d_, t, nt, 16, n0, n1);
+        lin[3].run(actp, b, hp, n0, n1, true);  // h += act D^T
+#pragma omp barrier
+      }
+      norm_rows(final_norm_);
+#pragma omp barrier
+      share(head_.n, t, nt, 16, n0, n1);
+      head_.run(xp, b, outp, n0, n1, false);
+    }
+    return logits;
+  }
+
+ private:
+  int64_t qkv_width() const { return (hq_ + 2 * hkv_) * hd_; }
+
+  static void check_vector(const at::Tensor& v, int64_t n, const char* what) {
+    TORCH_CHECK(v.dim() == 1 && v.numel() == n && v.scalar_type() == at::kFloat && v.is_contiguous(),
+                "NativeDecoder: the ", what, " weight must be a contiguous fp32 vector of ", n);
+  }
+
+  at::Tensor embed_, final_norm_;
+  int64_t hq_, hkv_, hd_, d_ = 0;
+  float eps_, scale_;
+  LinearWeight head_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.class_<NativeDecoder>("NativeDecoder")
+      .def(torch::init<at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, double>())
+      .def("set_head", &NativeDecoder::set_head)
+      .def("add_layer", &NativeDecoder::add_layer)
+      .def("add_linear", &NativeDecoder::add_linear)
+      .def("step", &NativeDecoder::step);
+}

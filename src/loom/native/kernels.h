@@ -1,0 +1,375 @@
+// The building blocks of loom's native CPU code, shared by the torch ops (quant_gemm.cpp,
+// paged_attention.cpp, fused.cpp) and the native decode step (decode_step.cpp), which calls them
+// directly inside one parallel region instead of through the dispatcher.
+//
+// Every function here works on raw fp32 (or cache-typed) pointers over a range of its output, so a
+// caller decides how the work is split between threads.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace loom_native {
+
+inline void store(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
+
+// ---------------------------------------------------------------------------------------------
+// Group-quantized weights times fp32 activations (see quant_gemm.cpp for the format).
+
+constexpr int64_t kChunk = 32;
+// Rows per tile: up to 4 in the two-chunk kernel, 5 to 8 in the one-chunk ("wide") kernel.
+#if defined(__AVX512F__)
+constexpr int kMaxWideRows = 8;
+#else
+constexpr int kMaxWideRows = 4;
+#endif
+
+struct QuantWeight {
+  const uint8_t* q;
+  const float* s;
+  const float* z;  // may be null
+  int64_t n, k, group, row_bytes;
+  int bits;
+};
+
+#if defined(__AVX512F__)
+
+// The 32 dequantized weights of chunk c of a row, as two vectors of 16. For int4 the 16 possible
+// values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
+// the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
+// two int->float conversions and two FMAs per chunk.
+template <int BITS>
+inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, __m512& w0, __m512& w1) {
+  if constexpr (BITS == 4) {
+    const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+    w0 = _mm512_permutexvar_ps(b, table);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  } else {
+    const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32)));
+    const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32 + 16)));
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+  }
+}
+
+template <int BITS, int ROWS>
+void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
+                        int64_t n1, const int32_t* group_of_chunk, bool accumulate) {
+  // Two chunks per iteration, each with its own accumulators (4 independent FMA chains per row):
+  // with one chain, a GEMV waits on FMA latency instead of streaming weights.
+  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * w.row_bytes;
+    const float* sn = w.s + n * groups;
+    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
+    __m512 acc[ROWS][4];
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const bool pair = c + 1 < chunks;
+      const int32_t ga = group_of_chunk[c], gb = group_of_chunk[pair ? c + 1 : c];
+      __m512 a0, a1, b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+      load_chunk<BITS>(row, c, sn[ga], zn != nullptr ? zn[ga] : 0.f, a0, a1);
+      if (pair) load_chunk<BITS>(row, c + 1, sn[gb], zn != nullptr ? zn[gb] : 0.f, b0, b1);
+      const float* xc = x + c * kChunk;
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xr = xc + r * ldx;
+        acc[r][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+        if (pair) {
+          acc[r][2] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xr + 32), acc[r][2]);
+          acc[r][3] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(xr + 48), acc[r][3]);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      store(y + r * ldy + n, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                                _mm512_add_ps(acc[r][2], acc[r][3]))),
+            accumulate);
+  }
+}
+
+// Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
+// iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
+// 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
+template <int BITS, int ROWS>
+void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
+                             int64_t n1, const int32_t* group_of_chunk, bool accumulate) {
+  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * w.row_bytes;
+    const float* sn = w.s + n * groups;
+    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t g = group_of_chunk[c];
+      __m512 a0, a1;
+      load_chunk<BITS>(row, c, sn[g], zn != nullptr ? zn[g] : 0.f, a0, a1);
+      const float* xc = x + c * kChunk;
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xc + r * ldx), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xc + r * ldx + 16), acc[r][1]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      store(y + r * ldy + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])), accumulate);
+  }
+}
+
+#else  // portable: the same arithmetic, one weight at a time
+
+template <int BITS, int ROWS>
+void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
+                        int64_t n1, const int32_t* /*group_of_chunk*/, bool accumulate) {
+  const int64_t groups = w.k / w.group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * w.row_bytes;
+    float acc[ROWS] = {};
+    for (int64_t k = 0; k < w.k; ++k) {
+      int code;
+      if constexpr (BITS == 4) {
+        const int64_t c = k / kChunk, i = k % kChunk;
+        const uint8_t b = row[c * 16 + (i & 15)];
+        code = i < 16 ? (b & 0xF) : (b >> 4);
+      } else {
+        code = static_cast<int8_t>(row[k]);
+      }
+      const int64_t g = k / w.group;
+      const float wk = static_cast<float>(code) * w.s[n * groups + g] + (w.z != nullptr ? w.z[n * groups + g] : 0.f);
+      for (int r = 0; r < ROWS; ++r) acc[r] += wk * x[r * ldx + k];
+    }
+    for (int r = 0; r < ROWS; ++r) store(y + r * ldy + n, acc[r], accumulate);
+  }
+}
+
+#endif
+
+
+// y[r, n] (+)= x[r] . W_hat[n] for rows r < m and outputs n in [n0, n1): the rows in tiles of up to
+// kMaxWideRows, each tile streaming the weights once.
+template <int BITS>
+void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
+                const int32_t* group_of_chunk, bool accumulate) {
+  for (int64_t r = 0; r < m;) {
+    const float* xr = x + r * w.k;
+    float* yr = y + r * w.n;
+    const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
+    const int32_t* gc = group_of_chunk;
+    switch (rows) {
+      case 1: rows_times_weights<BITS, 1>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 2: rows_times_weights<BITS, 2>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 3: rows_times_weights<BITS, 3>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 4: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+#if defined(__AVX512F__)
+      case 5: wide_rows_times_weights<BITS, 5>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 6: wide_rows_times_weights<BITS, 6>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 7: wide_rows_times_weights<BITS, 7>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      default: wide_rows_times_weights<BITS, 8>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+#else
+      default: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+#endif
+    }
+    r += rows;
+  }
+}
+
+inline void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
+                       const int32_t* group_of_chunk, bool accumulate) {
+  if (w.bits == 4) quant_rows<4>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
+  else quant_rows<8>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
+}
+
+// The group of each 32-input chunk (the kernels index scales by chunk).
+inline std::vector<int32_t> group_of_chunks(int64_t k, int64_t group) {
+  std::vector<int32_t> g(k / kChunk);
+  for (size_t c = 0; c < g.size(); ++c) g[c] = static_cast<int32_t>(static_cast<int64_t>(c) * kChunk / group);
+  return g;
+}
+
+// y[r, n] (+)= x[r] . W[n] for a dense fp32 W [N, K] (row-major), rows r < m, outputs n in [n0, n1).
+inline void dense_rows(const float* x, int64_t m, const float* w, int64_t n, int64_t k, float* y, int64_t n0,
+                       int64_t n1, bool accumulate) {
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* wj = w + j * k;
+    for (int64_t r = 0; r < m; ++r) {
+      const float* xr = x + r * k;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < k; ++i) s += xr[i] * wj[i];
+      store(y + r * n + j, s, accumulate);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise pieces of the decoder layer, one row at a time, in fp32.
+
+// exp(x) in fp32 that the compiler can vectorize: libm's expf stays a scalar call unless
+// finite-math is assumed, which we refuse (inf and NaN must behave as in PyTorch). Cody-Waite
+// reduction x = n ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (relative error
+// 1.2e-7, about one ulp) and 2^n built from exponent bits in two halves so n = 128 stays finite.
+// Overflow gives inf, underflow 0 (no subnormals), NaN propagates. Branch-free: ternaries, since
+// std::fmin/fmax's NaN rules also block vectorization.
+inline float exp_vec(float x) {
+  float xc = x > 88.72f ? 88.72f : x;
+  xc = xc < -87.5f ? -87.5f : xc;
+  const float n = std::floor(std::fma(xc, 1.44269504f, 0.5f));
+  float r = std::fma(n, -0.693145751953125f, xc);  // ln2 split into a short high part ...
+  r = std::fma(n, -1.428606765330187e-06f, r);     // ... and the rest, so n ln2_hi is exact
+  float p = 1.f / 5040.f;
+  p = std::fma(p, r, 1.f / 720.f);
+  p = std::fma(p, r, 1.f / 120.f);
+  p = std::fma(p, r, 1.f / 24.f);
+  p = std::fma(p, r, 1.f / 6.f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  float y = p * __builtin_bit_cast(float, (half + 127) << 23) * __builtin_bit_cast(float, (ni - half + 127) << 23);
+  y = x > 88.72f ? std::numeric_limits<float>::infinity() : y;
+  y = x < -87.5f ? 0.f : y;
+  return x != x ? x : y;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w  (fp32 storage: HF's rounding to the storage type is a no-op).
+inline void rms_norm_row(const float* x, const float* w, float* y, int64_t h, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < h; ++j) ss += x[j] * x[j];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) y[j] = (x[j] * inv) * w[j];
+}
+
+// o = silu(g) * u = g sigmoid(g) u over f features.
+inline void silu_and_mul_row(const float* g, const float* u, float* o, int64_t f) {
+#pragma omp simd
+  for (int64_t j = 0; j < f; ++j) o[j] = g[j] * (1.f / (1.f + exp_vec(-g[j]))) * u[j];
+}
+
+// o = x cos + roll(x, d/2) sin for one head (sin carries rotate-half's sign).
+inline void rope_row(const float* x, const float* c, const float* s, float* o, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t j = 0; j < d; ++j) o[j] = x[j] * c[j] + x[j < half ? j + half : j - half] * s[j];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention for one sequence and one KV head (with the query heads that read it):
+//   s_t = q_j . k_t * scale for every visible position t,  p_t = exp(s_t - max s) / sum exp(. - max s),
+//   out_j = sum_t p_t v_t.
+// Two passes (scores, then weighted values) keep it exact and simple.
+
+// A slice of a cache row as floats: itself when the cache is fp32, else converted into `buf`.
+inline const float* load(const float* row, float*, int64_t) { return row; }
+template <typename T>
+inline const float* load(const T* row, float* buf, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
+
+// Rows live in scattered blocks, which defeats the hardware prefetcher at every block boundary:
+// ask for the row a few tokens ahead explicitly.
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+struct AttentionScratch {  // reused by one thread across items
+  std::vector<float> scores, acc, buf, denom;
+  std::vector<int64_t> offsets;
+};
+
+// q [hq, d] and out [hq, d] are the sequence's; the caches are [blocks, block_size, hkv, d].
+template <typename T>
+void attend_group(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, int64_t g,
+                  int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, int64_t window, float* out,
+                  AttentionScratch& s) {
+  const int64_t groups = hq / hkv, row = hkv * d, j0 = g * groups;
+  const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+  const int64_t n = len - start;
+  s.offsets.resize(n);  // element offset of token t's slice for this head
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t p = start + t;
+    s.offsets[t] = (table[p / block_size] * block_size + p % block_size) * row + g * d;
+  }
+  s.scores.assign(groups * std::max<int64_t>(n, 1), 0.f);
+  s.acc.assign(groups * d, 0.f);
+  s.buf.resize(4 * d);
+  s.denom.assign(groups, 0.f);
+  // Pass 1: scores. Four tokens at a time: four independent accumulators keep the FMA units busy.
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - t0);
+    const float* k[4];
+    for (int64_t u = 0; u < 4; ++u) {
+      if (t0 + u + kAhead < n) prefetch_row(k_cache + s.offsets[t0 + u + kAhead], d);
+      k[u] = u < m ? load(k_cache + s.offsets[t0 + u], s.buf.data() + u * d, d) : k[0];
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      const float* qj = q + (j0 + j) * d;
+      const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t i = 0; i < d; ++i) {
+        s0 += qj[i] * k0[i];
+        s1 += qj[i] * k1[i];
+        s2 += qj[i] * k2[i];
+        s3 += qj[i] * k3[i];
+      }
+      const float sv[4] = {s0, s1, s2, s3};
+      for (int64_t u = 0; u < m; ++u) s.scores[j * n + t0 + u] = sv[u] * scale;
+    }
+  }
+  // Softmax over t for every query head.
+  for (int64_t j = 0; j < groups; ++j) {
+    float* sj = s.scores.data() + j * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sj[t]);
+    float z = 0.f;
+#pragma omp simd reduction(+ : z)
+    for (int64_t t = 0; t < n; ++t) {
+      sj[t] = std::exp(sj[t] - mx);
+      z += sj[t];
+    }
+    s.denom[j] = z;
+  }
+  // Pass 2: acc_j = sum_t p[j][t] v_t, four tokens per pass over acc_j.
+  for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - t0);
+    const float* v[4];
+    for (int64_t u = 0; u < 4; ++u) {
+      if (t0 + u + kAhead < n) prefetch_row(v_cache + s.offsets[t0 + u + kAhead], d);
+      v[u] = u < m ? load(v_cache + s.offsets[t0 + u], s.buf.data() + u * d, d) : v[0];
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      const float* sj = s.scores.data() + j * n + t0;
+      const float p0 = sj[0], p1 = m > 1 ? sj[1] : 0.f, p2 = m > 2 ? sj[2] : 0.f, p3 = m > 3 ? sj[3] : 0.f;
+      const float *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+      float* a = s.acc.data() + j * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+    }
+  }
+  for (int64_t j = 0; j < groups; ++j) {
+    const float inv = n > 0 ? 1.f / s.denom[j] : 0.f;
+    float* o = out + (j0 + j) * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = s.acc[j * d + i] * inv;
+  }
+}
+
+}  // namespace loom_native
