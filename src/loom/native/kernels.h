@@ -19,7 +19,7 @@
 
 namespace loom_native {
 
-inline void store(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
+[[gnu::always_inline]] inline void store(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
 
 // ---------------------------------------------------------------------------------------------
 // Group-quantized weights times fp32 activations (see quant_gemm.cpp for the format).
@@ -47,7 +47,7 @@ struct QuantWeight {
 // the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
 // two int->float conversions and two FMAs per chunk.
 template <int BITS>
-inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, __m512& w0, __m512& w1) {
+[[gnu::always_inline]] inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, __m512& w0, __m512& w1) {
   if constexpr (BITS == 4) {
     const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_ps(scale), _mm512_set1_ps(offset));
@@ -62,9 +62,9 @@ inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset,
   }
 }
 
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, bool ACC>
 void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                        int64_t n1, const int32_t* group_of_chunk, bool accumulate) {
+                        int64_t n1, const int32_t* group_of_chunk) {
   // Two chunks per iteration, each with its own accumulators (4 independent FMA chains per row):
   // with one chain, a GEMV waits on FMA latency instead of streaming weights.
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
@@ -96,16 +96,16 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
     for (int r = 0; r < ROWS; ++r)
       store(y + r * ldy + n, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
                                                                 _mm512_add_ps(acc[r][2], acc[r][3]))),
-            accumulate);
+            ACC);
   }
 }
 
 // Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
 // iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
 // 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, bool ACC>
 void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                             int64_t n1, const int32_t* group_of_chunk, bool accumulate) {
+                             int64_t n1, const int32_t* group_of_chunk) {
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
@@ -125,15 +125,15 @@ void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, 
       }
     }
     for (int r = 0; r < ROWS; ++r)
-      store(y + r * ldy + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])), accumulate);
+      store(y + r * ldy + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])), ACC);
   }
 }
 
 #else  // portable: the same arithmetic, one weight at a time
 
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, bool ACC>
 void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                        int64_t n1, const int32_t* /*group_of_chunk*/, bool accumulate) {
+                        int64_t n1, const int32_t* /*group_of_chunk*/) {
   const int64_t groups = w.k / w.group;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
@@ -151,7 +151,7 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
       const float wk = static_cast<float>(code) * w.s[n * groups + g] + (w.z != nullptr ? w.z[n * groups + g] : 0.f);
       for (int r = 0; r < ROWS; ++r) acc[r] += wk * x[r * ldx + k];
     }
-    for (int r = 0; r < ROWS; ++r) store(y + r * ldy + n, acc[r], accumulate);
+    for (int r = 0; r < ROWS; ++r) store(y + r * ldy + n, acc[r], ACC);
   }
 }
 
@@ -160,26 +160,25 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
 
 // y[r, n] (+)= x[r] . W_hat[n] for rows r < m and outputs n in [n0, n1): the rows in tiles of up to
 // kMaxWideRows, each tile streaming the weights once.
-template <int BITS>
+template <int BITS, bool ACC>
 void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
-                const int32_t* group_of_chunk, bool accumulate) {
+                const int32_t* gc) {
   for (int64_t r = 0; r < m;) {
     const float* xr = x + r * w.k;
     float* yr = y + r * w.n;
     const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
-    const int32_t* gc = group_of_chunk;
     switch (rows) {
-      case 1: rows_times_weights<BITS, 1>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      case 2: rows_times_weights<BITS, 2>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      case 3: rows_times_weights<BITS, 3>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      case 4: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 1: rows_times_weights<BITS, 1, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 2: rows_times_weights<BITS, 2, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 3: rows_times_weights<BITS, 3, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 4: rows_times_weights<BITS, 4, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #if defined(__AVX512F__)
-      case 5: wide_rows_times_weights<BITS, 5>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      case 6: wide_rows_times_weights<BITS, 6>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      case 7: wide_rows_times_weights<BITS, 7>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
-      default: wide_rows_times_weights<BITS, 8>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      case 5: wide_rows_times_weights<BITS, 5, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 6: wide_rows_times_weights<BITS, 6, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 7: wide_rows_times_weights<BITS, 7, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      default: wide_rows_times_weights<BITS, 8, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #else
-      default: rows_times_weights<BITS, 4>(xr, w.k, w, yr, w.n, n0, n1, gc, accumulate); break;
+      default: rows_times_weights<BITS, 4, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #endif
     }
     r += rows;
@@ -188,8 +187,15 @@ void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64
 
 inline void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
                        const int32_t* group_of_chunk, bool accumulate) {
-  if (w.bits == 4) quant_rows<4>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
-  else quant_rows<8>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
+  // Storing and accumulating are separate instantiations: a runtime flag in the stores cost ~15% on
+  // small many-row products.
+  if (w.bits == 4) {
+    if (accumulate) quant_rows<4, true>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<4, false>(x, m, w, y, n0, n1, group_of_chunk);
+  } else {
+    if (accumulate) quant_rows<8, true>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<8, false>(x, m, w, y, n0, n1, group_of_chunk);
+  }
 }
 
 // The group of each 32-input chunk (the kernels index scales by chunk).
@@ -222,8 +228,9 @@ inline void dense_rows(const float* x, int64_t m, const float* w, int64_t n, int
 // reduction x = n ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (relative error
 // 1.2e-7, about one ulp) and 2^n built from exponent bits in two halves so n = 128 stays finite.
 // Overflow gives inf, underflow 0 (no subnormals), NaN propagates. Branch-free: ternaries, since
-// std::fmin/fmax's NaN rules also block vectorization.
-inline float exp_vec(float x) {
+// std::fmin/fmax's NaN rules also block vectorization. Always inlined: a call inside an `omp simd`
+// loop (an external-linkage inline function GCC chose not to inline) made SiLU-and-multiply 10x slower.
+[[gnu::always_inline]] inline float exp_vec(float x) {
   float xc = x > 88.72f ? 88.72f : x;
   xc = xc < -87.5f ? -87.5f : xc;
   const float n = std::floor(std::fma(xc, 1.44269504f, 0.5f));
