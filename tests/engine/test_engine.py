@@ -74,7 +74,10 @@ def alone(tiny):
     dict(num_blocks=30),  # forces preemption
     dict(num_blocks=30, enable_chunked_prefill=False, prefix=False),
     dict(max_num_seqs=3),
-], ids=["default", "no-chunking", "no-prefix-cache", "small-budget", "preemption", "preemption-plain", "3-seqs"])
+    dict(max_num_seqs=32),  # decode steps of 32: dense weights pre-packed for 32 rows (decode_graph.py)
+    dict(max_num_seqs=48),  # ... packed for 48, batches of 25-32 padded up to it
+], ids=["default", "no-chunking", "no-prefix-cache", "small-budget", "preemption", "preemption-plain", "3-seqs",
+        "packed", "packed-padded"])
 def test_batched_equals_alone(tiny, alone, setup):
     prompts, want = alone
     setup = dict(setup)
@@ -83,6 +86,8 @@ def test_batched_equals_alone(tiny, alone, setup):
     outs = run_all(engine, prompts, [params] * len(prompts), check=True)
     assert [outs[str(i)][0] for i in range(len(prompts))] == want
     assert engine.block_manager.num_used_blocks == 0
+    if setup.get("max_num_seqs", 64) >= 32 and torch.backends.mkl.is_available():
+        assert engine.runner.graph.packed_rows == setup.get("max_num_seqs", 64)
 
 
 def test_preemption_happens_and_loses_nothing(tiny, alone):

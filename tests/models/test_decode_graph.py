@@ -129,3 +129,27 @@ def test_graph_runs_quantized_linears_like_the_module_path(bits, group, backend)
         graph = DecodeGraph(model, cache.k, cache.v)
         got = torch.cat([graph.step_one(ids[p], p, table) for p in range(4, len(ids))])
     assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("batch", [32, 20, 3])  # the packed row count, padded up to it, and unpacked
+def test_packed_dense_weights_give_the_same_logits(batch):
+    if not torch.backends.mkl.is_available():
+        pytest.skip("MKL's packed GEMM needs a torch built with MKL")
+    model = Transformer(ModelConfig(**BASE, num_kv_heads=2)).init_random(0, std=0.2)
+    caches = [KVCache(model.config, 4 * batch, 4) for _ in range(2)]
+    g = torch.Generator().manual_seed(3)
+    for c in caches:
+        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))
+        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(5)))
+    with torch.inference_mode():
+        packed = DecodeGraph(model, caches[0].k, caches[0].v, native=False, pack_rows=32)
+        plain = DecodeGraph(model, caches[1].k, caches[1].v, native=False)
+        assert packed.packed_rows == 32 and packed.head[0] == 7 and plain.packed_rows == 0
+        tables = torch.randperm(4 * batch, generator=g).view(batch, 4)
+        lens = torch.randint(1, 16, (batch,), generator=g)
+        tokens = torch.randint(0, 97, (batch,), generator=g)
+        slots = tables[torch.arange(batch), (lens - 1) // 4] * 4 + (lens - 1) % 4
+        got = packed(tokens, lens - 1, slots, tables, lens)
+        want = plain(tokens, lens - 1, slots, tables, lens)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert DecodeGraph(model, caches[0].k, caches[0].v, pack_rows=8).packed_rows == 0  # too few rows to pay

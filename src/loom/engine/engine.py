@@ -79,7 +79,8 @@ class LLMEngine:
             # Without chunking a whole prompt (or a preempted sequence's whole history) must fit one step.
             self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
                                                                self.max_model_len)
-        self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph)
+        self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph,
+                                  max_batch=self.scheduler_config.max_num_seqs)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.speculator = None if speculative is None else Speculator(
             speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, decode_graph)

@@ -24,14 +24,14 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache, use_graph: bool = True) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, use_graph: bool = True, max_batch: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.layers = kv_cache.layers()
         self.block_size = kv_cache.block_size
         # The scripted step (CPU) or CUDA graphs (GPU) read fp caches; an int8 cache decodes through the
         # modules (kv_quant.py).
-        self.graph = make_decode_graph(model, kv_cache)
+        self.graph = make_decode_graph(model, kv_cache, pack_rows=max_batch)
         self.use_graph = use_graph  # decode-only steps run the graph (see decode_graph.py, cuda_graph.py)
         self.device = model.device
 

@@ -23,6 +23,7 @@ int8 kind or dense fp32; the scripted step remains the readable reference and th
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from loom.layers import fused, kernels
 from loom.layers.linear import Linear
-from loom.layers.quantized import QuantizedLinear, W8A8Linear, apply_linear, dense_kernel_args
+from loom.layers.quantized import QuantizedLinear, W8A8Linear, apply_linear, dense_kernel_args, packed_dense_args
 from loom.models.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ def compiled_decode_step() -> Callable[..., torch.Tensor]:
 # batches take the scripted step, whose linears hand many-row products to BLAS (apply_linear).
 NATIVE_MAX_BATCH_QUANTIZED = 32
 NATIVE_MAX_BATCH_DENSE = 1
+# Below this many rows the transposed product (layers/linear.py) is as fast as a packed one.
+MIN_PACK_ROWS = 32
 
 
 def native_decoder(model: Transformer, weights: tuple, head: LinearSpec, k: List[torch.Tensor], v: List[torch.Tensor],
@@ -147,9 +150,11 @@ class DecodeGraph:
     kv_heads, head_dim], paged or contiguous (one block per sequence): the native step for small
     batches where it takes the model, the scripted step otherwise."""
 
-    def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, native: bool = True) -> None:
+    def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, native: bool = True,
+                 pack_rows: int = 0) -> None:
         """``native``: run small batches through the native step (decode_step.cpp) where it takes the
-        model; otherwise every batch runs the scripted step."""
+        model; otherwise every batch runs the scripted step. ``pack_rows``: pre-pack the dense fp32
+        weights for the scripted step's batches of that many sequences (``packed_dense_args``; 0: no)."""
         if not self.supports(model):
             raise ValueError("DecodeGraph needs a Llama-shaped fp32 model with dense or weight-only quantized linears "
                              "(see DecodeGraph.supports)")
@@ -168,13 +173,23 @@ class DecodeGraph:
         )
         self.head = dense_kernel_args(model.lm_head) if model.lm_head is not None else \
             (0, [model.embed_tokens.weight], 0, 0)
+        dense_specs = (self.weights[1], self.weights[3], self.weights[5], self.weights[6])
         self.k = [k_cache[i] for i in range(c.num_layers)]
         self.v = [v_cache[i] for i in range(c.num_layers)]
         self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
                       layers[0].attn.scale, [l.attn.window or 0 for l in layers])
         self.native = native_decoder(model, self.weights, self.head, self.k, self.v, self.shape) if native else None
-        dense = any(kind == 0 for kind, *_ in (*self.weights[1], *self.weights[3], *self.weights[5], *self.weights[6]))
+        dense = any(kind == 0 for specs in dense_specs for kind, *_ in specs)
         self.native_max_batch = NATIVE_MAX_BATCH_DENSE if dense else NATIVE_MAX_BATCH_QUANTIZED
+        self.packed_rows = pack_rows if pack_rows >= MIN_PACK_ROWS and torch.backends.mkl.is_available() else 0
+        if self.packed_rows:  # after native_decoder, which takes the plain weights
+            w = list(self.weights)
+            for i in (1, 3, 5, 6):
+                w[i] = [packed_dense_args(t[0], self.packed_rows) if kind == 0 else (kind, t, bits, group)
+                        for kind, t, bits, group in w[i]]
+            self.weights = tuple(w)
+            if self.head[0] == 0:
+                self.head = packed_dense_args(self.head[1][0], self.packed_rows)
         self.use_native = True  # benchmarks switch it off to time the scripted step
 
     @staticmethod
@@ -206,13 +221,18 @@ class DecodeGraph:
                     block_table, torch.tensor([pos + 1]))
 
 
-def make_decode_graph(model: Transformer, kv_cache: KVCache) -> Union[DecodeGraph, CudaGraphDecode, None]:
+def make_decode_graph(model: Transformer, kv_cache: KVCache, pack_rows: int = 0
+                      ) -> Union[DecodeGraph, CudaGraphDecode, None]:
     """The decode-step accelerator for the model's device: the scripted step on the CPU, CUDA graphs on a
-    GPU; None where neither takes the model (other shapes, an int8 KV cache): the module path runs."""
+    GPU; None where neither takes the model (other shapes, an int8 KV cache): the module path runs.
+    ``pack_rows``: the decode batch the CPU step pre-packs dense weights for (the engine's max_num_seqs;
+    LOOM_PACK_WEIGHTS=0 switches packing off)."""
     if kv_cache.quantized:
         return None
     if model.device.type == "cuda":
         from loom.models.cuda_graph import CudaGraphDecode
 
         return CudaGraphDecode(model, kv_cache.k, kv_cache.v) if CudaGraphDecode.supports(model) else None
-    return DecodeGraph(model, kv_cache.k, kv_cache.v) if DecodeGraph.supports(model) else None
+    if os.environ.get("LOOM_PACK_WEIGHTS", "1") == "0":
+        pack_rows = 0
+    return DecodeGraph(model, kv_cache.k, kv_cache.v, pack_rows=pack_rows) if DecodeGraph.supports(model) else None
