@@ -44,10 +44,10 @@ def test_info(capsys):
 
 def test_bench_latency_json(capsys):
     code, out, _ = run(capsys, "bench", "latency", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1",
-                       "--peers", "hf,eager", "--json")
+                       "--peers", "hf,eager,scripted", "--json")
     result = json.loads(out)
-    assert code == 0 and set(result["results"]) == {"loom", "loom-eager", "hf"}
-    assert result["results"]["loom"]["decode_path"] == "scripted graph"
+    assert code == 0 and set(result["results"]) == {"loom", "loom-eager", "loom-scripted", "hf"}
+    assert result["results"]["loom"]["decode_path"] == "native step"  # the default model's 4-bit weights
     for r in result["results"].values():
         assert r["decode_tokens_per_s"] > 0 and 0 < r["fraction_of_limit"] < 1.5
     assert result["speedup"]["hf"]["decode"] > 0 and result["memory_bandwidth_GBps"] > 0
