@@ -88,6 +88,7 @@ def test_batched_equals_alone(tiny, alone, setup):
     assert engine.block_manager.num_used_blocks == 0
     if setup.get("max_num_seqs", 64) >= 32 and torch.backends.mkl.is_available():
         assert engine.runner.graph.packed_rows == setup.get("max_num_seqs", 64)
+        assert f"MKL-packed for decode batches of {engine.runner.graph.packed_rows}" in engine.describe()
 
 
 def test_preemption_happens_and_loses_nothing(tiny, alone):

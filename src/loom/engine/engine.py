@@ -101,9 +101,14 @@ class LLMEngine:
 
     def describe(self) -> str:
         kv = self.kv_cache
-        return (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
+        text = (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
                 f"{kv.nbytes / 2**30:.2f} GiB ({'int8' if kv.quantized else str(kv.dtype).replace('torch.', '')}); "
                 f"max model len {self.max_model_len}")
+        graph = self.runner.graph
+        if getattr(graph, "packed_rows", 0):
+            text += (f"; dense weights also MKL-packed for decode batches of {graph.packed_rows} "
+                     f"({graph.packed_bytes / 2**20:.0f} MiB more; LOOM_PACK_WEIGHTS=0 turns it off)")
+        return text
 
     def check_kv_policy(self, policy: KVPolicyConfig) -> None:
         """Raise ValueError if this engine cannot run sequences under ``policy`` (a bounded one)."""

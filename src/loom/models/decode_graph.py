@@ -190,6 +190,11 @@ class DecodeGraph:
             self.weights = tuple(w)
             if self.head[0] == 0:
                 self.head = packed_dense_args(self.head[1][0], self.packed_rows)
+        # The packed copies' memory: the weights' size again (MKL's buffers report a padded shape).
+        packed = [t[0] for i in (1, 3, 5, 6) for kind, t, *_ in self.weights[i] if kind == 7]
+        packed += [self.head[1][0]] if self.head[0] == 7 else []
+        self.packed_bytes = sum(w.numel() * w.element_size() for w in packed)
+        self.packed_rows = self.packed_rows if packed else 0  # nothing dense to pack (quantized models)
         self.use_native = True  # benchmarks switch it off to time the scripted step
 
     @staticmethod
