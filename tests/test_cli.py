@@ -168,3 +168,4 @@ def test_bench_streaming_memory_is_constant(capsys):
     # a 5-token prompt, then one token per step: budget + 1 = 33 slots = 3 blocks once 32 tokens are held
     assert [t["kv_blocks"] for t in result["trace"]] == [3, 3, 3]
     assert result["kv_bytes_held_at_end"] < result["kv_bytes_a_full_cache_would_hold"]
+    assert result["bounded_tokens_per_s_at_budget"] > 0 and result["plain_tokens_per_s_at_budget"] > 0

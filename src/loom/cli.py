@@ -450,6 +450,9 @@ def cmd_bench_streaming(args: argparse.Namespace) -> int:
               f"({result['tokens_per_s']:.1f} tok/s); KV blocks held over the run: {blocks}; "
               f"{result['kv_bytes_held_at_end'] / 2**20:.1f} MiB at the end vs "
               f"{result['kv_bytes_a_full_cache_would_hold'] / 2**20:.1f} MiB for a full cache")
+        if result["plain_tokens_per_s_at_budget"] and result["bounded_tokens_per_s_at_budget"]:
+            print(f"decode once {args.budget} tokens are held: {result['bounded_tokens_per_s_at_budget']:.1f} tok/s "
+                  f"bounded vs {result['plain_tokens_per_s_at_budget']:.1f} tok/s plain (full cache, same run)")
     return 0
 
 

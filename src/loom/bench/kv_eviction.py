@@ -112,11 +112,29 @@ def plot_kv_eviction(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def plain_decode_speed(engine: Any, prompt: str, context: int, tokens: int) -> float:
+    """Tokens/s of plain decoding (the full paged cache) from ``context`` generated tokens to
+    ``context + tokens``."""
+    engine.add_request("plain", prompt, SamplingParams(temperature=0, max_tokens=context + tokens, ignore_eos=True,
+                                                       kv_policy=KVPolicyConfig("full")))
+    generated, start = 0, None
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            generated += len(delta.token_ids)
+        if start is None and generated >= context:
+            start = (time.perf_counter(), generated)
+    assert start is not None
+    return (generated - start[1]) / (time.perf_counter() - start[0])
+
+
 def run_streaming(model: str | None = None, *, weights: str | None = None, prompt: str = "The history of England",
                   generate: int = 20000, budget: int = 1024, sink_tokens: int = 4, kind: str = "streaming",
-                  every: int = 500, rope_scaling: Any = None, progress: bool = True) -> dict[str, Any]:
+                  every: int = 500, rope_scaling: Any = None, progress: bool = True,
+                  plain_reference: bool = True) -> dict[str, Any]:
     """One greedy generation of ``generate`` tokens under a bounded policy, sampling the KV blocks the
-    sequence holds every ``every`` tokens."""
+    sequence holds every ``every`` tokens; then (``plain_reference``) plain decoding of the same prompt
+    in the same process, timed over ``every`` tokens once ``budget`` are held, for the speed the bounded
+    cache costs."""
     policy = KVPolicyConfig(kind, budget, sink_tokens=sink_tokens)
     llm = LLM(model, weights=weights, kv_policy=policy, rope_scaling=rope_scaling)
     engine = llm.engine
@@ -142,8 +160,13 @@ def run_streaming(model: str | None = None, *, weights: str | None = None, promp
     seconds = time.perf_counter() - t0
     full_bytes = engine.model.config.kv_bytes_per_token(engine.kv_cache.dtype.itemsize)
     out = "".join(text)
+    bounded = [t["tokens_per_s"] for t in trace if t["generated"] > budget + every]
+    plain = plain_decode_speed(engine, prompt, budget, every) if plain_reference else None
     return {"model": llm.model_path, "policy": _policy_name(policy), "prompt": prompt, "generated": generated,
             "seconds": seconds, "tokens_per_s": generated / seconds, "trace": trace,
+            # decode speed once the budget is full, against plain decoding (full cache) at the same context
+            "bounded_tokens_per_s_at_budget": sum(bounded) / len(bounded) if bounded else None,
+            "plain_tokens_per_s_at_budget": plain,
             "kv_bytes_held_at_end": trace[-1]["kv_bytes"],
             "kv_bytes_a_full_cache_would_hold": full_bytes * (generated + len(llm.tokenizer.encode(prompt))),
             "max_position_embeddings": engine.model.config.max_position_embeddings,
