@@ -12,6 +12,7 @@ from loom.compress.quantize.methods import QuantizeRecipe, quantize
 from loom.compress.quantize.rtn import QuantConfig
 from loom.config import ModelConfig
 from loom.engine.kv_cache import KVCache
+from loom.layers.quantized import W8A8Linear
 from loom.models.decode_graph import DecodeGraph
 from loom.models.transformer import Transformer
 
@@ -96,3 +97,15 @@ def test_bad_input_gets_a_clear_error():
     dec = torch.classes.loom.NativeDecoder(model.embed_tokens.weight, model.norm.weight, 4, 2, 16, 1e-5, 0.25)
     with pytest.raises(RuntimeError, match="add_linear after add_layer"):
         dec.add_linear(torch.zeros(8, 64), torch.empty(0), torch.empty(0), 0, 0)
+
+
+def test_models_with_other_kernels_stay_on_the_scripted_step():
+    model = Transformer(ModelConfig(**BASE, num_kv_heads=2)).init_random(0, std=0.2)
+    layer = model.layers[1].attn
+    layer.o_proj = W8A8Linear(layer.o_proj.weight.detach())  # int8 activations: no native-step kernel
+    cache = _random_cache(model, 4)
+    graph = DecodeGraph(model, cache.k, cache.v)
+    assert graph.native is None
+    table = torch.tensor([[0, 1]])
+    with torch.inference_mode():
+        assert graph(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([3])).shape == (1, 101)
