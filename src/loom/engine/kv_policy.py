@@ -145,12 +145,16 @@ class EvictingKV:
         n, budget = state.count, self.policy.budget
         if n <= budget:  # type: ignore[operator]
             return state
-        keep = self.keep_indices(n, state.scores)  # [Hkv, budget] (or [budget]), ascending
-        if keep.dim() == 1:
-            dropped = torch.ones(n, dtype=torch.bool, device=keep.device)
-            dropped[keep] = False
-            return KeptTokens(state.slots[:, keep], state.positions[:, keep], None,
-                              torch.cat([state.free, state.slots[:, dropped]], dim=1))
+        p = self.policy
+        if p.kind in ("window", "streaming"):  # keep_indices is the sinks and a tail: slices, not gathers
+            cut, tail = p.sinks, n - p.recent
+
+            def kept(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t[:, :cut], t[:, tail:]], dim=1)
+
+            return KeptTokens(kept(state.slots), kept(state.positions), None,
+                              torch.cat([state.free, state.slots[:, cut:tail]], dim=1))
+        keep = self.keep_indices(n, state.scores)  # [Hkv, budget], ascending
         dropped = torch.ones_like(state.slots, dtype=torch.bool).scatter_(1, keep, False)
         hkv = state.slots.shape[0]
         return KeptTokens(state.slots.gather(1, keep), state.positions.gather(1, keep),
