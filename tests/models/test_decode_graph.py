@@ -8,6 +8,7 @@ import torch
 from loom.config import ModelConfig
 from loom.engine.kv_cache import KVCache
 from loom.layers.attention import AttentionMetadata
+from loom.layers.quantized import DENSE_PACKED
 from loom.models.decode_graph import DecodeGraph
 from loom.models.transformer import Transformer
 
@@ -144,7 +145,7 @@ def test_packed_dense_weights_give_the_same_logits(batch):
     with torch.inference_mode():
         packed = DecodeGraph(model, caches[0].k, caches[0].v, native=False, pack_rows=32)
         plain = DecodeGraph(model, caches[1].k, caches[1].v, native=False)
-        assert packed.packed_rows == 32 and packed.head[0] == 7 and plain.packed_rows == 0
+        assert packed.packed_rows == 32 and packed.head[0] == DENSE_PACKED and plain.packed_rows == 0
         tables = torch.randperm(4 * batch, generator=g).view(batch, 4)
         lens = torch.randint(1, 16, (batch,), generator=g)
         tokens = torch.randint(0, 97, (batch,), generator=g)

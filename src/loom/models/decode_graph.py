@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from loom.layers import fused, kernels
 from loom.layers.linear import Linear
-from loom.layers.quantized import QuantizedLinear, W8A8Linear, apply_linear, dense_kernel_args, packed_dense_args
+from loom.layers.quantized import (DENSE, DENSE_PACKED, LOOM, QuantizedLinear, W8A8Linear, apply_linear,
+                                   dense_kernel_args, packed_dense_args)
 from loom.models.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -118,21 +119,24 @@ NATIVE_MAX_BATCH_QUANTIZED = 32
 NATIVE_MAX_BATCH_DENSE = 1
 # Below this many rows the transposed product (layers/linear.py) is as fast as a packed one.
 MIN_PACK_ROWS = 32
+# Where the linears' specs sit in DecodeGraph.weights (q|k|v, o, gate|up, down; the others are norms
+# and biases).
+LINEARS = (1, 3, 5, 6)
 
 
 def native_decoder(model: Transformer, weights: tuple, head: LinearSpec, k: List[torch.Tensor], v: List[torch.Tensor],
                    shape: tuple) -> Optional[torch.ScriptObject]:
     """The decode step as one native call (native/decode_step.cpp), for models whose linears are all
     loom's int4 / int8 kind or dense fp32 on the CPU; None otherwise (or without the native build)."""
-    specs = [*(spec for group in (weights[1], weights[3], weights[5], weights[6]) for spec in group), head]
-    if not fused.native_ops() or any(kind not in (0, 1) for kind, *_ in specs):
+    specs = [*(spec for i in LINEARS for spec in weights[i]), head]
+    if not fused.native_ops() or any(kind not in (DENSE, LOOM) for kind, *_ in specs):
         return None
     n_heads, n_kv, head_dim, eps, scale, windows = shape
     empty = torch.empty(0)
 
     def add(fn: Callable[..., None], spec: LinearSpec) -> None:
         kind, t, bits, group = spec
-        fn(t[0], *(t[1:3] if kind == 1 else (empty, empty)), bits, group)
+        fn(t[0], *(t[1:3] if kind == LOOM else (empty, empty)), bits, group)
 
     dec = torch.classes.loom.NativeDecoder(model.embed_tokens.weight, model.norm.weight, n_heads, n_kv, head_dim, eps,
                                            scale)
@@ -173,29 +177,31 @@ class DecodeGraph:
         )
         self.head = dense_kernel_args(model.lm_head) if model.lm_head is not None else \
             (0, [model.embed_tokens.weight], 0, 0)
-        dense_specs = (self.weights[1], self.weights[3], self.weights[5], self.weights[6])
         self.k = [k_cache[i] for i in range(c.num_layers)]
         self.v = [v_cache[i] for i in range(c.num_layers)]
         self.shape = (c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
                       layers[0].attn.scale, [l.attn.window or 0 for l in layers])
         self.native = native_decoder(model, self.weights, self.head, self.k, self.v, self.shape) if native else None
-        dense = any(kind == 0 for specs in dense_specs for kind, *_ in specs)
+        dense = any(kind == DENSE for i in LINEARS for kind, *_ in self.weights[i])
         self.native_max_batch = NATIVE_MAX_BATCH_DENSE if dense else NATIVE_MAX_BATCH_QUANTIZED
-        self.packed_rows = pack_rows if pack_rows >= MIN_PACK_ROWS and torch.backends.mkl.is_available() else 0
-        if self.packed_rows:  # after native_decoder, which takes the plain weights
-            w = list(self.weights)
-            for i in (1, 3, 5, 6):
-                w[i] = [packed_dense_args(t[0], self.packed_rows) if kind == 0 else (kind, t, bits, group)
-                        for kind, t, bits, group in w[i]]
-            self.weights = tuple(w)
-            if self.head[0] == 0:
-                self.head = packed_dense_args(self.head[1][0], self.packed_rows)
-        # The packed copies' memory: the weights' size again (MKL's buffers report a padded shape).
-        packed = [t[0] for i in (1, 3, 5, 6) for kind, t, *_ in self.weights[i] if kind == 7]
-        packed += [self.head[1][0]] if self.head[0] == 7 else []
-        self.packed_bytes = sum(w.numel() * w.element_size() for w in packed)
-        self.packed_rows = self.packed_rows if packed else 0  # nothing dense to pack (quantized models)
+        # After native_decoder, which takes the plain weights.
+        rows = pack_rows if pack_rows >= MIN_PACK_ROWS and torch.backends.mkl.is_available() else 0
+        self.packed_bytes = self._pack_dense_weights(rows) if rows else 0
+        self.packed_rows = rows if self.packed_bytes else 0  # 0: nothing dense to pack (quantized models)
         self.use_native = True  # benchmarks switch it off to time the scripted step
+
+    def _pack_dense_weights(self, rows: int) -> int:
+        """Swap every dense linear spec (and a dense head) for its MKL-packed form; returns the packed
+        copies' bytes (the weights' size again: MKL's buffers report a padded shape)."""
+        def pack(spec: LinearSpec) -> LinearSpec:
+            return packed_dense_args(spec[1][0], rows) if spec[0] == DENSE else spec
+
+        w = list(self.weights)
+        for i in LINEARS:
+            w[i] = [pack(spec) for spec in w[i]]
+        self.weights, self.head = tuple(w), pack(self.head)
+        specs = [*(spec for i in LINEARS for spec in w[i]), self.head]
+        return sum(t[0].numel() * t[0].element_size() for kind, t, *_ in specs if kind == DENSE_PACKED)
 
     @staticmethod
     def supports(model: Transformer) -> bool:

@@ -2,8 +2,10 @@
 
 Only what PyTorch cannot do fast from Python lives here: paged decode attention reads each
 sequence's keys and values in place through its block table, where the pure-PyTorch path must first
-gather them into a padded copy (three passes over the KV cache instead of one); and fused
-elementwise ops (RMSNorm, SiLU-and-multiply, RoPE) that make one pass where PyTorch makes several.
+gather them into a padded copy (three passes over the KV cache instead of one); fused elementwise
+ops (RMSNorm, SiLU-and-multiply, RoPE) that make one pass where PyTorch makes several; loom's int4 /
+int8 GEMV; and the decode step of small batches as one call (decode_step.cpp), built from the same
+pieces (kernels.h).
 
 Every native op has a PyTorch twin that computes the same thing; the twin is used when the native
 build is unavailable (no compiler) or disabled with ``LOOM_NATIVE=0``, and tests hold the two equal.
