@@ -22,7 +22,6 @@ import torch
 
 from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig, SpeculativeConfig
 from loom.engine.block_manager import BlockManager
-from loom.engine.generate import check_context
 from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
 from loom.engine.runner import ModelRunner
@@ -31,6 +30,7 @@ from loom.engine.scheduler import Scheduler
 from loom.engine.sequence import Request, Sequence, SequenceStatus
 from loom.engine.speculative import SpeculativeStats, Speculator
 from loom.engine.text_output import TextOutput, accept_token
+from loom.errors import QueueFullError, check_context
 from loom.models.transformer import Transformer
 from loom.outputs import Logprob, PositionLogprobs, StreamDelta
 from loom.sampling_params import SamplingParams
@@ -38,10 +38,6 @@ from loom.tokenizer import Tokenizer
 
 
 log = logging.getLogger("loom.engine")
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit (``SchedulerConfig.max_waiting``); try again later."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from loom.engine.kv_cache import KVCache
+from loom.errors import ContextLengthError, check_context  # noqa: F401 (re-exported)
 from loom.engine.sampler import SamplingRow, make_generator, sample
 from loom.engine.text_output import TextOutput, accept_token
 from loom.layers.attention import AttentionMetadata
@@ -22,25 +23,6 @@ from loom.models.transformer import Transformer
 from loom.outputs import StreamDelta, Timings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
-
-
-class ContextLengthError(ValueError):
-    """The prompt (plus the tokens asked for) does not fit the model's context."""
-
-
-def check_context(prompt_len: int, max_tokens: int | None, context: int) -> int:
-    """The number of tokens that may be generated; raises when the request cannot fit."""
-    if prompt_len == 0:
-        raise ValueError("the prompt is empty")
-    if prompt_len >= context:
-        raise ContextLengthError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens")
-    room = context - prompt_len
-    if max_tokens is None:
-        return room
-    if max_tokens > room:
-        raise ContextLengthError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                 f"context of {context} tokens")
-    return max_tokens
 
 
 class Generator:
