@@ -148,7 +148,8 @@ def decode_step(model_dir: str, weights: str) -> dict[str, Any]:
     from loom.analysis.traffic import decode_bytes_per_token
     from loom.config import CacheConfig
     from loom.llm import LLM
-    from loom.models.cuda_graph import CudaGraphDecode, decode_forward
+    from loom.engine.step import DecodeBatch
+    from loom.engine.step.cuda_graph import CudaGraphStep, decode_forward
 
     llm = LLM(model_dir, device="cuda", weights=weights, cache=CacheConfig(memory_bytes=1 << 30))
     model, kv = llm.model, llm.engine.kv_cache
@@ -158,11 +159,11 @@ def decode_step(model_dir: str, weights: str) -> dict[str, Any]:
     dev = [t.cuda() for t in inputs]
     with torch.inference_mode():
         eager = cuda_time(lambda: decode_forward(model, *dev, list(kv.k), list(kv.v)), repeats=30)
-        graphs = CudaGraphDecode(model, kv.k, kv.v)
-        graphs(*inputs)
+        graphs = CudaGraphStep(model, kv.k, kv.v)
+        graphs(DecodeBatch(*inputs))
         entry = next(iter(graphs.graphs.values()))
         replay = cuda_time(entry.graph.replay, repeats=50)
-        full_call = cuda_time(lambda: graphs(*inputs), repeats=50)
+        full_call = cuda_time(lambda: graphs(DecodeBatch(*inputs)), repeats=50)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -225,7 +226,8 @@ def compiled_graph(model_dir: str) -> dict[str, Any]:
     context 100 (bf16): compile time, logits agreement, kernels per step, replay time."""
     from loom.config import CacheConfig
     from loom.llm import LLM
-    from loom.models.cuda_graph import CudaGraphDecode
+    from loom.engine.step import DecodeBatch
+    from loom.engine.step.cuda_graph import CudaGraphStep
 
     llm = LLM(model_dir, device="cuda", weights="bf16", cache=CacheConfig(memory_bytes=1 << 30))
     kv = llm.engine.kv_cache
@@ -233,11 +235,11 @@ def compiled_graph(model_dir: str) -> dict[str, Any]:
     inputs = [torch.tensor([7]), torch.tensor([ctx - 1]), torch.tensor([ctx - 1]),
               torch.arange(8, dtype=torch.long)[None], torch.tensor([ctx])]
     with torch.inference_mode():
-        plain = CudaGraphDecode(llm.model, kv.k, kv.v)
-        want = plain(*inputs)
+        plain = CudaGraphStep(llm.model, kv.k, kv.v)
+        want = plain(DecodeBatch(*inputs))
         t = time.perf_counter()
-        comp = CudaGraphDecode(llm.model, kv.k, kv.v, compile=True)
-        got = comp(*inputs)
+        comp = CudaGraphStep(llm.model, kv.k, kv.v, compile=True)
+        got = comp(DecodeBatch(*inputs))
         compile_s = time.perf_counter() - t
         rel = float((got - want).abs().max() / want.abs().max())
         same_token = int(got.argmax()) == int(want.argmax())

@@ -47,7 +47,9 @@ def test_bench_latency_json(capsys):
                        "--peers", "hf,eager,scripted", "--json")
     result = json.loads(out)
     assert code == 0 and set(result["results"]) == {"loom", "loom-eager", "loom-scripted", "hf"}
-    assert result["results"]["loom"]["decode_path"] == "native step"  # the default model's 4-bit weights
+    steps = {name: r["decode_step"] for name, r in result["results"].items() if name.startswith("loom")}
+    assert steps == {"loom": "native", "loom-eager": "module", "loom-scripted": "scripted"}  # 4-bit weights
+    assert result["results"]["loom"]["decode_steps"].startswith("native (decode batches of <= 32) > scripted")
     for r in result["results"].values():
         assert r["decode_tokens_per_s"] > 0 and 0 < r["fraction_of_limit"] < 1.5
     assert result["speedup"]["hf"]["decode"] > 0 and result["memory_bandwidth_GBps"] > 0

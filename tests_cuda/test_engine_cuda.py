@@ -51,12 +51,12 @@ def test_graph_logits_equal_module_logits(llm16):
     runner = llm16.engine.runner
     llm16.engine.block_manager.reset_prefix_cache()
     with_graph = llm16.generate(PROMPTS[:4], p)
-    runner.use_graph = False
+    runner.prefer("module")
     try:
         llm16.engine.block_manager.reset_prefix_cache()
         eager = llm16.generate(PROMPTS[:4], p)
     finally:
-        runner.use_graph = True
+        runner.prefer(None)
     for a, b in zip(with_graph, eager):
         ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
         n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
@@ -103,7 +103,7 @@ def test_int8_kv_cache_on_cuda_serves_a_batch(smol_dir, monkeypatch):
     monkeypatch.setattr(engine_module, "kv_calibration_ids", lambda tokenizer: PROMPTS[7][:200])
     llm = LLM(smol_dir, device="cuda", cache=CacheConfig(memory_bytes=1 << 30, kv_dtype="int8"))
     assert llm.engine.kv_cache.k.dtype == torch.int8 and llm.engine.kv_cache.k.is_cuda
-    assert llm.engine.runner.graph is None  # the int8 cache decodes through the modules
+    assert [s.name for s in llm.engine.runner.steps] == ["module"]  # the int8 cache decodes through the modules
     outs = llm.generate(PROMPTS[:6], SamplingParams(temperature=0, max_tokens=12, min_tokens=12))
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     assert llm.engine.block_manager.num_used_blocks == 0

@@ -22,7 +22,7 @@ def test_defaults_on_cuda(llm32, llm16):
     assert llm32.model.device.type == "cuda" and llm32.model.dtype == torch.float32
     assert llm16.model.dtype == torch.bfloat16  # the CUDA default
     assert llm16.engine.kv_cache.k.device.type == "cuda" and llm16.engine.kv_cache.k.dtype == torch.bfloat16
-    assert type(llm16.engine.runner.graph).__name__ == "CudaGraphDecode"
+    assert [s.name for s in llm16.engine.runner.steps] == ["cuda_graph", "module"]
 
 
 def test_fp32_logits_equal_hf(llm32, hf32):
@@ -54,13 +54,13 @@ def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
 def test_fp32_greedy_64_tokens_equal_hf_with_and_without_cuda_graphs(llm32, hf32):
     want = _hf_greedy(hf32, PROMPT[:40], 64)
     p = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
-    assert llm32.engine.runner.graph is not None
+    assert llm32.engine.runner.steps[0].name == "cuda_graph"
     graphs = llm32.generate([PROMPT[:40]], p)[0].outputs[0].token_ids
-    llm32.engine.runner.use_graph = False
+    llm32.engine.runner.prefer("module")
     try:
         eager = llm32.generate([PROMPT[:40]], p)[0].outputs[0].token_ids
     finally:
-        llm32.engine.runner.use_graph = True
+        llm32.engine.runner.prefer(None)
     assert graphs == want
     assert eager == want
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from loom.layers.cuda_quant import dequantize_int4pack_operands, int4pack_operands, int8pack_cuda_dtype
-from loom.layers.quantized import QuantizedLinear, QuantizedTensor, W8A8Linear, choose_backend, quantize_activations
+from loom.layers.linear_spec import LinearKind
+from loom.layers.quantized import (QuantizedLinear, QuantizedTensor, W8A8Linear, choose_backend,
+                                   quantize_activations)
 
 
 def _random_qt(n: int, k: int, bits: int, group: int, seed: int = 0, symmetric8: bool = False) -> QuantizedTensor:
@@ -31,7 +33,7 @@ CASES = [(n, k, g) for n, k in SHAPES for g in (32, 64, 128, 256) if k % g == 0]
 def test_int4_cuda_kernel_equals_the_dequantized_weight(n, k, group, rows):
     qt = _random_qt(n, k, 4, group, seed=n + k + group)
     layer = QuantizedLinear(qt.to("cuda"), backend="auto")
-    assert layer.backend == "torch" and layer.kind == 6
+    assert layer.backend == "torch" and layer.kind == LinearKind.TORCH_INT4_CUDA
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     y = layer(x.to("cuda", torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
@@ -46,7 +48,7 @@ def test_int4_cuda_kernel_equals_the_dequantized_weight(n, k, group, rows):
 def test_int4_cuda_kernel_in_fp32_models_and_3d_inputs():
     qt = _random_qt(128, 256, 4, 64, seed=4)
     layer = QuantizedLinear(qt, torch.randn(128)).to("cuda")  # built on the CPU, moved: re-packed for CUDA
-    assert layer.backend == "torch" and layer.kind == 6
+    assert layer.backend == "torch" and layer.kind == LinearKind.TORCH_INT4_CUDA
     x = torch.randn(2, 3, 256)
     y = layer(x.to("cuda"))
     assert y.dtype == torch.float32 and y.shape == (2, 3, 128)

@@ -80,7 +80,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, weights: str | None = None, dtype: str | torch.dtype | None = None,
-                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_graph: bool = True,
+                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_step: str = "auto",
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                  speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None,
                  kv_policy: KVPolicyConfig | None = None, rope_scaling: RopeScalingOverride = None) -> None:
@@ -102,7 +102,7 @@ class LLM:
         self.config = loaded.config
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
         self.engine = LLMEngine(self.model, self.tokenizer, cache or CacheConfig(), scheduler or SchedulerConfig(),
-                                decode_graph=decode_graph, speculative=speculative, kv_policy=kv_policy)
+                                decode_step=decode_step, speculative=speculative, kv_policy=kv_policy)
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
         self._buffers: dict[str, deque[StreamDelta]] = {}

@@ -11,10 +11,10 @@ import torch
 
 from loom.config import CacheConfig, ModelConfig, SchedulerConfig
 from loom.engine.engine import LLMEngine, QueueFullError
-from loom.engine.generate import Generator
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import tokenizer_from_gguf_metadata
+from tests.engine.reference_decoder import Generator
 from tests.helpers import byte_level_metadata
 
 CFG = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
@@ -74,7 +74,7 @@ def alone(tiny):
     dict(num_blocks=30),  # forces preemption
     dict(num_blocks=30, enable_chunked_prefill=False, prefix=False),
     dict(max_num_seqs=3),
-    dict(max_num_seqs=32),  # decode steps of 32: dense weights pre-packed for 32 rows (decode_graph.py)
+    dict(max_num_seqs=32),  # decode steps of 32: dense weights pre-packed for 32 rows (engine/step/scripted.py)
     dict(max_num_seqs=48),  # ... packed for 48, batches of 25-32 padded up to it
 ], ids=["default", "no-chunking", "no-prefix-cache", "small-budget", "preemption", "preemption-plain", "3-seqs",
         "packed", "packed-padded"])
@@ -87,8 +87,9 @@ def test_batched_equals_alone(tiny, alone, setup):
     assert [outs[str(i)][0] for i in range(len(prompts))] == want
     assert engine.block_manager.num_used_blocks == 0
     if setup.get("max_num_seqs", 64) >= 32 and torch.backends.mkl.is_available():
-        assert engine.runner.graph.packed_rows == setup.get("max_num_seqs", 64)
-        assert f"MKL-packed for decode batches of {engine.runner.graph.packed_rows}" in engine.describe()
+        scripted = engine.runner.step("scripted")
+        assert scripted.packed_rows == setup.get("max_num_seqs", 64)
+        assert f"MKL-packed for decode batches of {scripted.packed_rows}" in engine.describe()
 
 
 def test_preemption_happens_and_loses_nothing(tiny, alone):

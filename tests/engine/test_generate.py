@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loom.engine.generate import ContextLengthError
+from loom.errors import ContextLengthError
 from loom.outputs import Timings
 from loom.sampling_params import SamplingParams
 

@@ -121,7 +121,7 @@ def test_w8a8_equals_integer_formula():
 def test_native_dequantize_equals_the_definition(bits, group):
     qt = random_quantized_tensor(40, 192, bits, group)
     layer = QuantizedLinear(qt, backend="loom")
-    _, t, container, g = layer.kernel_args()
+    _, t, container, g, _ = layer.spec()
     offsets = t[2] if t[2].numel() else None
     got = torch.ops.loom.quant_dequantize(t[0], t[1], offsets, container, g)
     assert torch.allclose(got, qt.dequantize(), rtol=1e-6, atol=1e-7)

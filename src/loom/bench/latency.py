@@ -19,21 +19,18 @@ from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per
 from loom.bench.peers import LatencySample
 from loom.bench.text import benchmark_prompt_ids
 from loom.llm import LLM
-from loom.models.cuda_graph import CudaGraphDecode
-from loom.models.decode_graph import DecodeGraph
 from loom.outputs import Timings
 from loom.sampling_params import SamplingParams
 
-# eager: loom itself without a compiled decode step; scripted: loom with the TorchScript step instead of
-# the native one (where the native step takes the model).
+# eager: loom itself with the module step (no compiled decode step); scripted: loom with the TorchScript
+# step instead of the native one (where the native step takes the model). See engine/step/.
 PEERS = ("hf", "llamacpp", "eager", "scripted")
 
 
-def loom_runner(llm: LLM, graph: bool = True, native: bool = True) -> Callable[[list[int], int], LatencySample]:
+def loom_runner(llm: LLM, step: str | None = None) -> Callable[[list[int], int], LatencySample]:
+    """Runs of loom's engine, decoding through decode step ``step`` (None: the engine's own choice)."""
     def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
-        llm.engine.runner.use_graph = graph
-        if isinstance(llm.engine.runner.graph, DecodeGraph):
-            llm.engine.runner.graph.use_native = native
+        llm.engine.runner.prefer(step)
         llm.engine.block_manager.reset_prefix_cache()  # each run prefills its whole prompt (no cache hits)
         t = Timings()
         # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
@@ -72,15 +69,6 @@ def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: flo
             "fraction_of_limit": best_decode / roof}
 
 
-def _decode_path(llm: LLM) -> str:
-    if llm.device.type == "cuda":
-        return "cuda graphs" if CudaGraphDecode.supports(llm.model) else "modules"
-    graph = llm.engine.runner.graph
-    if isinstance(graph, DecodeGraph):
-        return "native step" if graph.native is not None else "scripted graph"
-    return "modules"
-
-
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
                 peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
                 repeats: int = 3, device: str = "cpu", rope_scaling: Any = None) -> dict[str, Any]:
@@ -105,10 +93,11 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     element = 2 if dtype in ("bfloat16", "float16") else 4
     hf_bytes = dense_weight_bytes_per_token(llm.config, element) + context * llm.config.kv_bytes_per_token(element)
     runners: dict[str, Callable[[list[int], int], LatencySample]] = {"loom": loom_runner(llm)}
+    built = [s.name for s in llm.engine.runner.steps]
     if "eager" in peers:
-        runners["loom-eager"] = loom_runner(llm, graph=False)
-    if "scripted" in peers and _decode_path(llm) == "native step":
-        runners["loom-scripted"] = loom_runner(llm, native=False)
+        runners["loom-eager"] = loom_runner(llm, "module")
+    if "scripted" in peers and built[0] == "native":
+        runners["loom-scripted"] = loom_runner(llm, "scripted")
     if "hf" in peers:
         from loom.bench.peers import HFGenerate, hf_reference_copy
 
@@ -133,9 +122,13 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
         run(prompt_ids[:8], 4)  # warm-up
         if llm.device.type == "cuda":
             run(prompt_ids, gen_len)  # every context width once: CUDA graphs are captured here, not timed
+    ran: dict[str, str | None] = {}  # the decode step each loom runner's decodes went through
     for _ in range(repeats):
         for name, run in runners.items():
             samples[name].append(run(prompt_ids, gen_len))
+            if name.startswith("loom"):
+                ran[name] = llm.engine.runner.last_decode_step
+    llm.engine.runner.prefer(None)
     gguf_bytes = os.path.getsize(llm.model_path) if llm.model_path.endswith(".gguf") else 0
     peer_bytes = {"hf": hf_bytes, "llamacpp": gguf_bytes + context * llm.config.kv_bytes_per_token(2)}
     results = {name: {"dtype": None if name == "llamacpp" else dtype,
@@ -144,8 +137,9 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     for name in results:
         if name.startswith("loom"):
             results[name]["weights"] = _weights_label(llm)
+            results[name]["decode_step"] = ran[name]
     results["loom"]["load_s"] = llm.load_seconds
-    results["loom"]["decode_path"] = _decode_path(llm)
+    results["loom"]["decode_steps"] = llm.engine.runner.describe_steps()
     speedup = {peer: {"decode": results["loom"]["decode_tokens_per_s"] / results[peer]["decode_tokens_per_s"],
                       "prefill": results[peer]["prefill_s"] / results["loom"]["prefill_s"]}
                for peer in ("hf", "llamacpp") if peer in results} or None

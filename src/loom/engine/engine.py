@@ -58,7 +58,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: CacheConfig | None = None,
-                 scheduler: SchedulerConfig | None = None, decode_graph: bool = True,
+                 scheduler: SchedulerConfig | None = None, decode_step: str = "auto",
                  speculative: SpeculativeConfig | None = None, kv_policy: KVPolicyConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -75,11 +75,10 @@ class LLMEngine:
             # Without chunking a whole prompt (or a preempted sequence's whole history) must fit one step.
             self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
                                                                self.max_model_len)
-        self.runner = ModelRunner(model, self.kv_cache, use_graph=decode_graph,
-                                  max_batch=self.scheduler_config.max_num_seqs)
+        self.runner = ModelRunner(model, self.kv_cache, decode_step, max_batch=self.scheduler_config.max_num_seqs)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.speculator = None if speculative is None else Speculator(
-            speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, decode_graph)
+            speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, decode_step)
         draft_tokens = None if self.speculator is None else (
             lambda seq: self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, draft_tokens)
@@ -100,11 +99,7 @@ class LLMEngine:
         text = (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
                 f"{kv.nbytes / 2**30:.2f} GiB ({'int8' if kv.quantized else str(kv.dtype).replace('torch.', '')}); "
                 f"max model len {self.max_model_len}")
-        graph = self.runner.graph
-        if getattr(graph, "packed_rows", 0):
-            text += (f"; dense weights also MKL-packed for decode batches of {graph.packed_rows} "
-                     f"({graph.packed_bytes / 2**20:.0f} MiB more; LOOM_PACK_WEIGHTS=0 turns it off)")
-        return text
+        return f"{text}; decode steps: {self.runner.describe_steps()}"
 
     def check_kv_policy(self, policy: KVPolicyConfig) -> None:
         """Raise ValueError if this engine cannot run sequences under ``policy`` (a bounded one)."""

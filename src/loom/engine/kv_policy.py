@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from loom.config import KVPolicyConfig
+from loom.layers.attention import BoundedKV
 from loom.layers.position import RopeTables, RotaryEmbedding
 
 
@@ -51,8 +52,9 @@ class KeptTokens:
         return self.slots.shape[1]
 
 
-class EvictingKV:
-    """The bounded KV state of one sequence, and attention over it (called by each attention layer)."""
+class EvictingKV(BoundedKV):
+    """The bounded KV state of one sequence, and attention over it (called by each attention layer through
+    the ``BoundedKV`` interface of layers/attention.py)."""
 
     def __init__(self, policy: KVPolicyConfig, num_layers: int, num_kv_heads: int, block_size: int,
                  device: torch.device | str = "cpu") -> None:

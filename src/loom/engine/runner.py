@@ -1,7 +1,13 @@
-"""ModelRunner: a scheduled batch -> flat tensors -> model -> the logits the engine samples from."""
+"""ModelRunner: a scheduled batch -> flat tensors -> a step -> the logits the engine samples from.
+
+Decode-only batches (every row one new token: decodes and draft verifications) go to the first of the
+runner's decode steps (engine/step/) that supports them; batches with prefill chunks, and bounded
+(evicting) sequences, run the module forward.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -9,9 +15,11 @@ import torch
 from loom.engine.kv_cache import KVCache
 from loom.engine.scheduler import ScheduledSeq
 from loom.engine.sequence import Sequence
+from loom.engine.step import DecodeBatch, DecodeStep, ModuleStep, build_decode_steps, pad_tables
 from loom.layers.attention import AttentionMetadata
-from loom.models.decode_graph import make_decode_graph
 from loom.models.transformer import Transformer
+
+log = logging.getLogger("loom.engine")
 
 
 @dataclass
@@ -24,16 +32,41 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache, use_graph: bool = True, max_batch: int = 0) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, decode_step: str = "auto", max_batch: int = 0) -> None:
+        """``decode_step``: "auto" (the fastest steps that take the model), or one step's name (see
+        engine/step/__init__.py). ``max_batch``: the engine's max_num_seqs (the scripted step pre-packs
+        dense weights for batches of that many rows)."""
         self.model = model
         self.kv_cache = kv_cache
-        self.layers = kv_cache.layers()
         self.block_size = kv_cache.block_size
-        # The scripted step (CPU) or CUDA graphs (GPU) read fp caches; an int8 cache decodes through the
-        # modules (kv_quant.py).
-        self.graph = make_decode_graph(model, kv_cache, pack_rows=max_batch)
-        self.use_graph = use_graph  # decode-only steps run the graph (see decode_graph.py, cuda_graph.py)
         self.device = model.device
+        fp = not kv_cache.quantized  # the compiled steps read fp caches; an int8 cache decodes through the modules
+        self.steps: list[DecodeStep] = build_decode_steps(model, kv_cache.k if fp else None,
+                                                          kv_cache.v if fp else None, kv_cache.layers(),
+                                                          decode_step, pack_rows=max_batch)
+        self.module: ModuleStep = self.steps[-1]  # type: ignore[assignment]
+        self._preferred = self.steps
+        self.last_decode_step: str | None = None  # the step that ran the last decode batch
+        log.info("decode steps: %s", self.describe_steps())
+
+    def describe_steps(self) -> str:
+        """E.g. "native (decode batches of <= 32) > scripted > module; prefill: module"."""
+        return " > ".join(s.describe() for s in self._preferred) + "; prefill: module"
+
+    def step(self, name: str) -> DecodeStep:
+        """The built step called ``name`` (KeyError if the runner has none)."""
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(f"no {name!r} decode step (built: {', '.join(s.name for s in self.steps)})")
+
+    def prefer(self, name: str | None) -> None:
+        """Run decode batches through step ``name`` (and the module step for what it does not support);
+        None restores the built order. Benchmarks use it to time one step against another."""
+        self._preferred = self.steps if name is None else [self.step(name), self.module]
+
+    def decode_step_for(self, batch: DecodeBatch) -> DecodeStep:
+        return next(s for s in self._preferred if s.supports(batch))
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> RunnerOutput:
@@ -68,43 +101,31 @@ class ModelRunner:
         if not evicting and all(item.num_tokens == 1 or item.seq.draft for item in scheduled):
             # Decodes and verifications only: one row per token, each attending over the context up to
             # itself through its sequence's block table (all rows' K/V are written before any row
-            # attends), so the scripted decode step also verifies drafts, reading the weights once.
+            # attends), so a decode step also verifies drafts, reading the weights once.
             tables = [item.seq.block_table for item in scheduled for _ in range(item.num_tokens)]
-            logits = self.decode(ids, positions, slots, tables, [p + 1 for p in positions])
+            logits = self.decode(DecodeBatch.of(ids, positions, slots, tables, [p + 1 for p in positions]))
             verify = [(seq, logits[s:s + n]) for seq, s, n in verify_rows]
             if len(sample_rows) < len(ids):  # drafts, or a one-token prefill chunk that does not end its prompt
                 logits = logits[sample_rows]
             return RunnerOutput(sample_seqs, logits, verify=verify)
         meta = AttentionMetadata(torch.tensor(positions, dtype=torch.long), starts, context_lens, torch.tensor(slots),
-                                 _tables([item.seq.block_table for item in scheduled]), evicting).to(self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), meta, self.layers)
+                                 pad_tables([item.seq.block_table for item in scheduled]), evicting)
+        hidden = self.module.forward(torch.tensor(ids), meta)
         for state in evicting.values():
             state.end_step()
-        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        logits = self.module.logits(hidden[sample_rows])
         prompt_logits = {}
         for i, item in enumerate(scheduled):
             seq = item.seq
             if seq.params.prompt_logprobs is not None and seq.in_prefill:
-                prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[starts[i]:starts[i + 1]]).float()
-        verify = [(seq, self.model.compute_logits(hidden[s:s + n]).float()) for seq, s, n in verify_rows]
+                prompt_logits[seq.seq_id] = self.module.logits(hidden[starts[i]:starts[i + 1]])
+        verify = [(seq, self.module.logits(hidden[s:s + n])) for seq, s, n in verify_rows]
         return RunnerOutput(sample_seqs, logits, prompt_logits, verify)
 
     @torch.inference_mode()
-    def decode(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-               context_lens: list[int]) -> torch.Tensor:
-        """One new token per sequence, everything given explicitly (a sequence's block table may be any
-        view of its blocks, as self-drafting uses). Returns fp32 logits [B, vocab]."""
-        tables_t = _tables(tables)
-        positions_t = torch.tensor(positions, dtype=torch.long)
-        if self.graph is not None and self.use_graph:
-            return self.graph(torch.tensor(ids), positions_t, torch.tensor(slots), tables_t,
-                              torch.tensor(context_lens)).float()
-        meta = AttentionMetadata(positions_t, list(range(len(ids) + 1)), context_lens, torch.tensor(slots),
-                                 tables_t).to(self.device)
-        return self.model.compute_logits(self.model(torch.tensor(ids, device=self.device), meta, self.layers)).float()
-
-
-def _tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables padded with block 0 to one width: [B, max_blocks]."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    def decode(self, batch: DecodeBatch) -> torch.Tensor:
+        """One new token per row, everything given explicitly (a row's block table may be any view of
+        its sequence's blocks, as self-drafting uses). Returns fp32 logits [B, vocab]."""
+        step = self.decode_step_for(batch)
+        self.last_decode_step = step.name
+        return step(batch).float()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,20 @@ from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_
 from loom.layers.kv_quant import Int8LayerKV
 from loom.layers.linear import Linear
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
+
+
+class BoundedKV(Protocol):
+    """A sequence whose KV memory is bounded by an eviction policy (the engine's kv_policy.EvictingKV is one).
+
+    Its tokens carry their rank in its cache as position and slot -1; attention hands it the layer's
+    new tokens and it attends over the tokens it kept (and evicts), keeping K/V where it chooses.
+    """
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding, scale: float,
+               kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """q [m, Hq, D] rotated by rank; k [m, Hkv, D] not rotated; v [m, Hkv, D] -> [m, Hq, D]."""
+        ...
 
 
 @dataclass
@@ -33,9 +47,9 @@ class AttentionMetadata:
                    None means no cache (plain causal attention among the batch's own tokens).
     block_tables:  [B, max_blocks] physical block of each logical block of each sequence, padded
                    with any valid block id (0) past a sequence's last block.
-    evicting:      sequence index -> the bounded KV state of a sequence under a KV eviction policy
-                   (engine/kv_policy.py): its tokens' positions are their ranks in its cache, their slots
-                   -1, and attention over its kept tokens is the state's ``attend``.
+    evicting:      sequence index -> its ``BoundedKV`` (a sequence under a KV eviction policy): its
+                   tokens' positions are their ranks in its cache, their slots -1, and attention over
+                   its kept tokens is the state's ``attend``.
     """
 
     positions: torch.Tensor
@@ -43,7 +57,7 @@ class AttentionMetadata:
     context_lens: list[int]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    evicting: dict[int, Any] | None = None
+    evicting: dict[int, BoundedKV] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -336,7 +336,7 @@ def paged_decode_attention_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                   window: int, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``paged_decode_attention_torch``'s general case: every shape is fixed by the arguments' shapes and
-    nothing is read back to the host, so a CUDA graph can capture it (see models/cuda_graph.py).
+    nothing is read back to the host, so a CUDA graph can capture it (see engine/step/cuda_graph.py).
     ``visible``: ``decode_visibility`` of these lengths and window, when the caller computed it once for
     all layers."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[2]

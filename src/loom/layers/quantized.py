@@ -41,8 +41,8 @@ from torch import nn
 
 from loom.layers.cuda_quant import cuda_int4_problem, int4pack_cuda_tensors, int4pack_mm_cuda, int8pack_cuda_dtype
 from loom.layers.linear import Linear, linear
+from loom.layers.linear_spec import LinearKind, LinearSpec
 
-DENSE, LOOM, TORCH_INT4, TORCH_INT8, W8A8, REFERENCE, TORCH_INT4_CUDA, DENSE_PACKED = 0, 1, 2, 3, 4, 5, 6, 7
 BACKENDS = ("auto", "loom", "torch", "reference")
 TORCH_INT4_GROUPS = (32, 64, 128, 256)
 
@@ -137,37 +137,37 @@ def dequantize_kernel_weight(q: torch.Tensor, scales: torch.Tensor, offsets: tor
 # The one dispatch ------------------------------------------------------------------------------
 
 
-def apply_linear(x: torch.Tensor, kind: int, t: List[torch.Tensor], bits: int, group: int) -> torch.Tensor:
-    """y = x W^T for a weight held in format ``kind`` (tensors ``t``; ``bits`` is the codes' container,
-    4 or 8, for the loom and reference kinds); bias is the caller's.
+def apply_linear(x: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    """y = x W^T for a weight held as ``spec`` (its kind picks the kernel); the bias is the caller's.
 
-    (The kinds are spelled as literals: TorchScript, which compiles this into the decode step,
-    cannot read module-level constants.)
+    One dispatch for the module path and the scripted decode step (TorchScript compiles it), so both
+    run the same kernel for the same layer.
     """
-    if kind == 0:  # DENSE
+    kind, t = spec.kind, spec.tensors
+    if kind == LinearKind.DENSE:
         return linear(x, t[0])
-    if kind == 7:  # DENSE_PACKED: t = [W, W packed by MKL for exactly `bits` rows] (see packed_dense_args)
-        m = x.shape[0]
-        if m == bits:
-            return torch.ops.mkl._mkl_linear(x, t[1], t[0], None, bits)
-        if bits // 2 < m < bits:  # padded to the packed row count: still far faster than unpacked
-            return torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, bits - m)), t[1], t[0], None, bits)[:m]
+    if kind == LinearKind.DENSE_PACKED:  # see packed_dense_spec
+        m, rows = x.shape[0], spec.rows
+        if m == rows:
+            return torch.ops.mkl._mkl_linear(x, t[1], t[0], None, rows)
+        if rows // 2 < m < rows:  # padded to the packed row count: still far faster than unpacked
+            return torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, rows - m)), t[1], t[0], None, rows)[:m]
         return linear(x, t[0])
-    if kind == 1:  # LOOM
+    if kind == LinearKind.LOOM:
         offsets: Optional[torch.Tensor] = t[2] if t[2].numel() > 0 else None
         if x.dim() == 2 and x.shape[0] > 32:  # compute-bound: dequantize once, let BLAS run the GEMM
-            return linear(x, torch.ops.loom.quant_dequantize(t[0], t[1], offsets, bits, group))
-        return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, bits, group)
-    if kind == 2:  # TORCH_INT4
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], group, t[1]).to(x.dtype)
-    if kind == 6:  # TORCH_INT4_CUDA
-        return int4pack_mm_cuda(x, t[0], group, t[1])
-    if kind == 3:  # TORCH_INT8: activations in the scales' dtype (bf16 on CPU; what the CUDA build takes)
+            return linear(x, torch.ops.loom.quant_dequantize(t[0], t[1], offsets, spec.bits, spec.group))
+        return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, spec.bits, spec.group)
+    if kind == LinearKind.TORCH_INT4:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], spec.group, t[1]).to(x.dtype)
+    if kind == LinearKind.TORCH_INT4_CUDA:
+        return int4pack_mm_cuda(x, t[0], spec.group, t[1])
+    if kind == LinearKind.TORCH_INT8:  # activations in the scales' dtype (bf16 on CPU; what the CUDA build takes)
         return torch.ops.aten._weight_int8pack_mm(x.to(t[1].dtype), t[0], t[1]).to(x.dtype)
-    if kind == 4:  # W8A8
+    if kind == LinearKind.W8A8:
         return w8a8_matmul(x, t[0], t[1])
     # REFERENCE: the definition in fp32, rounded to x's dtype
-    return linear(x.float(), dequantize_kernel_weight(t[0], t[1], t[2], bits, group)).to(x.dtype)
+    return linear(x.float(), dequantize_kernel_weight(t[0], t[1], t[2], spec.bits, spec.group)).to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +281,7 @@ class QuantizedLinear(nn.Module):
             kernel_offsets = self.offsets + 128.0 * self.scales
             if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
                 kernel_offsets = torch.empty(0, device=self.offsets.device)
-        self.kind = LOOM if self.backend == "loom" else REFERENCE
+        self.kind = LinearKind.LOOM if self.backend == "loom" else LinearKind.REFERENCE
         self.kernel_tensors: list[torch.Tensor] = [self.qweight, self.scales, kernel_offsets.contiguous()]
         if self.backend == "torch":
             self.kind, self.kernel_tensors = self._torch_tensors(qt)
@@ -293,23 +293,23 @@ class QuantizedLinear(nn.Module):
         self._prepare_kernel(self.quantized())
         return self
 
-    def _torch_tensors(self, qt: QuantizedTensor) -> tuple[int, list[torch.Tensor]]:
+    def _torch_tensors(self, qt: QuantizedTensor) -> tuple[LinearKind, list[torch.Tensor]]:
         if qt.bits <= 4 and qt.device.type == "cuda":
-            return TORCH_INT4_CUDA, int4pack_cuda_tensors(qt)
+            return LinearKind.TORCH_INT4_CUDA, int4pack_cuda_tensors(qt)
         if qt.bits <= 4:
             # torch: w = (q - 8) * scale + zero  =>  zero = offset + 8 scale.
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)
             sz = torch.stack((qt.scales, qt.offsets + 8.0 * qt.scales), dim=-1).transpose(0, 1)
-            return TORCH_INT4, [packed, sz.to(torch.bfloat16).contiguous()]
+            return LinearKind.TORCH_INT4, [packed, sz.to(torch.bfloat16).contiguous()]
         w = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         act = int8pack_cuda_dtype(str(qt.device)) if qt.device.type == "cuda" else torch.bfloat16
-        return TORCH_INT8, [w, qt.scales[:, 0].to(act).contiguous()]
+        return LinearKind.TORCH_INT8, [w, qt.scales[:, 0].to(act).contiguous()]
 
-    def kernel_args(self) -> tuple[int, list[torch.Tensor], int, int]:
-        return self.kind, self.kernel_tensors, self.container_bits, self.group_size
+    def spec(self) -> LinearSpec:
+        return LinearSpec(self.kind, self.kernel_tensors, self.container_bits, self.group_size, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = apply_linear(x, self.kind, self.kernel_tensors, self.container_bits, self.group_size)
+        y = apply_linear(x, self.spec())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def quantized(self) -> QuantizedTensor:
@@ -353,8 +353,8 @@ class W8A8Linear(nn.Module):
         m.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         return m
 
-    def kernel_args(self) -> tuple[int, list[torch.Tensor], int, int]:
-        return W8A8, [self.weight_int8, self.weight_scale], 8, self.in_features
+    def spec(self) -> LinearSpec:
+        return LinearSpec(LinearKind.W8A8, [self.weight_int8, self.weight_scale], 8, self.in_features, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = w8a8_matmul(x, self.weight_int8, self.weight_scale)
@@ -370,7 +370,7 @@ class W8A8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, w8a8"
 
 
-def packed_dense_args(weight: torch.Tensor, rows: int) -> tuple[int, list[torch.Tensor], int, int]:
+def packed_dense_spec(weight: torch.Tensor, rows: int) -> LinearSpec:
     """A dense fp32 weight together with MKL's pre-packed copy of it for products of ``rows`` rows.
 
     Why: ``F.linear`` on a CPU hands x W^T to MKL's sgemm, which packs W into its blocked layout on
@@ -379,11 +379,12 @@ def packed_dense_args(weight: torch.Tensor, rows: int) -> tuple[int, list[torch.
     (SmolLM2's shapes, weights streamed from memory). The packed copy costs the weight's size again.
     MKL's packed product takes exactly ``rows`` rows; fewer (down to half) are padded with zeros.
     """
-    return DENSE_PACKED, [weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)], rows, 0
+    return LinearSpec(LinearKind.DENSE_PACKED, [weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)],
+                      0, 0, rows)
 
 
-def dense_kernel_args(layer: nn.Module) -> tuple[int, list[torch.Tensor], int, int]:
-    """``kernel_args`` of any linear layer (dense ones included)."""
+def linear_spec(layer: nn.Module) -> LinearSpec:
+    """The ``LinearSpec`` of any linear layer (dense ones included)."""
     if isinstance(layer, Linear):
-        return DENSE, [layer.weight], 0, 0
-    return layer.kernel_args()  # type: ignore[operator]
+        return LinearSpec(LinearKind.DENSE, [layer.weight], 0, 0, 0)
+    return layer.spec()  # type: ignore[operator]

@@ -31,7 +31,9 @@ _SHADOW_PARAMS = SamplingParams(temperature=0.0)  # the runner only reads prompt
 
 class DraftModelProposer:
     def __init__(self, draft: Transformer, num_blocks: int, block_size: int, target_vocab: int,
-                 eos_token_ids: Seq[int], decode_graph: bool = True) -> None:
+                 eos_token_ids: Seq[int], decode_step: str = "auto") -> None:
+        """``decode_step``: as the target's runner, except that a step the draft cannot take falls back to
+        the fastest it can ("auto")."""
         if draft.config.vocab_size != target_vocab:
             raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
                              f"target's ({target_vocab}): they must share a tokenizer")
@@ -39,7 +41,7 @@ class DraftModelProposer:
         self.kv_cache = KVCache.from_config(draft.config, CacheConfig(block_size=block_size, num_blocks=num_blocks),
                                             draft.dtype, draft.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(draft, self.kv_cache, use_graph=decode_graph)
+        self.runner = ModelRunner(draft, self.kv_cache, "module" if decode_step == "module" else "auto")
         self.eos_token_ids = tuple(eos_token_ids)
         self.shadows: OrderedDict[int, Sequence] = OrderedDict()  # least recently drafted for first
 

@@ -126,7 +126,7 @@ def load_draft_model(config: SpeculativeConfig, device: torch.device) -> Transfo
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, runner: ModelRunner, num_blocks: int,
-                 eos_token_ids: Seq[int], decode_graph: bool = True) -> None:
+                 eos_token_ids: Seq[int], decode_step: str = "auto") -> None:
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.stats = SpeculativeStats()
@@ -134,7 +134,7 @@ class Speculator:
         if config.method == "draft":
             self.drafter = DraftModelProposer(load_draft_model(config, runner.model.device), num_blocks,
                                               runner.block_size,
-                                              runner.model.config.vocab_size, self.eos_token_ids, decode_graph)
+                                              runner.model.config.vocab_size, self.eos_token_ids, decode_step)
         elif config.method == "window":
             self.drafter = WindowProposer(runner, config.window, config.sink_tokens, self.eos_token_ids)
 

@@ -20,6 +20,7 @@ import torch
 
 from loom.engine.runner import ModelRunner
 from loom.engine.sequence import Sequence
+from loom.engine.step import DecodeBatch
 from loom.engine.speculative.distributions import choose_draft_token
 from loom.engine.speculative.rejection import Draft
 
@@ -64,7 +65,7 @@ class WindowProposer:
                 view, n = self.view(seq.block_table, p + 1)
                 tables.append(view)
                 lens.append(n)
-            logits = self.runner.decode(ids, positions, slots, tables, lens).cpu()
+            logits = self.runner.decode(DecodeBatch.of(ids, positions, slots, tables, lens)).cpu()
             for row, i in enumerate(active):
                 token, q = choose_draft_token(logits[row], seqs[i], drafts[i].tokens, self.eos_token_ids)
                 drafts[i].tokens.append(token)

@@ -1,11 +1,11 @@
-"""Decode steps on a GPU replayed from CUDA graphs.
+"""The CUDA-graph step: decode batches on a GPU replayed from CUDA graphs.
 
 Why: decoding a small model one token at a time is launch-bound on a GPU. A SmolLM2-135M step is
 some 700 kernels (30 layers of norms, GEMVs, RoPE, cache writes, attention), each a few
 microseconds of GPU work but tens of microseconds of Python and dispatcher time to launch
 eagerly, while the weights stream in about 0.1 ms at HBM speed. A CUDA graph records the step's
 kernels once and replays them with one launch (the CUDA analogue of the CPU's scripted step,
-decode_graph.py).
+scripted.py).
 
 A graph fixes every shape and address, so the step is written to need neither host reads nor
 data-dependent shapes: ``decode_forward`` runs the model's own modules (norms, linears of any
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.layers.kernels import decode_visibility, paged_decode_attention_masked
 from loom.models.transformer import Transformer
 
@@ -71,14 +72,16 @@ class _Captured:
     logits: torch.Tensor
 
 
-class CudaGraphDecode:
-    """Decode steps (one new token for each of B sequences) over a paged KV cache on a GPU, replayed from
-    CUDA graphs; the call signature of ``DecodeGraph`` (host tensors in, fp32 logits out)."""
+class CudaGraphStep(DecodeStep):
+    """Decode batches over a paged KV cache on a GPU, replayed from CUDA graphs (host tensors in, fp32
+    logits out); batches larger than ``max_batch`` run the same forward eagerly."""
+
+    name = "cuda_graph"
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  max_batch: int = 512, compile: bool = False) -> None:
-        if not self.supports(model):
-            raise ValueError("CudaGraphDecode needs a pre-norm model without ALiBi on a CUDA device")
+        if not self.takes(model):
+            raise ValueError("CudaGraphStep needs a pre-norm model without ALiBi on a CUDA device")
         self.model = model
         self.device = model.device
         self.k = [k_cache[i] for i in range(k_cache.shape[0])]
@@ -91,14 +94,15 @@ class CudaGraphDecode:
         self.forward = torch.compile(decode_forward, dynamic=False) if compile else decode_forward
 
     @staticmethod
-    def supports(model: Transformer) -> bool:
+    def takes(model: Transformer) -> bool:
         c = model.config
         return model.device.type == "cuda" and c.norm_placement == "pre" and c.position != "alibi"
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """tokens, positions, slots, context_lens: [B]; block_tables [B, max_blocks] (host or device).
-        Returns fp32 logits [B, V] (a fresh tensor, not the graph's buffer)."""
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        """Returns fp32 logits [B, V] (a fresh tensor, not the graph's buffer); the batch's tensors may be
+        on the host or the device."""
+        tokens, positions, slots, block_tables, context_lens = (batch.tokens, batch.positions, batch.slots,
+                                                                batch.block_tables, batch.context_lens)
         b, width = tokens.shape[0], block_tables.shape[1]
         if b > self.max_batch:  # no graph this large: the same step, launched eagerly
             dev = self.device

@@ -1,4 +1,4 @@
-"""The scripted decode step computes what the module forward computes, step after step."""
+"""The compiled decode steps (scripted, native) compute what the module forward computes, step after step."""
 
 from __future__ import annotations
 
@@ -7,21 +7,33 @@ import torch
 
 from loom.config import ModelConfig
 from loom.engine.kv_cache import KVCache
+from loom.engine.step import DecodeBatch, NativeStep, ScriptedStep, llama_shaped
+from loom.engine.step.scripted import DecodeProgram, decode_program
+from loom.layers import fused
 from loom.layers.attention import AttentionMetadata
-from loom.layers.quantized import DENSE_PACKED
-from loom.models.decode_graph import DecodeGraph
+from loom.layers.linear_spec import LinearKind
 from loom.models.transformer import Transformer
 
 BASE = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
             max_position_embeddings=64)
+# The compiled steps, each tested against the module forward (the native one where it built).
+STEPS = [ScriptedStep] + ([NativeStep] if fused.native_ops() else [])
+
+
+def step_one(step, token: int, pos: int, table: torch.Tensor) -> torch.Tensor:
+    """One sequence whose cache is the single block 0 (the contiguous case: slot = position)."""
+    assert table.tolist() == [[0]]
+    return step(DecodeBatch(torch.tensor([token]), torch.tensor([pos]), torch.tensor([pos]), table,
+                            torch.tensor([pos + 1])))
 
 
 @pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
                                    dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=4),
                                    dict(num_kv_heads=2, sliding_window=5, sliding_window_layers=(True, False, True))])
-def test_graph_steps_equal_module_steps(extra):
+@pytest.mark.parametrize("step_class", STEPS)
+def test_compiled_steps_equal_module_steps(extra, step_class):
     model = Transformer(ModelConfig(**BASE, **extra)).init_random(0, std=0.2)
-    assert DecodeGraph.supports(model)
+    assert llama_shaped(model)
     ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         want = model.logits(torch.tensor(ids))
@@ -31,8 +43,8 @@ def test_graph_steps_equal_module_steps(extra):
     with torch.inference_mode():
         meta = AttentionMetadata(torch.arange(n0), [0, n0], [n0], torch.arange(n0), table)
         model(torch.tensor(ids[:n0]), meta, cache.layers())  # prefill through the module path
-        graph = DecodeGraph(model, cache.k, cache.v)
-        got = torch.cat([graph.step_one(ids[p], p, table) for p in range(n0, len(ids))])
+        step = step_class(model, cache.k, cache.v)
+        got = torch.cat([step_one(step, ids[p], p, table) for p in range(n0, len(ids))])
     assert (got - want[n0:]).abs().max() < 1e-5
 
 
@@ -40,43 +52,52 @@ def test_graph_steps_equal_module_steps(extra):
                                    dict(activation="gelu"), dict(rotary_dim=4), dict(mlp_bias=True)])
 def test_other_shapes_use_the_module_path(extra):
     model = Transformer(ModelConfig(**BASE, **extra))
-    assert not DecodeGraph.supports(model)
+    assert not llama_shaped(model)
     with pytest.raises(ValueError, match="Llama-shaped"):
-        DecodeGraph(model, torch.zeros(1), torch.zeros(1))
-    assert not DecodeGraph.supports(Transformer(ModelConfig(**BASE), dtype=torch.bfloat16))
+        ScriptedStep(model, torch.zeros(1), torch.zeros(1))
+    assert not llama_shaped(Transformer(ModelConfig(**BASE), dtype=torch.bfloat16))
+    cache = KVCache(model.config, 2, 4)
+    from loom.engine.runner import ModelRunner
+
+    assert [s.name for s in ModelRunner(model, cache).steps] == ["module"]
+    with pytest.raises(ValueError, match="the scripted decode step cannot run this model"):
+        ModelRunner(model, cache, "scripted")
 
 
-def test_generation_identical_with_and_without_graph(smollm):
+def test_generation_identical_through_every_step(smollm):
     from loom.sampling_params import SamplingParams
 
     p = SamplingParams(temperature=0.7, top_k=50, seed=11, max_tokens=40, min_tokens=40)
-    with_graph = smollm.generate("The history of computing", p)[0].token_ids
-    smollm.engine.runner.use_graph = False
+    runner = smollm.engine.runner
+    assert [s.name for s in runner.steps] == ["native", "scripted", "module"]  # 4-bit weights
+    outputs = {}
     try:
-        without = smollm.generate("The history of computing", p)[0].token_ids
+        for name in ("native", "scripted", "module"):
+            runner.prefer(name)
+            outputs[name] = smollm.generate("The history of computing", p)[0].token_ids
+            assert runner.last_decode_step == name
     finally:
-        smollm.engine.runner.use_graph = True
-    assert with_graph == without
+        runner.prefer(None)
+    assert outputs["native"] == outputs["scripted"] == outputs["module"]
 
 
-def test_step_is_scripted_and_the_python_fallback_agrees(monkeypatch):
-    from loom.models import decode_graph
-
-    assert isinstance(decode_graph.compiled_decode_step(), torch.jit.ScriptFunction)
+def test_step_is_scripted_and_the_python_fallback_agrees():
+    assert isinstance(decode_program(fused.native_ops()), torch.jit.ScriptModule)
+    assert isinstance(decode_program(fused.native_ops(), script=False), DecodeProgram)
     model = Transformer(ModelConfig(**BASE, num_kv_heads=2)).init_random(3, std=0.2)
     outs = []
-    for fn in (decode_graph.compiled_decode_step(), decode_graph._decode_step):
-        monkeypatch.setattr(decode_graph, "compiled_decode_step", lambda fn=fn: fn)
+    for script in (True, False):
         cache = KVCache(model.config, 1, 16)
         with torch.inference_mode():
-            g = DecodeGraph(model, cache.k, cache.v)
-            outs.append(torch.cat([g.step_one(t, p, torch.zeros(1, 1, dtype=torch.long))
+            g = ScriptedStep(model, cache.k, cache.v, script=script)
+            outs.append(torch.cat([step_one(g, t, p, torch.zeros(1, 1, dtype=torch.long))
                                    for p, t in enumerate([5, 9, 2, 40])]))
     assert torch.equal(outs[0], outs[1])
 
 
-def test_paged_batch_of_decodes_equals_each_sequence_alone():
-    """Three sequences in a paged cache (blocks of 4, scattered), decoding together through the graph."""
+@pytest.mark.parametrize("step_class", STEPS)
+def test_paged_batch_of_decodes_equals_each_sequence_alone(step_class):
+    """Three sequences in a paged cache (blocks of 4, scattered), decoding together through a step."""
     model = Transformer(ModelConfig(**BASE, num_kv_heads=2, sliding_window=6)).init_random(5, std=0.2)
     g = torch.Generator().manual_seed(6)
     seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 4, 14)]
@@ -94,16 +115,19 @@ def test_paged_batch_of_decodes_equals_each_sequence_alone():
                                  torch.tensor([slot(i, p) for i in range(3) for p in range(prompt[i])]),
                                  torch.tensor([t + [0] * (4 - len(t)) for t in tables]))
         model(ids, meta, cache.layers())
-        graph = DecodeGraph(model, cache.k, cache.v)
+        graph = step_class(model, cache.k, cache.v)
+        if isinstance(graph, NativeStep):
+            graph.max_batch = 3  # dense weights: the native step is chosen only at batch 1, but computes any
         got = [[], [], []]
         pos = list(prompt)
         while any(p < len(s) for p, s in zip(pos, seqs)):
             live = [i for i in range(3) if pos[i] < len(seqs[i])]
             width = max(-(-(pos[i] + 1) // bs) for i in live)
-            logits = graph(torch.tensor([seqs[i][pos[i]] for i in live]), torch.tensor([pos[i] for i in live]),
-                           torch.tensor([slot(i, pos[i]) for i in live]),
-                           torch.tensor([(tables[i] + [0] * 4)[:width] for i in live]),
-                           torch.tensor([pos[i] + 1 for i in live]))
+            logits = graph(DecodeBatch(torch.tensor([seqs[i][pos[i]] for i in live]),
+                                       torch.tensor([pos[i] for i in live]),
+                                       torch.tensor([slot(i, pos[i]) for i in live]),
+                                       torch.tensor([(tables[i] + [0] * 4)[:width] for i in live]),
+                                       torch.tensor([pos[i] + 1 for i in live])))
             for row, i in enumerate(live):
                 got[i].append(logits[row])
                 pos[i] += 1
@@ -111,15 +135,18 @@ def test_paged_batch_of_decodes_equals_each_sequence_alone():
         assert (torch.stack(got[i]) - want[i][prompt[i]:]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("bits,group,backend", [(4, 32, "loom"), (8, 32, "loom"), (3, 32, "reference"),
-                                                (4, 32, "torch")])
-def test_graph_runs_quantized_linears_like_the_module_path(bits, group, backend):
+# The native step takes loom's own quantized kinds only (native_problem).
+@pytest.mark.parametrize("bits,group,backend,step_class",
+                         [(*q, ScriptedStep) for q in [(4, 32, "loom"), (8, 32, "loom"), (3, 32, "reference"),
+                                                       (4, 32, "torch")]]
+                         + [(*q, s) for q in [(4, 32, "loom"), (8, 32, "loom")] for s in STEPS[1:]])
+def test_steps_run_quantized_linears_like_the_module_path(bits, group, backend, step_class):
     from loom.compress.quantize.methods import QuantizeRecipe, quantize
     from loom.compress.quantize.rtn import QuantConfig
 
     cfg = ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96, "num_kv_heads": 2})
     model = quantize(Transformer(cfg).init_random(0, std=0.2), QuantizeRecipe("rtn", QuantConfig(bits, group), backend=backend))
-    assert DecodeGraph.supports(model)
+    assert llama_shaped(model)
     ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     cache = KVCache(model.config, 1, 32)
     table = torch.zeros(1, 1, dtype=torch.long)
@@ -127,8 +154,8 @@ def test_graph_runs_quantized_linears_like_the_module_path(bits, group, backend)
         want = torch.cat([model.logits(torch.tensor(ids[: p + 1]))[-1:] for p in range(4, len(ids))])
         meta = AttentionMetadata(torch.arange(4), [0, 4], [4], torch.arange(4), table)
         model(torch.tensor(ids[:4]), meta, cache.layers())
-        graph = DecodeGraph(model, cache.k, cache.v)
-        got = torch.cat([graph.step_one(ids[p], p, table) for p in range(4, len(ids))])
+        step = step_class(model, cache.k, cache.v)
+        got = torch.cat([step_one(step, ids[p], p, table) for p in range(4, len(ids))])
     assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))
 
 
@@ -143,14 +170,15 @@ def test_packed_dense_weights_give_the_same_logits(batch):
         c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))
         c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(5)))
     with torch.inference_mode():
-        packed = DecodeGraph(model, caches[0].k, caches[0].v, native=False, pack_rows=32)
-        plain = DecodeGraph(model, caches[1].k, caches[1].v, native=False)
-        assert packed.packed_rows == 32 and packed.head[0] == DENSE_PACKED and plain.packed_rows == 0
+        packed = ScriptedStep(model, caches[0].k, caches[0].v, pack_rows=32)
+        plain = ScriptedStep(model, caches[1].k, caches[1].v)
+        assert packed.packed_rows == 32 and packed.weights.head.kind == LinearKind.DENSE_PACKED
+        assert plain.packed_rows == 0
         tables = torch.randperm(4 * batch, generator=g).view(batch, 4)
         lens = torch.randint(1, 16, (batch,), generator=g)
         tokens = torch.randint(0, 97, (batch,), generator=g)
         slots = tables[torch.arange(batch), (lens - 1) // 4] * 4 + (lens - 1) % 4
-        got = packed(tokens, lens - 1, slots, tables, lens)
-        want = plain(tokens, lens - 1, slots, tables, lens)
+        got = packed(DecodeBatch(tokens, lens - 1, slots, tables, lens))
+        want = plain(DecodeBatch(tokens, lens - 1, slots, tables, lens))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    assert DecodeGraph(model, caches[0].k, caches[0].v, pack_rows=8).packed_rows == 0  # too few rows to pay
+    assert ScriptedStep(model, caches[0].k, caches[0].v, pack_rows=8).packed_rows == 0  # too few rows to pay

@@ -1,4 +1,4 @@
-"""The native decode step (native/decode_step.cpp) computes what the scripted step computes: the same
+"""The native decode step (engine/step/native.py over native/decode_step.cpp) computes what the scripted step computes: the same
 logits and the same K/V written to the cache, for dense and quantized weights, GQA / MQA, biases,
 sliding windows and batches of sequences with scattered block tables."""
 
@@ -12,8 +12,9 @@ from loom.compress.quantize.methods import QuantizeRecipe, quantize
 from loom.compress.quantize.rtn import QuantConfig
 from loom.config import ModelConfig
 from loom.engine.kv_cache import KVCache
+from loom.engine.runner import ModelRunner
+from loom.engine.step import DecodeBatch, NativeStep, ScriptedStep
 from loom.layers.quantized import W8A8Linear
-from loom.models.decode_graph import DecodeGraph
 from loom.models.transformer import Transformer
 
 BASE = dict(vocab_size=101, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
@@ -57,9 +58,8 @@ def test_native_step_equals_the_scripted_step(extra, weights):
     model = _model(extra, weights)
     a, b = _random_cache(model, 1), _random_cache(model, 1)
     with torch.inference_mode():
-        native_graph, scripted = DecodeGraph(model, a.k, a.v), DecodeGraph(model, b.k, b.v, native=False)
-        assert native_graph.native is not None and scripted.native is None
-        native_graph.native_max_batch = 8  # the dense limit (1) is about speed, not correctness
+        native_step, scripted = NativeStep(model, a.k, a.v), ScriptedStep(model, b.k, b.v)
+        native_step.max_batch = 8  # the dense limit (1) is about speed, not correctness
         g = torch.Generator().manual_seed(2)
         tables = torch.randperm(40, generator=g)[:30].view(3, 10)  # three sequences' scattered blocks
         lens = torch.tensor([3, 17, 29])
@@ -67,8 +67,9 @@ def test_native_step_equals_the_scripted_step(extra, weights):
             tokens = torch.randint(0, 101, (3,), generator=g)
             pos = lens - 1
             slots = tables[torch.arange(3), pos // BLOCK] * BLOCK + pos % BLOCK
-            got = native_graph(tokens, pos, slots, tables, lens)
-            want = scripted(tokens, pos, slots, tables, lens)
+            assert native_step.supports(DecodeBatch(tokens, pos, slots, tables, lens))
+            got = native_step(DecodeBatch(tokens, pos, slots, tables, lens))
+            want = scripted(DecodeBatch(tokens, pos, slots, tables, lens))
             assert got.shape == want.shape == (3, 101)
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()
             lens = lens + 1
@@ -80,20 +81,21 @@ def test_batch_limits_follow_the_weights():
     dense, quantized = _model({}, "fp32"), _model({}, "int4")
     for model, limit in ((dense, 1), (quantized, 32)):
         cache = KVCache(model.config, 8, BLOCK)
-        assert DecodeGraph(model, cache.k, cache.v).native_max_batch == limit
+        assert NativeStep(model, cache.k, cache.v).max_batch == limit
 
 
 def test_bad_input_gets_a_clear_error():
     model = _model({}, "int4")
     cache = _random_cache(model, 3)
-    graph = DecodeGraph(model, cache.k, cache.v)
+    step = NativeStep(model, cache.k, cache.v)
     table = torch.tensor([[0, 1]])
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
-        graph(torch.tensor([101]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([3]))
+        step(DecodeBatch(torch.tensor([101]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([3])))
     with pytest.raises(RuntimeError, match="block id out of range"):
-        graph(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), torch.tensor([[0, 40]]), torch.tensor([3]))
+        step(DecodeBatch(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), torch.tensor([[0, 40]]),
+                         torch.tensor([3])))
     with pytest.raises(RuntimeError, match="context length"):
-        graph(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([9]))
+        step(DecodeBatch(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([9])))
     dec = torch.classes.loom.NativeDecoder(model.embed_tokens.weight, model.norm.weight, 4, 2, 16, 1e-5, 0.25)
     with pytest.raises(RuntimeError, match="add_linear after add_layer"):
         dec.add_linear(torch.zeros(8, 64), torch.empty(0), torch.empty(0), 0, 0)
@@ -104,8 +106,11 @@ def test_models_with_other_kernels_stay_on_the_scripted_step():
     layer = model.layers[1].attn
     layer.o_proj = W8A8Linear(layer.o_proj.weight.detach())  # int8 activations: no native-step kernel
     cache = _random_cache(model, 4)
-    graph = DecodeGraph(model, cache.k, cache.v)
-    assert graph.native is None
-    table = torch.tensor([[0, 1]])
+    runner = ModelRunner(model, cache)
+    assert [s.name for s in runner.steps] == ["scripted", "module"]
+    with pytest.raises(ValueError, match="native decode step cannot run this model: it takes dense fp32 or loom"):
+        ModelRunner(model, cache, "native")
+    batch = DecodeBatch(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), torch.tensor([[0, 1]]),
+                        torch.tensor([3]))
     with torch.inference_mode():
-        assert graph(torch.tensor([5]), torch.tensor([2]), torch.tensor([2]), table, torch.tensor([3])).shape == (1, 101)
+        assert runner.decode(batch).shape == (1, 101) and runner.last_decode_step == "scripted"

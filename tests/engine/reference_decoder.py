@@ -1,6 +1,6 @@
 """Generation for one request over a contiguous KV cache: prefill the prompt, then one token per step.
 
-This is the simplest correct decoder, the reference the serving engine (engine.py) is tested against:
+This is the simplest correct decoder, the reference the serving engine (engine/engine.py) is tested against:
 no scheduler, no block tables, one block as long as the request.
 The cache is one block as long as the request can grow (prompt + max_tokens), so attention reads
 keys and values as a view, never a copy.
@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 import torch
 
 from loom.engine.kv_cache import KVCache
-from loom.errors import ContextLengthError, check_context  # noqa: F401 (re-exported)
+from loom.errors import check_context
 from loom.engine.sampler import SamplingRow, make_generator, sample
 from loom.engine.text_output import TextOutput, accept_token
 from loom.layers.attention import AttentionMetadata
-from loom.models.decode_graph import DecodeGraph
+from loom.engine.step import DecodeBatch, ScriptedStep, llama_shaped
 from loom.models.transformer import Transformer
 from loom.outputs import StreamDelta, Timings
 from loom.sampling_params import SamplingParams
@@ -29,11 +29,11 @@ class Generator:
     """Streams one completion at a time from a model and its tokenizer."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, context: int | None = None,
-                 decode_graph: bool = True) -> None:
+                 scripted: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        # Decode steps run as one TorchScript program when the model's shape allows (see decode_graph.py).
-        self.use_graph = decode_graph and DecodeGraph.supports(model)
+        # Decode steps run the scripted step when the model's shape allows (engine/step/scripted.py).
+        self.use_graph = scripted and llama_shaped(model)
         self.context = context or model.config.max_position_embeddings
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
 
@@ -65,7 +65,7 @@ class Generator:
         input_ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, meta, layers)
         logits = self.model.compute_logits(hidden[-1:])
-        graph = DecodeGraph(self.model, cache.k, cache.v) if self.use_graph else None
+        graph = ScriptedStep(self.model, cache.k, cache.v) if self.use_graph else None
         output: list[int] = row.output_ids  # type: ignore[assignment]
         decode_start = None
         while True:
@@ -83,7 +83,9 @@ class Generator:
             yield StreamDelta(delta, [token])
             pos = n + len(output) - 1
             if graph is not None:
-                logits = graph.step_one(token, pos, table)
+                # the one block holds the whole request: slot = position
+                logits = graph(DecodeBatch(torch.tensor([token]), torch.tensor([pos]), torch.tensor([pos]), table,
+                                           torch.tensor([pos + 1])))
                 continue
             meta = AttentionMetadata(positions=torch.tensor([pos], device=dev), query_start=[0, 1],
                                      context_lens=[pos + 1], slot_mapping=torch.tensor([pos], device=dev),

@@ -11,9 +11,9 @@ import torch
 
 from loom.config import CacheConfig, ModelConfig
 from loom.engine.kv_cache import KVCache
+from loom.engine.runner import ModelRunner
+from loom.engine.step.cuda_graph import CudaGraphStep, decode_forward, width_bucket
 from loom.layers.attention import AttentionMetadata
-from loom.models.cuda_graph import CudaGraphDecode, decode_forward, width_bucket
-from loom.models.decode_graph import DecodeGraph, make_decode_graph
 from loom.models.transformer import Transformer
 
 BASE = dict(vocab_size=97, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
@@ -93,10 +93,12 @@ def test_width_buckets_are_powers_of_two_that_cover_the_width():
 
 def test_cpu_models_get_the_scripted_step_and_no_cuda_graphs():
     model = Transformer(ModelConfig(**BASE, num_kv_heads=2)).init_random(0)
-    assert not CudaGraphDecode.supports(model)  # a CPU model
+    assert not CudaGraphStep.takes(model)  # a CPU model
     with pytest.raises(ValueError, match="CUDA"):
-        CudaGraphDecode(model, torch.zeros(1), torch.zeros(1))
+        CudaGraphStep(model, torch.zeros(1), torch.zeros(1))
     fp = KVCache.from_config(model.config, CacheConfig(num_blocks=4))
-    assert isinstance(make_decode_graph(model, fp), DecodeGraph)
+    assert [s.name for s in ModelRunner(model, fp).steps][-2:] == ["scripted", "module"]
+    with pytest.raises(ValueError, match="cuda_graph decode step cannot run this model"):
+        ModelRunner(model, fp, "cuda_graph")
     int8 = KVCache.from_config(model.config, CacheConfig(num_blocks=4, kv_dtype="int8"))
-    assert make_decode_graph(model, int8) is None
+    assert [s.name for s in ModelRunner(model, int8).steps] == ["module"]

@@ -1,0 +1,82 @@
+"""Decode steps: the ways loom runs one new token for each sequence of a batch, and how one is chosen.
+
+    step          where it runs                      what it takes
+    native        C++, one OpenMP region per step    Llama-shaped fp32 CPU models with dense or loom int4/int8
+                  (native.py, native/decode_step.cpp) linears; batches of <= 32 (quantized) or 1 (dense)
+    scripted      TorchScript program (scripted.py)  Llama-shaped fp32 CPU models, any weight-only linear, any batch
+    cuda_graph    CUDA graph replay (cuda_graph.py)  pre-norm models without ALiBi on a GPU
+    module        the nn.Module forward (module.py)  everything (and every prefill)
+
+The runner builds the steps that take the model (``build_decode_steps``) and hands each decode
+batch to the first that supports it; batches that prefill always run the module forward. Which
+steps were built is logged once and reported by ``LLMEngine.describe()`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loom.engine.step.base import DecodeBatch, DecodeStep, pad_tables
+from loom.engine.step.module import ModuleStep
+from loom.engine.step.native import NativeStep, native_problem
+from loom.engine.step.scripted import ScriptedStep
+from loom.engine.step.weights import DecoderWeights, llama_shaped
+from loom.models.transformer import KVCaches, Transformer
+
+DECODE_STEPS = ("auto", "native", "scripted", "cuda_graph", "module")
+
+__all__ = ["DECODE_STEPS", "DecodeBatch", "DecodeStep", "DecoderWeights", "ModuleStep", "NativeStep", "ScriptedStep",
+           "build_decode_steps", "llama_shaped", "pad_tables"]
+
+
+def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                       caches: KVCaches, choice: str = "auto", pack_rows: int = 0) -> list[DecodeStep]:
+    """The decode steps for ``model``, in order of preference, the module step last.
+
+    ``choice``: "auto" builds every step that takes the model (native, then scripted on a CPU; CUDA
+    graphs on a GPU); a step's name builds only that one (a ValueError says why when it cannot take
+    the model); "module" none. ``k_cache``/``v_cache``: the fp cache tensors [layers, blocks, block,
+    kv_heads, head_dim], None for a cache the compiled steps cannot read (int8). ``pack_rows``: the
+    decode batch the scripted step pre-packs dense weights for (the engine's max_num_seqs)."""
+    if choice not in DECODE_STEPS:
+        raise ValueError(f"unknown decode step {choice!r}; choose one of {', '.join(DECODE_STEPS)}")
+    steps: list[DecodeStep] = []
+    wanted = ("native", "scripted", "cuda_graph") if choice == "auto" else (choice,)
+    if choice != "module":
+        problems = {}
+        for name in wanted:
+            problem = _problem(name, model, k_cache)
+            if problem is None:
+                steps.append(_build(name, model, k_cache, v_cache, pack_rows, steps))
+            else:
+                problems[name] = problem
+        if choice != "auto" and problems:
+            raise ValueError(f"the {choice} decode step cannot run this model: {problems[choice]}")
+    steps.append(ModuleStep(model, caches))
+    return steps
+
+
+def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str | None:
+    """Why step ``name`` cannot take the model and cache (None: it can)."""
+    if k_cache is None:
+        return "the int8 KV cache decodes through the modules (layers/kv_quant.py)"
+    if name == "cuda_graph":
+        from loom.engine.step.cuda_graph import CudaGraphStep
+
+        return None if CudaGraphStep.takes(model) else "it needs a pre-norm model without ALiBi on a CUDA device"
+    if not llama_shaped(model):
+        return "it needs a Llama-shaped fp32 CPU model with weight-only linears (weights.py: llama_shaped)"
+    return native_problem(DecoderWeights.of(model)) if name == "native" else None
+
+
+def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int,
+           built: list[DecodeStep]) -> DecodeStep:
+    if name == "cuda_graph":
+        from loom.engine.step.cuda_graph import CudaGraphStep
+
+        return CudaGraphStep(model, k_cache, v_cache)
+    # The native and scripted steps share one gathering of the plain weights.
+    weights = next((s.plain_weights for s in built if isinstance(s, NativeStep)), None) or DecoderWeights.of(model)
+    if name == "native":
+        return NativeStep(model, k_cache, v_cache, weights)
+    return ScriptedStep(model, k_cache, v_cache, pack_rows, weights)

@@ -1,0 +1,165 @@
+"""The scripted decode step: the whole forward of a decode batch as one TorchScript program.
+
+Why: at batch 1 the weights stream from memory once per token (~30 ms for SmolLM2 in fp32 on this
+CPU), and everything else is a few hundred tiny ops (norms, RoPE, cache writes, attention over a
+short context). In Python each of those costs microseconds of interpreter and dispatch time, and
+after every weight-streaming GEMV the interpreter's own data is cold in cache, which makes it worse:
+eager decode spent ~16 ms per token outside matmuls. TorchScript runs the same ops from its C++
+interpreter; decode then spends ~7 ms outside matmuls. It is the CPU analogue of replaying a CUDA
+graph for the decode step (vLLM, gpt-fast).
+
+The program computes exactly what ``Transformer.forward`` computes for a Llama-shaped model
+(pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias and sliding window); tests hold
+the two to the same logits. Its elementwise kernels are a submodule chosen when the program is built:
+loom's native ops where they compiled, their PyTorch twins otherwise.
+
+Dense fp32 weights are also held MKL-packed for the engine's decode batch (``pack_rows``): ``F.linear``
+lets MKL repack every weight on every call, which at 64 rows costs as much as the product.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.engine.step.base import DecodeBatch, DecodeStep
+from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights
+from loom.layers import fused, kernels
+from loom.layers.linear_spec import LinearSpec
+from loom.layers.quantized import apply_linear
+from loom.models.transformer import Transformer
+
+log = logging.getLogger("loom.engine")
+
+# Below this many rows the transposed product (layers/linear.py) is as fast as a packed one.
+MIN_PACK_ROWS = 32
+
+
+class TorchOps(nn.Module):
+    """The step's elementwise kernels in PyTorch (the twins of the native ones)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return fused.rms_norm_torch(x, weight, eps)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return fused.silu_and_mul_torch(gate_up)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return fused.rope_torch(x, cos, sin)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        return kernels.paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+class NativeOps(nn.Module):
+    """The step's elementwise kernels from loom's native build (native/fused.cpp, paged_attention.cpp)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.ops.loom.rms_norm(x, weight, eps)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return torch.ops.loom.silu_and_mul(gate_up)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return torch.ops.loom.rope(x, cos, sin)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        return torch.ops.loom.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+class DecodeProgram(nn.Module):
+    """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot."""
+
+    def __init__(self, ops: nn.Module) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
+                layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
+                k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape) -> torch.Tensor:
+        b = tokens.shape[0]
+        hq, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
+        h = F.embedding(tokens, embed)
+        for i, w in enumerate(layers):
+            qkv = apply_linear(self.ops.rms_norm(h, w.attn_norm, eps), w.qkv)
+            if w.qkv_bias.numel() > 0:
+                qkv = qkv + w.qkv_bias
+            qkv = qkv.view(b, hq + 2 * hkv, d)
+            qk = self.ops.rope(qkv[:, : hq + hkv], cos, sin)  # x cos + rotate_half(x) sin, q and k together
+            k_cache[i].view(-1, hkv, d).index_copy_(0, slots, qk[:, hq:])
+            v_cache[i].view(-1, hkv, d).index_copy_(0, slots, qkv[:, hq + hkv:])
+            a = self.ops.attention(qk[:, :hq], k_cache[i], v_cache[i], block_tables, context_lens, shape.scale,
+                                   shape.windows[i])
+            h = h + apply_linear(a.reshape(b, hq * d), w.o)
+            gate_up = apply_linear(self.ops.rms_norm(h, w.mlp_norm, eps), w.gate_up)
+            h = h + apply_linear(self.ops.silu_and_mul(gate_up), w.down)
+        return apply_linear(self.ops.rms_norm(h, final_norm, eps), head)
+
+
+@functools.lru_cache(maxsize=4)
+def decode_program(native: bool, script: bool = True) -> nn.Module:
+    """The program with native or PyTorch kernels, compiled by TorchScript (``script``), once per process.
+
+    torch 2.13 marks ``torch.jit.script`` deprecated in favour of ``torch.compile``; we measured
+    torch.compile on this step and it was slower (49 ms vs 37 ms per token on SmolLM2) after a 10 s
+    compile. Should a later torch drop TorchScript, the same module runs eagerly.
+    """
+    if native and not fused.native_ops():
+        raise RuntimeError("loom's native kernels are not available (LOOM_NATIVE=0, or they did not build)")
+    program = DecodeProgram(NativeOps() if native else TorchOps())
+    if not script:
+        return program
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(program)
+    except Exception as e:  # noqa: BLE001 - any scripting failure means: run the Python module
+        log.warning("TorchScript could not compile the decode step; it runs eagerly (slower): %s", e)
+        return program
+
+
+class ScriptedStep(DecodeStep):
+    """Any decode batch of a Llama-shaped fp32 CPU model, through the TorchScript program."""
+
+    name = "scripted"
+
+    def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int = 0,
+                 weights: DecoderWeights | None = None, script: bool = True) -> None:
+        """``k_cache``/``v_cache``: [layers, blocks, block_size, kv_heads, head_dim]. ``pack_rows``: hold dense
+        weights MKL-packed for batches of that many rows (>= MIN_PACK_ROWS; 0: no packing;
+        LOOM_PACK_WEIGHTS=0 switches it off). ``script=False`` runs the same program eagerly (tests)."""
+        self.rotary = model.rotary
+        self.dtype = model.dtype
+        weights = weights or DecoderWeights.of(model)
+        if os.environ.get("LOOM_PACK_WEIGHTS", "1") == "0" or not torch.backends.mkl.is_available():
+            pack_rows = 0
+        if pack_rows >= MIN_PACK_ROWS and weights.has_dense:
+            weights = weights.packed(pack_rows)
+        self.weights = weights
+        self.packed_bytes = weights.packed_bytes
+        self.packed_rows = pack_rows if self.packed_bytes else 0  # 0: nothing dense to pack (quantized models)
+        self.k = list(k_cache.unbind(0))
+        self.v = list(v_cache.unbind(0))
+        self.program = decode_program(fused.native_ops(), script)
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        w = self.weights
+        cos, sin = self.rotary.prepare(batch.positions, self.dtype)
+        return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
+                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape)
+
+    def describe(self) -> str:
+        if self.packed_rows:
+            return (f"scripted (dense weights also MKL-packed for decode batches of {self.packed_rows}: "
+                    f"{self.packed_bytes / 2**20:.0f} MiB more; LOOM_PACK_WEIGHTS=0 turns it off)")
+        return self.name

@@ -1,0 +1,108 @@
+"""A Llama-shaped model's decode-time weights, named: what the scripted and native steps read.
+
+The compiled steps do not walk ``nn.Module`` trees; they take each layer's norms, biases and linears
+(as ``LinearSpec``: the form the linear's kernel reads) gathered once here. TorchScript compiles the
+NamedTuples below, so this module has no ``from __future__ import annotations`` (see linear_spec.py).
+"""
+
+from dataclasses import dataclass, replace
+from typing import Iterator, List, NamedTuple
+
+import torch
+
+from loom.layers.linear import Linear
+from loom.layers.linear_spec import LinearKind, LinearSpec
+from loom.layers.quantized import QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
+from loom.models.transformer import Transformer
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer: pre-norm RMSNorm weights, the fused q|k|v (+ bias) and gate|up linears, o and down."""
+
+    attn_norm: torch.Tensor
+    qkv: LinearSpec
+    qkv_bias: torch.Tensor  # empty when the model has none
+    o: LinearSpec
+    mlp_norm: torch.Tensor
+    gate_up: LinearSpec
+    down: LinearSpec
+
+
+class AttentionShape(NamedTuple):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float  # RMSNorm's epsilon
+    scale: float  # 1 / sqrt(head_dim)
+    windows: List[int]  # per layer: sliding window (0: none)
+
+
+def llama_shaped(model: Transformer) -> bool:
+    """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU, full rotate-half
+    RoPE, no biases but q|k|v's, fp32 on the CPU, linears of loom's own kinds."""
+    c = model.config
+    if not (c.norm == "rmsnorm" and c.norm_placement == "pre" and c.final_norm and not c.norm_bias
+            and c.gated_mlp and c.activation == "silu" and not c.mlp_bias and not c.attn_out_bias
+            and c.position == "rope" and c.rotary_dim == c.head_dim
+            and model.dtype == torch.float32 and model.device.type == "cpu"):
+        return False
+    linears = [m for l in model.layers for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)]
+    return all(type(m) in (Linear, QuantizedLinear, W8A8Linear) for m in linears + [model.lm_head or Linear(1, 1)])
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    head: LinearSpec  # the output layer (the embedding when tied)
+    shape: AttentionShape
+
+    @classmethod
+    def of(cls, model: Transformer) -> "DecoderWeights":
+        if not llama_shaped(model):
+            raise ValueError("the compiled decode steps need a Llama-shaped fp32 CPU model with dense or "
+                             "weight-only quantized linears (see engine/step/weights.py: llama_shaped)")
+        c = model.config
+        empty = torch.empty(0, dtype=model.dtype)
+        layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj),
+                               l.attn.qkv_proj.bias if l.attn.qkv_proj.bias is not None else empty,
+                               linear_spec(l.attn.o_proj), l.mlp_norm.weight, linear_spec(l.mlp.gate_up_proj),
+                               linear_spec(l.mlp.down_proj)) for l in model.layers]
+        head = linear_spec(model.lm_head) if model.lm_head is not None else \
+            LinearSpec(LinearKind.DENSE, [model.embed_tokens.weight], 0, 0, 0)
+        shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
+                               model.layers[0].attn.scale, [l.attn.window or 0 for l in model.layers])
+        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape)
+
+    def linears(self) -> Iterator[LinearSpec]:
+        """Every linear of the step, the output layer last."""
+        for layer in self.layers:
+            yield from (layer.qkv, layer.o, layer.gate_up, layer.down)
+        yield self.head
+
+    @property
+    def has_dense(self) -> bool:
+        """Whether any linear (the output layer included) is a plain dense weight."""
+        return any(spec.kind == LinearKind.DENSE for spec in self.linears())
+
+    @property
+    def dense_layers(self) -> bool:
+        """Whether the decoder layers' linears are dense (the output layer aside)."""
+        return any(spec.kind == LinearKind.DENSE for l in self.layers for spec in (l.qkv, l.o, l.gate_up, l.down))
+
+    def packed(self, rows: int) -> "DecoderWeights":
+        """The same weights with every dense linear also held MKL-packed for products of ``rows`` rows
+        (``packed_dense_spec``); quantized linears stay as they are."""
+        def pack(spec: LinearSpec) -> LinearSpec:
+            return packed_dense_spec(spec.tensors[0], rows) if spec.kind == LinearKind.DENSE else spec
+
+        layers = [l._replace(qkv=pack(l.qkv), o=pack(l.o), gate_up=pack(l.gate_up), down=pack(l.down))
+                  for l in self.layers]
+        return replace(self, layers=layers, head=pack(self.head))
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the MKL-packed copies (the dense weights' size again)."""
+        return sum(s.tensors[0].numel() * s.tensors[0].element_size() for s in self.linears()
+                   if s.kind == LinearKind.DENSE_PACKED)

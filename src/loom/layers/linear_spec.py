@@ -1,0 +1,41 @@
+"""How a linear's weight is held for its kernel: ``LinearKind`` (the format) and ``LinearSpec`` (the tensors).
+
+``apply_linear`` (quantized.py) dispatches on the kind; the compiled decode step (engine/step/scripted.py)
+takes every layer's specs as arguments, so TorchScript compiles these types: this module has no
+``from __future__ import annotations``, which would turn the NamedTuple's fields into strings that
+TorchScript cannot resolve.
+"""
+
+import enum
+from typing import List, NamedTuple
+
+import torch
+
+
+class LinearKind(enum.Enum):
+    """The format a linear's weight is held in, which decides the kernel ``apply_linear`` runs."""
+
+    DENSE = 0  # a plain weight [out, in]: x W^T by BLAS
+    LOOM = 1  # loom's int4 / int8 group-wise codes: native/quant_gemm.cpp
+    TORCH_INT4 = 2  # torch's CPU int4pack layout (bf16 activations)
+    TORCH_INT8 = 3  # torch's int8pack layout, per-channel scales
+    W8A8 = 4  # int8 weights x int8 activations (torch._int_mm)
+    REFERENCE = 5  # dequantize, then an fp32 matmul: the definition
+    TORCH_INT4_CUDA = 6  # tinygemm's CUDA layout (cuda_quant.py)
+    DENSE_PACKED = 7  # a dense weight plus MKL's copy packed for products of exactly ``rows`` rows
+
+
+class LinearSpec(NamedTuple):
+    """One linear's weight in the form its kernel reads: what ``apply_linear`` takes.
+
+    tensors: the kernel's tensors (DENSE: [W]; LOOM / REFERENCE: [codes, scales, offsets]; torch's kinds:
+    [packed codes, scales]; W8A8: [int8 W, scales]; DENSE_PACKED: [W, MKL-packed W]).
+    bits: the codes' container (4 or 8) for LOOM and REFERENCE. group: the quantization group size.
+    rows: DENSE_PACKED's packed row count (0 for every other kind). The bias stays with the caller.
+    """
+
+    kind: LinearKind
+    tensors: List[torch.Tensor]
+    bits: int
+    group: int
+    rows: int
