@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from loom.config import CacheConfig, KVPolicyConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig
 from loom.default_model import default_model_path
+from loom.engine.collector import RequestCollector, timings_of
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
-from loom.outputs import CompletionOutput, RequestOutput, StreamDelta, Timings
+from loom.outputs import RequestOutput, StreamDelta, Timings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer, load_tokenizer
 from loom.weights.loader import choose_weights, load_model
@@ -30,45 +31,6 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and all(isinstance(p, int) for p in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
-
-
-def timings_of(request: Request, generated: int) -> Timings:
-    m = request.metrics
-    first = m.first_token or m.arrival
-    return Timings(prefill=first - m.arrival, decode=(m.last_token or first) - first,
-                   prompt_tokens=len(request.prompt_ids), generated_tokens=generated)
-
-
-class _Collector:
-    """Accumulates one request's deltas into its RequestOutput."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        n = request.params.n
-        self.text: list[list[str]] = [[] for _ in range(n)]
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.logprobs: list[list] = [[] for _ in range(n)]
-        self.finish: list[tuple[str | None, Any]] = [(None, None)] * n
-
-    def add(self, d: StreamDelta) -> None:
-        self.text[d.index].append(d.text)
-        self.tokens[d.index] += d.token_ids
-        if d.logprobs:
-            self.logprobs[d.index] += d.logprobs
-        if d.finish_reason is not None:
-            self.finish[d.index] = (d.finish_reason, d.stop_reason)
-
-    @property
-    def done(self) -> bool:
-        return all(f is not None for f, _ in self.finish)
-
-    def result(self) -> RequestOutput:
-        r = self.request
-        want_lp = r.params.logprobs is not None
-        outputs = [CompletionOutput(i, "".join(self.text[i]), self.tokens[i], *self.finish[i],
-                                    logprobs=self.logprobs[i] if want_lp else None) for i in range(r.params.n)]
-        return RequestOutput(r.request_id, r.prompt, r.prompt_ids, outputs, True,
-                             timings_of(r, sum(len(t) for t in self.tokens)), r.prompt_logprobs)
 
 
 class LLM:
@@ -175,10 +137,10 @@ class LLM:
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        collectors: list[_Collector] = []
+        collectors: list[RequestCollector] = []
         try:
             for prompt, p in zip(prompts, plist):
-                collectors.append(_Collector(self._add(prompt, p)))
+                collectors.append(RequestCollector(self._add(prompt, p)))
             by_id = {c.request.request_id: c for c in collectors}
             with tqdm(total=len(collectors), disable=not use_tqdm, desc="generate") as bar:
                 while not all(c.done for c in collectors):

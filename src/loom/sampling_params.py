@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loom.config import KVPolicyConfig
+from loom.errors import InvalidRequestError
 
 
 MAX_LOGPROBS = 20
@@ -50,8 +51,10 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        """Raise InvalidRequestError (a ValueError) naming the first field out of its range."""
+
+        def bad(name: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
         if not 1 <= self.n <= 128:
             raise bad("n", "must be in [1, 128]")

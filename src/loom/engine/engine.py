@@ -30,7 +30,7 @@ from loom.engine.scheduler import Scheduler
 from loom.engine.sequence import Request, Sequence, SequenceStatus
 from loom.engine.speculative import SpeculativeStats, Speculator
 from loom.engine.text_output import TextOutput, accept_token
-from loom.errors import QueueFullError, check_context
+from loom.errors import InvalidPromptError, InvalidRequestError, QueueFullError, check_context
 from loom.models.transformer import Transformer
 from loom.outputs import Logprob, PositionLogprobs, StreamDelta
 from loom.sampling_params import SamplingParams
@@ -147,14 +147,14 @@ class LLMEngine:
         request (and QueueFullError when the waiting queue is at its limit), changing nothing."""
         params = params or SamplingParams()
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         limit = self.scheduler_config.max_waiting
         if limit is not None and len(self.scheduler.waiting) >= limit:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (limit {limit})")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidPromptError(f"prompt token ids must be in [0, {vocab})")
         policy = self._request_policy(params)
         if policy is None:
             # max_model_len never exceeds the cache's capacity, so a request that fits it fits the cache alone.

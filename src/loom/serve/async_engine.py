@@ -18,18 +18,17 @@ from typing import Any, Callable, Sequence
 
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
+from loom.errors import EngineUnavailableError
 from loom.outputs import StreamDelta
 from loom.sampling_params import SamplingParams
 
 log = logging.getLogger("loom.serve")
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop failed or was stopped; the request cannot complete."""
-
-
 @dataclass
 class _Stream:
+    """Where one request's deltas go: its event loop and queue, and the completions still open."""
+
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     request: Request
@@ -37,11 +36,15 @@ class _Stream:
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    """On the event loop: put each item on its queue."""
     for queue_, item in items:
         queue_.put_nowait(item)
 
 
 class AsyncEngine:
+    """Runs ``engine`` in a thread of its own and routes each request's deltas to its asyncio queue;
+    ``on_finished(request)`` is called (in that thread) when a request ends other than by abort."""
+
     def __init__(self, engine: LLMEngine, on_finished: Callable[[Request], None] | None = None) -> None:
         self.engine = engine
         self.on_finished = on_finished
@@ -55,6 +58,7 @@ class AsyncEngine:
     # Lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread."""
         self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
         self._thread.start()
 
@@ -67,25 +71,27 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
+        """Requests accepted whose completions have not all ended."""
         return len(self._streams)
 
     # Requests (called from the event loop) -----------------------------------------------------
 
     async def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
-                  out: asyncio.Queue | None = None) -> asyncio.Queue:
-        """Queue a request; returns the queue its deltas will arrive on. Raises what add_request raises
-        (ValueError for a bad request, QueueFullError) before anything is streamed."""
+                  out: asyncio.Queue) -> Request:
+        """Queue a request whose deltas (or, if the engine fails, an EngineUnavailableError) will arrive on
+        ``out``; returns the engine's Request once accepted. Raises what add_request raises (ValueError
+        for a bad request, QueueFullError) before anything is streamed, and EngineUnavailableError when
+        the engine is not running."""
         if self.dead is not None or self._stopping:
-            raise EngineDeadError("the engine is not running")
+            raise EngineUnavailableError("the engine is not running")
         loop = asyncio.get_running_loop()
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        out = out if out is not None else asyncio.Queue()
         self._commands.put(("add", request_id, list(prompt), params, loop, out, accepted))
         self._wake.set()
-        await asyncio.wrap_future(accepted)
-        return out
+        return await asyncio.wrap_future(accepted)
 
     def abort(self, request_id: str) -> None:
+        """Abort a request between steps (a no-op for one that has ended or was never accepted)."""
         self._commands.put(("abort", request_id))
         self._wake.set()
 
@@ -99,8 +105,9 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - handed back to the caller
                 accepted.set_exception(e)
                 return
-            self._streams[rid] = _Stream(loop, out, self.engine.requests[rid], set(range(params.n)))
-            accepted.set_result(None)
+            request = self.engine.requests[rid]
+            self._streams[rid] = _Stream(loop, out, request, set(range(params.n)))
+            accepted.set_result(request)
         elif command[0] == "abort":
             rid = command[1]
             if rid in self._streams:
@@ -153,14 +160,14 @@ class AsyncEngine:
                         self.engine.abort_request(rid)
                     if self.engine.has_unfinished_requests():
                         self._deliver(self.engine.step())
-                    self._fail_all(EngineDeadError("the server is shutting down"))
+                    self._fail_all(EngineUnavailableError("the server is shutting down"))
                     return
                 if self.engine.has_unfinished_requests():
                     try:
                         deltas = self.engine.step()
                     except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
                         log.exception("an engine step failed; aborting the requests in flight")
-                        self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
+                        self._fail_all(EngineUnavailableError(f"the engine step failed: {e}"))
                         self._drain_aborts()
                         continue
                     self._deliver(deltas)
@@ -170,4 +177,4 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - a broken engine must not hang its clients
             log.exception("the engine loop failed")
             self.dead = e
-            self._fail_all(EngineDeadError(f"the engine failed: {e}"))
+            self._fail_all(EngineUnavailableError(f"the engine failed: {e}"))

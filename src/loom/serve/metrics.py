@@ -12,6 +12,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4
 
 
 class Metrics:
+    """The server's Prometheus registry: request counters and latency histograms fed as requests finish,
+    engine gauges (queues, KV blocks, prefix cache, speculation) read when scraped."""
+
     def __init__(self, engine: LLMEngine, model_name: str) -> None:
         self.engine = engine
         self.registry = r = CollectorRegistry()
@@ -67,6 +70,7 @@ class Metrics:
             self.e2e.labels(label).observe(m.finished - m.arrival)
 
     def render(self) -> bytes:
+        """Refresh the engine gauges from ``engine.stats()`` and return the text exposition."""
         s = self.engine.stats()
         label = self.model
         self.running.labels(label).set(s.num_running)

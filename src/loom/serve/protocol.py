@@ -11,22 +11,13 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loom.errors import InvalidRequestError
 from loom.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
-class APIError(Exception):
-    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
@@ -79,26 +70,28 @@ class SamplingFields(BaseModel):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
+        """The engine's SamplingParams for these fields (unset temperature / top_p: 1.0). Raises
+        InvalidRequestError for a logit_bias token outside ``[0, vocab_size)`` or a combination
+        SamplingParams refuses."""
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         if vocab_size is not None:
             bad = [t for t in bias if not 0 <= t < vocab_size]
             if bad:
-                raise APIError(400, f"logit_bias token {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                               param="logit_bias")
-        try:
-            return SamplingParams(
-                n=self.n, max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed,
-                stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+                raise InvalidRequestError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                                          param="logit_bias")
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed,
+            stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
 
 
 class CompletionRequest(SamplingFields):
+    """The body of ``POST /v1/completions``."""
+
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -119,6 +112,7 @@ class CompletionRequest(SamplingFields):
         return self
 
     def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompts, each a string or a list of token ids."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
@@ -128,18 +122,23 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    """A text part of a message's content."""
+
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """One chat message; its content is a string or a list of text parts."""
+
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
 
     def text(self) -> str:
+        """The content as one string (parts joined; none: empty)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -148,11 +147,15 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """``response_format``: only plain text is supported."""
+
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
 
 
 class ChatCompletionRequest(SamplingFields):
+    """The body of ``POST /v1/chat/completions``."""
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -173,6 +176,7 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
     def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them ("developer" becomes "system")."""
         out = []
         for m in self.messages:
             role = "system" if m.role == "developer" else m.role
@@ -181,10 +185,13 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def max_new_tokens(self) -> int | None:
+        """``max_completion_tokens``, else ``max_tokens`` (None: up to the context)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class TokenizeRequest(BaseModel):
+    """The body of ``POST /tokenize``: a prompt or chat messages."""
+
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     prompt: Optional[str] = None
@@ -200,6 +207,8 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
+    """The body of ``POST /detokenize``."""
+
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     tokens: list[int]

@@ -26,5 +26,6 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_timeout: float = 30.0) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT / SIGTERM, then shut down gracefully."""
     GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=graceful_timeout)).run()

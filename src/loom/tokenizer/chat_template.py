@@ -15,9 +15,14 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from loom.errors import InvalidRequestError
 
-class ChatTemplateError(ValueError):
-    pass
+
+class ChatTemplateError(InvalidRequestError):
+    """The messages cannot be rendered (bad messages, or the template refused them): a bad request
+    (a ValueError), whose field at fault is "messages"."""
+
+    param = "messages"
 
 
 def _raise(message: str) -> None:

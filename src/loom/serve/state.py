@@ -1,0 +1,59 @@
+"""What a server holds (``app.state.loom``): the engine and its thread, the tokenizer, the served name, the
+API key, the body limit and the metrics; and the checks every route makes against them."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Optional
+
+from fastapi import Request
+
+from loom.engine.engine import LLMEngine
+from loom.errors import AuthenticationError, ModelNotFoundError
+from loom.serve.async_engine import AsyncEngine
+from loom.serve.metrics import Metrics
+from loom.tokenizer import Tokenizer
+
+
+class ServerState:
+    """One served model: ``engine`` runs in ``async_engine``'s thread; ``metrics`` counts its requests."""
+
+    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None,
+                 max_request_bytes: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_request_bytes = max_request_bytes
+        self.metrics = Metrics(engine, model_name)
+        self.async_engine = AsyncEngine(engine, on_finished=self.metrics.request_finished)
+        self.created = int(time.time())
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may use are in ``[0, vocab_size)``."""
+        return self.engine.model.config.vocab_size
+
+    def check_api_key(self, authorization: str) -> None:
+        """Raise AuthenticationError unless no key is set or ``authorization`` is ``Bearer <the key>``."""
+        if self.api_key is None:
+            return
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+            raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    def check_model(self, name: Optional[str]) -> None:
+        """Raise ModelNotFoundError when a request names a model other than the one served (None: any)."""
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(f"the model {name!r} does not exist (this server serves {self.model_name!r})")
+
+
+def server_state(request: Request) -> ServerState:
+    """The state of the app serving ``request`` (a FastAPI dependency)."""
+    return request.app.state.loom
+
+
+def authorize(request: Request) -> None:
+    """A FastAPI dependency: refuse the request (401) unless it carries the server's API key."""
+    server_state(request).check_api_key(request.headers.get("authorization", ""))
