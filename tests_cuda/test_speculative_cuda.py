@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loom.config import CacheConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, SpeculativeConfig
 from loom.engine.engine import LLMEngine
 from loom.sampling_params import SamplingParams
 
@@ -13,7 +13,7 @@ PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] * 2 for i in range(
 
 
 def _run(llm, spec, params):
-    engine = LLMEngine(llm.model, llm.tokenizer, CacheConfig(memory_bytes=1 << 30), speculative=spec)
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(cache=CacheConfig(memory_bytes=1 << 30), speculative=spec))
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, params)
     outs = {str(i): [] for i in range(len(PROMPTS))}

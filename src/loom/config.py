@@ -1,9 +1,12 @@
-"""Model configuration: every architecture knob a decoder-only Transformer needs.
+"""Configuration: the model's architecture and the engine's every setting.
 
-One dataclass describes Llama, Mistral, Qwen2 and the textbook variants the seeds discuss
+``ModelConfig`` describes Llama, Mistral, Qwen2 and the textbook variants the seeds discuss
 (post-norm, LayerNorm, GELU/ReLU MLPs, ALiBi, sinusoidal or learned positions). Loaders turn
 GGUF metadata or a Hugging Face ``config.json`` into a ``ModelConfig``; the model is assembled
 from it and nothing else.
+
+``EngineConfig`` (at the end) holds how a model is loaded and served: weights, device, decode step,
+and the cache, scheduler, speculative decoding and KV policy configs, each a frozen dataclass.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Union
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
@@ -290,7 +293,7 @@ def parse_bytes(text: str | int) -> int:
     return int(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: blocks of ``block_size`` tokens, as many as the memory budget allows.
 
@@ -316,7 +319,7 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching (Orca): what one engine step may hold.
 
@@ -409,7 +412,7 @@ class KVPolicyConfig:
 SPECULATIVE_METHODS = ("ngram", "draft", "window")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (Leviathan et al. 2211.17192; Chen et al. 2302.01318): a proposer drafts up
     to ``num_tokens`` tokens for each decoding sequence, the target scores all of them in one forward,
@@ -446,3 +449,65 @@ class SpeculativeConfig:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.window < 1 or self.sink_tokens < 0:
             raise ValueError("window must be positive and sink_tokens non-negative")
+
+
+DECODE_STEPS = ("auto", "native", "scripted", "cuda_graph", "module")  # see engine/step/__init__.py
+WEIGHTS = ("native", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that decides how loom loads a model and serves it: ``LLM(config=...)`` (or its keyword
+    options, which are these fields) and ``LLMEngine(model, tokenizer, config)`` take one, validated here
+    and never changed afterwards (the engine derives what it needs with ``dataclasses.replace``).
+
+    model:            a .gguf file or a Hugging Face folder; None: the default model (SmolLM2-135M-Instruct)
+    weights:          "native" (quantized files run quantized), "fp32" or "bf16" (everything dense);
+                      None: native, or dense in ``dtype`` when only a dtype is given
+    dtype:            the dense dtype (default: the device's, fp32 on the CPU and bf16 on CUDA)
+    device:           "cpu" (default) or "cuda"
+    attention_kernel: prefill attention: "sdpa", "flash", "split_kv" or "naive" (layers/kernels.py)
+    num_threads:      torch threads (default: all cores)
+    rope_scaling:     a RopeScaling replacing the file's, "none" switching it off, None as the file says
+    decode_step:      "auto" (the fastest steps that take the model) or one of DECODE_STEPS
+    cache, scheduler: the paged KV cache and continuous batching
+    speculative:      speculative decoding, or None
+    kv_policy:        bounded KV memory for every request that sets none of its own, or None
+    """
+
+    model: str | None = None
+    weights: str | None = None
+    dtype: Any = None  # str or torch.dtype
+    device: Any = None  # str or torch.device
+    attention_kernel: str = "sdpa"
+    num_threads: int | None = None
+    rope_scaling: RopeScalingOverride = None
+    decode_step: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
+    kv_policy: KVPolicyConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {self.decode_step!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        for name, kind in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise TypeError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
+        if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
+            raise TypeError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+
+    @classmethod
+    def of(cls, config: EngineConfig | None = None, **options: Any) -> EngineConfig:
+        """``config`` (or the defaults) with ``options`` (field names) replaced; unknown names raise TypeError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(names))}")
+        return replace(config, **options) if config is not None else cls(**options)

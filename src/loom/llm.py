@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from loom.config import CacheConfig, KVPolicyConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig
+from loom.config import EngineConfig
 from loom.default_model import default_model_path
 from loom.engine.collector import RequestCollector, timings_of
 from loom.engine.engine import LLMEngine
@@ -41,30 +41,32 @@ class LLM:
     >>> out[0].text, out[0].finish_reason
     """
 
-    def __init__(self, model: str | None = None, *, weights: str | None = None, dtype: str | torch.dtype | None = None,
-                 attention_kernel: str = "sdpa", num_threads: int | None = None, decode_step: str = "auto",
-                 cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 speculative: SpeculativeConfig | None = None, device: str | torch.device | None = None,
-                 kv_policy: KVPolicyConfig | None = None, rope_scaling: RopeScalingOverride = None) -> None:
-        """``device``: "cpu" (default) or "cuda"; on CUDA the dense dtype defaults to bf16 and the KV cache
-        budget is a fraction of the GPU's free memory. ``kv_policy``: bounded KV memory per sequence
-        (window, StreamingLLM or H2O eviction) for every request that does not set its own.
-        ``rope_scaling``: a RopeScaling overrides the file's RoPE scaling (the context, and so the
-        engine's max_model_len, grows with its factor), "none" switches it off (see ``load_model``)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.model_path = model or default_model_path()
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any) -> None:
+        """``model``: a .gguf file or a HF folder (default: SmolLM2-135M-Instruct). ``config``: an
+        EngineConfig; ``options`` are its fields (weights, dtype, device, decode_step, cache, scheduler,
+        speculative, kv_policy, rope_scaling, ...) and replace the config's. On CUDA the dense dtype
+        defaults to bf16 and the KV cache budget is a fraction of the GPU's free memory."""
+        if model is not None:
+            options["model"] = model
+        self.engine_config = config = EngineConfig.of(config, **options)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_path = config.model or default_model_path()
         t0 = time.perf_counter()
         # default: native (quantized files run quantized), in the device's default dtype
-        weights, dtype = choose_weights(weights, dtype, device)
-        loaded = load_model(self.model_path, dtype=dtype, kernel=attention_kernel, weights=weights, device=device,
-                            rope_scaling=rope_scaling)
+        weights, dtype = choose_weights(config.weights, config.dtype, config.device)
+        loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
+                            device=config.device, rope_scaling=config.rope_scaling)
         self.device = loaded.model.device
         self.model = loaded.model
-        self.config = loaded.config
+        self.config = loaded.config  # the model's architecture (ModelConfig)
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
-        self.engine = LLMEngine(self.model, self.tokenizer, cache or CacheConfig(), scheduler or SchedulerConfig(),
-                                decode_step=decode_step, speculative=speculative, kv_policy=kv_policy)
+        calibration = None
+        if config.cache.kv_dtype == "int8":
+            from loom.eval.corpora import kv_calibration_ids
+
+            calibration = kv_calibration_ids(self.tokenizer)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration)
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
         self._buffers: dict[str, deque[StreamDelta]] = {}

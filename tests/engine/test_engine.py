@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from loom.config import CacheConfig, ModelConfig, SchedulerConfig
+from loom.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from loom.engine.engine import LLMEngine, QueueFullError
+from loom.eval.corpora import kv_calibration_ids
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import tokenizer_from_gguf_metadata
@@ -31,8 +32,9 @@ def tiny():
 def make_engine(tiny, num_blocks=200, block_size=4, **sched) -> LLMEngine:
     model, tok = tiny
     prefix = sched.pop("prefix", True)
-    return LLMEngine(model, tok, CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
-                     SchedulerConfig(**sched))
+    return LLMEngine(model, tok, EngineConfig(
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
+        scheduler=SchedulerConfig(**sched)))
 
 
 def run_all(engine: LLMEngine, prompts, params, check=False) -> dict[str, dict[int, list[int]]]:
@@ -225,10 +227,10 @@ def test_real_model_32_prompts_together_equal_alone(smollm):
                 dict(num_blocks=40, max_num_batched_tokens=128)]
     for setup in settings:
         setup = dict(setup)
-        engine = LLMEngine(smollm.model, smollm.tokenizer,
-                           CacheConfig(block_size=16, num_blocks=setup.pop("num_blocks", 400),
-                                       enable_prefix_caching=setup.pop("prefix", True)),
-                           SchedulerConfig(**setup))
+        engine = LLMEngine(smollm.model, smollm.tokenizer, EngineConfig(
+            cache=CacheConfig(block_size=16, num_blocks=setup.pop("num_blocks", 400),
+                              enable_prefix_caching=setup.pop("prefix", True)),
+            scheduler=SchedulerConfig(**setup)))
         outs = run_all(engine, [smollm.encode(p) for p in prompts], [params] * 32, check=True)
         assert [outs[str(i)][0] for i in range(32)] == alone, setup
         if engine.cache_config.num_blocks == 40:
@@ -287,9 +289,25 @@ def test_int8_kv_cache_serves_batches_without_leaks(tiny):
               for i in range(len(prompts))]
     outs = {}
     for kind in ("auto", "int8"):
-        engine = LLMEngine(model, tok, CacheConfig(block_size=4, num_blocks=40, kv_dtype=kind), SchedulerConfig())
+        engine = LLMEngine(model, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=40, kv_dtype=kind)),
+                           kv_calibration_ids=kv_calibration_ids(tok))
         assert engine.kv_cache.quantized == (kind == "int8")
         outs[kind] = run_all(engine, prompts, params, check=True)
         assert engine.block_manager.num_used_blocks == 0
         assert all(len(toks) == 10 for out in outs[kind].values() for toks in out.values())
         assert sum(len(out) for out in outs[kind].values()) == sum(p.n for p in params)
+
+
+def test_the_engine_never_changes_its_config(tiny):
+    model, tok = tiny
+    config = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=64),
+                          scheduler=SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=16))
+    engine = LLMEngine(model, tok, config)
+    assert config.scheduler.max_num_batched_tokens == 16  # what the user gave
+    assert engine.config.scheduler.max_num_batched_tokens == engine.max_model_len  # what the engine derived
+
+
+def test_an_int8_cache_needs_calibration_tokens(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="kv_calibration_ids"):
+        LLMEngine(model, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=40, kv_dtype="int8")))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.config import CacheConfig, KVPolicyConfig, ModelConfig, SchedulerConfig
+from loom.config import CacheConfig, EngineConfig, KVPolicyConfig, ModelConfig, SchedulerConfig
 from loom.engine.engine import LLMEngine
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
@@ -32,10 +32,10 @@ op = st.one_of(
        budget=st.sampled_from([4, 16, 512]), chunked=st.booleans(), prefix=st.booleans(),
        max_seqs=st.sampled_from([2, 8, 64]))
 def test_random_interleavings_keep_accounting_exact(ops, num_blocks, block_size, budget, chunked, prefix, max_seqs):
-    engine = LLMEngine(MODEL, TOKENIZER, CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                                                     enable_prefix_caching=prefix),
-                       SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                       enable_chunked_prefill=chunked))
+    engine = LLMEngine(MODEL, TOKENIZER, EngineConfig(
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                  enable_chunked_prefill=chunked)))
     bm = engine.block_manager
     added = 0
 

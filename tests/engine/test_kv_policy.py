@@ -14,9 +14,10 @@ import random
 import pytest
 import torch
 
-from loom.config import CacheConfig, KVPolicyConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, KVPolicyConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from loom.engine.engine import LLMEngine
 from loom.engine.kv_policy import EvictingKV
+from loom.eval.corpora import kv_calibration_ids
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import tokenizer_from_gguf_metadata
@@ -36,8 +37,8 @@ def tiny():
 
 def make_engine(tiny, policy: KVPolicyConfig | None, num_blocks: int = 200, **sched) -> LLMEngine:
     model, tok = tiny
-    return LLMEngine(model, tok, CacheConfig(block_size=4, num_blocks=num_blocks), SchedulerConfig(**sched),
-                     kv_policy=policy)
+    return LLMEngine(model, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+                                              scheduler=SchedulerConfig(**sched), kv_policy=policy))
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -301,14 +302,17 @@ def test_bad_policies_are_refused(tiny):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         make_engine(tiny, KVPolicyConfig("window", budget=16, prefill_chunk=64), max_num_batched_tokens=32)
     with pytest.raises(ValueError, match="int8"):
-        LLMEngine(model, tok, CacheConfig(block_size=4, num_blocks=200, kv_dtype="int8"),
-                  kv_policy=KVPolicyConfig("window", budget=16))
+        LLMEngine(model, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=200, kv_dtype="int8"),
+                                           kv_policy=KVPolicyConfig("window", budget=16)),
+                  kv_calibration_ids=kv_calibration_ids(tok))
     with pytest.raises(ValueError, match="speculative"):
-        LLMEngine(model, tok, CacheConfig(block_size=4, num_blocks=200), speculative=SpeculativeConfig("ngram"),
-                  kv_policy=KVPolicyConfig("window", budget=16))
+        LLMEngine(model, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=200),
+                                           speculative=SpeculativeConfig("ngram"),
+                                           kv_policy=KVPolicyConfig("window", budget=16)))
     alibi = Transformer(ModelConfig(**{**CFG, "position": "alibi"})).init_random(0)
     with pytest.raises(ValueError, match="RoPE"):
-        LLMEngine(alibi, tok, CacheConfig(block_size=4, num_blocks=200), kv_policy=KVPolicyConfig("window", budget=16))
+        LLMEngine(alibi, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=200),
+                                           kv_policy=KVPolicyConfig("window", budget=16)))
     engine = make_engine(tiny, None)
     with pytest.raises(ValueError, match="context"):  # a per-request policy is checked too, and nothing is queued
         engine.add_request("a", [5, 6], SamplingParams(kv_policy=KVPolicyConfig("h2o", budget=480, prefill_chunk=64)))

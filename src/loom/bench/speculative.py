@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from loom.bench.text import PASSAGE
-from loom.config import CacheConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, SpeculativeConfig
 from loom.engine.engine import LLMEngine
 from loom.engine.speculative import SpeculativeStats
 from loom.llm import LLM
@@ -82,11 +82,11 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
         raise ValueError("--gen-len must be at least 2 and --repeats at least 1")
     llm = LLM(model, weights=weights, dtype=dtype, rope_scaling=rope_scaling)
     cache = CacheConfig(memory_bytes=512 << 20)
-    engines = {"plain": LLMEngine(llm.model, llm.tokenizer, cache)}
+    engines = {"plain": LLMEngine(llm.model, llm.tokenizer, EngineConfig(cache=cache))}
     configs = {m: speculative_config(m, num_tokens, llm.model_path, draft_model, draft_weights, window, sink_tokens)
                for m in methods}
     for m, cfg in configs.items():
-        engines[m] = LLMEngine(llm.model, llm.tokenizer, cache, speculative=cfg)
+        engines[m] = LLMEngine(llm.model, llm.tokenizer, EngineConfig(cache=cache, speculative=cfg))
     params = SamplingParams(temperature=temperature, max_tokens=gen_len, min_tokens=gen_len, seed=0)
     results: dict[str, Any] = {}
     for name in prompts:

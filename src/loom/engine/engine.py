@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence as Seq
 
 import torch
 
-from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, KVPolicyConfig, SchedulerConfig
 from loom.engine.block_manager import BlockManager
 from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
@@ -57,31 +57,37 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: CacheConfig | None = None,
-                 scheduler: SchedulerConfig | None = None, decode_step: str = "auto",
-                 speculative: SpeculativeConfig | None = None, kv_policy: KVPolicyConfig | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 kv_calibration_ids: Seq[int] | None = None) -> None:
+        """``config``: the cache, scheduler, decode step, speculative decoding and KV policy (its loading
+        fields say how ``model`` was loaded; the engine does not read them). ``kv_calibration_ids``:
+        tokens whose keys fix an int8 KV cache's per-channel key scales (needed with
+        ``kv_dtype="int8"``; ``LLM`` passes the start of the calibration corpus)."""
+        config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
-        self.cache_config = cache or CacheConfig()
-        self.scheduler_config = scheduler or SchedulerConfig()
-        self.kv_cache = KVCache.from_config(model.config, self.cache_config, model.dtype, model.device)
+        self.kv_cache = KVCache.from_config(model.config, config.cache, model.dtype, model.device)
         if self.kv_cache.quantized:
-            self.kv_cache.calibrate_key_scales(model, kv_calibration_ids(tokenizer))
-        bs = self.cache_config.block_size
-        self.block_manager = BlockManager(self.kv_cache.num_blocks, bs, self.cache_config.enable_prefix_caching)
-        self.max_model_len = min(self.scheduler_config.max_model_len or model.config.max_position_embeddings,
+            if not kv_calibration_ids:
+                raise ValueError("an int8 KV cache needs kv_calibration_ids: tokens whose keys fix its key scales")
+            self.kv_cache.calibrate_key_scales(model, list(kv_calibration_ids))
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.max_model_len = min(config.scheduler.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings, self.kv_cache.num_tokens)
-        if not self.scheduler_config.enable_chunked_prefill:
+        if not config.scheduler.enable_chunked_prefill:
             # Without chunking a whole prompt (or a preempted sequence's whole history) must fit one step.
-            self.scheduler_config.max_num_batched_tokens = max(self.scheduler_config.max_num_batched_tokens,
-                                                               self.max_model_len)
-        self.runner = ModelRunner(model, self.kv_cache, decode_step, max_batch=self.scheduler_config.max_num_seqs)
+            config = replace(config, scheduler=replace(config.scheduler, max_num_batched_tokens=max(
+                config.scheduler.max_num_batched_tokens, self.max_model_len)))
+        self.config = config
+        self.runner = ModelRunner(model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
-        self.speculator = None if speculative is None else Speculator(
-            speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, decode_step)
+        self.speculator = None if config.speculative is None else Speculator(
+            config.speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, config.decode_step)
         draft_tokens = None if self.speculator is None else (
             lambda seq: self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, draft_tokens)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, draft_tokens)
+        kv_policy = config.kv_policy
         self.kv_policy = kv_policy if kv_policy is not None and kv_policy.bounded else None
         if self.kv_policy is not None:
             self.check_kv_policy(self.kv_policy)
@@ -93,6 +99,14 @@ class LLMEngine:
         self.prompt_tokens_cached = 0
         self.generation_tokens = 0
         self.steps = 0
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.config.cache
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return self.config.scheduler
 
     def describe(self) -> str:
         kv = self.kv_cache
@@ -381,15 +395,3 @@ class LLMEngine:
 
     def live_sequences(self) -> list[Sequence]:
         return [s for r in self.requests.values() for s in r.seqs if not s.is_finished]
-
-
-KV_CALIBRATION_TOKENS = 1024
-
-
-def kv_calibration_ids(tokenizer: Tokenizer) -> list[int]:
-    """Tokens whose keys fix an int8 KV cache's per-channel key scales: the start of the calibration
-    corpus (never the evaluation text)."""
-    from loom.eval.corpora import CALIBRATION_CORPUS, corpus_path, read_corpus
-
-    text = read_corpus(corpus_path(CALIBRATION_CORPUS))
-    return tokenizer.encode(text[: 8 * KV_CALIBRATION_TOKENS])[:KV_CALIBRATION_TOKENS]

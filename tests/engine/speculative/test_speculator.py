@@ -13,11 +13,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from loom.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from loom.engine.engine import LLMEngine
 from loom.engine.sampler import sampling_distribution
 from loom.engine.speculative.draft import DraftModelProposer
 from loom.engine.speculative.window import WindowProposer
+from loom.eval.corpora import kv_calibration_ids
 from loom.layers.attention import AttentionMetadata
 from loom.models.transformer import Transformer
 from loom.sampling_params import SamplingParams
@@ -55,8 +56,9 @@ def make_engine(models, method: str | None, num_blocks: int = 400, prefix: bool 
                 **sched) -> LLMEngine:
     target, near, tok = models
     spec = None if method is None else spec_config(method, near, k)
-    return LLMEngine(target, tok, CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=prefix),
-                     SchedulerConfig(**sched), speculative=spec)
+    return LLMEngine(target, tok, EngineConfig(
+        cache=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=prefix),
+        scheduler=SchedulerConfig(**sched), speculative=spec))
 
 
 def check_draft_cache(engine: LLMEngine) -> None:
@@ -137,8 +139,8 @@ def test_greedy_alone_equals_plain(models, plain_outputs, method):
 
 def test_a_draft_equal_to_the_target_is_always_accepted(models):
     target, _, tok = models
-    engine = LLMEngine(target, tok, CacheConfig(block_size=4, num_blocks=200),
-                       speculative=SpeculativeConfig("draft", 3, draft_model=target))
+    engine = LLMEngine(target, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=200),
+                                                 speculative=SpeculativeConfig("draft", 3, draft_model=target)))
     run_all(engine, [[5, 6, 7], [9, 10]], [SamplingParams(temperature=0, max_tokens=21, ignore_eos=True)] * 2)
     s = engine.stats().speculative
     assert s.acceptance_rate == 1.0 and s.rejections == 0
@@ -249,11 +251,12 @@ def test_configuration_errors(models):
         SpeculativeConfig("ngram", 0)
     other = Transformer(ModelConfig(**{**CFG, "vocab_size": 300})).init_random(0)
     with pytest.raises(ValueError, match="vocabulary"):
-        LLMEngine(target, tok, CacheConfig(block_size=4, num_blocks=50),
-                  speculative=SpeculativeConfig("draft", draft_model=other))
+        LLMEngine(target, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=50),
+                                            speculative=SpeculativeConfig("draft", draft_model=other)))
     alibi = Transformer(ModelConfig(**CFG, position="alibi")).init_random(0)
     with pytest.raises(ValueError, match="RoPE"):
-        LLMEngine(alibi, tok, CacheConfig(block_size=4, num_blocks=50), speculative=SpeculativeConfig("window"))
+        LLMEngine(alibi, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=50),
+                                           speculative=SpeculativeConfig("window")))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -312,8 +315,8 @@ def test_int8_kv_cache_speculates_losslessly(models, method):
     prompts, params = workload(12, seed=7)
     outs = {}
     for spec in (None, spec_config(method, near)):
-        engine = LLMEngine(target, tok, CacheConfig(block_size=4, num_blocks=200, kv_dtype="int8"),
-                           speculative=spec)
+        engine = LLMEngine(target, tok, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=200, kv_dtype="int8"),
+                                                     speculative=spec), kv_calibration_ids=kv_calibration_ids(tok))
         outs[spec is None] = run_all(engine, prompts, params)
         assert engine.block_manager.num_used_blocks == 0
     assert outs[False] == outs[True]

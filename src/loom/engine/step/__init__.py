@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from loom.config import DECODE_STEPS
 from loom.engine.step.base import DecodeBatch, DecodeStep, pad_tables
 from loom.engine.step.module import ModuleStep
 from loom.engine.step.native import NativeStep, native_problem
@@ -23,7 +24,6 @@ from loom.engine.step.scripted import ScriptedStep
 from loom.engine.step.weights import DecoderWeights, llama_shaped
 from loom.models.transformer import KVCaches, Transformer
 
-DECODE_STEPS = ("auto", "native", "scripted", "cuda_graph", "module")
 
 __all__ = ["DECODE_STEPS", "DecodeBatch", "DecodeStep", "DecoderWeights", "ModuleStep", "NativeStep", "ScriptedStep",
            "build_decode_steps", "llama_shaped", "pad_tables"]
