@@ -14,9 +14,7 @@ from typing import Sequence
 
 import torch
 
-
-def cache_dir() -> str:
-    return os.environ.get("LOOM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "loom"))
+from loom.cache import cache_dir
 
 
 def hf_reference_copy(gguf_path: str, folder: str | None = None) -> str:

@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from loom.cache import cache_dir
+
 log = logging.getLogger(__name__)
 SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "decode_step.cpp"]
 HEADERS = ["kernels.h"]  # included by the sources: part of the build's identity
@@ -30,8 +32,6 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-f
 
 
 def _build_dir(tag: str) -> str:
-    from loom.bench.peers import cache_dir
-
     path = os.path.join(cache_dir(), "native", tag)
     os.makedirs(path, exist_ok=True)
     return path
