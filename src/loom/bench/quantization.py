@@ -19,8 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from loom.analysis.traffic import weight_bytes_per_token
-from loom.bench.latency import loom_runner
-from loom.bench.text import benchmark_prompt_ids
+from loom.analysis.runs import benchmark_prompt_ids, loom_runner
 from loom.cache import cache_dir
 from loom.compress.calibration import CalibrationConfig, calibration_samples
 from loom.compress.quantize.gptq import GPTQConfig
