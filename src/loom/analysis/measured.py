@@ -1,7 +1,8 @@
 """loom's own runs on the roofline: achieved FLOP/s and bytes/s of prefill and decode.
 
-Times come from ``loom bench latency``'s runner (``measure_loom``, or a saved ``loom bench latency
---json``); the work done comes from the analytic counts of ``roofline.forward_ops``:
+Times come from ``loom bench latency``'s runner (``loom.analysis.runs.loom_runner``, via
+``measure_loom``, or a saved ``loom bench latency --json``); the work done comes from the analytic
+counts of ``roofline.forward_ops``:
 
     achieved FLOP/s = analytic FLOPs / measured seconds,   achieved bytes/s = analytic bytes / seconds.
 
@@ -87,19 +88,18 @@ def measure_loom(model: str | None = None, prompt_len: int = 128, gen_len: int =
                  dtype: str = "float32") -> dict[str, Any]:
     """Time loom's prefill and decode with bench latency's own runner; returns bench latency's JSON shape.
 
-    The runs are ``loom.bench.latency.loom_runner``'s (greedy, exactly ``gen_len`` tokens, best of
-    ``repeats`` after a warm-up) on an engine with prefix caching off. ``loom bench latency`` keeps it
-    on, so its repeats 2.. find the prompt's blocks cached and its best prefill time is only partly
-    a prefill; a roofline point needs the whole prefill.
+    The runs are ``loom.analysis.runs.loom_runner``'s, as bench latency's (greedy, exactly ``gen_len``
+    tokens, best of ``repeats`` after a warm-up), on an engine with prefix caching off. ``loom bench
+    latency`` keeps it on, so its repeats 2.. find the prompt's blocks cached and its best prefill time
+    is only partly a prefill; a roofline point needs the whole prefill.
     """
     import platform
     import time
 
     import torch
 
+    from loom.analysis.runs import benchmark_prompt_ids, loom_runner
     from loom.analysis.traffic import decode_bytes_per_token
-    from loom.bench.latency import loom_runner
-    from loom.bench.text import benchmark_prompt_ids
     from loom.config import CacheConfig
     from loom.llm import LLM
 

@@ -15,29 +15,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from loom.analysis.hardware import measure_device_bandwidth, measure_memory_bandwidth
+from loom.analysis.runs import LatencySample, benchmark_prompt_ids, loom_runner
 from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per_token
-from loom.bench.peers import LatencySample
-from loom.bench.text import benchmark_prompt_ids
 from loom.llm import LLM
-from loom.outputs import Timings
-from loom.sampling_params import SamplingParams
 
 # eager: loom itself with the module step (no compiled decode step); scripted: loom with the TorchScript
 # step instead of the native one (where the native step takes the model). See engine/step/.
 PEERS = ("hf", "llamacpp", "eager", "scripted")
-
-
-def loom_runner(llm: LLM, step: str | None = None) -> Callable[[list[int], int], LatencySample]:
-    """Runs of loom's engine, decoding through decode step ``step`` (None: the engine's own choice)."""
-    def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
-        llm.engine.runner.prefer(step)
-        llm.engine.block_manager.reset_prefix_cache()  # each run prefills its whole prompt (no cache hits)
-        t = Timings()
-        # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
-        for _ in llm.stream(prompt_ids, SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0), t):
-            pass
-        return LatencySample(t.prefill, t.decode_tokens_per_s)
-    return run
 
 
 def _weights_label(llm: LLM) -> str:

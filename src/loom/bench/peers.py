@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-
-def cache_dir() -> str:
-    return os.environ.get("LOOM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "loom"))
+from loom.analysis.runs import LatencySample
+from loom.cache import cache_dir
 
 
 def hf_reference_copy(gguf_path: str, folder: str | None = None) -> str:
@@ -45,12 +43,6 @@ def hf_reference_copy(gguf_path: str, folder: str | None = None) -> str:
     AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(folder)
     open(done, "w").close()
     return folder
-
-
-@dataclass
-class LatencySample:
-    prefill_s: float
-    decode_tokens_per_s: float
 
 
 class HFGenerate:

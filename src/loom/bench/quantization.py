@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from loom.analysis.traffic import weight_bytes_per_token
-from loom.bench.latency import loom_runner
-from loom.bench.text import benchmark_prompt_ids
+from loom.analysis.runs import benchmark_prompt_ids, loom_runner
+from loom.cache import cache_dir
 from loom.compress.calibration import CalibrationConfig, calibration_samples
 from loom.compress.quantize.gptq import GPTQConfig
 from loom.compress.quantize.methods import QuantizeRecipe, quantize
@@ -51,7 +51,7 @@ class CompressionInputs:
     def prepare(cls, model: str | None, corpus: str, calib: str, samples: int, seq_len: int,
                 out_dir: str | None, subdir: str) -> CompressionInputs:
         path = model or default_model_path()
-        out_dir = out_dir or os.path.join(os.path.expanduser(os.environ.get("LOOM_CACHE", "~/.cache/loom")), subdir)
+        out_dir = out_dir or os.path.join(cache_dir(), subdir)
         base = LLM(path, weights="fp32")
         eval_path, calib_path = corpus_path(corpus), corpus_path(calib)
         eval_ids = base.tokenizer.encode(read_corpus(eval_path))
