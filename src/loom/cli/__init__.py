@@ -1,10 +1,10 @@
 """The `loom` command: `main` parses the command line and runs one command.
 
 Each command is a module of this package with ``register(subparsers)``, which adds its parser, and
-``run(args)``, which runs it: generate, chat and serve run a model; info describes one; bench, eval
-and analyze measure (each with subcommands); quantize and prune write compressed checkpoints. The
-option groups several commands share, and the one mapping from options to the LLM, are in
-``loom.cli.options``.
+``run(args)``, which runs it: generate, chat and serve run a model; info describes one; bench and
+eval measure, analyze calculates (each with subcommands); quantize and prune write compressed
+checkpoints. The option groups several commands share, and the one mapping from options to the LLM,
+are in ``loom.cli.options``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`loom analyze ...`: the lab's calculators, printed as tables or JSON (--json): per-operator roofline
 and arithmetic intensity, memory needs of inference and training, the speed limit of offloading, the
 speedup of speculative decoding, this machine's measured roofs, a roofline plot, and SpAtten prompt
-pruning. The models behind them live in loom.analysis."""
+pruning. The calculations live in loom.analysis."""
 
 from __future__ import annotations
 
