@@ -1,4 +1,4 @@
-"""Fixtures shared by the compression tests (quantize and prune CLIs)."""
+"""Fixtures shared by the CLI tests: a tiny random Llama GGUF (quantize and prune write checkpoints of it)."""
 
 from __future__ import annotations
 

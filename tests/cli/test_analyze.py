@@ -7,13 +7,11 @@ import os
 
 import pytest
 
-from loom.cli import main
+from tests.cli.helpers import run as run_loom
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(["analyze", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_loom(capsys, "analyze", *argv)
 
 
 def test_roofline_json_and_table(capsys):

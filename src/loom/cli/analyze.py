@@ -1,4 +1,7 @@
-"""`loom analyze`: roofline, intensity, memory, offload, speculative, probe, plot."""
+"""`loom analyze ...`: the lab's calculators, printed as tables or JSON (--json): per-operator roofline
+and arithmetic intensity, memory needs of inference and training, the speed limit of offloading, the
+speedup of speculative decoding, this machine's measured roofs, a roofline plot, and SpAtten prompt
+pruning. The calculations live in loom.analysis."""
 
 from __future__ import annotations
 
@@ -10,10 +13,15 @@ from typing import Any
 from loom.analysis.presets import (HARDWARE, MODELS, THIS_MACHINE, DTYPE_BYTES, Hardware, Precision,
                                    custom_hardware, get_hardware, resolve_model)
 from loom.analysis.report import binary, seconds, si, table
+from loom.cli.options import WEIGHTS, use_threads
+from loom.cli.output import print_json
+from loom.cli.subcommands import Subcommand, register_subcommands
+
+_MODELS = ", ".join(MODELS)
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    print_json(obj, default=str)  # anything a report holds that JSON cannot, as text
 
 
 def _parse_bytes(text: str) -> float:
@@ -69,7 +77,16 @@ def _precision(args: argparse.Namespace, this_machine: bool) -> Precision:
     return Precision.of(dtype, args.weight_dtype, args.kv_dtype)
 
 
-def cmd_roofline(args: argparse.Namespace) -> int:
+def _roofline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"a preset ({_MODELS}) or a .gguf / HF folder (default: smollm2-135m)")
+    p.add_argument("--phase", default="decode", choices=["prefill", "decode"])
+    p.add_argument("--n", type=int, default=1, help="new tokens: prefill length, or decode sequences (one token each)")
+    p.add_argument("--l", type=int, default=None, help="keys attended (context); default n for prefill, 1 for decode")
+    _add_hardware_args(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _roofline(args: argparse.Namespace) -> int:
     from loom.analysis.roofline import GROUPS, analyze
 
     config = resolve_model(args.model)
@@ -109,7 +126,16 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_intensity(args: argparse.Namespace) -> int:
+def _intensity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=11008)
+    p.add_argument("--l", default="128,512,4096,32000", help="comma-separated context lengths")
+    p.add_argument("--n", default="1,2,4,8,128,512,4096", help="comma-separated token counts")
+    p.add_argument("--json", action="store_true")
+
+
+def _intensity(args: argparse.Namespace) -> int:
     from loom.analysis.roofline import intensity_tables
 
     ls = tuple(int(x) for x in args.l.split(","))
@@ -129,7 +155,23 @@ def cmd_intensity(args: argparse.Namespace) -> int:
 
 # memory --------------------------------------------------------------------------------------------
 
-def cmd_memory(args: argparse.Namespace) -> int:
+def _memory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"a preset ({_MODELS}) or a model path (default: smollm2-135m)")
+    p.add_argument("--params", default=None, help="a bare parameter count instead of a model, e.g. 1B, 7e9")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPE_BYTES))
+    p.add_argument("--kv-dtype", default=None, choices=list(DTYPE_BYTES), help="KV cache dtype (default: --dtype)")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "sgd-momentum"])
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="16-bit weights/gradients with fp32 master weights and fp32 optimizer states")
+    p.add_argument("--activations", default=None, choices=["analytic", "seed"],
+                   help="analytic (from batch x context; default with a model) or seed 003's 8 B/param at fp32")
+    p.add_argument("--json", action="store_true")
+
+
+def _memory(args: argparse.Namespace) -> int:
     from loom.analysis.memory import estimate_memory
 
     config = None
@@ -170,7 +212,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 # offload, speculative ------------------------------------------------------------------------------
 
-def cmd_offload(args: argparse.Namespace) -> int:
+def _offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-bytes", required=True, help="e.g. 7.7GB")
+    p.add_argument("--memory-bytes", required=True, help="e.g. 3.5GB")
+    p.add_argument("--storage-bandwidth", required=True, help="bytes per second, e.g. 4GB")
+    p.add_argument("--kv-bytes", default="0", help="KV cache that must also be resident")
+    p.add_argument("--resident-bytes", default="0", help="memory already taken (e.g. a draft model)")
+    p.add_argument("--json", action="store_true")
+
+
+def _offload(args: argparse.Namespace) -> int:
     from loom.analysis.offload import offload_limit
 
     r = offload_limit(_parse_bytes(args.model_bytes), _parse_bytes(args.memory_bytes),
@@ -189,7 +240,15 @@ def cmd_offload(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_speculative(args: argparse.Namespace) -> int:
+def _speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, required=True, help="draft tokens per step")
+    p.add_argument("--acceptance", type=float, required=True, help="acceptance rate a in [0, 1]")
+    p.add_argument("--cost-ratio", type=float, required=True, help="draft step cost / target step cost")
+    p.add_argument("--k-max", type=int, default=64, help="search the best k up to this")
+    p.add_argument("--json", action="store_true")
+
+
+def _speculative(args: argparse.Namespace) -> int:
     from loom.analysis.speculative import estimate, expected_tokens, speedup
 
     e = estimate(args.k, args.acceptance, args.cost_ratio, args.k_max)
@@ -208,7 +267,14 @@ def cmd_speculative(args: argparse.Namespace) -> int:
 
 # probe, plot ---------------------------------------------------------------------------------------
 
-def cmd_probe(args: argparse.Namespace) -> int:
+def _probe_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--buffer", default="256MiB", help="bandwidth buffer (far larger than the caches)")
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+
+
+def _probe(args: argparse.Namespace) -> int:
     from loom.analysis.probe import probe
 
     r = probe(int(_parse_bytes(args.buffer)), args.matmul_size, args.repeats)
@@ -235,7 +301,25 @@ def _measure_path(spec: str | None) -> str | None:
     return spec
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
+def _plot_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"a preset ({_MODELS}) or a model path (default: smollm2-135m)")
+    _add_hardware_args(p)
+    p.add_argument("--prompt-len", type=int, default=128, help="prefill length (and the bench prompt)")
+    p.add_argument("--gen-len", type=int, default=32, help="decode tokens; decode is placed at l = prompt + gen/2")
+    p.add_argument("--decode-l", type=int, default=None,
+                   help="context of the decode step drawn (default prompt + gen/2; measured runs fix it)")
+    p.add_argument("--measure", action="store_true",
+                   help="time loom's prefill and decode (bench latency's runner, prefix caching off) and add them")
+    p.add_argument("--bench-json", default=None,
+                   help="add the points of a saved `loom bench latency --json` (or `loom analyze plot --json`'s "
+                        "bench); note bench latency's best prefill of repeats >= 2 reuses the prefix cache")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", default="roofline.png")
+    p.add_argument("--json", action="store_true")
+
+
+def _plot(args: argparse.Namespace) -> int:
     from loom.analysis.measured import decode_context, measure_loom, points_from_bench, precision_from_bench
     from loom.analysis.plot import plot_roofline
     from loom.analysis.presets import read_model_config
@@ -292,16 +376,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_spatten(args: argparse.Namespace) -> int:
+def _spatten_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--weights", default="fp32", choices=WEIGHTS)
+    p.add_argument("--corpus", default="britannica")
+    p.add_argument("--window", type=int, default=1024, help="prompt + scored tail, tokens")
+    p.add_argument("--tail", type=int, default=64, help="tokens scored after the pruned prompt")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--keep", default="0.75,0.5,0.25", help="comma-separated final token keep fractions")
+    p.add_argument("--scorers", default="importance,importance-mean,random,recent",
+                   help="importance (SpAtten), importance-mean (per-query mean), random, recent")
+    p.add_argument("--head-keep", default="", help="comma-separated head keep fractions (SpAtten head pruning)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def _floats(text: str) -> list[float]:
+    """'0.75,0.5' -> [0.75, 0.5]; '' -> []."""
+    return [float(x) for x in text.split(",") if x]
+
+
+def _spatten(args: argparse.Namespace) -> int:
     from loom.analysis.spatten import format_spatten, run_spatten
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
-    result = run_spatten(args.model, window=args.window, tail=args.tail, windows=args.windows, keeps=floats(args.keep),
-                         scorers=[s for s in args.scorers.split(",") if s], head_keeps=floats(args.head_keep),
+    use_threads(args)
+    result = run_spatten(args.model, window=args.window, tail=args.tail, windows=args.windows, keeps=_floats(args.keep),
+                         scorers=[s for s in args.scorers.split(",") if s], head_keeps=_floats(args.head_keep),
                          corpus=args.corpus, weights=args.weights, progress=not args.no_progress)
     if args.out:
         with open(args.out, "w") as f:
@@ -315,102 +417,28 @@ def cmd_spatten(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `loom analyze ...` on the top-level subparsers."""
-    a = sub.add_parser("analyze", help="roofline, FLOPs/MOPs, memory, offload and speculative calculators")
-    asub = a.add_subparsers(dest="analyze", required=True)
-    models = ", ".join(MODELS)
+ANALYSES = {
+    "roofline": Subcommand("per-operator FLOPs, MOPs, arithmetic intensity and bound (seed 002)",
+                           _roofline_options, _roofline),
+    "intensity": Subcommand("seed 002's arithmetic-intensity tables (MHA casting, act-to-act, FFN)",
+                            _intensity_options, _intensity),
+    "memory": Subcommand("weights, KV cache, activations, gradients, optimizer states (seeds 001, 003)",
+                         _memory_options, _memory),
+    "offload": Subcommand("seed 002's speed limit when the model does not fit in memory", _offload_options, _offload),
+    "speculative": Subcommand("expected tokens per step and speedup of speculative decoding",
+                              _speculative_options, _speculative),
+    "probe": Subcommand("measure this machine's memory bandwidth and matmul FLOP/s", _probe_options, _probe),
+    "plot": Subcommand("roofline PNG: operators of prefill and decode, and loom's measured runs",
+                       _plot_options, _plot),
+    "spatten": Subcommand("SpAtten cascade token / head pruning of the prompt: quality and cost",
+                          _spatten_options, _spatten),
+}
 
-    r = asub.add_parser("roofline", help="per-operator FLOPs, MOPs, arithmetic intensity and bound (seed 002)")
-    r.add_argument("--model", default=None, help=f"a preset ({models}) or a .gguf / HF folder (default: smollm2-135m)")
-    r.add_argument("--phase", default="decode", choices=["prefill", "decode"])
-    r.add_argument("--n", type=int, default=1, help="new tokens: prefill length, or decode sequences (one token each)")
-    r.add_argument("--l", type=int, default=None, help="keys attended (context); default n for prefill, 1 for decode")
-    _add_hardware_args(r)
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(func=cmd_roofline)
 
-    it = asub.add_parser("intensity", help="seed 002's arithmetic-intensity tables (MHA casting, act-to-act, FFN)")
-    it.add_argument("--d", type=int, default=4096)
-    it.add_argument("--heads", type=int, default=32)
-    it.add_argument("--ffn", type=int, default=11008)
-    it.add_argument("--l", default="128,512,4096,32000", help="comma-separated context lengths")
-    it.add_argument("--n", default="1,2,4,8,128,512,4096", help="comma-separated token counts")
-    it.add_argument("--json", action="store_true")
-    it.set_defaults(func=cmd_intensity)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    a = subparsers.add_parser("analyze", help="roofline, FLOPs/MOPs, memory, offload and speculative calculators")
+    register_subcommands(a, "analyze", ANALYSES)
 
-    m = asub.add_parser("memory", help="weights, KV cache, activations, gradients, optimizer states (seeds 001, 003)")
-    m.add_argument("--model", default=None, help=f"a preset ({models}) or a model path (default: smollm2-135m)")
-    m.add_argument("--params", default=None, help="a bare parameter count instead of a model, e.g. 1B, 7e9")
-    m.add_argument("--dtype", default="fp16", choices=list(DTYPE_BYTES))
-    m.add_argument("--kv-dtype", default=None, choices=list(DTYPE_BYTES), help="KV cache dtype (default: --dtype)")
-    m.add_argument("--context", type=int, default=2048)
-    m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--train", action="store_true")
-    m.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "sgd-momentum"])
-    m.add_argument("--mixed-precision", action="store_true",
-                   help="16-bit weights/gradients with fp32 master weights and fp32 optimizer states")
-    m.add_argument("--activations", default=None, choices=["analytic", "seed"],
-                   help="analytic (from batch x context; default with a model) or seed 003's 8 B/param at fp32")
-    m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_memory)
 
-    o = asub.add_parser("offload", help="seed 002's speed limit when the model does not fit in memory")
-    o.add_argument("--model-bytes", required=True, help="e.g. 7.7GB")
-    o.add_argument("--memory-bytes", required=True, help="e.g. 3.5GB")
-    o.add_argument("--storage-bandwidth", required=True, help="bytes per second, e.g. 4GB")
-    o.add_argument("--kv-bytes", default="0", help="KV cache that must also be resident")
-    o.add_argument("--resident-bytes", default="0", help="memory already taken (e.g. a draft model)")
-    o.add_argument("--json", action="store_true")
-    o.set_defaults(func=cmd_offload)
-
-    s = asub.add_parser("speculative", help="expected tokens per step and speedup of speculative decoding")
-    s.add_argument("--k", type=int, required=True, help="draft tokens per step")
-    s.add_argument("--acceptance", type=float, required=True, help="acceptance rate a in [0, 1]")
-    s.add_argument("--cost-ratio", type=float, required=True, help="draft step cost / target step cost")
-    s.add_argument("--k-max", type=int, default=64, help="search the best k up to this")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_speculative)
-
-    p = asub.add_parser("probe", help="measure this machine's memory bandwidth and matmul FLOP/s")
-    p.add_argument("--buffer", default="256MiB", help="bandwidth buffer (far larger than the caches)")
-    p.add_argument("--matmul-size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_probe)
-
-    pl = asub.add_parser("plot", help="roofline PNG: operators of prefill and decode, and loom's measured runs")
-    pl.add_argument("--model", default=None, help=f"a preset ({models}) or a model path (default: smollm2-135m)")
-    _add_hardware_args(pl)
-    pl.add_argument("--prompt-len", type=int, default=128, help="prefill length (and the bench prompt)")
-    pl.add_argument("--gen-len", type=int, default=32, help="decode tokens; decode is placed at l = prompt + gen/2")
-    pl.add_argument("--decode-l", type=int, default=None,
-                    help="context of the decode step drawn (default prompt + gen/2; measured runs fix it)")
-    pl.add_argument("--measure", action="store_true",
-                    help="time loom's prefill and decode (bench latency's runner, prefix caching off) and add them")
-    pl.add_argument("--bench-json", default=None,
-                    help="add the points of a saved `loom bench latency --json` (or `loom analyze plot --json`'s "
-                         "bench); note bench latency's best prefill of repeats >= 2 reuses the prefix cache")
-    pl.add_argument("--repeats", type=int, default=3)
-    pl.add_argument("--title", default=None)
-    pl.add_argument("--out", default="roofline.png")
-    pl.add_argument("--json", action="store_true")
-    pl.set_defaults(func=cmd_plot)
-
-    sp = asub.add_parser("spatten", help="SpAtten cascade token / head pruning of the prompt: quality and cost")
-    sp.add_argument("--model", default=None)
-    sp.add_argument("--threads", type=int, default=None)
-    sp.add_argument("--weights", default="fp32", choices=["native", "fp32", "bf16"])
-    sp.add_argument("--corpus", default="britannica")
-    sp.add_argument("--window", type=int, default=1024, help="prompt + scored tail, tokens")
-    sp.add_argument("--tail", type=int, default=64, help="tokens scored after the pruned prompt")
-    sp.add_argument("--windows", type=int, default=16)
-    sp.add_argument("--keep", default="0.75,0.5,0.25", help="comma-separated final token keep fractions")
-    sp.add_argument("--scorers", default="importance,importance-mean,random,recent",
-                    help="importance (SpAtten), importance-mean (per-query mean), random, recent")
-    sp.add_argument("--head-keep", default="", help="comma-separated head keep fractions (SpAtten head pruning)")
-    sp.add_argument("--out", default=None, help="also write the JSON here")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_spatten)
-    return a
+def run(args: argparse.Namespace) -> int | None:
+    return ANALYSES[args.analyze].run(args)

@@ -1,0 +1,40 @@
+"""The `loom` command: `main` parses the command line and runs one command.
+
+Each command is a module of this package with ``register(subparsers)``, which adds its parser, and
+``run(args)``, which runs it: generate, chat and serve run a model; info describes one; bench and
+eval measure, analyze calculates (each with subcommands); quantize and prune write compressed
+checkpoints. The option groups several commands share, and the one mapping from options to the LLM,
+are in ``loom.cli.options``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+from typing import Sequence
+
+from loom.cli import analyze, bench, chat, generate, info, prune, quantize, serve
+from loom.cli import eval as eval_command
+
+# `loom --help` lists the commands in this order
+COMMANDS: dict[str, ModuleType] = {"generate": generate, "chat": chat, "serve": serve, "info": info, "bench": bench,
+                                   "eval": eval_command, "analyze": analyze, "quantize": quantize, "prune": prune}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="A hackable LLM inference engine and efficiency lab.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS.values():
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `loom ARGV` (default: the process's arguments); the exit status, 2 for a usage error."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,348 @@
+"""`loom bench ...`: measure loom against its peers (batch-1 latency, batched throughput, HTTP serving,
+load time) and measure the lab's methods (KV eviction, bounded-memory streaming, quantization, pruning);
+each prints a table, or its JSON with --json. The measurements live in loom.bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable
+
+from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
+                              cache_config, kv_policy, rope_scaling, scheduler_config, use_threads)
+from loom.cli.output import print_json
+from loom.cli.subcommands import Subcommand, register_subcommands
+
+
+def _peers(text: str) -> list[str]:
+    """'hf,eager' -> ['hf', 'eager']; 'none' -> []."""
+    return [p for p in text.split(",") if p and p != "none"]
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any],
+          plot: Callable[[dict[str, Any], str], None] | None = None) -> bool:
+    """Write the result to --out and its plot to --plot when asked; print it as JSON with --json.
+    Returns whether it printed (the caller prints its summary otherwise)."""
+    if getattr(args, "out", None):
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if plot is not None and getattr(args, "plot", None):
+        plot(result, args.plot)
+    if args.json:
+        print_json(result)
+    return bool(args.json)
+
+
+def _merged(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The earlier result given with --merge, if any."""
+    if not args.merge:
+        return None
+    with open(args.merge) as f:
+        return json.load(f)
+
+
+# latency -------------------------------------------------------------------------------------------
+
+def _latency_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_device_option(p)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--peers", default="hf", help="comma-separated: hf (transformers), eager (loom without its "
+                   "scripted decode step), or none")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0, help="with --speculative: 0 = greedy")
+    add_speculative_options(p, several=True)
+    p.add_argument("--spec-prompts", default="copy,open,long", help="with --speculative: which prompts "
+                   "(copy: rewrite a passage; open: a story; long: summarize ~3,000 tokens of Hamlet)")
+    p.add_argument("--json", action="store_true")
+
+
+def _speculative_latency(args: argparse.Namespace) -> int:
+    from loom.bench.speculative import run_speculative_latency
+
+    result = run_speculative_latency(
+        args.model, methods=[m for m in args.speculative.split(",") if m], num_tokens=args.num_speculative_tokens,
+        draft_model=args.draft_model, draft_weights=args.draft_weights, weights=args.weights, dtype=args.dtype,
+        gen_len=args.gen_len, repeats=args.repeats, temperature=args.temperature, window=args.spec_window,
+        sink_tokens=args.spec_sink_tokens, prompts=[p for p in args.spec_prompts.split(",") if p],
+        rope_scaling=rope_scaling(args))
+    if args.json:
+        print_json(result)
+        return 0
+    for prompt, row in result["results"].items():
+        print(f"{prompt}: plain {row['plain']['decode_tokens_per_s']:.1f} tok/s")
+        for m in result["methods"]:
+            r = row[m]
+            print(f"  {m:7s} {r['decode_tokens_per_s']:6.1f} tok/s  {r['speedup']:.2f}x  acceptance "
+                  f"{r['acceptance_rate']:.2f}  tokens/pass {r['tokens_per_pass']:.2f} "
+                  f"(formula {r['expected_tokens_per_pass']:.2f})")
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from loom.bench.latency import run_latency
+
+    use_threads(args)
+    if args.speculative:
+        return _speculative_latency(args)
+    result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                         peers=_peers(args.peers), weights=args.weights, dtype=args.dtype,
+                         repeats=args.repeats, device=args.device, rope_scaling=rope_scaling(args))
+    if args.json:
+        print_json(result)
+        return 0
+    for name, r in result["results"].items():
+        print(f"{name:10s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} "
+              f"tok/s   {100 * r['fraction_of_limit']:.0f}% of the {r['bandwidth_limit_tokens_per_s']:.0f} tok/s "
+              f"bandwidth limit")
+    for peer, ratio in (result["speedup"] or {}).items():
+        print(f"loom / {peer}: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x")
+    return 0
+
+
+# throughput, serve, load ---------------------------------------------------------------------------
+
+def _throughput_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_device_option(p)
+    add_engine_options(p)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
+    p.add_argument("--hf-batch", type=int, default=8, help="HF static batch size")
+    p.add_argument("--repeats", type=int, default=1, help="alternating loom / HF runs; the best of each")
+    p.add_argument("--json", action="store_true")
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    from loom.bench.throughput import run_throughput
+
+    use_threads(args)
+    cache, sched = cache_config(args), scheduler_config(args)
+    result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, peers=tuple(_peers(args.peers)), weights=args.weights,
+                            dtype=args.dtype, hf_batch=args.hf_batch, cache=cache, scheduler=sched,
+                            repeats=args.repeats, device=args.device, kv_policy=kv_policy(args),
+                            rope_scaling=rope_scaling(args))
+    if args.json:
+        print_json(result)
+        return 0
+    for name, r in result["results"].items():
+        print(f"{name:5s} {r['requests_per_s']:6.2f} req/s  {r['output_tokens_per_s']:8.1f} output tok/s  "
+              f"{r['total_tokens_per_s']:8.1f} total tok/s  ({r['elapsed_s']:.1f} s)")
+    loom = result["results"]["loom"]
+    print(f"loom: peak {loom['peak_kv_blocks']} of {loom['kv_blocks_total']} KV blocks, "
+          f"mean KV waste {100 * loom['kv_waste_mean']:.2f}%, {loom['preemptions']} preemptions")
+    if result["loom_over_hf"]:
+        print(f"loom / hf total throughput: {result['loom_over_hf']['total_tokens_per_s']:.2f}x")
+    return 0
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--kv-cache-memory", default="2GiB")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline engine run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating offline / http runs; the best of each")
+    p.add_argument("--json", action="store_true")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loom.bench.serve import run_serve_bench
+
+    result = run_serve_bench(args.model, concurrency=args.concurrency, num_prompts=args.num_prompts,
+                             input_len=args.input_len, output_len=args.output_len,
+                             kv_cache_memory=args.kv_cache_memory, offline=not args.no_offline,
+                             repeats=args.repeats)
+    if args.json:
+        print_json(result)
+        return 0
+    h = result["results"]["http"]
+    print(f"http     {h['requests_per_s']:6.2f} req/s  {h['output_tokens_per_s']:8.1f} output tok/s  "
+          f"({h['completed']} ok, {h['failed']} failed, {h['elapsed_s']:.1f} s)")
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        m = h[name]
+        print(f"  {name[:-2]:5s} mean {1000 * m['mean']:8.1f} ms  p50 {1000 * m['p50']:8.1f} ms  "
+              f"p99 {1000 * m['p99']:8.1f} ms")
+    if "offline" in result["results"]:
+        o = result["results"]["offline"]
+        print(f"offline  {o['requests_per_s']:6.2f} req/s  {o['output_tokens_per_s']:8.1f} output tok/s; "
+              f"http / offline = {result['http_over_offline']:.2f}")
+    return 0
+
+
+def _load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--peers", default="hf")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+
+def _load(args: argparse.Namespace) -> int:
+    from loom.bench.load import run_load
+
+    result = run_load(args.model, peers=_peers(args.peers), repeats=args.repeats)
+    if args.json:
+        print_json(result)
+        return 0
+    for name, r in result["results"].items():
+        if isinstance(r, dict):
+            print(f"{name:5s} load {r['load_s']:.2f} s")
+    return 0
+
+
+# KV eviction, streaming ----------------------------------------------------------------------------
+
+def _kv_eviction_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--corpus", default="britannica")
+    p.add_argument("--tokens", type=int, default=2048, help="text length scored token by token")
+    p.add_argument("--budgets", default="0.1,0.2,0.5", help="KV budgets as fractions of --tokens")
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--bucket", type=int, default=256, help="positions per row of the table")
+    p.add_argument("--chunk", type=int, default=1,
+                   help="tokens scored per step (1: every token sees exactly the policy's cache)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--json", action="store_true")
+
+
+def _kv_eviction(args: argparse.Namespace) -> int:
+    from loom.bench.kv_eviction import plot_kv_eviction, run_kv_eviction
+
+    use_threads(args)
+    result = run_kv_eviction(args.model, weights=args.weights, corpus=args.corpus, tokens=args.tokens,
+                             budgets=[float(b) for b in args.budgets.split(",")], sink_tokens=args.sink_tokens,
+                             bucket=args.bucket, chunk=args.chunk, rope_scaling=rope_scaling(args),
+                             progress=not args.json)
+    if not _emit(args, result, plot_kv_eviction):
+        for r in result["results"]:
+            worst = max(b["perplexity"] for b in r["buckets"])
+            print(f"{r['name']:<26} ppl {r['perplexity']:9.2f}   worst {result['bucket']}-token bucket {worst:9.2f}")
+    return 0
+
+
+def _streaming_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--prompt", default="The history of England")
+    p.add_argument("--generate", type=int, default=20000)
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--kind", default="streaming", choices=["window", "streaming", "h2o"])
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--every", type=int, default=500, help="record the KV blocks held every N tokens")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def _streaming(args: argparse.Namespace) -> int:
+    from loom.bench.kv_eviction import run_streaming
+
+    use_threads(args)
+    result = run_streaming(args.model, weights=args.weights, prompt=args.prompt, generate=args.generate,
+                           budget=args.budget, sink_tokens=args.sink_tokens, kind=args.kind, every=args.every,
+                           rope_scaling=rope_scaling(args), progress=not args.json)
+    if not _emit(args, result):
+        blocks = sorted({t["kv_blocks"] for t in result["trace"]})
+        print(f"{result['policy']}: {result['generated']} tokens in {result['seconds']:.0f} s "
+              f"({result['tokens_per_s']:.1f} tok/s); KV blocks held over the run: {blocks}; "
+              f"{result['kv_bytes_held_at_end'] / 2**20:.1f} MiB at the end vs "
+              f"{result['kv_bytes_a_full_cache_would_hold'] / 2**20:.1f} MiB for a full cache")
+        if result["plain_tokens_per_s_at_budget"] and result["bounded_tokens_per_s_at_budget"]:
+            print(f"decode once {args.budget} tokens are held: {result['bounded_tokens_per_s_at_budget']:.1f} tok/s "
+                  f"bounded vs {result['plain_tokens_per_s_at_budget']:.1f} tok/s plain (full cache, same run)")
+    return 0
+
+
+# quantization, pruning -----------------------------------------------------------------------------
+
+def _compression_options(p: argparse.ArgumentParser, plot_help: str) -> None:
+    """The options quantization and pruning share: the model, eval text, calibration, --only, outputs."""
+    p.add_argument("--model", default=None)
+    p.add_argument("--corpus", default="britannica")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=20480, help="first N tokens of the corpus (default 20480)")
+    p.add_argument("--calib", default="hamlet")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--only", nargs="*", default=[], help="methods or setting names to run (default: all)")
+    p.add_argument("--plot", default=None, help=plot_help)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--merge", default=None, help="keep this earlier JSON's rows for settings not run now")
+
+
+def _quantization_options(p: argparse.ArgumentParser) -> None:
+    _compression_options(p, "write perplexity vs bits per weight to this PNG")
+    p.add_argument("--decode-only", action="store_true",
+                   help="re-measure decode tok/s of an earlier run's checkpoints (give it with --merge)")
+    p.add_argument("--peers", default="none", help="comma-separated: torchao, quanto (int8 / int4 weight-only "
+                   "on the HF model; `make peers` installs them)")
+    p.add_argument("--json", action="store_true")
+
+
+def _quantization(args: argparse.Namespace) -> int:
+    from loom.bench.quantization import plot_quantization, run_quantization_bench
+
+    result = run_quantization_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                                    calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
+                                    progress=not args.json, merge=_merged(args), peers=_peers(args.peers),
+                                    decode_only=args.decode_only)
+    if not _emit(args, result, plot_quantization):
+        for r in result["results"]:
+            if "error" in r:
+                print(f"{r['name']:<34} failed: {r['error']}")
+                continue
+            mb = f"{r['weight_bytes_per_token'] / 1e6:7.1f}" if r["weight_bytes_per_token"] else "      -"
+            print(f"{r['name']:<34} ppl {r['perplexity']:8.3f}  {r['nominal_bits_per_weight']:5.2f} bpw  "
+                  f"{mb} MB/token  {r['decode_tokens_per_s']:6.1f} tok/s")
+    return 0
+
+
+def _pruning_options(p: argparse.ArgumentParser) -> None:
+    _compression_options(p, "write the perplexity bars to this PNG")
+    p.add_argument("--json", action="store_true")
+
+
+def _pruning(args: argparse.Namespace) -> int:
+    from loom.bench.pruning import plot_pruning, run_pruning_bench
+
+    result = run_pruning_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                               calib=args.calib, samples=args.samples, seq_len=args.seq_len, only=args.only,
+                               progress=not args.json, merge=_merged(args))
+    if not _emit(args, result, plot_pruning):
+        for r in result["results"]:
+            print(f"{r['name']:<48} ppl {r['perplexity']:9.3f} ({100 * r['perplexity_vs_fp32']:+7.1f}%)  "
+                  f"{100 * r['linear_sparsity']:5.1f}% zeros")
+    return 0
+
+
+BENCHES = {
+    "latency": Subcommand("batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit",
+                          _latency_options, _latency),
+    "throughput": Subcommand("many requests at once: loom's engine vs HF static batching",
+                             _throughput_options, _throughput),
+    "serve": Subcommand("load-test `loom serve` over HTTP (TTFT, TPOT, ITL, E2E) vs the offline engine",
+                        _serve_options, _serve),
+    "load": Subcommand("seconds to load a model and its tokenizer, loom vs HF", _load_options, _load),
+    "kv-eviction": Subcommand("perplexity by position under window / StreamingLLM / H2O KV budgets",
+                              _kv_eviction_options, _kv_eviction),
+    "streaming": Subcommand("a generation far past the KV budget: memory held and speed",
+                            _streaming_options, _streaming),
+    "quantization": Subcommand("perplexity, bytes and decode tokens/s of every quantization method",
+                               _quantization_options, _quantization),
+    "pruning": Subcommand("perplexity of magnitude, Wanda and SparseGPT at 50% and N:M sparsity",
+                          _pruning_options, _pruning),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    register_subcommands(subparsers.add_parser("bench", help="measure loom against its peers"), "bench", BENCHES)
+
+
+def run(args: argparse.Namespace) -> int | None:
+    return BENCHES[args.bench].run(args)

@@ -1,0 +1,76 @@
+"""`loom info`: a model's architecture, parameter count, weight bytes per dtype and KV cache bytes per
+token, read from its file or folder without loading the weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    i = subparsers.add_parser("info", help="architecture, parameters, bytes per dtype, KV bytes per token")
+    i.add_argument("model_path", nargs="?", default=None)
+    i.add_argument("--model", default=None)
+    i.add_argument("--json", action="store_true")
+
+
+def model_info(path: str | None) -> dict[str, Any]:
+    """What `loom info` reports of a model file or folder (default: the default model), as a dict."""
+    import os
+    from collections import Counter
+
+    from loom.default_model import default_model_path
+    from loom.weights.gguf import GGUFFile, config_from_gguf
+    from loom.weights.hf import read_hf_config
+
+    path = path or default_model_path()
+    info: dict[str, Any] = {"path": path}
+    if os.path.isdir(path):
+        config = read_hf_config(path)
+        info["format"] = "hf"
+    else:
+        g = GGUFFile(path)
+        config = config_from_gguf(g)
+        info["format"] = f"gguf v{g.version}"
+        info["file_bytes"] = os.path.getsize(path)
+        info["tensor_types"] = dict(Counter(t.qtype.name for t in g.tensors.values()))
+        g.close()
+    params = config.num_parameters()
+    info["architecture"] = config.architecture
+    info["name"] = config.name
+    info["config"] = config.to_dict()
+    info["parameters"] = params
+    info["parameters_without_embeddings"] = config.num_parameters(include_embeddings=False)
+    info["bytes_by_dtype"] = {k: int(params * b) for k, b in
+                              (("fp32", 4), ("bf16", 2), ("fp16", 2), ("int8", 1), ("int4", 0.5))}
+    info["kv_bytes_per_token"] = {"fp32": config.kv_bytes_per_token(4), "bf16": config.kv_bytes_per_token(2),
+                                  "int8": config.kv_bytes_per_token(1)}
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = model_info(args.model_path or args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    gib = 1 << 30
+    print(f"{info['path']}")
+    print(f"  format        {info['format']}" + (f", {info['file_bytes'] / 1e6:.1f} MB" if "file_bytes" in info else ""))
+    if "tensor_types" in info:
+        print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
+    print(f"  architecture  {info['architecture']} ({info['name']})")
+    print(f"  layers {c['num_layers']}, hidden {c['hidden_size']}, FFN {c['intermediate_size']} "
+          f"({'gated ' if c['gated_mlp'] else ''}{c['activation']}), heads {c['num_heads']} "
+          f"(kv {c['num_kv_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}")
+    print(f"  positions     {c['position']}" + (f" theta {c['rope_theta']:g}" if c["position"] == "rope" else "")
+          + f", context {c['max_position_embeddings']}, norm {c['norm']} eps {c['norm_eps']:g}, "
+          f"tied embeddings {c['tie_word_embeddings']}")
+    if c.get("rope_scaling"):
+        r = c["rope_scaling"]
+        print(f"  rope scaling  {r['kind']} x{r['factor']:g} (trained context {r['original_max_position']})")
+    print(f"  parameters    {info['parameters']:,} ({info['parameters_without_embeddings']:,} without embeddings)")
+    print("  weight bytes  " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in info["bytes_by_dtype"].items()))
+    print("  KV per token  " + ", ".join(f"{k} {v:,.0f} B" for k, v in info["kv_bytes_per_token"].items()))
+    return 0

@@ -1,0 +1,205 @@
+"""Option groups shared by several `loom` commands, and what their parsed values become.
+
+Each ``add_*`` function adds one group of options to a command's parser; the functions below them
+read those options back into loom's config objects. ``engine_options`` is the one mapping from parsed
+options to ``LLM``'s keyword arguments, and ``llm_from_args`` the one way a command builds its LLM
+(generate, chat, serve); the bench, eval and analyze runners build theirs in the lab from the config
+objects they take.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from loom.config import (CacheConfig, KVPolicyConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig,
+                         parse_bytes, parse_rope_scaling)
+from loom.llm import LLM
+from loom.sampling_params import SamplingParams
+
+WEIGHTS = ["native", "fp32", "bf16"]
+
+
+# option groups -------------------------------------------------------------------------------------
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """--model and --threads: which model, on how many torch threads."""
+    p.add_argument("--model", default=None, help="a .gguf file or a HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model, how its weights are held (--weights, --dtype) and its RoPE scaling."""
+    add_source_options(p)
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="native: quantized weights run quantized (the default for quantized files); "
+                        "fp32 / bf16: everything dense in that dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="run dense in this dtype (same as --weights fp32/bf16)")
+    add_rope_options(p)
+
+
+def add_rope_options(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("RoPE scaling (overrides the file's)")
+    r.add_argument("--rope-scaling", default=None, choices=["none", "linear", "ntk", "yarn"],
+                   help="linear: position interpolation; ntk: NTK-aware base; yarn: YaRN; none: switch off the "
+                        "file's scaling (default: as the file says)")
+    r.add_argument("--rope-factor", type=float, default=None,
+                   help="context extension factor s: the context becomes s x the original context")
+    r.add_argument("--rope-original-context", type=int, default=None,
+                   help="the context the model was trained with (default: the file's)")
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (default cpu); on cuda the dense dtype defaults to bf16")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Two groups: the engine's KV cache and scheduler, and KV eviction (a bounded cache per sequence)."""
+    e = p.add_argument_group("engine")
+    e.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache budget, e.g. 2GiB (default: 10%% of free memory, the GPU's on cuda)")
+    e.add_argument("--kv-cache-fraction", type=float, default=0.1, help="budget as a fraction of free memory")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--no-chunked-prefill", action="store_true")
+    e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="int8: keys per channel (calibrated), values per token; 3.8x smaller than fp32")
+    k = p.add_argument_group("KV eviction (bounded memory per sequence)")
+    k.add_argument("--kv-policy", default="full", choices=["full", "window", "streaming", "h2o"],
+                   help="window: the last --kv-budget tokens; streaming: --sink-tokens first tokens + a window "
+                        "(StreamingLLM); h2o: a recent window + heavy hitters by accumulated attention")
+    k.add_argument("--kv-budget", type=int, default=None, help="tokens kept per sequence and layer")
+    k.add_argument("--sink-tokens", type=int, default=4, help="streaming: attention sinks kept")
+    k.add_argument("--h2o-recent", type=float, default=0.5, help="h2o: share of the budget for recent tokens")
+    k.add_argument("--kv-prefill-chunk", type=int, default=64, help="prompt tokens per step under a policy")
+
+
+def add_speculative_options(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """Speculative decoding; ``several``: --speculative lists methods to compare (bench latency)."""
+    s = p.add_argument_group("speculative decoding")
+    if several:
+        s.add_argument("--speculative", default=None, metavar="METHODS",
+                       help="comma-separated methods to compare with plain decoding: ngram, draft, window")
+    else:
+        s.add_argument("--speculative", default=None, choices=["ngram", "draft", "window"],
+                       help="ngram: prompt lookup; draft: a draft model (--draft-model); window: self-drafting "
+                            "over attention sinks + a recent window")
+    s.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step (k)")
+    s.add_argument("--draft-model", default=None, help="the draft model's file or folder (same tokenizer)")
+    s.add_argument("--draft-weights", default=None, choices=WEIGHTS,
+                   help="how to hold the draft's weights (default: native, e.g. a GGUF's own 4-bit weights)")
+    s.add_argument("--spec-window", type=int, default=64, help="window: recent tokens the draft attends to")
+    s.add_argument("--spec-sink-tokens", type=int, default=4, help="window: first tokens the draft keeps")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    """The calibration text of quantize and prune."""
+    p.add_argument("--calib", default="hamlet", help="calibration text: a named corpus or a file (never the eval text)")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# what the options become ---------------------------------------------------------------------------
+
+def rope_scaling(args: argparse.Namespace) -> RopeScalingOverride:
+    return parse_rope_scaling(getattr(args, "rope_scaling", None), getattr(args, "rope_factor", None),
+                              getattr(args, "rope_original_context", None))
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig | None:
+    if not getattr(args, "speculative", None):
+        return None
+    return SpeculativeConfig(args.speculative, args.num_speculative_tokens, draft_model=args.draft_model,
+                             draft_weights=args.draft_weights, window=args.spec_window,
+                             sink_tokens=args.spec_sink_tokens)
+
+
+def kv_policy(args: argparse.Namespace) -> KVPolicyConfig | None:
+    if args.kv_policy == "full":
+        return None
+    return KVPolicyConfig(args.kv_policy, args.kv_budget, args.sink_tokens, args.h2o_recent, args.kv_prefill_chunk)
+
+
+def cache_config(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(block_size=args.block_size, memory_fraction=args.kv_cache_fraction,
+                       memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+                       enable_prefix_caching=not args.no_prefix_caching, kv_dtype=args.kv_cache_dtype)
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    """The scheduler; `loom serve`'s --max-waiting bounds its queue (other commands have no limit)."""
+    return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                           enable_chunked_prefill=not args.no_chunked_prefill, max_model_len=args.max_model_len,
+                           max_waiting=getattr(args, "max_waiting", None))
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``LLM``'s keyword arguments from the model, device, engine, speculative and RoPE options: the one
+    place that maps parsed options onto the engine's configuration."""
+    return {"weights": args.weights, "dtype": args.dtype, "num_threads": args.threads,
+            "cache": cache_config(args), "scheduler": scheduler_config(args),
+            "speculative": speculative_config(args), "device": args.device, "kv_policy": kv_policy(args),
+            "rope_scaling": rope_scaling(args)}
+
+
+def llm_from_args(args: argparse.Namespace) -> LLM:
+    """The LLM a command runs: ``--model`` loaded with ``engine_options``."""
+    return LLM(args.model, **engine_options(args))
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Set torch's threads to --threads, if given (``llm_from_args`` passes them to LLM; commands whose
+    runners load the model call this instead)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def fp32_model_from_args(args: argparse.Namespace) -> tuple[str, Any, Any]:
+    """(path, the fp32 model, its tokenizer) of ``--model`` (default: the default model): what quantize and
+    prune start from."""
+    from loom.default_model import default_model_path
+    from loom.tokenizer import load_tokenizer
+    from loom.weights.loader import load_model
+
+    use_threads(args)
+    path = args.model or default_model_path()
+    loaded = load_model(path, weights="fp32")
+    return path, loaded.model, load_tokenizer(path, loaded.metadata, loaded.config.eos_token_ids)
+
+
+def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """Calibration samples [samples, seq_len] from ``--calib``, and how a checkpoint records them."""
+    from loom.compress.calibration import CalibrationConfig, calibration_samples
+    from loom.eval.corpora import corpus_path
+
+    calib_file = corpus_path(args.calib)
+    with open(calib_file, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read())
+    samples = calibration_samples(ids, CalibrationConfig(args.samples, args.seq_len, args.seed))
+    return samples, {"text": calib_file, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}

@@ -1,0 +1,51 @@
+"""`loom serve`: load a model and serve it over an OpenAI-compatible HTTP API (completions, chat,
+streaming, metrics) until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
+                              llm_from_args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sv = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    add_model_options(sv)
+    add_device_option(sv)
+    add_engine_options(sv)
+    add_speculative_options(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="requests waiting beyond this get 503")
+    sv.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    sv.add_argument("--graceful-timeout", type=float, default=30.0,
+                    help="seconds in-flight requests may finish after SIGTERM")
+    sv.add_argument("--log-level", default="info")
+
+
+def default_served_name(path: str) -> str:
+    """The model id served by default: the file or folder name, without .gguf."""
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from loom.serve.app import create_app
+    from loom.serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    llm = llm_from_args(args)  # --max-waiting bounds the scheduler's queue
+    name = args.served_model_name or default_served_name(llm.model_path)
+    app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes)
+    print(f"loom: serving {name!r} on http://{args.host}:{args.port} (load {llm.load_seconds:.2f} s; "
+          f"{llm.engine.describe()})", file=sys.stderr)
+    serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
+    return 0

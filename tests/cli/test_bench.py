@@ -1,0 +1,94 @@
+"""`loom bench ...` in-process on the default model, at small sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli.helpers import run
+
+
+def test_bench_latency_json(capsys):
+    code, out, _ = run(capsys, "bench", "latency", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1",
+                       "--peers", "hf,eager,scripted", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["results"]) == {"loom", "loom-eager", "loom-scripted", "hf"}
+    steps = {name: r["decode_step"] for name, r in result["results"].items() if name.startswith("loom")}
+    assert steps == {"loom": "native", "loom-eager": "module", "loom-scripted": "scripted"}  # 4-bit weights
+    assert result["results"]["loom"]["decode_steps"].startswith("native (decode batches of <= 32) > scripted")
+    for r in result["results"].values():
+        assert r["decode_tokens_per_s"] > 0 and 0 < r["fraction_of_limit"] < 1.5
+    assert result["speedup"]["hf"]["decode"] > 0 and result["memory_bandwidth_GBps"] > 0
+
+
+def test_bench_latency_speculative_json(capsys):
+    code, out, _ = run(capsys, "bench", "latency", "--speculative", "ngram,window", "--gen-len", "8",
+                       "--repeats", "1", "--spec-prompts", "copy", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["methods"]) == {"ngram", "window"}
+    row = result["results"]["copy"]
+    for m in ("ngram", "window"):
+        assert row[m]["speedup"] > 0 and row[m]["same_tokens_as_plain"] is True
+        assert 0 <= row[m]["acceptance_rate"] <= 1 and row[m]["tokens_per_pass"] >= 1
+    code, _, err = run(capsys, "bench", "latency", "--speculative", "beam")
+    assert code == 2 and "ngram" in err
+
+
+def test_bench_load(capsys):
+    code, out, _ = run(capsys, "bench", "load", "--peers", "none", "--repeats", "1", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["results"]["loom"]["load_s"] > 0
+
+
+def test_bench_throughput_json(capsys):
+    code, out, _ = run(capsys, "bench", "throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+                       "--peers", "hf", "--kv-cache-memory", "64MiB", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["results"]) == {"loom", "hf"}
+    loom = result["results"]["loom"]
+    assert loom["output_tokens"] == 16 and result["results"]["hf"]["output_tokens"] == 16
+    assert 0 < loom["peak_kv_blocks"] <= loom["kv_blocks_total"] and 0 <= loom["kv_waste_mean"] < 1
+    assert result["loom_over_hf"]["total_tokens_per_s"] > 0
+
+
+def test_bench_serve_json(capsys):
+    code, out, _ = run(capsys, "bench", "serve", "--concurrency", "2", "--num-prompts", "4", "--input-len", "8",
+                       "--output-len", "4", "--kv-cache-memory", "64MiB", "--repeats", "1", "--json")
+    result = json.loads(out)
+    http = result["results"]["http"]
+    assert code == 0 and http["completed"] == 4 and http["failed"] == 0
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert set(http[name]) == {"mean", "p50", "p99"} and http[name]["p50"] > 0
+    assert http["ttft_s"]["mean"] < http["e2e_s"]["mean"]
+    assert result["http_over_offline"] > 0
+
+
+def test_bench_kv_eviction_json(capsys):
+    """The full-cache row is the model's own perplexity over the same tokens (one window of the GPTQ
+    protocol), and every bounded row has its buckets."""
+    from loom import LLM
+    from loom.eval.corpora import read_corpus
+    from loom.eval.perplexity import perplexity
+
+    code, out, _ = run(capsys, "bench", "kv-eviction", "--tokens", "64", "--budgets", "0.25", "--bucket", "32",
+                       "--json")
+    result = json.loads(out)
+    assert code == 0 and result["tokens_scored"] == 63
+    rows = {r["name"]: r for r in result["results"]}
+    assert set(rows) == {"full", "window 16", "streaming 16, 4 sinks", "h2o 16, 8 recent"}
+    assert all(len(r["buckets"]) == 2 for r in rows.values())
+    llm = LLM()
+    ids = llm.tokenizer.encode(read_corpus("britannica"))[:64]
+    reference = perplexity(llm.model, ids, 64, max_tokens=64, progress=False).perplexity
+    assert rows["full"]["perplexity"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_bench_streaming_memory_is_constant(capsys):
+    code, out, _ = run(capsys, "bench", "streaming", "--generate", "120", "--budget", "32", "--every", "40", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["generated"] == 120
+    # a 5-token prompt, then one token per step: budget + 1 = 33 slots = 3 blocks once 32 tokens are held
+    assert [t["kv_blocks"] for t in result["trace"]] == [3, 3, 3]
+    assert result["kv_bytes_held_at_end"] < result["kv_bytes_a_full_cache_would_hold"]
+    assert result["bounded_tokens_per_s_at_budget"] > 0 and result["plain_tokens_per_s_at_budget"] > 0

@@ -1,0 +1,50 @@
+"""`loom generate` in-process on the default model: JSON, streaming, engine, speculative and KV options."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli.helpers import run
+
+
+def test_generate_json(capsys):
+    code, out, _ = run(capsys, "generate", "The capital of France is", "--temperature", "0", "--max-tokens", "6",
+                       "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt_token_ids"] == [504, 3575, 282, 4649, 314]
+    assert len(result["token_ids"]) == 6 and result["finish_reason"] == "length"
+    assert result["text"].startswith(" Paris")
+    assert {"prefill_s", "decode_tokens_per_s", "load_s"} <= set(result["timings"])
+
+
+def test_generate_streams_chat_and_prints_speed(capsys):
+    code, out, err = run(capsys, "generate", "What is the capital of France?", "--chat", "--temperature", "0",
+                         "--max-tokens", "20")
+    assert code == 0 and "Paris" in out and "tok/s" in err
+
+
+def test_engine_options_and_cache_report(capsys):
+    code, out, err = run(capsys, "generate", "Hi", "--temperature", "0", "--max-tokens", "3", "--kv-cache-memory",
+                         "32MiB", "--block-size", "8", "--no-prefix-caching", "--max-num-seqs", "4")
+    assert code == 0 and "KV cache:" in err and "blocks of 8 tokens" in err
+    code, _, err = run(capsys, "generate", "Hi", "--kv-cache-memory", "lots")
+    assert code == 2 and "cannot read a size" in err
+
+
+def test_generate_with_speculative_decoding_equals_plain(capsys):
+    argv = ["generate", "Repeat: the quick brown fox jumps over the lazy dog. Repeat: the quick brown fox",
+            "--temperature", "0", "--max-tokens", "12", "--json"]
+    code, out, _ = run(capsys, *argv)
+    plain = json.loads(out)["token_ids"]
+    for extra in (["--speculative", "ngram"], ["--speculative", "window", "--spec-window", "8"]):
+        code, out, _ = run(capsys, *argv, *extra, "--num-speculative-tokens", "3")
+        assert code == 0 and json.loads(out)["token_ids"] == plain
+
+
+def test_kv_policy_options(capsys):
+    code, out, _ = run(capsys, "generate", "The history of England", "--temperature", "0", "--max-tokens", "40",
+                       "--kv-policy", "streaming", "--kv-budget", "24", "--kv-prefill-chunk", "8", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 40
+    code, _, err = run(capsys, "generate", "Hi", "--kv-policy", "h2o")
+    assert code == 2 and "budget" in err
