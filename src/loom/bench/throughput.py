@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from loom.config import CacheConfig, KVPolicyConfig, SchedulerConfig
+from loom.config import EngineConfig
 from loom.device import synchronize
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
@@ -96,24 +96,22 @@ class HFStatic:
                 "output_tokens": generated, "batch": batch}
 
 
-def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len: int = 128, output_len: int = 128,
-                   peers: tuple[str, ...] = ("hf",), weights: str | None = None, dtype: str | None = None,
-                   hf_batch: int = 8,
-                   cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                   seed: int = 0, repeats: int = 1, device: str = "cpu", warmup: bool | None = None,
-                   kv_policy: KVPolicyConfig | None = None, rope_scaling: Any = None) -> dict[str, Any]:
-    """``warmup``: one untimed run of each engine first (default: on CUDA only, where it captures loom's
-    decode graphs and loads the GPU libraries of both). ``kv_policy``: loom's requests run with bounded
-    KV memory (eviction), the peers with their full caches. ``rope_scaling`` overrides loom's RoPE
-    scaling (``load_model``); the HF peer runs the file as it is."""
+def run_throughput(engine: EngineConfig | None = None, *, num_prompts: int = 64, input_len: int = 128,
+                   output_len: int = 128, peers: tuple[str, ...] = ("hf",), hf_batch: int = 8, seed: int = 0,
+                   repeats: int = 1, warmup: bool | None = None) -> dict[str, Any]:
+    """loom (built from ``engine``: model, weights, device, cache, scheduler, KV policy, RoPE scaling, decode
+    step) against HF static batching on the same prompts. ``warmup``: one untimed run of each engine first
+    (default: on CUDA only, where it captures loom's decode graphs and loads the GPU libraries of both).
+    A KV policy bounds loom's requests' memory (eviction), the peers keep their full caches; a RoPE
+    override changes loom's model only (the HF peer runs the file as it is)."""
+    engine = engine or EngineConfig()
     if min(num_prompts, input_len, output_len, repeats) < 1:
         raise ValueError("--num-prompts, --input-len, --output-len and --repeats must be at least 1")
     unknown = set(peers) - {"hf"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
-    llm = LLM(model, weights=weights, dtype=dtype, cache=cache, scheduler=scheduler, device=device,
-              kv_policy=kv_policy, rope_scaling=rope_scaling)
-    dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
+    llm = LLM(config=engine)
+    dtype = str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
     special = tuple(llm.tokenizer.eos_token_ids) + ((llm.tokenizer.bos_token_id,) if llm.tokenizer.bos_token_id
                                                      is not None else ())
     prompts = random_prompts(num_prompts, input_len, llm.config.vocab_size, seed, avoid=special)
@@ -138,6 +136,7 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
     results: dict[str, Any] = {"loom": {**best(loom_runs),
                                         "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in loom_runs]}}
     results["loom"]["kv_cache"] = llm.engine.describe()
+    results["loom"]["decode_steps"] = llm.engine.runner.describe_steps()
     results["loom"]["max_num_seqs"] = llm.engine.scheduler_config.max_num_seqs
     results["loom"]["max_num_batched_tokens"] = llm.engine.scheduler_config.max_num_batched_tokens
     ratio = None
@@ -145,7 +144,7 @@ def run_throughput(model: str | None = None, *, num_prompts: int = 64, input_len
         results["hf"] = {**best(hf_runs), "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in hf_runs]}
         ratio = {k: results["loom"][k] / results["hf"][k]
                  for k in ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
-    return {"benchmark": "throughput", "model": model or "default", "num_prompts": num_prompts,
+    return {"benchmark": "throughput", "model": engine.model or "default", "num_prompts": num_prompts,
             "input_len": input_len, "output_len": output_len, "dtype": dtype, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
             "repeats": repeats,

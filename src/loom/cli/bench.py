@@ -9,7 +9,7 @@ import json
 from typing import Any, Callable
 
 from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
-                              cache_config, kv_policy, rope_scaling, scheduler_config, use_threads)
+                              engine_config, rope_scaling, use_threads)
 from loom.cli.output import print_json
 from loom.cli.subcommands import Subcommand, register_subcommands
 
@@ -120,13 +120,9 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
 def _throughput(args: argparse.Namespace) -> int:
     from loom.bench.throughput import run_throughput
 
-    use_threads(args)
-    cache, sched = cache_config(args), scheduler_config(args)
-    result = run_throughput(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, peers=tuple(_peers(args.peers)), weights=args.weights,
-                            dtype=args.dtype, hf_batch=args.hf_batch, cache=cache, scheduler=sched,
-                            repeats=args.repeats, device=args.device, kv_policy=kv_policy(args),
-                            rope_scaling=rope_scaling(args))
+    result = run_throughput(engine_config(args), num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, peers=tuple(_peers(args.peers)), hf_batch=args.hf_batch,
+                            repeats=args.repeats)
     if args.json:
         print_json(result)
         return 0

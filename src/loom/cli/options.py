@@ -1,8 +1,8 @@
 """Option groups shared by several `loom` commands, and what their parsed values become.
 
 Each ``add_*`` function adds one group of options to a command's parser; the functions below them
-read those options back into loom's config objects. ``engine_options`` is the one mapping from parsed
-options to ``LLM``'s keyword arguments, and ``llm_from_args`` the one way a command builds its LLM
+read those options back into loom's config objects. ``engine_config`` is the one mapping from parsed
+options to the ``EngineConfig`` an LLM is built from, and ``llm_from_args`` the one way a command builds its LLM
 (generate, chat, serve); the bench, eval and analyze runners build theirs in the lab from the config
 objects they take.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loom.config import (CacheConfig, KVPolicyConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig,
-                         parse_bytes, parse_rope_scaling)
+from loom.config import (DECODE_STEPS, CacheConfig, EngineConfig, KVPolicyConfig, RopeScalingOverride,
+                         SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
 
@@ -69,6 +69,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-chunked-prefill", action="store_true")
     e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="int8: keys per channel (calibrated), values per token; 3.8x smaller than fp32")
+    e.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
+                   help="how decode batches run: auto (the fastest steps that take the model), native (C++), "
+                        "scripted (TorchScript), cuda_graph, or module (the plain nn.Module forward)")
     k = p.add_argument_group("KV eviction (bounded memory per sequence)")
     k.add_argument("--kv-policy", default="full", choices=["full", "window", "streaming", "h2o"],
                    help="window: the last --kv-budget tokens; streaming: --sink-tokens first tokens + a window "
@@ -157,18 +160,18 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``LLM``'s keyword arguments from the model, device, engine, speculative and RoPE options: the one
-    place that maps parsed options onto the engine's configuration."""
-    return {"weights": args.weights, "dtype": args.dtype, "num_threads": args.threads,
-            "cache": cache_config(args), "scheduler": scheduler_config(args),
-            "speculative": speculative_config(args), "device": args.device, "kv_policy": kv_policy(args),
-            "rope_scaling": rope_scaling(args)}
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the model, device, engine, speculative and RoPE options: the one place that maps
+    parsed options onto the engine's configuration."""
+    return EngineConfig(model=args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads,
+                        device=args.device, rope_scaling=rope_scaling(args), decode_step=args.decode_step,
+                        cache=cache_config(args), scheduler=scheduler_config(args),
+                        speculative=speculative_config(args), kv_policy=kv_policy(args))
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    """The LLM a command runs: ``--model`` loaded with ``engine_options``."""
-    return LLM(args.model, **engine_options(args))
+    """The LLM a command runs, built from ``engine_config``."""
+    return LLM(config=engine_config(args))
 
 
 def use_threads(args: argparse.Namespace) -> None:
