@@ -202,8 +202,8 @@ def test_kept_tokens_follow_the_rule(tiny):
 
     def grab(engine):
         for seq in engine.live_sequences():
-            if seq.kv_state is not None and seq.num_output == 25:
-                seen[seq.kv_policy.kind] = [layer.positions.clone() for layer in seq.kv_state.layers]
+            if seq.eviction is not None and seq.eviction.kv is not None and seq.num_output == 25:
+                seen[seq.eviction.policy.kind] = [layer.positions.clone() for layer in seq.eviction.kv.layers]
 
     for kind in ("streaming", "h2o"):
         run(make_engine(tiny, KVPolicyConfig(kind, budget=12, sink_tokens=3, prefill_chunk=4)),

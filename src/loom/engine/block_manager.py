@@ -71,7 +71,7 @@ class BlockManager:
         """Slots the sequence needs for a step: all its tokens, or under a KV policy at most the kept
         ones (<= budget) plus the step's new ones (a table never shrinks, so this is a running max)."""
         tokens = seq.num_computed + num_new_tokens
-        return tokens if seq.kv_policy is None else min(tokens, seq.kv_policy.budget + num_new_tokens)
+        return tokens if seq.eviction is None else min(tokens, seq.eviction.policy.budget + num_new_tokens)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
@@ -160,7 +160,7 @@ class BlockManager:
         blocks; returns the number of tokens whose K/V it thereby has. At least one token is always
         left to compute, since the last one's logits are needed."""
         assert not seq.block_table and seq.num_computed == 0
-        if not self.enable_prefix_caching or seq.kv_policy is not None:
+        if not self.enable_prefix_caching or seq.eviction is not None:
             return 0
         bs = self.block_size
         parent: int | None = None
@@ -185,7 +185,7 @@ class BlockManager:
 
     def register_computed(self, seq: Sequence) -> None:
         """Name the blocks of ``seq`` that became full and computed, so later sequences can reuse them."""
-        if not self.enable_prefix_caching or seq.kv_policy is not None:
+        if not self.enable_prefix_caching or seq.eviction is not None:
             return
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed // bs:

@@ -27,7 +27,7 @@ from loom.engine.kv_policy import EvictingKV
 from loom.engine.runner import ModelRunner
 from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
 from loom.engine.scheduler import Scheduler
-from loom.engine.sequence import Request, Sequence, SequenceStatus
+from loom.engine.sequence import EvictionState, Request, Sequence, SequenceStatus
 from loom.engine.speculative import SpeculativeStats, Speculator
 from loom.engine.text_output import TextOutput, accept_token
 from loom.errors import InvalidPromptError, InvalidRequestError, QueueFullError, check_context
@@ -182,7 +182,7 @@ class LLMEngine:
         seqs = [self._new_sequence(request_id, i, list(ids), len(ids), params, now) for i in range(count)]
         for seq in seqs:
             seq.max_tokens = max_tokens
-            seq.kv_policy = policy
+            seq.eviction = None if policy is None else EvictionState(policy)
         request = Request(request_id, prompt if isinstance(prompt, str) else None, list(ids), params, seqs)
         request.metrics.arrival = now
         if params.prompt_logprobs is not None:
@@ -203,7 +203,8 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
-                seq.kv_state = None
+                if seq.eviction is not None:
+                    seq.eviction.kv = None
                 if self.speculator is not None:
                     self.speculator.release(seq)
                 self._pending.append(StreamDelta("", [], "abort", None, request_id, seq.index))
@@ -229,8 +230,8 @@ class LLMEngine:
         self.kv_cache.copy_blocks(sched.copies)
         for item in sched.scheduled:
             seq = item.seq
-            if seq.kv_policy is not None and (seq.kv_state is None or seq.num_computed == 0):
-                seq.kv_state = self._new_kv_state(seq.kv_policy)  # first step, or again after a preemption
+            if seq.eviction is not None and (seq.eviction.kv is None or seq.num_computed == 0):
+                seq.eviction.kv = self._new_kv_state(seq.eviction.policy)  # first step, or again after a preemption
         reserved = [item.seq for item in sched.scheduled if item.num_draft]
         if reserved:
             self.speculator.propose(sched.scheduled)  # type: ignore[union-attr]
@@ -252,7 +253,7 @@ class LLMEngine:
             seq.num_computed += n
             self.block_manager.register_computed(seq)
         for seq in reserved:
-            if not seq.draft:  # given fewer drafts than slots (none): the slots go back now
+            if not seq.draft_tokens:  # given fewer drafts than slots (none): the slots go back now
                 self.block_manager.trim(seq)
         if out.sample_seqs:
             deltas += self._sample(out.sample_seqs, out.logits, now)
@@ -372,7 +373,8 @@ class LLMEngine:
         if finish is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason, seq.stop_reason = finish, reason
-            seq.kv_state = None
+            if seq.eviction is not None:
+                seq.eviction.kv = None
             self.scheduler.remove(seq)
             if self.speculator is not None:
                 self.speculator.release(seq)

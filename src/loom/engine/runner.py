@@ -81,11 +81,11 @@ class ModelRunner:
         for i, item in enumerate(scheduled):
             seq, n, c = item.seq, item.num_tokens, item.seq.num_computed
             table = seq.block_table
-            source = seq.tokens + seq.draft if seq.draft else seq.tokens
+            source = seq.tokens + seq.draft_tokens if seq.draft_tokens else seq.tokens
             ids += source[c:c + n]
-            if seq.kv_state is not None:  # bounded KV: positions are ranks in its cache, slots its own
-                evicting[i] = seq.kv_state
-                positions += seq.kv_state.begin_step(table, c, n)
+            if seq.eviction is not None:  # bounded KV: positions are ranks in its cache, slots its own
+                evicting[i] = seq.eviction.kv
+                positions += seq.eviction.kv.begin_step(table, c, n)
                 slots += [-1] * n
             else:
                 positions += range(c, c + n)
@@ -93,12 +93,12 @@ class ModelRunner:
             starts.append(starts[-1] + n)
             context_lens.append(c + n)
             if c + n == len(source):
-                if seq.draft:
+                if seq.draft_tokens:
                     verify_rows.append((seq, starts[-2], n))
                 else:
                     sample_rows.append(starts[-1] - 1)
                     sample_seqs.append(seq)
-        if not evicting and all(item.num_tokens == 1 or item.seq.draft for item in scheduled):
+        if not evicting and all(item.num_tokens == 1 or item.seq.draft_tokens for item in scheduled):
             # Decodes and verifications only: one row per token, each attending over the context up to
             # itself through its sequence's block table (all rows' K/V are written before any row
             # attends), so a decode step also verifies drafts, reading the weights once.

@@ -59,10 +59,10 @@ def _tokens_to_compute(seq: Sequence) -> int:
     tokens one per step, also when recomputing after a preemption, and waits for a step with room for
     the whole chunk: its outputs are then the same alone, in any batch, and after a preemption."""
     n = seq.num_tokens - seq.num_computed
-    if seq.kv_policy is None:
+    if seq.eviction is None:
         return n
     if seq.num_computed < seq.prompt_len:
-        return min(seq.prompt_len - seq.num_computed, seq.kv_policy.prefill_chunk)
+        return min(seq.prompt_len - seq.num_computed, seq.eviction.policy.prefill_chunk)
     return 1
 
 
@@ -126,7 +126,7 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             n = _tokens_to_compute(seq)
-            if n > budget and (not chunked or seq.kv_policy is not None):
+            if n > budget and (not chunked or seq.eviction is not None):
                 continue
             n = min(n, budget)
             k = 0
@@ -157,7 +157,7 @@ class Scheduler:
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt logit
                 self.blocks.match_prefix(seq)
             n = _tokens_to_compute(seq)
-            if n > budget and (not chunked or seq.kv_policy is not None):
+            if n > budget and (not chunked or seq.eviction is not None):
                 break
             n = min(n, budget)
             if not self.blocks.can_allocate(seq, n):

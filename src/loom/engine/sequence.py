@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,11 +14,24 @@ from loom.engine.text_output import TextOutput
 from loom.outputs import PositionLogprobs
 from loom.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from loom.engine.kv_policy import EvictingKV
+    from loom.engine.speculative.rejection import Draft
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not started, or preempted: its KV must be (re)computed
     RUNNING = "running"  # has blocks; prefilling or decoding
     FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class EvictionState:
+    """A sequence under a KV eviction policy (engine/kv_policy.py): the policy, and the tokens its cache
+    keeps (None before its first step, after a preemption and once it ends)."""
+
+    policy: KVPolicyConfig
+    kv: EvictingKV | None = None
 
 
 @dataclass(eq=False)
@@ -47,16 +60,19 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     # Speculative decoding: tokens proposed to follow ``tokens`` this step (verified by the target in
-    # the same forward as the last token), and the draft distributions they were sampled from.
-    draft: list[int] = field(default_factory=list)
-    draft_probs: torch.Tensor | None = None
-    # KV eviction (engine/kv_policy.py): a bounded sequence's policy and its kept tokens (EvictingKV).
-    kv_policy: KVPolicyConfig | None = None
-    kv_state: Any = None
+    # the same forward as the last token), with the distributions they were sampled from.
+    draft: Draft | None = None
+    # KV eviction: set for a sequence whose KV memory a policy bounds.
+    eviction: EvictionState | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def draft_tokens(self) -> list[int]:
+        """This step's proposed tokens (empty when not speculating)."""
+        return [] if self.draft is None else self.draft.tokens
 
     @property
     def output_ids(self) -> list[int]:

@@ -158,7 +158,7 @@ class Speculator:
         else:
             drafts = self.drafter.propose(seqs, ks)
         for item, draft in zip(items, drafts):
-            item.seq.draft, item.seq.draft_probs = draft.tokens, draft.probs
+            item.seq.draft = draft
             item.num_draft = len(draft)
             item.num_tokens = 1 + len(draft)
         self.stats.draft_seconds += time.perf_counter() - t0
@@ -166,7 +166,7 @@ class Speculator:
     def verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[int]]:
         """The target's logits at the last token and each draft [1 + k, V] -> (drafts accepted m, the
         m + 1 tokens to append). Clears the sequence's drafts."""
-        draft = Draft(seq.draft, seq.draft_probs)
+        draft = seq.draft or Draft([])
         logits = logits.cpu()  # [k + 1, V]: the per-row sampling work and the request's generator are on the CPU
         choices = target_choices(logits, seq, draft.tokens, self.eos_token_ids)
         if seq.params.greedy:
@@ -180,7 +180,7 @@ class Speculator:
         s.accepted_tokens += m
         s.rejections += m < len(draft)
         s.emitted_tokens += m + 1
-        seq.draft, seq.draft_probs = [], None
+        seq.draft = None
         return m, draft.tokens[:m] + [token]
 
     def rollback(self, seq: Sequence) -> None:
@@ -190,6 +190,6 @@ class Speculator:
 
     def release(self, seq: Sequence) -> None:
         """``seq`` ended (finished or aborted): the draft cache frees its blocks."""
-        seq.draft, seq.draft_probs = [], None
+        seq.draft = None
         if isinstance(self.drafter, DraftModelProposer):
             self.drafter.release(seq)
