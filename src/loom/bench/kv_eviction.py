@@ -80,7 +80,8 @@ def run_kv_eviction(model: str | None = None, *, weights: str | None = None, cor
                      "perplexity": math.exp(sum(values) / len(values)), "buckets": buckets})
     return {"model": llm.model_path, "weights": weights or "native (the file's own quantized weights)",
             "corpus": corpus_path(corpus), "tokens": tokens, "tokens_scored": tokens - 1, "bucket": bucket,
-            "sink_tokens": sink_tokens, "prefill_chunk": chunk, "seconds": seconds, "results": rows}
+            "sink_tokens": sink_tokens, "prefill_chunk": chunk, "seconds": seconds,
+            "decode_steps": llm.engine.runner.describe_steps(), "results": rows}
 
 
 def plot_kv_eviction(result: dict[str, Any], path: str) -> None:
@@ -163,6 +164,7 @@ def run_streaming(model: str | None = None, *, weights: str | None = None, promp
     bounded = [t["tokens_per_s"] for t in trace if t["generated"] > budget + every]
     plain = plain_decode_speed(engine, prompt, budget, every) if plain_reference else None
     return {"model": llm.model_path, "policy": _policy_name(policy), "prompt": prompt, "generated": generated,
+            "decode_steps": llm.engine.runner.describe_steps(),
             "seconds": seconds, "tokens_per_s": generated / seconds, "trace": trace,
             # decode speed once the budget is full, against plain decoding (full cache) at the same context
             "bounded_tokens_per_s_at_budget": sum(bounded) / len(bounded) if bounded else None,

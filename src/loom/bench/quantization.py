@@ -222,7 +222,8 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
         quantize_s = time.perf_counter() - t0
         if decode_only:
             earlier = next(r for r in merge["results"] if r["name"] == s.name)  # type: ignore[index]
-            rows.append({**earlier, "decode_tokens_per_s": _decode_tokens_per_s(llm, prompt_len, gen_len, 3)})
+            rows.append({**earlier, "decode_tokens_per_s": _decode_tokens_per_s(llm, prompt_len, gen_len, 3),
+                         "decode_steps": llm.engine.runner.describe_steps()})
             if progress:
                 print(json.dumps(rows[-1]), flush=True)
             continue
@@ -235,7 +236,8 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
                      "tokens_scored": ppl.tokens_scored,
                      "nominal_bits_per_weight": round(s.nominal_bits(hidden), 3),
                      "perplexity": ppl.perplexity, "weight_bytes_per_token": weight_bytes_per_token(llm.model),
-                     "decode_tokens_per_s": tps, "quantize_and_load_s": quantize_s})
+                     "decode_tokens_per_s": tps, "decode_steps": llm.engine.runner.describe_steps(),
+                     "quantize_and_load_s": quantize_s})
         if progress:
             print(json.dumps(rows[-1]), flush=True)
         if llm is not base:

@@ -176,4 +176,5 @@ def run_serve_bench(model: str | None = None, *, concurrency: int = 16, num_prom
         ratio = results["http"]["output_tokens_per_s"] / results["offline"]["output_tokens_per_s"]
     return {"benchmark": "serve", "model": model or "default", "concurrency": concurrency,
             "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "repeats": repeats,
+            "decode_steps": llm.engine.runner.describe_steps(),
             "results": results, "http_over_offline": ratio, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

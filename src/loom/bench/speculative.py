@@ -117,5 +117,6 @@ def run_speculative_latency(model: str | None = None, *, methods: Sequence[str] 
                  | ({"draft_model": str(c.draft_model)} if m == "draft" else {}) for m, c in configs.items()}
     return {"benchmark": "latency-speculative", "model": llm.model_path, "weights": weights or "native",
             "gen_len": gen_len, "temperature": temperature, "repeats": repeats, "methods": described,
+            "decode_steps": engines["plain"].runner.describe_steps(),
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "results": results, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
