@@ -28,7 +28,7 @@ ROPE_SCALING_KINDS = ("linear", "ntk", "yarn")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Context extension for RoPE (ALGORITHMS.md, "Positions").
+    """Context extension for RoPE (docs/ALGORITHMS.md, "Positions").
 
     kind: "linear" (position interpolation, Chen et al. 2306.15595: m -> m / factor), "ntk"
     (NTK-aware base change, base' = base * factor^(d / (d - 2))) or "yarn" (Peng et al. 2309.00071:
@@ -348,7 +348,7 @@ KV_POLICIES = ("full", "window", "streaming", "h2o")
 
 @dataclass(frozen=True)
 class KVPolicyConfig:
-    """Bounded KV memory per sequence (ALGORITHMS.md, "KV eviction and streaming").
+    """Bounded KV memory per sequence (docs/ALGORITHMS.md, "KV eviction and streaming").
 
     A bounded sequence keeps at most ``budget`` tokens' keys and values in each layer; after every step
     the policy evicts down to the budget:

@@ -15,7 +15,7 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """Decoding controls for one request.
 
-    Processing order (ALGORITHMS.md, "Sampling"): repetition / frequency / presence penalties ->
+    Processing order (docs/ALGORITHMS.md, "Sampling"): repetition / frequency / presence penalties ->
     logit_bias -> temperature -> top-k -> top-p -> min-p -> sample. ``temperature == 0`` is greedy.
     """
 

@@ -1,4 +1,4 @@
-"""RTN: codes, scales and zero points as ALGORITHMS.md defines them, checked element by element."""
+"""RTN: codes, scales and zero points as docs/ALGORITHMS.md ("Quantization") defines them, checked element by element."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ they do not depend on the parameter count.
 ``mixed_precision`` is the usual way 16-bit training is done (Micikevicius et al. 2018; ZeRO's 16
 bytes per parameter): 16-bit weights and gradients plus an fp32 master copy and fp32 optimizer states.
 
-KV cache (seed 001, ALGORITHMS.md): layers x kv_heads x head_dim x 2 (K and V) x bytes per element,
+KV cache (seed 001; docs/ALGORITHMS.md, "KV cache and paged attention"): layers x kv_heads x head_dim x 2 (K and V) x bytes per element,
 per token, times batch x context.
 """
 

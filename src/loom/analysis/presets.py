@@ -120,7 +120,7 @@ MODELS: dict[str, ModelConfig] = {
                               intermediate_size=14336, rope_theta=500000.0, max_position_embeddings=8192,
                               norm_eps=1e-5, bos_token_id=128000, eos_token_ids=(128001, 128009),
                               name="llama-3-8b"),
-    # loom's default model (ALGORITHMS.md, "The model we test on").
+    # loom's default model (docs/ALGORITHMS.md, "The model we test on").
     "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                                 intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192,
                                 norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),

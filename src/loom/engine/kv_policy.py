@@ -1,6 +1,6 @@
 """Bounded KV memory: a sequence keeps at most ``budget`` tokens' keys and values per layer.
 
-Policies (``KVPolicyConfig``; ALGORITHMS.md, "KV eviction and streaming"):
+Policies (``KVPolicyConfig``; docs/ALGORITHMS.md, "KV eviction and streaming"):
 
 - window: the last B tokens.
 - streaming (StreamingLLM, Xiao et al. 2309.17453): the first S tokens, the "attention sinks" that

@@ -20,7 +20,7 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
                   max_position: int = 2048) -> tuple[torch.Tensor, float]:
     """Inverse frequencies theta_i = base^(-2i/dim) for i < dim/2, and the attention factor.
 
-    Scaling (ALGORITHMS.md, "Positions"):
+    Scaling (docs/ALGORITHMS.md, "Positions"):
       linear (position interpolation, Chen et al. 2306.15595): m -> m / s, i.e. theta_i / s.
       ntk (NTK-aware, bloc97): base' = base * s^(dim / (dim - 2)).
       yarn (Peng et al. 2309.00071): per frequency, blend the interpolated theta_i / s and the

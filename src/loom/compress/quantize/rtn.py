@@ -1,6 +1,6 @@
 """Round-to-nearest (RTN) quantization of a weight matrix, group-wise, on a uniform grid.
 
-Asymmetric (ALGORITHMS.md): with the group's range widened to include 0 (as GPTQ's quantizer does,
+Asymmetric (docs/ALGORITHMS.md, "Quantization"): with the group's range widened to include 0 (as GPTQ's quantizer does,
 so that zero stays exactly representable and a constant group cannot make the scale 0),
     scale = (max - min) / (2^b - 1),  zero = round(-min / scale),
     q = clamp(round(w / scale) + zero, 0, 2^b - 1),  w_hat = (q - zero) scale.
