@@ -49,8 +49,9 @@ def _latency_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--peers", default="hf", help="comma-separated: hf (transformers), eager (loom without its "
-                   "scripted decode step), or none")
+    p.add_argument("--peers", default="hf", help="comma-separated: hf (transformers), llamacpp (llama.cpp, "
+                   "make peers), eager (loom's module step: no compiled decode step), scripted (loom's TorchScript "
+                   "step where the native one would run), or none")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--temperature", type=float, default=0.0, help="with --speculative: 0 = greedy")
     add_speculative_options(p, several=True)

@@ -3,14 +3,14 @@
 // paged fp32 KV cache, run inside one OpenMP parallel region.
 //
 // Why: at batch 1 a decode step of SmolLM2 is 121 GEMVs of 20-500 us and ~300 small ops. The
-// TorchScript step (models/decode_graph.py) pays for each op an interpreter and dispatcher visit,
+// TorchScript step (engine/step/scripted.py) pays for each op an interpreter and dispatcher visit,
 // an output allocation, and for each GEMV the start of a parallel region: ~4 ms of a 13.4 ms step
 // went there (measured with torch.profiler). Here the threads start once per step and meet at a
 // barrier between dependent stages (llama.cpp's CPU backend works the same way), buffers are
 // allocated once per step, the bias add, RoPE and cache write are one pass, and the residual adds
 // happen inside the GEMVs' stores.
 //
-// It computes what decode_graph._decode_step computes, op for op, with the same kernels
+// It computes what the scripted step's DecodeProgram computes, op for op, with the same kernels
 // (kernels.h); tests hold the two to the same logits. Linears must be loom's group-quantized
 // int4 / int8 kind or dense fp32; anything else stays on the TorchScript step.
 

@@ -4,7 +4,7 @@ Each target sequence has a shadow sequence on the draft side: the same tokens, i
 its own count of tokens whose K/V the draft cache holds. A proposal for k tokens runs k batched draft
 forwards: the first catches the draft up on every token it has not seen (the whole prompt the first
 time, then the one to two tokens the last verification added) and drafts x_1; each later one feeds
-x_i and drafts x_{i+1} (one token per sequence: the scripted decode step). After verification the
+x_i and drafts x_{i+1} (one token per sequence: a decode step of the draft's own runner). After verification the
 shadow keeps the K/V of the tokens the target accepted and gives back the blocks past them.
 """
 
