@@ -12,6 +12,7 @@ import torch
 
 from loom.analysis.hardware import measure_memory_bandwidth
 from loom.analysis.presets import Hardware
+from loom.device import synchronize
 
 
 def measure_gemv_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -33,16 +34,19 @@ def measure_gemv_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return w.nbytes / best
 
 
-def measure_matmul_flops(size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
-    """FLOP/s of a square [size x size] @ [size x size] matmul (2 size^3 FLOPs), best of ``repeats``."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
+def measure_matmul_flops(size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5,
+                         device: str | torch.device = "cpu") -> float:
+    """FLOP/s of a square [size x size] @ [size x size] matmul (2 size^3 FLOPs) on ``device``, best of ``repeats``."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
     torch.mm(a, b, out=out)  # warm-up: threads, caches, kernel selection
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2.0 * size**3 / best
 
