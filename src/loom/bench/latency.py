@@ -3,6 +3,8 @@
 Engines are loaded side by side and run in turns (loom, HF, loom, HF, ...), keeping each one's best
 run, so a noisy machine slows both alike. Every figure is read against the machine's limit: decode
 moves (weights + KV) bytes per token, so tokens/s can be at most measured bandwidth / bytes per token.
+The llama.cpp peer runs in a process of its own (bench/isolated.py): when it crashes, its result is
+the error and the rest of the benchmark completes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from loom.analysis.hardware import measure_device_bandwidth, measure_memory_bandwidth
 from loom.analysis.runs import LatencySample, benchmark_prompt_ids, loom_runner
 from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per_token
+from loom.bench.isolated import IsolatedPeer, PeerFailed
 from loom.llm import LLM
 
 # eager: loom itself with the module step (no compiled decode step); scripted: loom with the TorchScript
@@ -53,13 +56,10 @@ def _summary(samples: list[LatencySample], prompt_len: int, bytes_per_token: flo
             "fraction_of_limit": best_decode / roof}
 
 
-def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
-                peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
-                repeats: int = 3, device: str = "cpu", rope_scaling: Any = None) -> dict[str, Any]:
-    """On CUDA the bandwidth roof is the GPU's measured device-to-device copy bandwidth (bytes read +
-    written), and loom's first decode steps at each context width capture CUDA graphs: the warm-up
-    run covers the whole workload so that no timed run captures. ``rope_scaling`` overrides loom's
-    RoPE scaling (``load_model``); the HF peer runs the file as it is."""
+Runner = Callable[[list[int], int], LatencySample]
+
+
+def _check(batch: int, prompt_len: int, gen_len: int, repeats: int, peers: Sequence[str]) -> None:
     if batch != 1:
         raise ValueError("bench latency measures batch 1")
     if gen_len < 2:
@@ -69,18 +69,29 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)} (available: {', '.join(PEERS)})")
-    llm = LLM(model, weights=weights, dtype=dtype, device=device, rope_scaling=rope_scaling)
-    dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
-    prompt_ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
-    context = prompt_len + gen_len / 2  # mean context over the decode
-    bytes_tok = decode_bytes_per_token(llm.model, context)
-    element = 2 if dtype in ("bfloat16", "float16") else 4
-    hf_bytes = dense_weight_bytes_per_token(llm.config, element) + context * llm.config.kv_bytes_per_token(element)
-    runners: dict[str, Callable[[list[int], int], LatencySample]] = {"loom": loom_runner(llm)}
-    built = [s.name for s in llm.engine.runner.steps]
+
+
+def _llamacpp(llm: LLM) -> IsolatedPeer:
+    """llama.cpp on loom's GGUF, in its own process (a crash there is the peer's error, not the benchmark's)."""
+    from loom.bench import peers as peer_module
+
+    if not llm.model_path.endswith(".gguf"):
+        raise ValueError("the llamacpp peer runs GGUF files; --model must be one")
+    if llm.device.type != "cpu":
+        raise ValueError("the llamacpp peer runs on the CPU; use --device cpu")
+    return IsolatedPeer(peer_module.LlamaCppGenerate, llm.model_path, torch.get_num_threads())
+
+
+def _runners(llm: LLM, peers: Sequence[str], dtype: str
+             ) -> tuple[dict[str, Runner], dict[str, str], list[IsolatedPeer]]:
+    """The engines to time by name, the peers that failed to start (name -> error), and the isolated
+    peers to close at the end."""
+    runners: dict[str, Runner] = {"loom": loom_runner(llm)}
+    errors: dict[str, str] = {}
+    isolated: list[IsolatedPeer] = []
     if "eager" in peers:
         runners["loom-eager"] = loom_runner(llm, "module")
-    if "scripted" in peers and built[0] == "native":
+    if "scripted" in peers and llm.engine.runner.steps[0].name == "native":
         runners["loom-scripted"] = loom_runner(llm, "scripted")
     if "hf" in peers:
         from loom.bench.peers import HFGenerate, hf_reference_copy
@@ -89,44 +100,89 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
         hf_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         runners["hf"] = HFGenerate(folder, hf_dtype, llm.device).run
     if "llamacpp" in peers:
-        from loom.bench.peers import LlamaCppGenerate
+        try:
+            isolated.append(_llamacpp(llm))
+            runners["llamacpp"] = isolated[-1].run
+        except PeerFailed as e:
+            errors["llamacpp"] = str(e)
+    return runners, errors, isolated
 
-        if not llm.model_path.endswith(".gguf"):
-            raise ValueError("the llamacpp peer runs GGUF files; --model must be one")
-        if llm.device.type != "cpu":
-            raise ValueError("the llamacpp peer runs on the CPU; use --device cpu")
-        runners["llamacpp"] = LlamaCppGenerate(llm.model_path, torch.get_num_threads()).run
-    if llm.device.type == "cuda":
-        measured = measure_device_bandwidth(llm.device)
-        bandwidth = measured["copy"]
-    else:
-        bandwidth = measure_memory_bandwidth()
+
+def _time_runners(llm: LLM, runners: dict[str, Runner], errors: dict[str, str], prompt_ids: list[int],
+                  gen_len: int, repeats: int) -> tuple[dict[str, list[LatencySample]], dict[str, str | None]]:
+    """Warm every runner, then time them in turns; an isolated peer that fails moves to ``errors``.
+    Returns each runner's samples and the decode step each loom runner's decodes went through."""
     samples: dict[str, list[LatencySample]] = {name: [] for name in runners}
-    for run in runners.values():
-        run(prompt_ids[:8], 4)  # warm-up
-        if llm.device.type == "cuda":
-            run(prompt_ids, gen_len)  # every context width once: CUDA graphs are captured here, not timed
-    ran: dict[str, str | None] = {}  # the decode step each loom runner's decodes went through
+    ran: dict[str, str | None] = {}
+
+    def attempt(name: str, ids: list[int], n: int) -> LatencySample | None:
+        try:
+            return runners[name](ids, n)
+        except PeerFailed as e:
+            errors[name] = str(e)
+            del runners[name], samples[name]
+            return None
+
+    for name in list(runners):
+        if attempt(name, prompt_ids[:8], 4) is not None and llm.device.type == "cuda":  # warm-up
+            attempt(name, prompt_ids, gen_len)  # every context width once: CUDA graphs are captured here, not timed
     for _ in range(repeats):
-        for name, run in runners.items():
-            samples[name].append(run(prompt_ids, gen_len))
+        for name in list(runners):
+            sample = attempt(name, prompt_ids, gen_len)
+            if sample is not None:
+                samples[name].append(sample)
             if name.startswith("loom"):
                 ran[name] = llm.engine.runner.last_decode_step
     llm.engine.runner.prefer(None)
+    return samples, ran
+
+
+def _bandwidth(llm: LLM) -> float:
+    if llm.device.type == "cuda":
+        return measure_device_bandwidth(llm.device)["copy"]
+    return measure_memory_bandwidth()
+
+
+def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
+                peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
+                repeats: int = 3, device: str = "cpu", rope_scaling: Any = None) -> dict[str, Any]:
+    """On CUDA the bandwidth roof is the GPU's measured device-to-device copy bandwidth (bytes read +
+    written), and loom's first decode steps at each context width capture CUDA graphs: the warm-up
+    run covers the whole workload so that no timed run captures. ``rope_scaling`` overrides loom's
+    RoPE scaling (``load_model``); the HF peer runs the file as it is. The llama.cpp peer runs in its
+    own process: if it fails (an exception, an exit, a signal such as SIGILL), its result is
+    ``{"error": ...}`` and the others are measured as usual."""
+    _check(batch, prompt_len, gen_len, repeats, peers)
+    llm = LLM(model, weights=weights, dtype=dtype, device=device, rope_scaling=rope_scaling)
+    dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
+    prompt_ids = benchmark_prompt_ids(llm.tokenizer, prompt_len)
+    context = prompt_len + gen_len / 2  # mean context over the decode
+    bytes_tok = decode_bytes_per_token(llm.model, context)
+    element = 2 if dtype in ("bfloat16", "float16") else 4
+    hf_bytes = dense_weight_bytes_per_token(llm.config, element) + context * llm.config.kv_bytes_per_token(element)
+    runners, errors, isolated = _runners(llm, peers, dtype)
+    try:
+        bandwidth = _bandwidth(llm)
+        samples, ran = _time_runners(llm, runners, errors, prompt_ids, gen_len, repeats)
+    finally:
+        for peer in isolated:
+            peer.close()
     gguf_bytes = os.path.getsize(llm.model_path) if llm.model_path.endswith(".gguf") else 0
     peer_bytes = {"hf": hf_bytes, "llamacpp": gguf_bytes + context * llm.config.kv_bytes_per_token(2)}
-    results = {name: {"dtype": None if name == "llamacpp" else dtype,
-                      **_summary(s, prompt_len, bytes_tok if name.startswith("loom") else peer_bytes[name], bandwidth)}
-               for name, s in samples.items()}
+    results: dict[str, Any] = {
+        name: {"dtype": None if name == "llamacpp" else dtype,
+               **_summary(s, prompt_len, bytes_tok if name.startswith("loom") else peer_bytes[name], bandwidth)}
+        for name, s in samples.items()}
     for name in results:
         if name.startswith("loom"):
             results[name]["weights"] = _weights_label(llm)
             results[name]["decode_step"] = ran[name]
     results["loom"]["load_s"] = llm.load_seconds
     results["loom"]["decode_steps"] = llm.engine.runner.describe_steps()
+    results.update({name: {"error": error} for name, error in errors.items()})
     speedup = {peer: {"decode": results["loom"]["decode_tokens_per_s"] / results[peer]["decode_tokens_per_s"],
                       "prefill": results[peer]["prefill_s"] / results["loom"]["prefill_s"]}
-               for peer in ("hf", "llamacpp") if peer in results} or None
+               for peer in ("hf", "llamacpp") if peer in samples} or None
     return {
         "benchmark": "latency", "model": llm.model_path, "batch": batch, "prompt_len": prompt_len,
         "gen_len": gen_len, "repeats": repeats, "threads": torch.get_num_threads(),

@@ -95,6 +95,9 @@ def _latency(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     for name, r in result["results"].items():
+        if "error" in r:
+            print(f"{name:10s} failed: {r['error']}")
+            continue
         print(f"{name:10s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} "
               f"tok/s   {100 * r['fraction_of_limit']:.0f}% of the {r['bandwidth_limit_tokens_per_s']:.0f} tok/s "
               f"bandwidth limit")
