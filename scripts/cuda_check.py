@@ -302,7 +302,7 @@ def main() -> int:
     tp = ["--num-prompts", "64", "--input-len", "128", "--output-len", "128", "--device", "cuda",
           "--max-num-batched-tokens", "8192", "--kv-cache-memory", "4GiB", "--repeats", "2" if args.quick else "3"]
     section("throughput_bf16")(lambda: cli_json(["bench", "throughput", "--model", dense, "--weights", "bf16",
-                                                 "--peers", "hf", "--hf-batch", "64", *tp]))
+                                                 "--peers", "hf", "--hf-batch", "64", "--hf-dtype", "bfloat16", *tp]))
     section("throughput_int4")(lambda: cli_json(["bench", "throughput", "--model", int4, "--weights", "native",
                                                  "--peers", "none", *tp]))
     section("step_breakdown_bf16")(lambda: step_breakdown(dense, "bf16"))

@@ -43,13 +43,27 @@ def test_bench_load(capsys):
 
 def test_bench_throughput_json(capsys):
     code, out, _ = run(capsys, "bench", "throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
-                       "--peers", "hf", "--kv-cache-memory", "64MiB", "--json")
+                       "--peers", "hf", "--hf-batch", "2,4", "--hf-dtype", "float32", "--kv-cache-memory", "64MiB",
+                       "--json")
     result = json.loads(out)
-    assert code == 0 and set(result["results"]) == {"loom", "hf"}
+    assert code == 0 and set(result["results"]) == {"loom", "hf"} and result["dataset"] == "fixed"
     loom = result["results"]["loom"]
     assert loom["output_tokens"] == 16 and result["results"]["hf"]["output_tokens"] == 16
+    assert [c["batch"] for c in result["hf_configs"]] == [2, 4]
     assert 0 < loom["peak_kv_blocks"] <= loom["kv_blocks_total"] and 0 <= loom["kv_waste_mean"] < 1
-    assert result["loom_over_hf"]["total_tokens_per_s"] > 0
+    assert result["loom_over_hf"]["total_tokens_per_s"] > 0 and 0 < loom["fraction_of_compute_roof"] < 1
+    assert result["workload"]["input_lens"]["total"] == 64
+
+
+def test_bench_throughput_mixed_table(capsys, tiny_gguf):
+    code, out, _ = run(capsys, "bench", "throughput", "--model", tiny_gguf, "--weights", "fp32", "--dataset", "mixed",
+                       "--num-prompts", "3", "--input-range", "8,32", "--output-range", "2,6", "--seed", "1",
+                       "--peers", "none", "--kv-cache-memory", "16MiB")
+    assert code == 0 and out.startswith("mixed workload: 3 requests,") and "of the float32 compute roof" in out
+    code, _, err = run(capsys, "bench", "throughput", "--hf-dtype", "float8")
+    assert code == 2 and "--hf-dtype takes float32, bfloat16, float16" in err
+    code, _, err = run(capsys, "bench", "throughput", "--dataset", "mixed", "--input-range", "64")
+    assert code == 2 and "MIN,MAX" in err
 
 
 def test_bench_serve_json(capsys):

@@ -108,36 +108,78 @@ def _latency(args: argparse.Namespace) -> int:
 
 # throughput, serve, load ---------------------------------------------------------------------------
 
+def _ints(text: str) -> list[int]:
+    """'8,16' -> [8, 16]."""
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    """'16,1024' -> (16, 1024)."""
+    values = _ints(text)
+    if len(values) != 2:
+        raise ValueError(f"a length range is MIN,MAX; got {text!r}")
+    return values[0], values[1]
+
+
 def _throughput_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_device_option(p)
     add_engine_options(p)
+    p.add_argument("--dataset", default="fixed", choices=["fixed", "mixed"],
+                   help="fixed: random ids of --input-len, exactly --output-len generated; mixed: real text, "
+                   "input and output lengths drawn per request (clipped log-normals over --input-range and "
+                   "--output-range, from --seed)")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-len", type=int, default=128, help="with --dataset fixed")
+    p.add_argument("--output-len", type=int, default=128, help="with --dataset fixed")
+    p.add_argument("--input-range", default="16,1024", help="with --dataset mixed: MIN,MAX prompt tokens")
+    p.add_argument("--output-range", default="16,512", help="with --dataset mixed: MIN,MAX generated tokens")
+    p.add_argument("--seed", type=int, default=0, help="the workload's random draws")
     p.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
-    p.add_argument("--hf-batch", type=int, default=8, help="HF static batch size")
-    p.add_argument("--repeats", type=int, default=1, help="alternating loom / HF runs; the best of each")
+    p.add_argument("--hf-batch", default="8,16,32,64", help="HF static batch sizes to sweep (comma-separated)")
+    p.add_argument("--hf-dtype", default="float32,bfloat16", help="HF dtypes to sweep (comma-separated)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternating runs (loom, then every HF configuration); the best of each")
     p.add_argument("--json", action="store_true")
+
+
+def _print_throughput(result: dict[str, Any]) -> None:
+    w = result["workload"]
+    print(f"{result['dataset']} workload: {result['num_prompts']} requests, {w['input_tokens']} input and "
+          f"{w['output_tokens']} output tokens; {result['compute_roof']['flops_per_token'] / 1e6:.1f} MFLOP/token")
+    rows = [("loom", result["results"]["loom"])]
+    rows += [(f"hf {c['dtype']} x{c['batch']}", c) for c in result["hf_configs"]]
+    for name, r in rows:
+        if "error" in r:
+            print(f"{name:18s} failed: {r['error']}")
+            continue
+        print(f"{name:18s} {r['requests_per_s']:6.2f} req/s  {r['output_tokens_per_s']:8.1f} output tok/s  "
+              f"{r['total_tokens_per_s']:8.1f} total tok/s  ({r['elapsed_s']:.1f} s)  "
+              f"{100 * r['fraction_of_compute_roof']:.1f}% of the {r['dtype']} compute roof")
+    loom = result["results"]["loom"]
+    print(f"loom: peak {loom['peak_kv_blocks']} of {loom['kv_blocks_total']} KV blocks, "
+          f"mean KV waste {100 * loom['kv_waste_mean']:.2f}%, {loom['preemptions']} preemptions")
+    if result["loom_over_hf"]:
+        hf = result["results"]["hf"]
+        print(f"loom / best hf ({hf['dtype']}, batch {hf['batch']}) total throughput: "
+              f"{result['loom_over_hf']['total_tokens_per_s']:.2f}x")
 
 
 def _throughput(args: argparse.Namespace) -> int:
     from loom.bench.throughput import run_throughput
 
-    result = run_throughput(engine_config(args), num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, peers=tuple(_peers(args.peers)), hf_batch=args.hf_batch,
-                            repeats=args.repeats)
+    result = run_throughput(engine_config(args), dataset=args.dataset, num_prompts=args.num_prompts,
+                            input_len=args.input_len, output_len=args.output_len,
+                            input_range=_length_range(args.input_range), output_range=_length_range(args.output_range),
+                            peers=tuple(_peers(args.peers)), hf_batch=_ints(args.hf_batch),
+                            hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats)
     if args.json:
         print_json(result)
         return 0
-    for name, r in result["results"].items():
-        print(f"{name:5s} {r['requests_per_s']:6.2f} req/s  {r['output_tokens_per_s']:8.1f} output tok/s  "
-              f"{r['total_tokens_per_s']:8.1f} total tok/s  ({r['elapsed_s']:.1f} s)")
-    loom = result["results"]["loom"]
-    print(f"loom: peak {loom['peak_kv_blocks']} of {loom['kv_blocks_total']} KV blocks, "
-          f"mean KV waste {100 * loom['kv_waste_mean']:.2f}%, {loom['preemptions']} preemptions")
-    if result["loom_over_hf"]:
-        print(f"loom / hf total throughput: {result['loom_over_hf']['total_tokens_per_s']:.2f}x")
+    _print_throughput(result)
     return 0
 
 
