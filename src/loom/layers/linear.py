@@ -47,3 +47,68 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def onednn_bf16_available() -> bool:
+    """Whether this CPU and torch build run bf16 GEMMs through oneDNN (AMX or AVX512-BF16)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackedLinear(nn.Module):
+    """Dense bf16 y = x W^T + b with W held once, in oneDNN's blocked layout (``LinearKind.ONEDNN``).
+
+    Why: ``F.linear`` on bf16 CPU tensors hands the product to oneDNN, which reorders W into its blocked
+    layout on every call; reordered once at load, the same AMX kernels run 1.3-1.8x faster (64 rows of
+    SmolLM2's shapes: 780-850 GFLOP/s against 500-570 unpacked and 180-260 for MKL's packed fp32). The
+    reordered tensor replaces the plain weight: one copy, the same bytes. ``weight`` gives the plain
+    matrix back (a copy) for code that reads it.
+    """
+
+    def __init__(self, linear: Linear) -> None:
+        super().__init__()
+        if linear.weight.dtype != torch.bfloat16 or linear.weight.device.type != "cpu":
+            raise ValueError("PackedLinear holds bf16 weights on the CPU")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 64)
+        self.bias = linear.bias
+
+    def spec(self):  # type: ignore[no-untyped-def]
+        """The bias travels in the spec: oneDNN adds it inside the product, rounded once (as F.linear does)."""
+        from loom.layers.linear_spec import LinearKind, LinearSpec
+
+        return LinearSpec(LinearKind.ONEDNN, [self.packed] + ([] if self.bias is None else [self.bias]), 0, 0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from loom.layers.quantized import apply_linear
+
+        shape = x.shape
+        return apply_linear(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.spec()).view(*shape[:-1], -1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features * 2
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 oneDNN-packed"
+
+
+def pack_bf16_linears(model: nn.Module) -> int:
+    """Replace every dense bf16 ``Linear`` of a CPU model by its ``PackedLinear`` (one copy of each weight);
+    returns how many. Nothing when oneDNN's bf16 GEMM is unavailable or LOOM_PACK_WEIGHTS=0."""
+    import os
+
+    if os.environ.get("LOOM_PACK_WEIGHTS", "1") == "0" or not onednn_bf16_available():
+        return 0
+    names = [name for name, m in model.named_modules()
+             if type(m) is Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, PackedLinear(getattr(owner, child)))
+    return len(names)

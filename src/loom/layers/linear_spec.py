@@ -23,15 +23,17 @@ class LinearKind(enum.Enum):
     REFERENCE = 5  # dequantize, then an fp32 matmul: the definition
     TORCH_INT4_CUDA = 6  # tinygemm's CUDA layout (cuda_quant.py)
     DENSE_PACKED = 7  # a dense weight plus MKL's copy packed for products of exactly ``rows`` rows
+    ONEDNN = 8  # a dense bf16 weight reordered once into oneDNN's blocked layout (AMX / AVX512-BF16 GEMMs)
 
 
 class LinearSpec(NamedTuple):
     """One linear's weight in the form its kernel reads: what ``apply_linear`` takes.
 
     tensors: the kernel's tensors (DENSE: [W]; LOOM / REFERENCE: [codes, scales, offsets]; torch's kinds:
-    [packed codes, scales]; W8A8: [int8 W, scales]; DENSE_PACKED: [W, MKL-packed W]).
+    [packed codes, scales]; W8A8: [int8 W, scales]; DENSE_PACKED: [W, MKL-packed W]; ONEDNN: [the reordered W
+    (an opaque mkldnn tensor), and the bias if the layer has one: oneDNN adds it before rounding to bf16]).
     bits: the codes' container (4 or 8) for LOOM and REFERENCE. group: the quantization group size.
-    rows: DENSE_PACKED's packed row count (0 for every other kind). The bias stays with the caller.
+    rows: DENSE_PACKED's packed row count (0 for every other kind). The bias stays with the caller (but ONEDNN's).
     """
 
     kind: LinearKind

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,10 @@ def apply_linear(x: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
         if rows // 2 < m < rows:  # padded to the packed row count: still far faster than unpacked
             return torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, rows - m)), t[1], t[0], None, rows)[:m]
         return linear(x, t[0])
+    if kind == LinearKind.ONEDNN:  # see layers/linear.py: PackedLinear; t[1], if there, is the bias
+        bias: Optional[torch.Tensor] = t[1] if len(t) > 1 else None
+        no_scalars: List[Optional[Union[int, float, complex]]] = []
+        return torch.ops.mkldnn._linear_pointwise(x, t[0], bias, "none", no_scalars, "")
     if kind == LinearKind.LOOM:
         offsets: Optional[torch.Tensor] = t[2] if t[2].numel() > 0 else None
         if x.dim() == 2 and x.shape[0] > 32:  # compute-bound: dequantize once, let BLAS run the GEMM
@@ -385,6 +389,6 @@ def packed_dense_spec(weight: torch.Tensor, rows: int) -> LinearSpec:
 
 def linear_spec(layer: nn.Module) -> LinearSpec:
     """The ``LinearSpec`` of any linear layer (dense ones included)."""
-    if isinstance(layer, Linear):
+    if type(layer) is Linear:
         return LinearSpec(LinearKind.DENSE, [layer.weight], 0, 0, 0)
     return layer.spec()  # type: ignore[operator]

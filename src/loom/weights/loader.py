@@ -11,6 +11,7 @@ import torch
 
 from loom.config import ModelConfig, RopeScalingOverride, with_rope_scaling
 from loom.device import default_dtype, resolve_device
+from loom.layers.linear import pack_bf16_linears
 from loom.layers.quantized import QuantizedLinear, QuantizedTensor
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
@@ -135,6 +136,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     model.eval().requires_grad_(False)
     if dev.type != "cpu":
         model.to(dev)
+    elif model.dtype == torch.bfloat16:
+        pack_bf16_linears(model)  # dense bf16 linears reordered once for oneDNN's GEMMs (one copy)
     return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
 
 

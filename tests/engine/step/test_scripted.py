@@ -55,7 +55,7 @@ def test_other_shapes_use_the_module_path(extra):
     assert not llama_shaped(model)
     with pytest.raises(ValueError, match="Llama-shaped"):
         ScriptedStep(model, torch.zeros(1), torch.zeros(1))
-    assert not llama_shaped(Transformer(ModelConfig(**BASE), dtype=torch.bfloat16))
+    assert not llama_shaped(Transformer(ModelConfig(**BASE), dtype=torch.float16))
     cache = KVCache(model.config, 2, 4)
     from loom.engine.runner import ModelRunner
 
@@ -182,3 +182,30 @@ def test_packed_dense_weights_give_the_same_logits(batch):
         want = plain(DecodeBatch(tokens, lens - 1, slots, tables, lens))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert ScriptedStep(model, caches[0].k, caches[0].v, pack_rows=8).packed_rows == 0  # too few rows to pay
+
+
+@pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
+                                   dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=5)])
+def test_bf16_scripted_step_equals_the_module_step(extra):
+    """bf16 models decode through the scripted step over oneDNN-packed linears, bit for bit as the modules do."""
+    from loom.engine.step import ModuleStep
+    from loom.layers.linear import onednn_bf16_available, pack_bf16_linears
+
+    model = Transformer(ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96}, **extra),
+                        dtype=torch.bfloat16).init_random(0, std=0.2)
+    assert pack_bf16_linears(model) == (13 if onednn_bf16_available() else 0) - ("tie_word_embeddings" in extra)
+    assert llama_shaped(model)
+    caches = [KVCache(model.config, 40, 4, dtype=torch.bfloat16) for _ in range(2)]
+    for c in caches:  # the same earlier keys and values in both
+        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))
+        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(5)))
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        scripted, module = ScriptedStep(model, caches[0].k, caches[0].v), ModuleStep(model, caches[1].layers())
+        tables, lens = torch.randperm(40, generator=g)[:30].view(3, 10), torch.tensor([3, 17, 29])
+        for _ in range(4):
+            tokens, pos = torch.randint(0, 97, (3,), generator=g), lens - 1
+            batch = DecodeBatch(tokens, pos, tables[torch.arange(3), pos // 4] * 4 + pos % 4, tables, lens)
+            assert torch.equal(scripted(batch).float(), module(batch))
+            lens = lens + 1
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)

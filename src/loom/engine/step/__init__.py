@@ -3,7 +3,8 @@
     step          where it runs                      what it takes
     native        C++, one OpenMP region per step    Llama-shaped fp32 CPU models with dense or loom int4/int8
                   (native.py, native/decode_step.cpp) linears; batches of <= 32 (quantized) or 1 (dense)
-    scripted      TorchScript program (scripted.py)  Llama-shaped fp32 CPU models, any weight-only linear, any batch
+    scripted      TorchScript program (scripted.py)  Llama-shaped fp32 or bf16 CPU models, any weight-only linear,
+                                                     any batch (bf16: oneDNN-packed weights, AMX GEMMs)
     cuda_graph    CUDA graph replay (cuda_graph.py)  pre-norm models without ALiBi on a GPU
     module        the nn.Module forward (module.py)  everything (and every prefill)
 
@@ -65,7 +66,7 @@ def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str
 
         return None if CudaGraphStep.takes(model) else "it needs a pre-norm model without ALiBi on a CUDA device"
     if not llama_shaped(model):
-        return "it needs a Llama-shaped fp32 CPU model with weight-only linears (weights.py: llama_shaped)"
+        return "it needs a Llama-shaped fp32 or bf16 CPU model with weight-only linears (weights.py: llama_shaped)"
     return native_problem(DecoderWeights.of(model)) if name == "native" else None
 
 

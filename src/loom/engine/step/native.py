@@ -28,6 +28,8 @@ def native_problem(weights: DecoderWeights) -> str | None:
     """Why the native step cannot run this model (None: it can)."""
     if not fused.native_ops():
         return "loom's native kernels are not built (LOOM_NATIVE=0, or no compiler)"
+    if weights.dtype != torch.float32:
+        return f"it runs fp32 models, not {str(weights.dtype).replace('torch.', '')}"
     kinds = {spec.kind for spec in weights.linears()}
     if not kinds <= {LinearKind.DENSE, LinearKind.LOOM}:
         return f"it takes dense fp32 or loom int4 / int8 linears, not {sorted(k.name for k in kinds)}"

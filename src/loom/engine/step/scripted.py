@@ -32,7 +32,7 @@ from torch import nn
 from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights
 from loom.layers import fused, kernels
-from loom.layers.linear_spec import LinearSpec
+from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.quantized import apply_linear
 from loom.models.transformer import Transformer
 
@@ -129,7 +129,7 @@ def decode_program(native: bool, script: bool = True) -> nn.Module:
 
 
 class ScriptedStep(DecodeStep):
-    """Any decode batch of a Llama-shaped fp32 CPU model, through the TorchScript program."""
+    """Any decode batch of a Llama-shaped fp32 or bf16 CPU model, through the TorchScript program."""
 
     name = "scripted"
 
@@ -159,6 +159,8 @@ class ScriptedStep(DecodeStep):
                             w.layers, w.final_norm, w.head, self.k, self.v, w.shape)
 
     def describe(self) -> str:
+        if any(spec.kind == LinearKind.ONEDNN for spec in self.weights.linears()):
+            return "scripted (bf16, linears oneDNN-packed: AMX GEMMs)"
         if self.packed_rows:
             return (f"scripted (dense weights also MKL-packed for decode batches of {self.packed_rows}: "
                     f"{self.packed_bytes / 2**20:.0f} MiB more; LOOM_PACK_WEIGHTS=0 turns it off)")

@@ -10,7 +10,7 @@ from typing import Iterator, List, NamedTuple
 
 import torch
 
-from loom.layers.linear import Linear
+from loom.layers.linear import Linear, PackedLinear
 from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.quantized import QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
 from loom.models.transformer import Transformer
@@ -39,15 +39,16 @@ class AttentionShape(NamedTuple):
 
 def llama_shaped(model: Transformer) -> bool:
     """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU, full rotate-half
-    RoPE, no biases but q|k|v's, fp32 on the CPU, linears of loom's own kinds."""
+    RoPE, no biases but q|k|v's, fp32 or bf16 on the CPU, linears of loom's own kinds."""
     c = model.config
     if not (c.norm == "rmsnorm" and c.norm_placement == "pre" and c.final_norm and not c.norm_bias
             and c.gated_mlp and c.activation == "silu" and not c.mlp_bias and not c.attn_out_bias
             and c.position == "rope" and c.rotary_dim == c.head_dim
-            and model.dtype == torch.float32 and model.device.type == "cpu"):
+            and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
     linears = [m for l in model.layers for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)]
-    return all(type(m) in (Linear, QuantizedLinear, W8A8Linear) for m in linears + [model.lm_head or Linear(1, 1)])
+    kinds = (Linear, PackedLinear, QuantizedLinear, W8A8Linear)
+    return all(type(m) in kinds for m in linears + [model.lm_head or Linear(1, 1)])
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class DecoderWeights:
     @classmethod
     def of(cls, model: Transformer) -> "DecoderWeights":
         if not llama_shaped(model):
-            raise ValueError("the compiled decode steps need a Llama-shaped fp32 CPU model with dense or "
+            raise ValueError("the compiled decode steps need a Llama-shaped fp32 or bf16 CPU model with dense or "
                              "weight-only quantized linears (see engine/step/weights.py: llama_shaped)")
         c = model.config
         empty = torch.empty(0, dtype=model.dtype)
-        layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj),
-                               l.attn.qkv_proj.bias if l.attn.qkv_proj.bias is not None else empty,
+        def qkv_bias(proj: torch.nn.Module) -> torch.Tensor:  # a PackedLinear's bias is inside its spec
+            return proj.bias if proj.bias is not None and not isinstance(proj, PackedLinear) else empty
+
+        layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj), qkv_bias(l.attn.qkv_proj),
                                linear_spec(l.attn.o_proj), l.mlp_norm.weight, linear_spec(l.mlp.gate_up_proj),
                                linear_spec(l.mlp.down_proj)) for l in model.layers]
         head = linear_spec(model.lm_head) if model.lm_head is not None else \
@@ -87,6 +90,10 @@ class DecoderWeights:
         return any(spec.kind == LinearKind.DENSE for spec in self.linears())
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
     def dense_layers(self) -> bool:
         """Whether the decoder layers' linears are dense (the output layer aside)."""
         return any(spec.kind == LinearKind.DENSE for l in self.layers for spec in (l.qkv, l.o, l.gate_up, l.down))
@@ -94,8 +101,9 @@ class DecoderWeights:
     def packed(self, rows: int) -> "DecoderWeights":
         """The same weights with every dense linear also held MKL-packed for products of ``rows`` rows
         (``packed_dense_spec``); quantized linears stay as they are."""
-        def pack(spec: LinearSpec) -> LinearSpec:
-            return packed_dense_spec(spec.tensors[0], rows) if spec.kind == LinearKind.DENSE else spec
+        def pack(spec: LinearSpec) -> LinearSpec:  # MKL packs fp32 weights only
+            dense_fp32 = spec.kind == LinearKind.DENSE and spec.tensors[0].dtype == torch.float32
+            return packed_dense_spec(spec.tensors[0], rows) if dense_fp32 else spec
 
         layers = [l._replace(qkv=pack(l.qkv), o=pack(l.o), gate_up=pack(l.gate_up), down=pack(l.down))
                   for l in self.layers]
