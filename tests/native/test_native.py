@@ -41,6 +41,22 @@ def test_silu_and_mul(dtype, tol):
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 
+def test_bf16_silu_and_mul_rounds_once_like_c10():
+    """bf16 is computed in fp32 and rounded once to nearest-even (the bit-level conversions of kernels.h must
+    agree with c10::BFloat16's), specials included."""
+    g = torch.randn(64, 2 * 1536, generator=torch.Generator().manual_seed(3)) * 4
+    g[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -0.0])
+    gu = g.to(torch.bfloat16)
+    got = torch.ops.loom.silu_and_mul(gu)
+    gate, up = gu.float().chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)  # one rounding, by c10
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()  # exp_vec vs torch's exp: at most one bf16 ulp apart
+    assert ((got.float() - want.float()).abs()[finite].nan_to_num() <= ulp[finite]).all()
+    assert (got == want)[finite].float().mean() > 0.999
+
+
 def test_rope_on_a_strided_view():
     qkv = torch.randn(7, 15, 64)
     x = qkv[:, :12]  # q and k heads of a fused projection: not contiguous

@@ -98,6 +98,22 @@ void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t f) {
   });
 }
 
+// bf16 rows as raw bits, computed in fp32 and rounded once (the same values as the template above, fast).
+void silu_and_mul_rows_bf16(const uint16_t* in, uint16_t* o, int64_t rows, int64_t f) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint16_t* gi = in + i * 2 * f;
+      const uint16_t* ui = gi + f;
+      uint16_t* oi = o + i * f;
+#pragma omp simd
+      for (int64_t j = 0; j < f; ++j) {
+        const float a = loom_native::bf16_to_float(gi[j]);
+        oi[j] = loom_native::float_to_bf16(a * (1.f / (1.f + exp_vec(-a))) * loom_native::bf16_to_float(ui[j]));
+      }
+    }
+  });
+}
+
 at::Tensor silu_and_mul(const at::Tensor& gu) {
   TORCH_CHECK(gu.size(-1) % 2 == 0, "silu_and_mul: last dimension must be even");
   auto g = gu.contiguous();
@@ -105,7 +121,12 @@ at::Tensor silu_and_mul(const at::Tensor& gu) {
   auto sizes = g.sizes().vec();
   sizes.back() = f;
   auto out = at::empty(sizes, g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "silu_and_mul", [&] {
+  if (g.scalar_type() == at::kBFloat16) {
+    silu_and_mul_rows_bf16(reinterpret_cast<const uint16_t*>(g.data_ptr<at::BFloat16>()),
+                           reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), rows, f);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "silu_and_mul", [&] {
     silu_and_mul_rows<scalar_t>(g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, f);
   });
   return out;

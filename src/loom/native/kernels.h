@@ -280,8 +280,32 @@ inline void rope_row(const float* x, const float* c, const float* s, float* o, i
 //   out_j = sum_t p_t v_t.
 // Two passes (scores, then weighted values) keep it exact and simple.
 
+// bf16 storage as its raw bits (the layout of c10::BFloat16), with conversions that vectorize: c10's
+// own conversion functions keep elementwise loops scalar (SiLU-and-multiply of 64 x 1536 bf16 values
+// took 0.7 ms through them).
+struct bf16 {
+  uint16_t bits;
+};
+
+[[gnu::always_inline]] inline float bf16_to_float(uint16_t b) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16);  // exact
+}
+
+// Round to nearest, ties to even; NaN becomes the quiet NaN 0x7FC0: exactly c10::BFloat16's rounding.
+[[gnu::always_inline]] inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
 // A slice of a cache row as floats: itself when the cache is fp32, else converted into `buf`.
 inline const float* load(const float* row, float*, int64_t) { return row; }
+inline const float* load(const bf16* row, float* buf, int64_t d) {
+  const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) buf[i] = bf16_to_float(r[i]);
+  return buf;
+}
 template <typename T>
 inline const float* load(const T* row, float* buf, int64_t d) {
   for (int64_t i = 0; i < d; ++i) buf[i] = static_cast<float>(row[i]);

@@ -41,12 +41,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   auto tables = block_tables.to(at::kLong).contiguous();
   auto lens = context_lens.to(at::kLong).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(qf.data_ptr<float>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
-                            q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1),
-                            static_cast<float>(scale), window);
-  });
+  auto run = [&](auto* k, auto* v) {
+    decode_kernel(qf.data_ptr<float>(), k, v, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                  out.data_ptr<float>(), q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1),
+                  tables.size(1), static_cast<float>(scale), window);
+  };
+  if (k_cache.scalar_type() == at::kBFloat16) {  // read as raw bits: conversions that vectorize (kernels.h)
+    run(reinterpret_cast<const loom_native::bf16*>(k_cache.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const loom_native::bf16*>(v_cache.data_ptr<at::BFloat16>()));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, k_cache.scalar_type(), "paged_decode_attention", [&] {
+      run(static_cast<const scalar_t*>(k_cache.data_ptr<scalar_t>()),
+          static_cast<const scalar_t*>(v_cache.data_ptr<scalar_t>()));
+    });
+  }
   return out.to(q.scalar_type());
 }
 
