@@ -161,3 +161,12 @@ def random_quantized_tensor(n: int, k: int, bits: int, group: int, seed: int = 0
     scales = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
     offsets = torch.randn(n, k // group, generator=g) * 0.05
     return QuantizedTensor(codes, scales, offsets, bits, group)
+
+
+def tiny_llama_gguf(folder) -> str:
+    """A tiny random Llama saved with transformers (GQA, 2 KV heads), written as an F32 GGUF with a byte-level
+    vocabulary under ``folder``; returns the file's path."""
+    hf = save_tiny_hf(str(folder / "hf"), "llama", num_key_value_heads=2)
+    path = str(folder / "tiny.gguf")
+    write_llama_gguf(path, hf, "F32", tokenizer_meta=byte_level_vocab_meta())
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import byte_level_metadata, byte_level_vocab_meta, save_tiny_hf, write_llama_gguf
+from tests.helpers import byte_level_metadata, save_tiny_hf, tiny_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,4 @@ def tiny_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-gguf")
-    hf = save_tiny_hf(str(folder / "hf"), "llama", num_key_value_heads=2)
-    path = str(folder / "tiny.gguf")
-    write_llama_gguf(path, hf, "F32", tokenizer_meta=byte_level_vocab_meta())
-    return path
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny-gguf"))
