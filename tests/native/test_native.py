@@ -85,6 +85,33 @@ def test_paged_decode_attention(window, dtype):
         assert (got[b] - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 4, 2), (256, 4, 1)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_paged_decode_attention_bf16_query(d, hq, hkv, window):
+    """A bf16 query over bf16 caches (the bf16 model's decode; AVX512-BF16 where the CPU has it) against
+    the definition in float64, for context lengths around the 16-token tiles, batched (one item per
+    sequence) and alone (one item per KV head)."""
+    g = torch.Generator().manual_seed(1)
+    kc = torch.randn(80, 16, hkv, d, generator=g).bfloat16()
+    vc = torch.randn(80, 16, hkv, d, generator=g).bfloat16()
+    lens = torch.tensor([1, 15, 16, 17, 33, 64, 5, 40, 2, 31])
+    tables = torch.randperm(80, generator=g)[:40].view(10, 4)
+    q = torch.randn(10, hq, d, generator=g).bfloat16()
+    for rows in (slice(0, 10), slice(3, 4)):
+        got = paged_decode_attention_native(q[rows], kc, vc, tables[rows], lens[rows], d ** -0.5, window)
+        assert got.dtype == torch.bfloat16
+        for i, b in enumerate(range(10)[rows]):
+            n = int(lens[b])
+            k = kc.double()[tables[b]].reshape(-1, hkv, d)[:n].transpose(0, 1).repeat_interleave(hq // hkv, 0)
+            v = vc.double()[tables[b]].reshape(-1, hkv, d)[:n].transpose(0, 1).repeat_interleave(hq // hkv, 0)
+            s = (q[b].double()[:, None] @ k.transpose(1, 2))[:, 0] * d ** -0.5
+            if window:
+                s[:, : max(0, n - window)] = -torch.inf
+            want = (s.softmax(-1)[:, None] @ v)[:, 0]
+            # fp32 accumulation, then one rounding to bf16: within one bf16 ulp of the exact value
+            assert ((got[i].double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()
+
+
 def test_model_is_the_same_with_and_without_native(monkeypatch):
     from loom.config import ModelConfig
     from loom.models.transformer import Transformer
