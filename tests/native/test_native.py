@@ -112,6 +112,27 @@ def test_paged_decode_attention_bf16_query(d, hq, hkv, window):
             assert ((got[i].double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()
 
 
+def test_argmax_rows_is_torch_argmax():
+    """First index of the maximum, NaN counting as the maximum, ties and all -inf rows included."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 1000, generator=g)
+    x[1, 700] = x[1, 3] = 50.0  # a tie: the first wins
+    x[2, 999] = 60.0  # the last element
+    x[3, 0] = 60.0  # the first element
+    x[4] = -torch.inf
+    x[5, 400] = torch.nan
+    x[5, 10] = 100.0
+    x[6, 65] = torch.nan  # NaN in the second chunk, after a chunk with a finite maximum
+    x[6, 900] = torch.nan
+    x[7] = 3.0  # all equal
+    x[8, 64] = torch.inf
+    assert torch.equal(fused.argmax_rows(x), torch.argmax(x, dim=-1))
+    y = torch.randn(5, 49152, generator=g)
+    assert torch.equal(fused.argmax_rows(y), torch.argmax(y, dim=-1))
+    odd = torch.randn(3, 7, generator=g)
+    assert torch.equal(fused.argmax_rows(odd), torch.argmax(odd, dim=-1))
+
+
 def test_model_is_the_same_with_and_without_native(monkeypatch):
     from loom.config import ModelConfig
     from loom.models.transformer import Transformer

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from loom.layers.fused import argmax_rows
 from loom.sampling_params import SamplingParams
 
 
@@ -139,7 +140,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         for i, b in bans:
             logits[i, b] = float("-inf")
         sub = logits if len(plain) == len(rows) else logits[torch.tensor(plain, dtype=torch.long, device=dev)]
-        for i, token in zip(plain, torch.argmax(sub, dim=-1).tolist()):
+        for i, token in zip(plain, argmax_rows(sub).tolist()):
             out[i] = token
         for (i, b), value in zip(bans, saved):
             logits[i, b] = value

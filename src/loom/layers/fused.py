@@ -1,4 +1,4 @@
-"""Elementwise steps of a decoder layer, each as one native kernel when loom's native ops are built
+"""Elementwise steps of a decoder layer (and the greedy sampler's row-wise argmax), each as one native kernel when loom's native ops are built
 (see loom/native) and the tensor is on the CPU, else (no build, or a GPU tensor) as the PyTorch
 composition that defines it. Tests hold the two equal."""
 
@@ -48,3 +48,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and native_ops() and x.stride(-1) == 1:
         return torch.ops.loom.rope(x, cos, sin)
     return rope_torch(x, cos, sin)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for [rows, n] logits (first index of the maximum; NaN counts as the maximum),
+    natively for fp32 on the CPU: torch's argmax was 3.5 ms for 64 x 49,152 logits, 14x its amax."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and native_ops():
+        return torch.ops.loom.argmax_rows(x)
+    return torch.argmax(x, dim=-1)

@@ -160,11 +160,52 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 
 }  // namespace
 
+// Row-wise argmax of fp32 logits [rows, n]: the first index of the largest value, a NaN counting as the
+// largest (torch.argmax's rule). Two passes over a row that stays in cache: a vectorized max, then the first
+// chunk holding it. torch's argmax carries (value, index) pairs element by element: 3.5 ms for 64 x 49,152
+// logits, where amax takes 0.25 ms.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "argmax_rows: x must be fp32 [rows, n > 0]");
+  auto xc = x.contiguous();
+  const int64_t rows = xc.size(0), n = xc.size(1);
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* p = xc.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  constexpr int64_t kChunk = 64;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = p + r * n;
+      float mx = -std::numeric_limits<float>::infinity();
+      int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(max : nan)
+      for (int64_t j = 0; j < n; ++j) {
+        mx = row[j] > mx ? row[j] : mx;
+        nan = row[j] != row[j] ? 1 : nan;
+      }
+      int64_t idx = 0;
+      for (int64_t j0 = 0; j0 < n; j0 += kChunk) {  // the first chunk with a hit, then the hit inside it
+        const int64_t j1 = std::min(n, j0 + kChunk);
+        int hit = 0;
+#pragma omp simd reduction(max : hit)
+        for (int64_t j = j0; j < j1; ++j) hit = (nan ? row[j] != row[j] : row[j] == mx) ? 1 : hit;
+        if (hit) {
+          idx = j0;
+          while (nan ? row[idx] == row[idx] : row[idx] != mx) ++idx;
+          break;
+        }
+      }
+      o[r] = idx;
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loom, CPU, m) {
@@ -172,4 +213,5 @@ TORCH_LIBRARY_IMPL(loom, CPU, m) {
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);
   m.impl("rope", rope);
+  m.impl("argmax_rows", argmax_rows);
 }
