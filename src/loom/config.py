@@ -452,7 +452,7 @@ class SpeculativeConfig:
 
 
 DECODE_STEPS = ("auto", "native", "scripted", "cuda_graph", "module")  # see engine/step/__init__.py
-WEIGHTS = ("native", "fp32", "bf16")
+WEIGHTS = ("native", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -462,7 +462,8 @@ class EngineConfig:
     and never changed afterwards (the engine derives what it needs with ``dataclasses.replace``).
 
     model:            a .gguf file or a Hugging Face folder; None: the default model (SmolLM2-135M-Instruct)
-    weights:          "native" (quantized files run quantized), "fp32" or "bf16" (everything dense);
+    weights:          "native" (quantized files run quantized), "fp32" or "bf16" (everything dense),
+                      "int8" (bf16 with W8A8 decoder linears on the int8 matrix units, CPU);
                       None: native, or dense in ``dtype`` when only a dtype is given
     dtype:            the dense dtype (default: the device's, fp32 on the CPU and bf16 on CUDA)
     device:           "cpu" (default) or "cuda"

@@ -7,8 +7,9 @@ import torch
 
 from loom import native
 from loom.compress.quantize.rtn import QuantConfig, rtn_quantize
-from loom.layers.quantized import (QuantizationError, QuantizedLinear, QuantizedTensor, W8A8Linear, pack_int4,
-                                   quantize_activations, unpack_int4)
+from loom.layers.quantized import (PackedW8A8Linear, QuantizationError, QuantizedLinear, QuantizedTensor, W8A8Linear,
+                                   onednn_int8_available, pack_int4, quantize_activations, unpack_int4)
+from loom.models.rotation import hadamard
 from tests.helpers import random_quantized_tensor
 
 
@@ -115,6 +116,73 @@ def test_w8a8_equals_integer_formula():
     want = (qx.double() @ qw.double().t()) * sx.double() * sw.double()[None]
     assert torch.allclose(layer(x).double(), want, rtol=1e-6, atol=1e-6)
     assert _rel_err(layer(x), x @ w.t()) < 0.02  # int8 x int8 stays close to fp32
+
+
+def _rows_int8_definition(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of x H_b / sqrt(b) in float64: the quantizer's definition."""
+    xd = x.double()
+    if block:
+        xd = xd @ torch.block_diag(*[hadamard(block)] * (x.shape[1] // block)) / block ** 0.5
+    s = xd.abs().amax(1, keepdim=True) / 127
+    return torch.round(xd / torch.where(s > 0, s, 1.0)).clamp(-127, 127), s
+
+
+needs_int8 = pytest.mark.skipif(not onednn_int8_available(), reason="this CPU / torch build has no oneDNN int8 GEMM")
+
+
+@needs_int8
+@pytest.mark.parametrize("block", [0, 8, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_quantizer_is_the_definition(block, dtype):
+    """Codes within one step of the float64 definition (the fp32 Hadamard transform may move a value across
+    a rounding boundary), nearly all equal; scales to fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 1536, generator=g) * torch.rand(37, 1, generator=g) * 5).to(dtype)
+    x[3, 100] = 80.0  # an outlier channel
+    x[5] = 0.0  # an all-zero row: codes 0
+    q, s = torch.ops.loom.quantize_rows_int8(x, block)
+    want_q, want_s = _rows_int8_definition(x, block)
+    assert q.dtype == torch.int8 and s.shape == (37, 1)
+    assert (q.double() - want_q).abs().max() <= 1 and (q.double() == want_q).double().mean() > 0.999
+    nonzero = want_s[:, 0] > 0
+    assert torch.allclose(s.double()[nonzero], want_s[nonzero], rtol=1e-6)
+    assert (q[5] == 0).all()
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 5, 17, 64, 300])
+@pytest.mark.parametrize("k,n,block", [(576, 960, 0), (1536, 576, 512), (576, 3072, 64), (40, 24, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_w8a8_equals_the_integer_formula(rows, k, n, block, dtype):
+    """SmolLM2's shapes and odd ones: y = s_x s_w (q_x . q_w) + b in float64 from the layer's own codes,
+    rounded once to the activations' dtype; and close to the fp32 product."""
+    g = torch.Generator().manual_seed(rows + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    layer = PackedW8A8Linear(w, b, block)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    qx, sx = torch.ops.loom.quantize_rows_int8(x, block)
+    qw = layer.packed.to_dense().t().double()
+    assert torch.equal(qw, torch.round(w.double() / (w.double().abs().amax(1, keepdim=True) / 127)))
+    want = (qx.double() @ qw.t()) * sx.double() * layer.weight_scale.double() + b.double()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - want).abs() <= tol * want.abs() + 1e-4).all()
+    rotated = x.double() @ (torch.block_diag(*[hadamard(block)] * (k // block)) / block ** 0.5 if block else
+                            torch.eye(k, dtype=torch.float64))
+    exact = rotated @ w.double().t() + b.double()  # the layer's W is given in the rotated basis
+    assert _rel_err(y.float(), exact.float()) < 0.03  # int8 x int8 stays close to the exact product
+
+
+@needs_int8
+def test_packed_w8a8_weight_unpacks_and_takes_any_leading_shape():
+    w = torch.randn(48, 64)
+    layer = PackedW8A8Linear(w)
+    assert (layer.weight - w).abs().max() <= layer.weight_scale.max() / 2 + 1e-6
+    x = torch.randn(2, 3, 64)
+    assert torch.allclose(layer(x), layer(x.reshape(6, 64)).reshape(2, 3, 48))
+    with pytest.raises(ValueError, match="power of two"):
+        PackedW8A8Linear(w, hadamard=48)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 96)])

@@ -17,7 +17,7 @@ from loom.config import (DECODE_STEPS, CacheConfig, EngineConfig, KVPolicyConfig
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
 
-WEIGHTS = ["native", "fp32", "bf16"]
+WEIGHTS = ["native", "fp32", "bf16", "int8"]
 
 
 # option groups -------------------------------------------------------------------------------------
@@ -33,7 +33,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_source_options(p)
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="native: quantized weights run quantized (the default for quantized files); "
-                        "fp32 / bf16: everything dense in that dtype")
+                        "fp32 / bf16: everything dense in that dtype; int8: bf16 with W8A8 decoder linears "
+                        "(rotated residual stream, int8 matrix units of the CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="run dense in this dtype (same as --weights fp32/bf16)")
     add_rope_options(p)

@@ -24,6 +24,7 @@ class LinearKind(enum.Enum):
     TORCH_INT4_CUDA = 6  # tinygemm's CUDA layout (cuda_quant.py)
     DENSE_PACKED = 7  # a dense weight plus MKL's copy packed for products of exactly ``rows`` rows
     ONEDNN = 8  # a dense bf16 weight reordered once into oneDNN's blocked layout (AMX / AVX512-BF16 GEMMs)
+    ONEDNN_W8A8 = 9  # int8 weights in oneDNN's layout x int8 activations quantized per row (AMX-INT8 / VNNI)
 
 
 class LinearSpec(NamedTuple):
@@ -31,8 +32,10 @@ class LinearSpec(NamedTuple):
 
     tensors: the kernel's tensors (DENSE: [W]; LOOM / REFERENCE: [codes, scales, offsets]; torch's kinds:
     [packed codes, scales]; W8A8: [int8 W, scales]; DENSE_PACKED: [W, MKL-packed W]; ONEDNN: [the reordered W
-    (an opaque mkldnn tensor), and the bias if the layer has one: oneDNN adds it before rounding to bf16]).
-    bits: the codes' container (4 or 8) for LOOM and REFERENCE. group: the quantization group size.
+    (an opaque mkldnn tensor), and the bias if the layer has one: oneDNN adds it before rounding to bf16];
+    ONEDNN_W8A8: [the packed int8 W, its fp32 scales, zero points (zeros), the fp32 bias or an empty tensor]).
+    bits: the codes' container (4 or 8) for LOOM and REFERENCE. group: the quantization group size (for
+    ONEDNN_W8A8: the Hadamard block applied to the inputs, 0 for none).
     rows: DENSE_PACKED's packed row count (0 for every other kind). The bias stays with the caller (but ONEDNN's).
     """
 

@@ -23,7 +23,9 @@ The kernel follows the layer's device: a layer built on (or moved to) a GPU re-c
 there ("auto": torch's CUDA kernels where they take the format, else the reference) and re-packs its
 codes for it; loom's own kernels are CPU code.
 ``W8A8Linear`` quantizes activations too (SmoothQuant's setting): per-token dynamic int8 activations
-times per-channel int8 weights through ``torch._int_mm`` (int32 accumulation).
+times per-channel int8 weights through ``torch._int_mm`` (int32 accumulation). ``PackedW8A8Linear`` is the
+same product on the CPU's int8 matrix units: the weight held once in oneDNN's blocked layout, the
+activations quantized by a native kernel (optionally after a Hadamard transform of each row).
 
 ``apply_linear`` is the one dispatch function used by the module path and by the scripted decode
 step, so both run the same kernel for the same layer.
@@ -170,6 +172,12 @@ def apply_linear(x: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x.to(t[1].dtype), t[0], t[1]).to(x.dtype)
     if kind == LinearKind.W8A8:
         return w8a8_matmul(x, t[0], t[1])
+    if kind == LinearKind.ONEDNN_W8A8:  # see PackedW8A8Linear; t: packed W, its scales, zero points, bias
+        qx, sx = torch.ops.loom.quantize_rows_int8(x, spec.group)
+        no_args: List[Optional[Union[int, float, complex]]] = []
+        acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, t[0], t[1], t[2], None, 1.0, 0, torch.float32, "none",
+                                                 no_args, "")
+        return torch.ops.loom.scale_rows(acc, sx, t[3], x.dtype)
     # REFERENCE: the definition in fp32, rounded to x's dtype
     return linear(x.float(), dequantize_kernel_weight(t[0], t[1], t[2], spec.bits, spec.group)).to(x.dtype)
 
@@ -372,6 +380,85 @@ class W8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w8a8"
+
+
+def onednn_int8_available() -> bool:
+    """Whether this CPU and torch build run int8 x int8 GEMMs through oneDNN (AMX-INT8 or AVX512-VNNI) and
+    loom's native kernels (the activation quantizer) are built."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+            and _native_available())
+
+
+class PackedW8A8Linear(nn.Module):
+    """W8A8 on the CPU's int8 matrix units (``LinearKind.ONEDNN_W8A8``): y = x W^T + b with
+
+        W ~ diag(s_w) Q_w     int8 per output channel (symmetric), held once in oneDNN's blocked layout
+        x_m ~ s_m q_m         int8 per row, quantized on the fly (native/w8a8.cpp)
+        y_mn = s_m s_w[n] (q_m . Q_w[n])   the dot product exact in int32 (AMX-INT8 / VNNI), then scaled
+
+    ``hadamard`` > 0: the layer's inputs are first multiplied by orthonormal Hadamard blocks of that size,
+    which the caller has multiplied into W (``loom.models.rotation``): outliers spread over a block, so
+    one scale per row loses less (QuaRot). The int8 weight exists only in the packed layout (``weight``
+    unpacks a copy).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, hadamard: int = 0) -> None:
+        super().__init__()
+        if weight.device.type != "cpu" or not onednn_int8_available():
+            raise ValueError("PackedW8A8Linear needs the CPU, oneDNN's int8 GEMM and loom's native kernels")
+        self.out_features, self.in_features = weight.shape
+        if hadamard and (hadamard & (hadamard - 1) or self.in_features % hadamard):
+            raise ValueError(f"the Hadamard block {hadamard} must be a power of two dividing {self.in_features}")
+        w = weight.detach().double()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-30)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.hadamard = hadamard
+        # Plain attributes, not buffers: ``model.to(torch.bfloat16)`` must leave the fp32 scales as they are.
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.weight_scale = scale.float().contiguous()
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        self.bias_fp32 = torch.empty(0) if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias (fp32; added inside the kernel, with the row scales), or None."""
+        return self.bias_fp32 if self.bias_fp32.numel() > 0 else None
+
+    def spec(self) -> LinearSpec:
+        return LinearSpec(LinearKind.ONEDNN_W8A8, [self.packed, self.weight_scale, self.zero_points, self.bias_fp32],
+                          8, self.hadamard, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return apply_linear(x.reshape(-1, shape[-1]), self.spec()).view(*shape[:-1], -1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weight dequantized, in the rotated basis the layer computes in (a copy)."""
+        return self.packed.to_dense().t().float() * self.weight_scale[:, None]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features + self.out_features * 4
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w8a8 oneDNN-packed"
+                + (f", hadamard={self.hadamard}" if self.hadamard else ""))
+
+
+def pack_w8a8_linears(model: nn.Module, hadamard: dict[str, int] | None = None) -> int:
+    """Replace every dense ``Linear`` inside the decoder layers of a CPU model by its ``PackedW8A8Linear``
+    (quantized from the layer's weight as it is, so quantize before any cast to bf16); ``hadamard`` gives
+    the input Hadamard block of layers by name. The output layer stays as it is. Returns how many."""
+    hadamard = hadamard or {}
+    names = [name for name, m in model.named_modules() if type(m) is Linear and name.startswith("layers.")]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        layer = model.get_submodule(name)
+        model.get_submodule(parent).__setattr__(child, PackedW8A8Linear(layer.weight, layer.bias, hadamard.get(name, 0)))
+    return len(names)
 
 
 def packed_dense_spec(weight: torch.Tensor, rows: int) -> LinearSpec:

@@ -68,6 +68,9 @@ class Transformer(nn.Module):
         self.norm = make_norm(config).to(dtype) if config.final_norm else None
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                       dtype=dtype)
+        # An orthogonal Q of the residual stream (models/rotation.py): the embedding's output is multiplied by
+        # it and the last hidden state by Q^T before the final norm. None: no rotation.
+        self.register_buffer("residual_rotation", None, persistent=False)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -100,7 +103,17 @@ class Transformer(nn.Module):
             h = h + self.pos_embed(positions)
         elif self.config.position == "sinusoidal":
             h = h + self.pos_table[positions]
-        return h
+        return h if self.residual_rotation is None else h @ self.residual_rotation
+
+    def cast_parameters(self, dtype: torch.dtype) -> None:
+        """Parameters (and the position and rotation tables) to ``dtype``, in place; the rotary tables stay
+        fp32, as in a model built in ``dtype``, and so do the scales of packed int8 linears."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        for name in ("pos_table", "residual_rotation"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name).to(dtype))
+        self.dtype = dtype
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +128,8 @@ class Transformer(nn.Module):
         rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
             h = layer(h, meta, None if kv_caches is None else kv_caches[i], rope)
+        if self.residual_rotation is not None:
+            h = h @ self.residual_rotation.t()
         return h if self.norm is None else self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

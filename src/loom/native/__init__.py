@@ -35,9 +35,10 @@ import torch
 from loom.cache import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "decode_step.cpp"]
+SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "w8a8.cpp", "decode_step.cpp"]
 HEADERS = ["kernels.h"]  # included by the sources: part of the build's identity
-OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope", "quant_linear")
+OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope", "quant_linear", "argmax_rows",
+       "quantize_rows_int8", "scale_rows")
 # -ffast-math lets reductions vectorize; -fno-finite-math-only keeps inf/NaN semantics (overflowing
 # activations must behave as in PyTorch, not as undefined behaviour).
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]

@@ -12,7 +12,8 @@ import torch
 from loom.config import ModelConfig, RopeScalingOverride, with_rope_scaling
 from loom.device import default_dtype, resolve_device
 from loom.layers.linear import pack_bf16_linears
-from loom.layers.quantized import QuantizedLinear, QuantizedTensor
+from loom.layers.quantized import QuantizedLinear, QuantizedTensor, onednn_int8_available, pack_w8a8_linears
+from loom.models.rotation import rotate
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
@@ -69,7 +70,7 @@ def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Ca
         param.data = tensor.to(model.dtype).contiguous()
 
 
-WEIGHTS = ("native", "fp32", "bf16")
+WEIGHTS = ("native", "fp32", "bf16", "int8")
 
 
 def choose_weights(weights: str | None, dtype: str | torch.dtype | None,
@@ -92,7 +93,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
     the int4 / int8 kernels, a loom-quantized checkpoint loads as saved) with the device's default
     dtype everywhere else (fp32 on the CPU, bf16 on CUDA); "fp32" / "bf16" dequantize everything to
-    that dtype. None means ``dtype`` (all dense). ``device``: "cpu" (default) or "cuda"; the model is
+    that dtype; "int8" rotates the residual stream and runs every decoder linear as W8A8 on the CPU's int8
+    matrix units, bf16 elsewhere (``w8a8_model``). None means ``dtype`` (all dense). ``device``: "cpu" (default) or "cuda"; the model is
     built on the CPU and moved there, quantized linears are packed for that device's kernels.
     ``rope_scaling``: a RopeScaling replaces the file's RoPE scaling (and grows the context to the
     original context times the factor), "none" switches the file's off, None keeps it
@@ -103,7 +105,11 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     if weights is not None:
         if weights not in WEIGHTS:
             raise ValueError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
-        dtype = {"native": default_dtype(dev), "fp32": torch.float32, "bf16": torch.bfloat16}[weights]
+        # int8 is built in fp32: its rotation and quantization start from the file's values (see w8a8_model)
+        dtype = {"native": default_dtype(dev), "fp32": torch.float32, "bf16": torch.bfloat16,
+                 "int8": torch.float32}[weights]
+        if weights == "int8":
+            check_w8a8(dev)
     dtype = resolve_dtype(dtype)
     native = weights == "native"
     t0 = time.perf_counter()
@@ -134,11 +140,28 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     else:
         raise WeightsError(path, "no such file or folder")
     model.eval().requires_grad_(False)
+    if weights == "int8":
+        w8a8_model(model)
     if dev.type != "cpu":
         model.to(dev)
     elif model.dtype == torch.bfloat16:
         pack_bf16_linears(model)  # dense bf16 linears reordered once for oneDNN's GEMMs (one copy)
     return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
+
+
+def check_w8a8(device: torch.device) -> None:
+    if device.type != "cpu" or not onednn_int8_available():
+        raise ValueError("weights 'int8' run on the CPU's int8 matrix units: they need a CPU device, a torch "
+                         "build with oneDNN's int8 GEMM and loom's native kernels (python -m loom.native)")
+
+
+def w8a8_model(model: Transformer) -> None:
+    """An fp32 model -> bf16 activations with W8A8 decoder linears, in place: the residual stream rotated
+    (models/rotation.py), every decoder linear int8 per output channel in oneDNN's layout with int8
+    activations per token (``PackedW8A8Linear``), everything else (embedding, norms, a tied output layer) bf16."""
+    online = rotate(model)
+    pack_w8a8_linears(model, online)
+    model.cast_parameters(torch.bfloat16)
 
 
 def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]],

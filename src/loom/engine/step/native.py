@@ -33,6 +33,8 @@ def native_problem(weights: DecoderWeights) -> str | None:
     kinds = {spec.kind for spec in weights.linears()}
     if not kinds <= {LinearKind.DENSE, LinearKind.LOOM}:
         return f"it takes dense fp32 or loom int4 / int8 linears, not {sorted(k.name for k in kinds)}"
+    if weights.rotation.numel() > 0:
+        return "it does not rotate the residual stream (models/rotation.py)"
     return None
 
 

@@ -86,10 +86,14 @@ class DecodeProgram(nn.Module):
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                 context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
                 layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
-                k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape) -> torch.Tensor:
+                k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape,
+                rotation: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
         hq, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
         h = F.embedding(tokens, embed)
+        rotated = rotation.numel() > 0
+        if rotated:  # the residual stream in its rotated basis (models/rotation.py)
+            h = torch.mm(h, rotation)
         for i, w in enumerate(layers):
             qkv = apply_linear(self.ops.rms_norm(h, w.attn_norm, eps), w.qkv)
             if w.qkv_bias.numel() > 0:
@@ -103,6 +107,8 @@ class DecodeProgram(nn.Module):
             h = h + apply_linear(a.reshape(b, hq * d), w.o)
             gate_up = apply_linear(self.ops.rms_norm(h, w.mlp_norm, eps), w.gate_up)
             h = h + apply_linear(self.ops.silu_and_mul(gate_up), w.down)
+        if rotated:
+            h = torch.mm(h, rotation.t())
         return apply_linear(self.ops.rms_norm(h, final_norm, eps), head)
 
 
@@ -156,7 +162,7 @@ class ScriptedStep(DecodeStep):
         w = self.weights
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
         return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
-                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape)
+                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation)
 
     def describe(self) -> str:
         if any(spec.kind == LinearKind.ONEDNN for spec in self.weights.linears()):

@@ -12,7 +12,7 @@ import torch
 
 from loom.layers.linear import Linear, PackedLinear
 from loom.layers.linear_spec import LinearKind, LinearSpec
-from loom.layers.quantized import QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
+from loom.layers.quantized import PackedW8A8Linear, QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
 from loom.models.transformer import Transformer
 
 
@@ -47,7 +47,7 @@ def llama_shaped(model: Transformer) -> bool:
             and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
     linears = [m for l in model.layers for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)]
-    kinds = (Linear, PackedLinear, QuantizedLinear, W8A8Linear)
+    kinds = (Linear, PackedLinear, QuantizedLinear, W8A8Linear, PackedW8A8Linear)
     return all(type(m) in kinds for m in linears + [model.lm_head or Linear(1, 1)])
 
 
@@ -58,6 +58,7 @@ class DecoderWeights:
     final_norm: torch.Tensor
     head: LinearSpec  # the output layer (the embedding when tied)
     shape: AttentionShape
+    rotation: torch.Tensor  # the residual stream's rotation (models/rotation.py), or an empty tensor
 
     @classmethod
     def of(cls, model: Transformer) -> "DecoderWeights":
@@ -66,8 +67,9 @@ class DecoderWeights:
                              "weight-only quantized linears (see engine/step/weights.py: llama_shaped)")
         c = model.config
         empty = torch.empty(0, dtype=model.dtype)
-        def qkv_bias(proj: torch.nn.Module) -> torch.Tensor:  # a PackedLinear's bias is inside its spec
-            return proj.bias if proj.bias is not None and not isinstance(proj, PackedLinear) else empty
+        def qkv_bias(proj: torch.nn.Module) -> torch.Tensor:  # a packed layer's bias is inside its spec
+            inside = isinstance(proj, (PackedLinear, PackedW8A8Linear))
+            return proj.bias if proj.bias is not None and not inside else empty
 
         layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj), qkv_bias(l.attn.qkv_proj),
                                linear_spec(l.attn.o_proj), l.mlp_norm.weight, linear_spec(l.mlp.gate_up_proj),
@@ -76,7 +78,8 @@ class DecoderWeights:
             LinearSpec(LinearKind.DENSE, [model.embed_tokens.weight], 0, 0, 0)
         shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
                                model.layers[0].attn.scale, [l.attn.window or 0 for l in model.layers])
-        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape)
+        rotation = model.residual_rotation if model.residual_rotation is not None else empty
+        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation)
 
     def linears(self) -> Iterator[LinearSpec]:
         """Every linear of the step, the output layer last."""
