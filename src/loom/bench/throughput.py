@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loom.analysis.probe import measure_matmul_flops
+from loom.analysis.probe import measure_matmul_flops, measure_packed_matmul_flops
 from loom.bench.workload import (DATASETS, FLOPS_COUNTED, MIXED_INPUT_RANGE, MIXED_OUTPUT_RANGE, Workload,
                                  fixed_workload, mixed_workload, random_prompts, workload_flops)
 from loom.config import EngineConfig
@@ -132,6 +132,34 @@ class HFStatic:
 
 # the HF sweep ---------------------------------------------------------------------------------------
 
+def resident_bytes() -> int:
+    """This process's resident set size (VmRSS), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights occupy: parameters, buffers (the small rotary tables too) and the packed
+    tensors of packed linears, each storage counted once (a tied output layer is the embedding)."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    for m in model.modules():
+        tensors += [t for t in vars(m).values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.is_mkldnn:  # opaque: its logical size
+            key, size = id(t), t.numel() * t.element_size()
+        else:
+            key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".strip()[:500]
 
@@ -181,10 +209,19 @@ def _hf_summary(batch: int, dtype: str, runs: list[dict[str, Any]]) -> dict[str,
 
 def measure_peaks(dtypes: Sequence[str], device: torch.device, size: int | None = None) -> dict[str, Any]:
     """Peak matmul FLOP/s of each dtype on ``device`` (square matmuls of ``size``: 1024 on the CPU, where
-    that measures compute rather than DRAM, 8192 on a GPU)."""
+    that measures compute rather than DRAM, 8192 on a GPU). On the CPU the better of a plain ``torch.mm``
+    and the product with the weight pre-packed by oneDNN (what loom's bf16 and int8 linears run); "int8"
+    (W8A8) has only the packed form."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    peaks = {name: measure_matmul_flops(size, DTYPES[name], repeats=5, device=device) for name in dict.fromkeys(dtypes)}
-    return {"peak_matmul_flops": peaks, "matmul_size": size}
+    peaks = {}
+    for name in dict.fromkeys(dtypes):
+        plain = measure_matmul_flops(size, DTYPES[name], repeats=5, device=device) if name in DTYPES else 0.0
+        packed = 0.0
+        if device.type == "cpu" and torch.backends.mkldnn.is_available() and name in ("bfloat16", "int8"):
+            packed = measure_packed_matmul_flops(size, name, repeats=5)
+        peaks[name] = max(plain, packed)
+    return {"peak_matmul_flops": peaks, "matmul_size": size,
+            "peak_measured_with": "max(torch.mm, oneDNN pre-packed weight) per dtype on the CPU"}
 
 
 def _with_roof(entry: dict[str, Any], dtype: str, flops_per_token: float, peaks: dict[str, float]) -> dict[str, Any]:
@@ -278,8 +315,12 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     engine = engine or EngineConfig()
     batches = [hf_batch] if isinstance(hf_batch, int) else list(hf_batch)
     _check(dataset, peers, num_prompts, input_len, output_len, repeats, batches, hf_dtype)
+    rss_before = resident_bytes()
     llm = LLM(config=engine)
-    dtype = str(llm.model.dtype).replace("torch.", "")
+    memory = {"rss_before_load_mib": rss_before / 2**20, "rss_after_load_mib": resident_bytes() / 2**20,
+              "weight_mib": weight_bytes(llm.model) / 2**20}
+    # the dtype the GEMMs run in, whose peak is the roof (int8 weights: W8A8 GEMMs, bf16 elsewhere)
+    dtype = "int8" if engine.weights == "int8" else str(llm.model.dtype).replace("torch.", "")
     work = _workload(llm, dataset, num_prompts, input_len, output_len, seed, input_range, output_range)
     dtypes = list(dict.fromkeys(hf_dtype)) if "hf" in peers else []
     configs = [(b, d) for d in dtypes for b in batches]
@@ -292,7 +333,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     loom_runs, hf_runs = _timed_runs(llm, work, models, configs, repeats,
                                      warmup if warmup is not None else llm.device.type == "cuda")
     peaks = roof["peak_matmul_flops"]
-    results: dict[str, Any] = {"loom": _with_roof(_loom_result(llm, loom_runs), dtype, per_token, peaks)}
+    results: dict[str, Any] = {"loom": {**_with_roof(_loom_result(llm, loom_runs), dtype, per_token, peaks),
+                                        "memory": memory, "weights": engine.weights or "native"}}
     hf_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d, per_token, peaks) for b, d in configs]
     ratio = _compare(results, hf_configs)
     fixed = dataset == "fixed"

@@ -162,6 +162,20 @@ def w8a8_model(model: Transformer) -> None:
     online = rotate(model)
     pack_w8a8_linears(model, online)
     model.cast_parameters(torch.bfloat16)
+    release_freed_memory()  # the fp32 weights just freed: give their pages back (resident size = one copy)
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to return freed heap pages to the system (``malloc_trim``), so that the resident size after a
+    conversion shows the weights kept, not the high-water mark of building them. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]],

@@ -165,6 +165,8 @@ class ScriptedStep(DecodeStep):
                             w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation)
 
     def describe(self) -> str:
+        if any(spec.kind == LinearKind.ONEDNN_W8A8 for spec in self.weights.linears()):
+            return "scripted (int8: W8A8 linears oneDNN-packed, AMX-INT8 GEMMs, rotated residual stream; bf16 elsewhere)"
         if any(spec.kind == LinearKind.ONEDNN for spec in self.weights.linears()):
             return "scripted (bf16, linears oneDNN-packed: AMX GEMMs)"
         if self.packed_rows:
