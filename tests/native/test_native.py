@@ -131,6 +131,17 @@ def test_argmax_rows_is_torch_argmax():
     assert torch.equal(fused.argmax_rows(y), torch.argmax(y, dim=-1))
     odd = torch.randn(3, 7, generator=g)
     assert torch.equal(fused.argmax_rows(odd), torch.argmax(odd, dim=-1))
+    # column-major logits (an output layer computed as W h^T), across the chunks the threads take
+    wide = torch.randn(9, 10000, generator=g)
+    wide[:4] = x[:4, :1].expand(4, 10000)  # all-equal rows: index 0
+    wide[4, 9000] = wide[4, 5] = 99.0  # a tie across chunks
+    wide[5, 8000] = torch.nan  # a NaN in a later chunk than the maximum
+    wide[5, 100] = 98.0
+    wide[6] = -torch.inf
+    wide[7, 4096] = torch.inf
+    cols = wide.t().contiguous().t()
+    assert cols.stride() == (1, 9)
+    assert torch.equal(fused.argmax_rows(cols), torch.argmax(wide, dim=-1))
 
 
 def test_model_is_the_same_with_and_without_native(monkeypatch):

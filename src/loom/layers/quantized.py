@@ -11,7 +11,9 @@ Q4_1: scale d, offset m; Q8_0: signed codes, offset 0 after the +128 shift is fo
 ``QuantizedLinear`` runs it through one of several kernels (``Backend``):
   loom       loom's native kernel: fp32 activations, weights dequantized in registers (exact up to
              summation order); codes in int4 (bits <= 4) or int8 (5..8 bits) containers, any group
-             that is a multiple of 32
+             that is a multiple of 32. Products of more than 32 rows (batched decode, prefill) dequantize
+             the weight tile by tile into bf16 and run on the matrix units (activations rounded to bf16;
+             fp32 tiles on CPUs without bf16 GEMMs): ``quant_linear_tiled``
   torch      torch's kernels. CPU: ``_weight_int4pack_mm_for_cpu`` (bits <= 4, groups 32/64/128/256,
              out features divisible by 16) or ``_weight_int8pack_mm`` (8-bit symmetric per channel);
              bf16 activations and scales, as their fast paths require. CUDA: ``_weight_int4pack_mm``
@@ -161,8 +163,8 @@ def apply_linear(x: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, t[0], bias, "none", no_scalars, "")
     if kind == LinearKind.LOOM:
         offsets: Optional[torch.Tensor] = t[2] if t[2].numel() > 0 else None
-        if x.dim() == 2 and x.shape[0] > 32:  # compute-bound: dequantize once, let BLAS run the GEMM
-            return linear(x, torch.ops.loom.quant_dequantize(t[0], t[1], offsets, spec.bits, spec.group))
+        if x.dim() == 2 and x.shape[0] > 32:  # compute-bound: dequantized tile by tile for the matrix units
+            return torch.ops.loom.quant_linear_tiled(x, t[0], t[1], offsets, spec.bits, spec.group)
         return torch.ops.loom.quant_linear(x, t[0], t[1], offsets, spec.bits, spec.group)
     if kind == LinearKind.TORCH_INT4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t[0], spec.group, t[1]).to(x.dtype)

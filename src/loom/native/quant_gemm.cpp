@@ -70,48 +70,104 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
 
 // The fp32 weight [N, K] (q s + z per group), for products with many rows, where a BLAS GEMM on the
 // dequantized weight beats dequantizing in registers once per row tile.
-at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                            int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_dequantize: bits must be 4 or 8");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "quant_dequantize: codes must be a contiguous [N, bytes]");
-  const int64_t n = qweight.size(0), k = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
-  TORCH_CHECK(group > 0 && k % group == 0 && (bits == 8 || group % kChunk == 0), "quant_dequantize: bad group size");
-  auto s = scales.to(at::kFloat).contiguous();
-  TORCH_CHECK(s.numel() == n * (k / group), "quant_dequantize: scales must be [N, K / group]");
-  at::Tensor z;
-  if (offsets.has_value() && offsets->defined() && offsets->numel() > 0) z = offsets->to(at::kFloat).contiguous();
-  auto w = at::empty({n, k}, scales.options().dtype(at::kFloat));
-  const uint8_t* q = static_cast<const uint8_t*>(qweight.data_ptr());
-  const float* sp = s.data_ptr<float>();
-  const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
-  float* wp = w.data_ptr<float>();
-  const int64_t groups = k / group, row_bytes = qweight.size(1);
-  at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = n0; r < n1; ++r) {
-      const uint8_t* row = q + r * row_bytes;
-      float* out = wp + r * k;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float sc = sp[r * groups + g], off = zp != nullptr ? zp[r * groups + g] : 0.f;
-        float* o = out + g * group;
-        if (bits == 4) {
-          for (int64_t c = 0; c < group / kChunk; ++c) {
-            const uint8_t* b = row + (g * group + c * kChunk) / 2;
-            float* oc = o + c * kChunk;
+// Rows n0 .. n1-1 of W_hat (q s + z per group) into out (row stride k), as fp32 or as bf16 bits (rounded to
+// nearest-even once, from the fp32 value).
+[[gnu::always_inline]] inline void put(float* o, int64_t i, float v) { o[i] = v; }
+[[gnu::always_inline]] inline void put(uint16_t* o, int64_t i, float v) { o[i] = loom_native::float_to_bf16(v); }
+
+template <typename T>
+void dequant_rows(const uint8_t* q, const float* sp, const float* zp, int64_t bits, int64_t group, int64_t k,
+                  int64_t row_bytes, int64_t n0, int64_t n1, T* out) {
+  const int64_t groups = k / group;
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint8_t* row = q + r * row_bytes;
+    T* orow = out + (r - n0) * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sc = sp[r * groups + g], off = zp != nullptr ? zp[r * groups + g] : 0.f;
+      T* o = orow + g * group;
+      if (bits == 4) {
+        for (int64_t c = 0; c < group / kChunk; ++c) {
+          const uint8_t* b = row + (g * group + c * kChunk) / 2;
+          T* oc = o + c * kChunk;
 #pragma omp simd
-            for (int i = 0; i < 16; ++i) {
-              oc[i] = static_cast<float>(b[i] & 0xF) * sc + off;
-              oc[i + 16] = static_cast<float>(b[i] >> 4) * sc + off;
-            }
+          for (int i = 0; i < 16; ++i) {
+            put(oc, i, static_cast<float>(b[i] & 0xF) * sc + off);
+            put(oc, i + 16, static_cast<float>(b[i] >> 4) * sc + off);
           }
-        } else {
-          const int8_t* b = reinterpret_cast<const int8_t*>(row) + g * group;
-#pragma omp simd
-          for (int64_t i = 0; i < group; ++i) o[i] = static_cast<float>(b[i]) * sc + off;
         }
+      } else {
+        const int8_t* b = reinterpret_cast<const int8_t*>(row) + g * group;
+#pragma omp simd
+        for (int64_t i = 0; i < group; ++i) put(o, i, static_cast<float>(b[i]) * sc + off);
       }
     }
+  }
+}
+
+struct Codes {
+  const uint8_t* q;
+  at::Tensor s, z;  // fp32 scales, offsets (undefined: none)
+  int64_t n, k, row_bytes;
+};
+
+Codes codes_of(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+               int64_t bits, int64_t group, const char* op) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), op, ": codes must be a contiguous [N, bytes]");
+  const int64_t n = qweight.size(0), k = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
+  TORCH_CHECK(group > 0 && k % group == 0 && (bits == 8 || group % kChunk == 0), op, ": bad group size");
+  Codes c{static_cast<const uint8_t*>(qweight.data_ptr()), scales.to(at::kFloat).contiguous(), at::Tensor(), n, k,
+          qweight.size(1)};
+  TORCH_CHECK(c.s.numel() == n * (k / group), op, ": scales must be [N, K / group]");
+  if (offsets.has_value() && offsets->defined() && offsets->numel() > 0) c.z = offsets->to(at::kFloat).contiguous();
+  return c;
+}
+
+at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                            int64_t bits, int64_t group) {
+  const Codes c = codes_of(qweight, scales, offsets, bits, group, "quant_dequantize");
+  auto w = at::empty({c.n, c.k}, scales.options().dtype(at::kFloat));
+  const float* zp = c.z.defined() ? c.z.data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, c.n, 64, [&](int64_t n0, int64_t n1) {
+    dequant_rows(c.q, c.s.data_ptr<float>(), zp, bits, group, c.k, c.row_bytes, n0, n1, wp + n0 * c.k);
   });
   return w;
+}
+
+// y = x W_hat^T for many rows x (a batched decode step, a prefill) on the bf16 matrix units: W_hat is
+// dequantized to bf16 one tile of output rows at a time (about 1 MB: it stays in L2 for the product), x is
+// rounded to bf16 once, each tile's product runs through oneDNN (AMX), and y comes back in x's dtype. The
+// codes stay the only copy of the weight; dequantizing all of W to fp32 for an fp32 GEMM (the previous path)
+// wrote and read 4 bytes per weight per call and ran at the fp32 rate. A CPU without bf16 GEMMs (the build
+// targets the machine it runs on) gets the same tiles in fp32.
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
+constexpr bool kTilesInBf16 = true;
+using TileT = uint16_t;
+#else
+constexpr bool kTilesInBf16 = false;
+using TileT = float;
+#endif
+
+at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
+  const Codes c = codes_of(qweight, scales, offsets, bits, group, "quant_linear_tiled");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == c.k, "quant_linear_tiled: x must be [M, K]");
+  const auto tile_type = kTilesInBf16 ? at::kBFloat16 : at::kFloat;
+  auto xt = x.to(tile_type).contiguous();
+  auto y = at::empty({x.size(0), c.n}, x.options());
+  const int64_t tile = std::max<int64_t>(64, ((1 << 20) / (2 * c.k)) / 64 * 64);
+  auto buf = at::empty({std::min(tile, c.n), c.k}, x.options().dtype(tile_type));
+  const float* zp = c.z.defined() ? c.z.data_ptr<float>() : nullptr;
+  TileT* bp = static_cast<TileT*>(buf.data_ptr());
+  for (int64_t t0 = 0; t0 < c.n; t0 += tile) {
+    const int64_t rows = std::min(tile, c.n - t0);
+    at::parallel_for(t0, t0 + rows, 16, [&](int64_t n0, int64_t n1) {
+      dequant_rows(c.q, c.s.data_ptr<float>(), zp, bits, group, c.k, c.row_bytes, n0, n1, bp + (n0 - t0) * c.k);
+    });
+    y.narrow(1, t0, rows).copy_(at::linear(xt, buf.narrow(0, 0, rows)));
+  }
+  return y;
 }
 
 }  // namespace
@@ -119,9 +175,11 @@ at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
   m.def("quant_dequantize(Tensor qweight, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
+  m.def("quant_linear_tiled(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loom, CPU, m) {
   m.impl("quant_linear", quant_linear);
   m.impl("quant_dequantize", quant_dequantize);
+  m.impl("quant_linear_tiled", quant_linear_tiled);
 }

@@ -246,3 +246,25 @@ def test_int8_scripted_step_equals_the_module_step(extra):
             assert torch.equal(scripted(batch).float(), module(batch))
             lens = lens + 1
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def test_bf16_tied_output_layer_of_many_rows_is_column_major_and_the_same_product():
+    """From 8 rows the scripted step computes a tied bf16 output layer as W x^T: column-major logits with
+    the module path's values (to bf16 rounding of a different summation order) and the same greedy tokens."""
+    from loom.engine.step import ModuleStep
+    from loom.layers.fused import argmax_rows
+
+    model = Transformer(ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96}, num_kv_heads=2,
+                                    tie_word_embeddings=True), dtype=torch.bfloat16).init_random(0, std=0.2)
+    caches = [KVCache(model.config, 40, 4, dtype=torch.bfloat16) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        scripted, module = ScriptedStep(model, caches[0].k, caches[0].v), ModuleStep(model, caches[1].layers())
+        tokens = torch.randint(0, 97, (10,), generator=g)
+        pos = torch.zeros(10, dtype=torch.long)
+        tables = torch.arange(10).view(10, 1)
+        batch = DecodeBatch(tokens, pos, tables[:, 0] * 4, tables, pos + 1)
+        got, want = scripted(batch).float(), module(batch)
+    assert got.stride() == (1, 10)
+    assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()
+    assert torch.equal(argmax_rows(got), torch.argmax(want, dim=-1))

@@ -109,7 +109,13 @@ class DecodeProgram(nn.Module):
             h = h + apply_linear(self.ops.silu_and_mul(gate_up), w.down)
         if rotated:
             h = torch.mm(h, rotation.t())
-        return apply_linear(self.ops.rms_norm(h, final_norm, eps), head)
+        x = self.ops.rms_norm(h, final_norm, eps)
+        if head.kind == LinearKind.DENSE and x.dtype == torch.bfloat16 and b >= 8:
+            # A plain bf16 output layer (the tied embedding, which the lookup needs unpacked) as W x^T: the
+            # same products, 1.7x faster for 64 rows than x W^T (whose W oneDNN reorders on every call). The
+            # logits come out column-major; the sampler's argmax reads them in place.
+            return torch.mm(head.tensors[0], x.t()).t()
+        return apply_linear(x, head)
 
 
 @functools.lru_cache(maxsize=4)
