@@ -1,11 +1,13 @@
 """Greedy agreement of a reduced-precision path with fp32, and its run-to-run determinism.
 
-    python scripts/greedy_agreement.py [--weights bf16] [--prompts 32] [--tokens 64]
+    python scripts/greedy_agreement.py [--weights bf16] [--prompts 32] [--tokens 64] [--alone]
 
 Runs the same chat prompts (greedy, exactly --tokens tokens each, all in one batch) through loom with
 fp32 weights, then twice with --weights, and prints JSON: the share of prompts whose continuations are
 identical to fp32's, the mean length of the common prefix, and whether the two reduced-precision runs
-(same batch composition) gave the same tokens (docs/RESULTS.md, issue 16).
+(same batch composition) gave the same tokens (docs/RESULTS.md, issue 16). ``--alone`` also runs each
+prompt by itself with --weights and gives the share of prompts whose batched tokens equal their tokens
+alone (batch invariance; ``--weights fp32 --alone`` checks fp32's).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--weights", default="bf16")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--alone", action="store_true")
     args = ap.parse_args()
     chats = prompts(args.prompts)
     want = tokens(LLM(weights="fp32"), chats, args.tokens)
@@ -55,7 +58,13 @@ def main() -> None:
                       "mean_common_prefix_with_fp32": sum(prefixes) / len(prefixes),
                       "token_agreement_before_first_divergence": sum(prefixes) / (args.prompts * args.tokens),
                       "run_to_run_identical": first == second,
+                      **(batch_invariance(llm, chats, first, args.tokens) if args.alone else {}),
                       "decode_steps": llm.engine.runner.describe_steps()}, indent=2))
+
+
+def batch_invariance(llm: LLM, chats: list, batched: list[list[int]], n: int) -> dict[str, float]:
+    alone = [tokens(llm, [chat], n)[0] for chat in chats]
+    return {"batched_equals_alone": sum(a == b for a, b in zip(batched, alone)) / len(chats)}
 
 
 if __name__ == "__main__":

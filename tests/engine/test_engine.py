@@ -76,21 +76,24 @@ def alone(tiny):
     dict(num_blocks=30),  # forces preemption
     dict(num_blocks=30, enable_chunked_prefill=False, prefix=False),
     dict(max_num_seqs=3),
-    dict(max_num_seqs=32),  # decode steps of 32: dense weights pre-packed for 32 rows (engine/step/scripted.py)
-    dict(max_num_seqs=48),  # ... packed for 48, batches of 25-32 padded up to it
+    dict(max_num_seqs=32, mkl=True),  # decode steps of 32: dense weights also MKL-packed for 32 rows (opt-in)
+    dict(max_num_seqs=48, mkl=True),  # ... packed for 48, batches of 25-32 padded up to it
 ], ids=["default", "no-chunking", "no-prefix-cache", "small-budget", "preemption", "preemption-plain", "3-seqs",
         "packed", "packed-padded"])
-def test_batched_equals_alone(tiny, alone, setup):
+def test_batched_equals_alone(tiny, alone, setup, monkeypatch):
     prompts, want = alone
     setup = dict(setup)
+    mkl = setup.pop("mkl", False) and torch.backends.mkl.is_available()
+    if mkl:
+        monkeypatch.setenv("LOOM_PACK_WEIGHTS", "mkl")
     engine = make_engine(tiny, num_blocks=setup.pop("num_blocks", 400), **setup)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = run_all(engine, prompts, [params] * len(prompts), check=True)
     assert [outs[str(i)][0] for i in range(len(prompts))] == want
     assert engine.block_manager.num_used_blocks == 0
-    if setup.get("max_num_seqs", 64) >= 32 and torch.backends.mkl.is_available():
-        scripted = engine.runner.step("scripted")
-        assert scripted.packed_rows == setup.get("max_num_seqs", 64)
+    scripted = engine.runner.step("scripted")
+    assert scripted.packed_rows == (setup["max_num_seqs"] if mkl else 0)  # one copy unless asked for two
+    if mkl:
         assert f"MKL-packed for decode batches of {scripted.packed_rows}" in engine.describe()
 
 

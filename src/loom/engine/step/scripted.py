@@ -13,8 +13,9 @@ The program computes exactly what ``Transformer.forward`` computes for a Llama-s
 the two to the same logits. Its elementwise kernels are a submodule chosen when the program is built:
 loom's native ops where they compiled, their PyTorch twins otherwise.
 
-Dense fp32 weights are also held MKL-packed for the engine's decode batch (``pack_rows``): ``F.linear``
-lets MKL repack every weight on every call, which at 64 rows costs as much as the product.
+Dense fp32 weights can also be held MKL-packed for the engine's decode batch (``pack_rows``; the runner asks
+for it only with LOOM_PACK_WEIGHTS=mkl, since it is a second copy): ``F.linear`` lets MKL repack every
+weight on every call, which at 64 rows costs about a third of the product.
 """
 
 from __future__ import annotations
