@@ -65,3 +65,20 @@ def test_fraction_of_the_compute_roof(result):
     for r in [result["results"]["loom"], *result["hf_configs"][:3]]:
         want = roof["flops_per_token"] * r["total_tokens_per_s"] / roof["peak_matmul_flops"][r["dtype"]]
         assert r["fraction_of_compute_roof"] == pytest.approx(want) and 0 < want < 1
+
+
+def test_resident_memory_and_weight_bytes_after_load(result):
+    """The JSON gives the process's resident size before and after loading loom's model and the bytes its
+    weights hold; the tiny fp32 model's weights are its parameters and buffers, counted once."""
+    from loom import LLM
+    from loom.bench.throughput import resident_bytes, weight_bytes
+
+    memory = result["results"]["loom"]["memory"]
+    assert 0 < memory["rss_before_load_mib"] <= memory["rss_after_load_mib"]
+    assert result["results"]["loom"]["weights"] == "native"
+    assert resident_bytes() > 0
+    model = LLM(result["model"], weights="fp32").model
+    params = sum(p.numel() * 4 for p in model.parameters())
+    buffers = sum(b.untyped_storage().nbytes() for b in model.buffers() if b is not None)
+    assert weight_bytes(model) == params + buffers
+    assert memory["weight_mib"] * 2**20 == pytest.approx(params + buffers)

@@ -6,10 +6,11 @@ into an fp32 safetensors folder under the cache directory, reused afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -83,11 +84,34 @@ class HFGenerate:
         return LatencySample(prefill, (gen_len - 1) / max(total - prefill, 1e-9))
 
 
+@contextlib.contextmanager
+def _no_extra_buffer_types() -> Iterator[None]:
+    """While a ``Llama`` is built: its model parameters start with ``use_extra_bufts = False``."""
+    import llama_cpp.llama_cpp as bindings
+
+    default = bindings.llama_model_default_params
+    fields = {name for name, *_ in getattr(bindings.llama_model_params, "_fields_", [])}
+
+    def params():  # type: ignore[no-untyped-def]
+        p = default()
+        if "use_extra_bufts" in fields:
+            p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
 class LlamaCppGenerate:
     """llama.cpp (through llama-cpp-python, an optional peer) on the same GGUF: greedy, exactly gen_len tokens.
 
-    ``use_extra_bufts=False`` keeps llama.cpp off its AMX / repacked-buffer path, which crashed on
-    the project's machines; everything else is llama.cpp's default CPU path with ``threads`` threads.
+    ``use_extra_bufts=False`` keeps llama.cpp off its AMX / repacked-buffer path, which dies with SIGILL
+    on the project's machines (``tilezero`` in ggml_backend_amx_mul_mat, run in a worker thread);
+    everything else is llama.cpp's default CPU path with ``threads`` threads. Bindings whose ``Llama``
+    swallows unknown keywords (llama-cpp-python 0.3.36) get it through the model parameters instead.
     """
 
     def __init__(self, gguf_path: str, threads: int, n_ctx: int = 2048) -> None:
@@ -98,9 +122,7 @@ class LlamaCppGenerate:
                                "(pip install llama-cpp-python; it compiles llama.cpp, ~10 minutes)") from e
         kwargs = dict(model_path=gguf_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                       logits_all=False)
-        try:
-            self.llm = Llama(**kwargs, use_extra_bufts=False)
-        except TypeError:  # older bindings without the option
+        with _no_extra_buffer_types():
             self.llm = Llama(**kwargs)
 
     def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
