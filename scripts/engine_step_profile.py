@@ -48,7 +48,7 @@ def main() -> None:
     llm = LLM(weights=args.weights)
     eng = llm.engine
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.steps + 256, temperature=0.0, ignore_eos=True)  # none finishes while timed
     for i in range(args.seqs):
         eng.add_request(f"r{i}", [rng.randrange(100, 40000) for _ in range(args.prompt_len)], params)
     while any(s.num_computed < s.prompt_len for s in eng.live_sequences()):  # the prefill, untimed
