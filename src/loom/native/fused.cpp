@@ -83,9 +83,8 @@ using loom_native::exp_vec;
 
 // Storage <-> fp32 for the elementwise loops: plain casts, and bf16 as raw bits (kernels.h: c10's own
 // conversions kept the loop scalar, 0.7 ms for 64 x 1536 values).
-[[gnu::always_inline]] inline float widen(float x) { return x; }
+using loom_native::widen;
 [[gnu::always_inline]] inline float widen(double x) { return static_cast<float>(x); }
-[[gnu::always_inline]] inline float widen(uint16_t bf16_bits) { return loom_native::bf16_to_float(bf16_bits); }
 template <typename T>
 [[gnu::always_inline]] inline T narrow(float x) { return static_cast<T>(x); }
 template <>

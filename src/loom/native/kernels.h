@@ -298,6 +298,10 @@ struct bf16 {
   return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
 }
 
+// Storage -> fp32 for elementwise loops over raw buffers: floats as they are, bf16 bits widened exactly.
+[[gnu::always_inline]] inline float widen(float x) { return x; }
+[[gnu::always_inline]] inline float widen(uint16_t bf16_bits) { return bf16_to_float(bf16_bits); }
+
 // Element i of a cache row as a float, read in the loops that use it (a bf16 row widens in registers: no
 // converted copy of the row, which made bf16 attention 1.85x slower than fp32's for half the bytes).
 [[gnu::always_inline]] inline float at(const float* row, int64_t i) { return row[i]; }
@@ -314,6 +318,21 @@ template <typename T>
 inline void prefetch_row(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+// exp(s_t - max_t s) in place over one head's n scores; returns their sum (exp_vec: libm's scalar expf was a
+// third of the attention kernel's time).
+inline float softmax_numerators(float* s, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t t = 0; t < n; ++t) mx = s[t] > mx ? s[t] : mx;
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = exp_vec(s[t] - mx);
+    z += s[t];
+  }
+  return z;
 }
 
 struct AttentionScratch {  // reused by one thread across items
@@ -366,20 +385,7 @@ void attend_heads(const float* q, const T* k_cache, const T* v_cache, const int6
       for (int64_t u = 0; u < m; ++u) s.scores[h * n + t0 + u] = sv[u] * scale;
     }
   }
-  // Softmax over t for every query head (exp_vec: libm's scalar expf was a third of this kernel's time).
-  for (int64_t h = 0; h < heads; ++h) {
-    float* sj = s.scores.data() + h * n;
-    float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t t = 0; t < n; ++t) mx = sj[t] > mx ? sj[t] : mx;
-    float z = 0.f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t t = 0; t < n; ++t) {
-      sj[t] = exp_vec(sj[t] - mx);
-      z += sj[t];
-    }
-    s.denom[h] = z;
-  }
+  for (int64_t h = 0; h < heads; ++h) s.denom[h] = softmax_numerators(s.scores.data() + h * n, n);
   // Pass 2: acc_h = sum_t p[h][t] v_t, four tokens per pass over acc_h.
   for (int64_t t0 = 0; t0 < n; t0 += 4) {
     const int64_t m = std::min<int64_t>(4, n - t0);
@@ -504,17 +510,8 @@ void attend_heads_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
       score_tile<D>(qv, rows, scale, s.scores.data() + h * padded + t0, m);
     }
   }
-  for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place, and their sums
-    float* sj = s.scores.data() + h * padded;
-    float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t t = 0; t < n; ++t) mx = sj[t] > mx ? sj[t] : mx;
-    float z = 0.f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t t = 0; t < n; ++t) {
-      sj[t] = exp_vec(sj[t] - mx);
-      z += sj[t];
-    }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float z = softmax_numerators(s.scores.data() + h * padded, n);
     s.denom[h] = n > 0 ? 1.f / z : 0.f;
   }
   // Pass 2, per KV head: its query heads in chunks whose accumulators fit the 32 vector registers.

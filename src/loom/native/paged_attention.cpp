@@ -15,23 +15,29 @@
 
 namespace {
 
-template <typename scalar_t>
-void decode_kernel(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* tables,
-                   const int64_t* lens, float* out, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
-                   int64_t block_size, int64_t max_blocks, float scale, int64_t window) {
-  // Enough sequences to keep every thread busy: one work item per sequence, all its heads (each token's row
-  // read once, in order). Fewer (a batch of one): one item per (sequence, KV head), so the heads still
-  // spread over the threads.
+// Calls attend(b, g0, g1, scratch) for every work item, spread over the threads. Enough sequences to keep
+// every thread busy: one item per sequence, all its KV heads (each token's row read once, in order).
+// Fewer (a batch of one): one item per (sequence, KV head), so the heads still spread over the threads.
+template <typename F>
+void for_each_item(int64_t batch, int64_t hkv, const F& attend) {
   const bool per_sequence = batch >= 4 * at::get_num_threads();
   const int64_t items = per_sequence ? batch : batch * hkv;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     loom_native::AttentionScratch scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = per_sequence ? item : item / hkv, g0 = per_sequence ? 0 : item % hkv;
-      const int64_t g1 = per_sequence ? hkv : g0 + 1;
-      loom_native::attend_heads(q + b * hq * d, k_cache, v_cache, tables + b * max_blocks, lens[b], g0, g1, hq, hkv,
-                                d, block_size, scale, window, out + b * hq * d, scratch);
+      attend(b, g0, per_sequence ? hkv : g0 + 1, scratch);
     }
+  });
+}
+
+template <typename scalar_t>
+void decode_kernel(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* tables,
+                   const int64_t* lens, float* out, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
+                   int64_t block_size, int64_t max_blocks, float scale, int64_t window) {
+  for_each_item(batch, hkv, [&](int64_t b, int64_t g0, int64_t g1, loom_native::AttentionScratch& scratch) {
+    loom_native::attend_heads(q + b * hq * d, k_cache, v_cache, tables + b * max_blocks, lens[b], g0, g1, hq, hkv, d,
+                              block_size, scale, window, out + b * hq * d, scratch);
   });
 }
 
@@ -39,18 +45,11 @@ void decode_kernel(const float* q, const scalar_t* k_cache, const scalar_t* v_ca
 void bf16_kernel(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tables,
                  const int64_t* lens, float* out, int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t block_size,
                  int64_t max_blocks, float scale, int64_t window) {
-  const bool per_sequence = batch >= 4 * at::get_num_threads();  // as in decode_kernel
-  const int64_t items = per_sequence ? batch : batch * hkv;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    loom_native::AttentionScratch scratch;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = per_sequence ? item : item / hkv, g0 = per_sequence ? 0 : item % hkv;
-      const int64_t g1 = per_sequence ? hkv : g0 + 1;
-      auto attend = d == 64 ? loom_native::attend_heads_bf16<64>
-                  : d == 128 ? loom_native::attend_heads_bf16<128> : loom_native::attend_heads_bf16<256>;
-      attend(q + b * hq * d, k_cache, v_cache, tables + b * max_blocks, lens[b], g0, g1, hq, hkv, block_size, scale,
-             window, out + b * hq * d, scratch);
-    }
+  auto attend = d == 64 ? loom_native::attend_heads_bf16<64>
+              : d == 128 ? loom_native::attend_heads_bf16<128> : loom_native::attend_heads_bf16<256>;
+  for_each_item(batch, hkv, [&](int64_t b, int64_t g0, int64_t g1, loom_native::AttentionScratch& scratch) {
+    attend(q + b * hq * d, k_cache, v_cache, tables + b * max_blocks, lens[b], g0, g1, hq, hkv, block_size, scale,
+           window, out + b * hq * d, scratch);
   });
 }
 #endif

@@ -23,8 +23,7 @@
 
 namespace {
 
-[[gnu::always_inline]] inline float widen(float x) { return x; }
-[[gnu::always_inline]] inline float widen(uint16_t bf16_bits) { return loom_native::bf16_to_float(bf16_bits); }
+using loom_native::widen;
 
 #if defined(__AVX512F__)
 // The butterflies of strides 1, 2, 4 and 8 inside one vector of 16: x_j +- x_{j^h}, the upper member of each

@@ -184,17 +184,11 @@ def test_packed_dense_weights_give_the_same_logits(batch):
     assert ScriptedStep(model, caches[0].k, caches[0].v, pack_rows=8).packed_rows == 0  # too few rows to pay
 
 
-@pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
-                                   dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=5)])
-def test_bf16_scripted_step_equals_the_module_step(extra):
-    """bf16 models decode through the scripted step over oneDNN-packed linears, bit for bit as the modules do."""
+def assert_bf16_scripted_step_equals_the_module_step(model: Transformer) -> None:
+    """Four decode steps of three paged sequences over the same earlier keys and values: the scripted step's
+    logits and cache writes equal the module path's, bit for bit."""
     from loom.engine.step import ModuleStep
-    from loom.layers.linear import onednn_bf16_available, pack_bf16_linears
 
-    model = Transformer(ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96}, **extra),
-                        dtype=torch.bfloat16).init_random(0, std=0.2)
-    assert pack_bf16_linears(model) == (13 if onednn_bf16_available() else 0) - ("tie_word_embeddings" in extra)
-    assert llama_shaped(model)
     caches = [KVCache(model.config, 40, 4, dtype=torch.bfloat16) for _ in range(2)]
     for c in caches:  # the same earlier keys and values in both
         c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))
@@ -212,11 +206,23 @@ def test_bf16_scripted_step_equals_the_module_step(extra):
 
 
 @pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
+                                   dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=5)])
+def test_bf16_scripted_step_equals_the_module_step(extra):
+    """bf16 models decode through the scripted step over oneDNN-packed linears, bit for bit as the modules do."""
+    from loom.layers.linear import onednn_bf16_available, pack_bf16_linears
+
+    model = Transformer(ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96}, **extra),
+                        dtype=torch.bfloat16).init_random(0, std=0.2)
+    assert pack_bf16_linears(model) == (13 if onednn_bf16_available() else 0) - ("tie_word_embeddings" in extra)
+    assert llama_shaped(model)
+    assert_bf16_scripted_step_equals_the_module_step(model)
+
+
+@pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
                                    dict(num_kv_heads=4, qkv_bias=True)])
 def test_int8_scripted_step_equals_the_module_step(extra):
     """weights "int8" (rotated residual stream, W8A8 decoder linears, bf16 elsewhere): the scripted step computes
     what the modules compute, bit for bit, and both stay close to the fp32 model they came from."""
-    from loom.engine.step import ModuleStep
     from loom.layers.quantized import PackedW8A8Linear, onednn_int8_available
     from loom.weights.loader import w8a8_model
 
@@ -232,20 +238,7 @@ def test_int8_scripted_step_equals_the_module_step(extra):
     assert sum(isinstance(m, PackedW8A8Linear) for m in model.modules()) == 4 * 3
     assert (int8 - fp32).norm() / fp32.norm() < 0.1  # int8 noise on a tiny random model; SmolLM2: tests/models
     assert llama_shaped(model)
-    caches = [KVCache(model.config, 40, 4, dtype=torch.bfloat16) for _ in range(2)]
-    for c in caches:
-        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))
-        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(5)))
-    g = torch.Generator().manual_seed(2)
-    with torch.inference_mode():
-        scripted, module = ScriptedStep(model, caches[0].k, caches[0].v), ModuleStep(model, caches[1].layers())
-        tables, lens = torch.randperm(40, generator=g)[:30].view(3, 10), torch.tensor([3, 17, 29])
-        for _ in range(4):
-            tokens, pos = torch.randint(0, 97, (3,), generator=g), lens - 1
-            batch = DecodeBatch(tokens, pos, tables[torch.arange(3), pos // 4] * 4 + pos % 4, tables, lens)
-            assert torch.equal(scripted(batch).float(), module(batch))
-            lens = lens + 1
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert_bf16_scripted_step_equals_the_module_step(model)
 
 
 def test_bf16_tied_output_layer_of_many_rows_is_column_major_and_the_same_product():
