@@ -17,8 +17,8 @@ output layer keeps sharing the embedding table (one copy). Two more rotations ar
 In exact arithmetic nothing changes (the tests check the logits); what changes is the distribution of the
 linears' inputs: RMSNorm outputs of LLMs carry a few channels far larger than the rest, and one int8 scale
 per token spends its range on them. Spread over all channels by Q they cost little: on SmolLM2-135M per-token
-int8 activations and per-channel int8 weights cost +3.2% perplexity plain and +0.5% rotated
-(docs/RESULTS.md).
+int8 activations and per-channel int8 weights cost +3.2% perplexity plain and +0.47% rotated (fp32
+simulation), +0.11% in the engine with bf16 elsewhere (docs/RESULTS.md).
 
 Q = diag(signs) (R kron H_2^k) / sqrt(2^k), 2^k the largest power of two dividing the hidden size and R a
 random orthogonal matrix of the odd part (9 x 9 for SmolLM2's 576); a Hadamard factor spreads better than a
