@@ -66,3 +66,46 @@ def test_cli_device_flag():
     assert build_parser().parse_args(["generate", "hi"]).device == "cpu"
     if not torch.cuda.is_available():
         assert main(["generate", "hi", "--device", "cuda", "--model", "missing.gguf"]) == 2
+
+
+MEMINFO = "MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\nCached:  19000000 kB\n"
+
+
+def test_host_memory_is_memavailable_capped_by_the_cgroup(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    no_cgroup = str(tmp_path / "none")
+    # a warm page cache leaves little free memory, but nearly all of it is available
+    assert available_memory("cpu", str(meminfo), no_cgroup) == 20_000_000 * 1024
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{8 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    assert available_memory("cpu", str(meminfo), str(v2)) == 5 << 30
+    (v2 / "memory.max").write_text("max\n")  # no limit
+    assert available_memory("cpu", str(meminfo), str(v2)) == 20_000_000 * 1024
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 << 30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    assert available_memory("cpu", str(meminfo), str(tmp_path / "v1")) == 3 << 30
+
+
+def test_default_kv_cache_holds_the_whole_context_when_memory_allows(monkeypatch):
+    import loom.engine.kv_cache as kv_cache
+    from loom.config import CacheConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=8192)
+    per_block = KVCache.bytes_per_block(cfg, 16)
+    whole = 8192 // 16
+    # 10% of what is available holds 200 blocks; the whole context (512 blocks) fits in half of it
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device=None: 2000 * per_block)
+    assert KVCache.from_config(cfg, CacheConfig(), context=8192).num_blocks == whole
+    assert KVCache.from_config(cfg, CacheConfig()).num_blocks == 200  # no context given: the fraction alone
+    # too little memory for the whole context: the fraction, as before
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device=None: 600 * per_block)
+    assert KVCache.from_config(cfg, CacheConfig(), context=8192).num_blocks == 60
+    # explicit budgets are kept as given
+    assert KVCache.from_config(cfg, CacheConfig(num_blocks=7), context=8192).num_blocks == 7
+    assert KVCache.from_config(cfg, CacheConfig(memory_bytes=3 * per_block), context=8192).num_blocks == 3

@@ -50,9 +50,50 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def available_memory(device: torch.device | str | None = None) -> int:
-    """Bytes of memory free now: physical memory on the CPU, the GPU's free memory on CUDA."""
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line file (cgroup's "max" and a missing file: None)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The kernel's estimate of memory available to new work without swapping (``MemAvailable``: free
+    pages plus the page cache and slabs it can reclaim), in bytes; None where the file lacks it."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup may still grow by (limit minus usage; v2, else v1); None
+    when no limit is set."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(os.path.join(root, limit_file)), _read_int(os.path.join(root, usage_file))
+        if limit is not None and usage is not None and limit < 1 << 60:  # v1 writes "no limit" as ~2^63
+            return max(limit - usage, 0)
+    return None
+
+
+def available_memory(device: torch.device | str | None = None, meminfo: str = "/proc/meminfo",
+                     cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Bytes of memory a new allocation can use now. On the CPU: ``MemAvailable`` (not the free pages
+    alone, which a warm page cache shrinks from one start to the next), capped by the cgroup's limit;
+    on CUDA: the GPU's free memory."""
     if device is not None and torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    host = mem_available(meminfo)
+    if host is None:
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cap = cgroup_headroom(cgroup_root)
+    return host if cap is None else min(host, cap)

@@ -45,15 +45,24 @@ class KVCache:
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, cache_config: CacheConfig,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> KVCache:
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                    context: int | None = None) -> KVCache:
         """As many blocks as the budget allows: ``num_blocks``, else ``memory_bytes``, else a fraction
-        of the memory available now on ``device`` (host memory, or the GPU's free memory)."""
+        of the memory available now on ``device`` (host memory, or the GPU's free memory). The default
+        budget never holds fewer than ``context`` tokens (the model's context) while that fits in half
+        of the available memory, so the context a user gets does not depend on the page cache."""
         per_block = cls.bytes_per_block(model_config, cache_config.block_size, dtype, cache_config.kv_dtype)
         if cache_config.num_blocks is not None:
             n = cache_config.num_blocks
+        elif cache_config.memory_bytes is not None:
+            n = cache_config.memory_bytes // per_block
         else:
-            budget = cache_config.memory_bytes or int(cache_config.memory_fraction * available_memory(device))
-            n = budget // per_block
+            available = available_memory(device)
+            n = int(cache_config.memory_fraction * available) // per_block
+            if context is not None:
+                whole = -(-context // cache_config.block_size)
+                if n < whole <= (available // 2) // per_block:
+                    n = whole
         if n < 1:
             raise ValueError(f"the KV cache budget holds no block (one block is {per_block} bytes)")
         return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype, device)
