@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from loom.config import KVPolicyConfig
 from loom.errors import InvalidRequestError
 
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -44,18 +56,41 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
-        """Raise InvalidRequestError (a ValueError) naming the first field out of its range."""
+        """Raise InvalidRequestError (a ValueError) naming the first field of the wrong type or out of its
+        range. The server checks requests with this too, so the API and the server accept the same."""
 
         def bad(name: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise bad(name, "must be an integer")
+        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise bad(name, "must be an integer or None")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise bad("stop", "must be strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be token ids (integers >= 0)")
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                raise bad("logit_bias", f"keys must be token ids (integers >= 0); {token!r} is not")
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise bad("logit_bias", f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]; "
+                                        f"token {token} has {bias!r}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise bad("seed", "must be in [-2**63, 2**64)")
         if not 1 <= self.n <= 128:
             raise bad("n", "must be in [1, 128]")
         for name in ("logprobs", "prompt_logprobs"):
@@ -86,6 +121,14 @@ class SamplingParams:
             raise bad("kv_policy", "must be a KVPolicyConfig")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain empty strings")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """InvalidRequestError if logit_bias or stop_token_ids name a token outside ``[0, vocab_size)``."""
+        for name, tokens in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            outside = [t for t in tokens if t >= vocab_size]
+            if outside:
+                raise InvalidRequestError(f"{name} names token {outside[0]}, outside the vocabulary "
+                                          f"[0, {vocab_size})", param=name)
 
     @property
     def greedy(self) -> bool:

@@ -244,8 +244,8 @@ def test_min_tokens_holds_in_the_engine(tiny):
     engine = make_engine(tiny)
     # A logit bias makes EOS (id 1) the favourite everywhere: without min_tokens it would stop at once.
     engine.add_request("a", [5, 6], SamplingParams(temperature=0, max_tokens=6, min_tokens=6,
-                                                   logit_bias={1: 1000.0}))
-    engine.add_request("b", [5, 6], SamplingParams(temperature=0, max_tokens=6, logit_bias={1: 1000.0}))
+                                                   logit_bias={1: 100.0}))
+    engine.add_request("b", [5, 6], SamplingParams(temperature=0, max_tokens=6, logit_bias={1: 100.0}))
     engine.add_request("c", [5, 6], SamplingParams(temperature=0, max_tokens=6, min_tokens=3))
     outs = {}
     while engine.has_unfinished_requests():

@@ -66,7 +66,9 @@ class LLMEngine:
         config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
-        self.kv_cache = KVCache.from_config(model.config, config.cache, model.dtype, model.device)
+        context = min(config.scheduler.max_model_len or model.config.max_position_embeddings,
+                      model.config.max_position_embeddings)
+        self.kv_cache = KVCache.from_config(model.config, config.cache, model.dtype, model.device, context)
         if self.kv_cache.quantized:
             if not kv_calibration_ids:
                 raise ValueError("an int8 KV cache needs kv_calibration_ids: tokens whose keys fix its key scales")
@@ -148,7 +150,7 @@ class LLMEngine:
 
     def _new_sequence(self, request_id: str, index: int, tokens: list[int], prompt_len: int,
                       params: SamplingParams, arrival: float) -> Sequence:
-        seed = None if params.seed is None else params.seed + index
+        seed = None if params.seed is None else (params.seed + index) % (1 << 64)
         seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index, tokens=tokens,
                        prompt_len=prompt_len, params=params, arrival=arrival,
                        text=TextOutput(self.tokenizer, tokens[:prompt_len], params),
@@ -165,8 +167,9 @@ class LLMEngine:
         limit = self.scheduler_config.max_waiting
         if limit is not None and len(self.scheduler.waiting) >= limit:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (limit {limit})")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.model.config.vocab_size
+        params.check_vocabulary(vocab)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidPromptError(f"prompt token ids must be in [0, {vocab})")
         policy = self._request_policy(params)
