@@ -9,44 +9,41 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from loom.engine.stop_strings import StopStrings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextOutput:
+    """The final text of one completion, built from its tokens and cut at its first stop string
+    (``engine/stop_strings.py``: matched incrementally, so a token costs the same however long the text
+    and the stop strings are)."""
+
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         skip = params.skip_special_tokens
         self._detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=skip), prompt_ids)
-        self.stops = list(params.stop)
+        self._stops = StopStrings(params.stop) if params.stop else None
         self.include_stop = params.include_stop_str_in_output
         self.text = ""  # final text so far (withheld part included)
         self.emitted = 0  # characters of self.text already returned
         self.stopped_by: str | None = None
 
-    def _held_back(self) -> int:
-        """Length of the longest suffix of text that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
     def _advance(self, delta: str) -> str:
         if not delta:
             return ""
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
-        self.text += delta
-        if self.stops:
-            hits = [(self.text.find(s, search_from), s) for s in self.stops]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                self.text = self.text[: i + len(s) if self.include_stop else i]
-                self.stopped_by = s
-                return self._emit(len(self.text))
-        return self._emit(len(self.text) - self._held_back())
+        if self._stops is None:
+            self.text += delta
+            return self._emit(len(self.text))
+        hit = self._stops.feed(delta)
+        if hit is None:
+            self.text += delta
+            return self._emit(len(self.text) - self._stops.held_back)
+        end, stop = hit
+        self.text += delta[:end]
+        if not self.include_stop:  # its start may lie in text held back before: never in text emitted
+            self.text = self.text[: len(self.text) - len(stop)]
+        self.stopped_by = stop
+        return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
         if upto <= self.emitted:
