@@ -41,12 +41,13 @@ class LiveServer:
 
 
 def start_server(api_key: str | None = API_KEY, max_waiting: int | None = None, memory: str = "256MiB",
-                 speculative=None) -> LiveServer:
+                 speculative=None, body_timeout_s: float = 3.0) -> LiveServer:
     from loom.config import parse_bytes
 
     llm = LLM(cache=CacheConfig(memory_bytes=parse_bytes(memory)),
               scheduler=SchedulerConfig(max_num_seqs=32, max_waiting=max_waiting), speculative=speculative)
-    app = create_app(llm.engine, llm.tokenizer, MODEL, api_key=api_key, max_request_bytes=1 << 20)
+    app = create_app(llm.engine, llm.tokenizer, MODEL, api_key=api_key, max_request_bytes=1 << 20,
+                     body_timeout_s=body_timeout_s)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

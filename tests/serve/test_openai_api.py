@@ -133,7 +133,9 @@ def test_extras_other_engines_accept(client):
     (dict(n=0), "n"),
     (dict(logprobs=21), "logprobs"),
     (dict(presence_penalty=3), "presence_penalty"),
-    (dict(extra_body={"bogus": 1}), "bogus"),
+    (dict(logit_bias={"--5": 1}), "logit_bias"),
+    (dict(logit_bias={"²": 1}), "logit_bias"),
+    (dict(seed=1 << 64), "seed"),
     (dict(extra_body={"max_tokens": "ten"}), "max_tokens"),
     (dict(logit_bias={"x": 1}), "logit_bias"),
     (dict(logit_bias={"99999999": 1}), "logit_bias"),
@@ -202,7 +204,8 @@ def test_tokenize_detokenize_metrics(live):
     d = httpx.post(live.url + "/detokenize", headers=h, json={"tokens": t["tokens"]}).json()
     assert d["prompt"] == "The capital of France is"
     assert httpx.post(live.url + "/detokenize", headers=h, json={"tokens": [-1]}).status_code == 400
-    text = httpx.get(live.url + "/metrics").text
+    assert httpx.get(live.url + "/metrics").status_code == 401  # behind the key, like the API
+    text = httpx.get(live.url + "/metrics", headers=h).text
     for name in ("loom_num_requests_running", "loom_num_requests_waiting", "loom_kv_cache_blocks_used",
                  "loom_prefix_cache_hit_rate", "loom_prompt_tokens_total", "loom_generation_tokens_total",
                  "loom_time_to_first_token_seconds_bucket", "loom_time_per_output_token_seconds_bucket"):

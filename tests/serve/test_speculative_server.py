@@ -22,7 +22,7 @@ def test_speculative_server_streams_what_plain_decoding_generates(smollm_native)
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True))
         assert whole.choices[0].text == streamed == plain
-        metrics = httpx.get(live.url + "/metrics").text
+        metrics = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
         line = next(l for l in metrics.splitlines() if l.startswith("loom_spec_decode_acceptance_rate{"))
         assert float(line.split()[-1]) > 0.5  # the answer copies the prompt
     finally:

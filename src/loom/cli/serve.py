@@ -9,6 +9,7 @@ import sys
 
 from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
                               llm_from_args)
+from loom.serve.protocol import RequestLimits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,10 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_speculative_options(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $LOOM_API_KEY)")
+    sv.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of `ps`)")
+    sv.add_argument("--public-docs", action="store_true", help="serve /openapi.json and /docs without the API key")
     sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
     sv.add_argument("--max-waiting", type=int, default=256, help="requests waiting beyond this get 503")
     sv.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    sv.add_argument("--request-body-timeout", type=float, default=30.0,
+                    help="seconds a request body may take to arrive (slower ones get 408)")
+    limits = RequestLimits()
+    sv.add_argument("--max-prompts-per-request", type=int, default=limits.max_prompts,
+                    help="prompts in one /v1/completions request")
+    sv.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings, help="stop sequences per request")
+    sv.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
+                    help="total characters of a request's stop sequences")
     sv.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds in-flight requests may finish after SIGTERM")
     sv.add_argument("--log-level", default="info")
@@ -34,6 +46,19 @@ def default_served_name(path: str) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The API key: --api-key, else the first line of --api-key-file, else $LOOM_API_KEY (None: no key)."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+        if not key:
+            raise ValueError(f"{args.api_key_file}: the API key file is empty")
+        return key
+    return os.environ.get("LOOM_API_KEY") or None
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -41,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
     from loom.serve.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    key = api_key(args)
+    limits = RequestLimits(args.max_prompts_per_request, args.max_stop_strings, args.max_stop_chars)
     llm = llm_from_args(args)  # --max-waiting bounds the scheduler's queue
     name = args.served_model_name or default_served_name(llm.model_path)
-    app = create_app(llm.engine, llm.tokenizer, name, api_key=args.api_key,
-                     max_request_bytes=args.max_request_bytes)
+    app = create_app(llm.engine, llm.tokenizer, name, api_key=key, max_request_bytes=args.max_request_bytes,
+                     body_timeout_s=args.request_body_timeout, limits=limits, public_docs=args.public_docs)
     print(f"loom: serving {name!r} on http://{args.host}:{args.port} (load {llm.load_seconds:.2f} s; "
           f"{llm.engine.describe()})", file=sys.stderr)
     serve(app, args.host, args.port, args.log_level, args.graceful_timeout)

@@ -1,12 +1,14 @@
 """The OpenAI-compatible HTTP server, assembled: state, engine thread lifespan, routes, error handlers.
 
 ``create_app`` puts a ServerState (``serve/state.py``) on ``app.state.loom``, starts and stops the
-engine thread with the app, mounts the routes (``serve/routes.py``) and installs the error handlers
-(``serve/errors.py``). Errors follow OpenAI: JSON ``{"error": {"message", "type", "param", "code"}}``
-with 400 for a bad request (fields, JSON, UTF-8, context length), 401 for a missing or wrong API key,
-404 for unknown models and routes, 413 for oversized bodies and 503 when the waiting queue is full or
-the engine has stopped. A client's mistake is answered without touching the engine; a client that
-disconnects has its requests aborted and their KV blocks freed.
+engine thread with the app, mounts the routes (``serve/routes.py``) and the API description
+(``serve/openapi.py``), and installs the error handlers (``serve/errors.py``). Errors follow OpenAI:
+JSON ``{"error": {"message", "type", "param", "code"}}`` with 400 for a bad request (fields, JSON,
+UTF-8, context length, limits), 401 for a missing or wrong API key, 404 for unknown models and routes,
+408 for a body that does not arrive in time, 413 for oversized bodies and 503 when the waiting queue is
+full or the engine has stopped. A client's mistake is answered without touching the engine; a client
+that disconnects has its requests aborted and their KV blocks freed. With an API key, everything but
+``/health`` and the chat page needs it (the API description too, unless ``public_docs``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from fastapi import FastAPI
 
 from loom.engine.engine import LLMEngine
 from loom.serve.errors import install_error_handlers
+from loom.serve.openapi import install_api_description
+from loom.serve.protocol import RequestLimits
 from loom.serve.routes import api, router
 from loom.serve.state import ServerState
 from loom.tokenizer import Tokenizer
@@ -37,12 +41,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "loom", api_key: str | None = None,
-               max_request_bytes: int = 4 << 20) -> FastAPI:
+               max_request_bytes: int = 4 << 20, body_timeout_s: float | None = 30.0,
+               limits: RequestLimits = RequestLimits(), public_docs: bool = False) -> FastAPI:
     """An app serving ``engine`` as ``model_name``; ``api_key`` (if set) is required as a Bearer token by
-    the /v1 and token routes; bodies over ``max_request_bytes`` are refused."""
-    app = FastAPI(title="loom", lifespan=lifespan)
-    app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes)
+    every route but /health and the chat page; bodies over ``max_request_bytes`` or slower than
+    ``body_timeout_s`` are refused; ``limits`` bound each request's work; ``public_docs`` serves
+    /openapi.json and /docs without the key."""
+    app = FastAPI(title="loom", summary="An OpenAI-compatible LLM server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes, body_timeout_s, limits)
     app.include_router(router)
     app.include_router(api)
+    install_api_description(app, public=public_docs or api_key is None)
     install_error_handlers(app)
     return app

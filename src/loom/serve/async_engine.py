@@ -21,6 +21,7 @@ from loom.engine.sequence import Request
 from loom.errors import EngineUnavailableError
 from loom.outputs import StreamDelta
 from loom.sampling_params import SamplingParams
+from loom.serve.errors import ShuttingDownError
 
 log = logging.getLogger("loom.serve")
 
@@ -62,10 +63,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is still running and end the engine thread."""
+    def end_in_flight(self) -> None:
+        """Stop accepting requests, and end those in flight with ShuttingDownError (from the engine
+        thread, between steps); the thread then exits."""
         self._stopping = True
         self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is still running and end the engine thread."""
+        self.end_in_flight()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -155,12 +161,10 @@ class AsyncEngine:
                         self._apply(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                if self._stopping:
-                    for rid in list(self._streams):
-                        self.engine.abort_request(rid)
+                if self._stopping:  # every request still open is answered with the shutdown error
+                    self._fail_all(ShuttingDownError("the server is shutting down"))
                     if self.engine.has_unfinished_requests():
-                        self._deliver(self.engine.step())
-                    self._fail_all(EngineUnavailableError("the server is shutting down"))
+                        self.engine.step()  # settles the aborts, freeing their blocks
                     return
                 if self.engine.has_unfinished_requests():
                     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,12 +29,20 @@ class MethodNotAllowedError(InvalidRequestError):
     """The route exists, but not for this HTTP method: HTTP 405."""
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request body did not arrive in time (a stalled or deliberately slow upload): HTTP 408."""
+
+
 class ClientDisconnectedError(ConnectionError):
     """The client went away before its answer was ready (nginx's 499; nobody reads the answer)."""
 
 
 class RequestFailedError(RuntimeError):
     """A request the engine had accepted could not finish (a step failed, or the engine stopped): HTTP 500."""
+
+
+class ShuttingDownError(EngineUnavailableError):
+    """The server is shutting down and its graceful timeout has passed: HTTP 503."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ KINDS: dict[type[BaseException], ErrorKind] = {
     NotFoundError: ErrorKind(404, "not_found_error"),
     ModelNotFoundError: ErrorKind(404, "not_found_error", "model_not_found"),
     MethodNotAllowedError: ErrorKind(405, "invalid_request_error"),
+    RequestTimeoutError: ErrorKind(408, "invalid_request_error", "request_timeout"),
     PayloadTooLargeError: ErrorKind(413, "invalid_request_error", "request_too_large"),
     ClientDisconnectedError: ErrorKind(499, "invalid_request_error"),
     RequestFailedError: ErrorKind(500, "server_error"),
@@ -75,13 +85,18 @@ def error_body(message: str, type: str, param: Optional[str] = None, code: Optio
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(error: BaseException) -> JSONResponse:
-    """The answer to ``error``: its kind's status and body (a 500 "internal error" if it has no kind)."""
+def error_payload(error: BaseException) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI error body for ``error`` (500 "internal error" if its type has no kind)."""
     kind = kind_of(error)
     if kind is None:
-        return JSONResponse(error_body(f"internal error: {type(error).__name__}", "server_error"), status_code=500)
-    body = error_body(kind.prefix + str(error), kind.type, getattr(error, "param", None), kind.code)
-    return JSONResponse(body, status_code=kind.status)
+        return 500, error_body(f"internal error: {type(error).__name__}", "server_error")
+    return kind.status, error_body(kind.prefix + str(error), kind.type, getattr(error, "param", None), kind.code)
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    """The answer to ``error``: its kind's status and body."""
+    status, body = error_payload(error)
+    return JSONResponse(body, status_code=status)
 
 
 async def _known_error(request: Request, error: Exception) -> JSONResponse:
@@ -100,6 +115,13 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code)
 
 
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter validation (routes read their bodies themselves): a 400, not a 422."""
+    first = (error.errors() or [{}])[0]
+    param = ".".join(str(x) for x in first.get("loc", ())) or None
+    return error_response(InvalidRequestError(f"{param}: {first.get('msg', 'invalid request')}", param=param))
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     """Anything else: logged with its traceback, answered as a bare 500."""
     log.exception("unexpected error on %s", request.url.path)
@@ -111,4 +133,5 @@ def install_error_handlers(app: FastAPI) -> None:
     for cls in KINDS:
         app.add_exception_handler(cls, _known_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,38 +1,58 @@
 """OpenAI API request shapes (pydantic), and how they become SamplingParams.
 
 Fields follow OpenAI's API reference; the extras other engines accept (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are accepted too. Unknown fields are
-refused (as OpenAI does) so a typo never silently changes nothing.
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, chat_template_kwargs,
+stream_options.continuous_usage_stats) are accepted too. Fields no model here declares (``metadata``,
+``store``, ``service_tier``, ... which real clients send by default) are kept as extras, and the server
+logs that it ignored them, as vLLM does. Limits that depend on the server (prompts per request, stop
+strings) are ``RequestLimits``, checked by ``check_limits``.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loom.errors import InvalidRequestError
-from loom.sampling_params import MAX_LOGPROBS, SamplingParams
+from loom.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
+
+
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key: a token id in decimal ASCII digits
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request work bounds a server sets (``loom serve --max-prompts-per-request`` ...); each excess is
+    a 400 that names the limit."""
+
+    max_prompts: int = 256  # prompts in one /v1/completions request
+    max_stop_strings: int = 16
+    max_stop_chars: int = 4096  # the stop strings' total length
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage; ``continuous_usage_stats``
+    (vLLM's, sent by guidellm) puts the usage so far in every chunk."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(BaseModel):
     """What completions and chat share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=128)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -51,10 +71,7 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Any) -> Any:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
-        if any(not s for s in stops):
+        if any(not s for s in ([v] if isinstance(v, str) else (v or []))):
             raise ValueError("stop sequences must not be empty")
         return v
 
@@ -62,31 +79,43 @@ class SamplingFields(BaseModel):
     @classmethod
     def _bias(cls, v: Any) -> Any:
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError("logit_bias values must be in [-100, 100]")
         return v
 
+    @property
+    def stops(self) -> list[str]:
+        """The stop strings as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every stream chunk carries the usage so far."""
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
         """The engine's SamplingParams for these fields (unset temperature / top_p: 1.0). Raises
-        InvalidRequestError for a logit_bias token outside ``[0, vocab_size)`` or a combination
-        SamplingParams refuses."""
-        bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
-        if vocab_size is not None:
-            bad = [t for t in bias if not 0 <= t < vocab_size]
-            if bad:
-                raise InvalidRequestError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                                          param="logit_bias")
-        return SamplingParams(
+        InvalidRequestError for what SamplingParams refuses, or a token outside ``[0, vocab_size)``."""
+        params = SamplingParams(
             n=self.n, max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed,
+            frequency_penalty=self.frequency_penalty, seed=self.seed,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs)
+        if vocab_size is not None:
+            params.check_vocabulary(vocab_size)
+        return params
 
 
 class CompletionRequest(SamplingFields):
@@ -124,7 +153,7 @@ class CompletionRequest(SamplingFields):
 class TextPart(BaseModel):
     """A text part of a message's content."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
 
@@ -132,7 +161,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One chat message; its content is a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
@@ -166,11 +195,17 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the chat template
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools are not supported")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(self.chat_template_kwargs or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)[0]!r}")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -192,7 +227,7 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(BaseModel):
     """The body of ``POST /tokenize``: a prompt or chat messages."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
@@ -209,6 +244,20 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """The body of ``POST /detokenize``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     tokens: list[int]
+
+
+def check_limits(req: SamplingFields, limits: RequestLimits, num_prompts: int = 1) -> None:
+    """InvalidRequestError when a request asks for more work than ``limits`` allow."""
+    if num_prompts > limits.max_prompts:
+        raise InvalidRequestError(f"at most {limits.max_prompts} prompts per request, got {num_prompts}",
+                                  param="prompt")
+    stops = req.stops
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidRequestError(f"at most {limits.max_stop_strings} stop sequences, got {len(stops)}", param="stop")
+    total = sum(len(s) for s in stops)
+    if total > limits.max_stop_chars:
+        raise InvalidRequestError(f"the stop sequences may hold at most {limits.max_stop_chars} characters in all, "
+                                  f"got {total}", param="stop")

@@ -10,6 +10,7 @@ only then touches the engine; every refusal is a typed exception (``loom.errors`
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -20,34 +21,49 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from loom.errors import EngineUnavailableError, InvalidPromptError, InvalidRequestError
 from loom.serve import openai_format as fmt
-from loom.serve.body import read_json
-from loom.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from loom.serve import openapi as doc
+from loom.serve.errors import RequestFailedError, error_payload
+from loom.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                 check_limits)
 from loom.serve.state import ServerState, authorize, server_state
 from loom.serve.submit import Submission, collect, deltas, submit, until_disconnect
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+log = logging.getLogger("loom.serve")
 
 State = Annotated[ServerState, Depends(server_state)]
 router = APIRouter()  # open to anyone
-api = APIRouter(dependencies=[Depends(authorize)])  # the routes that need the API key
+api = APIRouter(dependencies=[Depends(authorize)], responses=doc.KEYED)  # the routes that need the API key
+
+
+async def ending_with_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events``; if the engine ends the request early (a failed step, shutdown), an error event in
+    OpenAI's error JSON and ``[DONE]``, so the client sees why the stream stopped."""
+    try:
+        async for event in events:
+            yield event
+    except (RequestFailedError, EngineUnavailableError) as e:
+        log.warning("a stream ended early: %s", e)
+        yield fmt.sse(error_payload(e)[1])
+        yield fmt.SSE_DONE
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     """A ``text/event-stream`` response of ``events``."""
-    return StreamingResponse(events, media_type="text/event-stream")
+    return StreamingResponse(ending_with_error(events), media_type="text/event-stream")
 
 
 # Pages and probes (no API key) -------------------------------------------------------------------
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def chat_page(state: State) -> HTMLResponse:
     """The chat page, with the served model's name filled in."""
     with open(os.path.join(STATIC, "chat.html"), encoding="utf-8") as f:
         return HTMLResponse(f.read().replace("{{MODEL}}", state.model_name))
 
 
-@router.get("/health")
+@router.get("/health", response_model=doc.Health, responses={503: doc.ERRORS[503]})
 async def health(state: State) -> Response:
     """``{"status": "ok"}`` while the engine thread runs; 503 once it has died."""
     if state.async_engine.dead is not None:
@@ -55,45 +71,49 @@ async def health(state: State) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@api.get("/metrics", response_class=Response,
+         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                          "description": "Prometheus text exposition format 0.0.4"}})
 async def metrics(state: State) -> Response:
-    """Prometheus text exposition of the server's metrics."""
+    """Prometheus text exposition of the server's metrics (behind the API key when one is set)."""
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 # Models and tokens -------------------------------------------------------------------------------
 
 
-@api.get("/v1/models")
+@api.get("/v1/models", response_model=doc.ModelList)
 async def list_models(state: State) -> dict[str, Any]:
     """The one served model."""
     return fmt.model_list([fmt.model_card(state.model_name, state.created, state.engine.max_model_len)])
 
 
-@api.get("/v1/models/{model_id:path}")
+@api.get("/v1/models/{model_id:path}", response_model=doc.ModelCard, responses=doc.errors(404))
 async def get_model(model_id: str, state: State) -> dict[str, Any]:
     """The served model's card, or 404 for any other name."""
     state.check_model(model_id)
     return fmt.model_card(state.model_name, state.created, state.engine.max_model_len)
 
 
-@api.post("/tokenize")
+@api.post("/tokenize", response_model=doc.TokenizeResponse, openapi_extra=doc.body(TokenizeRequest),
+          responses=doc.BODY_ERRORS)
 async def tokenize(request: Request, state: State) -> dict[str, Any]:
     """Token ids of a prompt (with special tokens, unless told not to) or of chat messages (templated)."""
-    req = await read_json(request, TokenizeRequest, state.max_request_bytes)
+    req = await state.read(request, TokenizeRequest)
     state.check_model(req.model)
     if req.messages is not None:
-        ids = state.tokenizer.encode_chat([m.model_dump() | {"content": m.text()} for m in req.messages],
+        ids = state.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages],
                                           add_generation_prompt=req.add_generation_prompt)
     else:
         ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
 
 
-@api.post("/detokenize")
+@api.post("/detokenize", response_model=doc.DetokenizeResponse, openapi_extra=doc.body(DetokenizeRequest),
+          responses=doc.BODY_ERRORS)
 async def detokenize(request: Request, state: State) -> dict[str, Any]:
     """The text of token ids (each must be in the vocabulary)."""
-    req = await read_json(request, DetokenizeRequest, state.max_request_bytes)
+    req = await state.read(request, DetokenizeRequest)
     state.check_model(req.model)
     if any(not 0 <= t < state.vocab_size for t in req.tokens):
         raise InvalidRequestError(f"token ids must be in [0, {state.vocab_size})", param="tokens")
@@ -117,22 +137,28 @@ def completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[
     return prompts
 
 
-async def completion_events(stream: fmt.CompletionStream, sub: Submission, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE events of a streamed completion: a chunk per delta, the usage chunk if asked, [DONE]."""
+async def completion_events(stream: fmt.CompletionStream, sub: Submission, req: CompletionRequest) -> AsyncIterator[str]:
+    """The SSE events of a streamed completion: a chunk per delta (with the usage so far if asked), the
+    usage chunk if asked, [DONE]."""
     async for i, d in deltas(sub):
-        yield fmt.sse(stream.chunk(i, d))
-    if include_usage:
+        chunk = stream.chunk(i, d)
+        if req.continuous_usage:
+            chunk["usage"] = stream.usage_chunk()["usage"]
+        yield fmt.sse(chunk)
+    if req.include_usage:
         yield fmt.sse(stream.usage_chunk())
     yield fmt.SSE_DONE
 
 
-@api.post("/v1/completions")
+@api.post("/v1/completions", openapi_extra=doc.body(CompletionRequest),
+          responses=doc.streamed(doc.CompletionResponse, doc.CompletionResponse) | doc.BODY_ERRORS)
 async def completions(request: Request, state: State) -> Response:
     """OpenAI's legacy completions: several prompts, ``n`` choices each, ``echo``, ``logprobs``.
     ``max_tokens: 0`` with ``echo`` scores the prompt without generating (what lm-evaluation-harness
     asks for)."""
-    req = await read_json(request, CompletionRequest, state.max_request_bytes)
+    req = await state.read(request, CompletionRequest)
     state.check_model(req.model)
+    check_limits(req, state.limits, len(req.prompts()))
     prompts = completion_prompts(state, req)
     echo_only = req.max_tokens == 0
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
@@ -143,8 +169,7 @@ async def completions(request: Request, state: State) -> Response:
     shape = dict(echo=req.echo, echo_only=echo_only, logprobs=req.logprobs is not None)
     if req.stream:
         stream = fmt.CompletionStream(env, prompts, req.n, state.tokenizer.decode, **shape)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(completion_events(stream, sub, include_usage))
+        return sse_response(completion_events(stream, sub, req))
     outputs = await until_disconnect(request, collect(sub))
     return JSONResponse(fmt.completion_response(env, outputs, state.tokenizer.decode, **shape))
 
@@ -152,36 +177,50 @@ async def completions(request: Request, state: State) -> Response:
 # Chat completions --------------------------------------------------------------------------------
 
 
-async def chat_events(env: fmt.Envelope, sub: Submission, n: int, top_logprobs: int | None,
-                      include_usage: bool) -> AsyncIterator[str]:
+async def chat_events(env: fmt.Envelope, sub: Submission, req: ChatCompletionRequest,
+                      top_logprobs: int | None) -> AsyncIterator[str]:
     """The SSE events of a streamed chat completion: each choice's role chunk, its content and finish
-    chunks as deltas arrive, the usage chunk if asked, [DONE]."""
-    for chunk in fmt.chat_role_chunks(env, n):
-        yield fmt.sse(chunk)
-    generated = 0
+    chunks as deltas arrive (each with the usage so far if asked), the usage chunk if asked, [DONE]."""
+    prompt_tokens, generated = len(sub.requests[0].prompt_ids), 0
+
+    def event(chunk: dict[str, Any]) -> str:
+        if req.continuous_usage:
+            chunk["usage"] = fmt.usage(prompt_tokens, generated)
+        return fmt.sse(chunk)
+
+    for chunk in fmt.chat_role_chunks(env, req.n):
+        yield event(chunk)
     async for _, d in deltas(sub):
         generated += len(d.token_ids)
         for chunk in fmt.chat_delta_chunks(env, d, top_logprobs):
-            yield fmt.sse(chunk)
-    if include_usage:
-        yield fmt.sse(fmt.chat_usage_chunk(env, len(sub.requests[0].prompt_ids), generated))
+            yield event(chunk)
+    if req.include_usage:
+        yield fmt.sse(fmt.chat_usage_chunk(env, prompt_tokens, generated))
     yield fmt.SSE_DONE
 
 
-@api.post("/v1/chat/completions")
+def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    """Token ids of the request's messages through the chat template, given ``chat_template_kwargs`` as
+    extra variables (a ChatTemplateError, a 400, if the template fails on them)."""
+    return state.tokenizer.encode_chat(req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
+                                       **(req.chat_template_kwargs or {}))
+
+
+@api.post("/v1/chat/completions", openapi_extra=doc.body(ChatCompletionRequest),
+          responses=doc.streamed(doc.ChatCompletionResponse, doc.ChatCompletionChunk) | doc.BODY_ERRORS)
 async def chat_completions(request: Request, state: State) -> Response:
     """OpenAI's chat completions: the messages through the model's chat template, ``n`` choices,
     ``logprobs`` / ``top_logprobs``."""
-    req = await read_json(request, ChatCompletionRequest, state.max_request_bytes)
+    req = await state.read(request, ChatCompletionRequest)
     state.check_model(req.model)
-    ids = state.tokenizer.encode_chat(req.chat_messages(), add_generation_prompt=req.add_generation_prompt)
+    check_limits(req, state.limits)
+    ids = chat_prompt(state, req)
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(req.max_new_tokens, logprobs=top_logprobs, vocab_size=state.vocab_size)
     env = fmt.Envelope(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
     sub = await submit(state.async_engine, [ids], params, env.id)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(chat_events(env, sub, req.n, top_logprobs, include_usage))
+        return sse_response(chat_events(env, sub, req, top_logprobs))
     (output,) = await until_disconnect(request, collect(sub))
     return JSONResponse(fmt.chat_completion_response(env, output, top_logprobs))
 

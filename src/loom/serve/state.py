@@ -1,5 +1,6 @@
 """What a server holds (``app.state.loom``): the engine and its thread, the tokenizer, the served name, the
-API key, the body limit and the metrics; and the checks every route makes against them."""
+API key, the limits on request bodies and per-request work, and the metrics; and the checks every route
+makes against them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from fastapi import Request
 from loom.engine.engine import LLMEngine
 from loom.errors import AuthenticationError, ModelNotFoundError
 from loom.serve.async_engine import AsyncEngine
+from loom.serve.body import M, read_json
 from loom.serve.metrics import Metrics
+from loom.serve.protocol import RequestLimits
 from loom.tokenizer import Tokenizer
 
 
@@ -20,12 +23,15 @@ class ServerState:
     """One served model: ``engine`` runs in ``async_engine``'s thread; ``metrics`` counts its requests."""
 
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None,
-                 max_request_bytes: int) -> None:
+                 max_request_bytes: int, body_timeout_s: float | None = 30.0,
+                 limits: RequestLimits = RequestLimits()) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
+        self.limits = limits
         self.metrics = Metrics(engine, model_name)
         self.async_engine = AsyncEngine(engine, on_finished=self.metrics.request_finished)
         self.created = int(time.time())
@@ -40,8 +46,14 @@ class ServerState:
         if self.api_key is None:
             return
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+        # bytes, since compare_digest refuses str with non-ASCII characters (headers arrive as latin-1)
+        sent = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(sent, self.api_key.encode("utf-8")):
             raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    async def read(self, request: Request, model: type[M]) -> M:
+        """The request's body validated as ``model``, within the server's size and time limits."""
+        return await read_json(request, model, self.max_request_bytes, self.body_timeout_s)
 
     def check_model(self, name: Optional[str]) -> None:
         """Raise ModelNotFoundError when a request names a model other than the one served (None: any)."""

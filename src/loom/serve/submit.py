@@ -16,7 +16,7 @@ from loom.errors import InvalidRequestError
 from loom.outputs import RequestOutput, StreamDelta
 from loom.sampling_params import SamplingParams
 from loom.serve.async_engine import AsyncEngine
-from loom.serve.errors import ClientDisconnectedError, RequestFailedError
+from loom.serve.errors import ClientDisconnectedError, RequestFailedError, ShuttingDownError
 
 T = TypeVar("T")
 
@@ -58,12 +58,15 @@ async def submit(engine: AsyncEngine, prompts: list[list[int]], params: Sampling
 
 async def deltas(sub: Submission) -> AsyncIterator[tuple[int, StreamDelta]]:
     """(prompt index, delta) until every completion of every request has finished. An error the engine
-    sends instead raises RequestFailedError; if the consumer stops early, what is left is aborted."""
+    sends instead raises RequestFailedError (ShuttingDownError as itself); if the consumer stops early,
+    what is left is aborted."""
     index = {r.request_id: i for i, r in enumerate(sub.requests)}
     open_choices = sum(r.params.n for r in sub.requests)
     try:
         while open_choices:
             item = await sub.out.get()
+            if isinstance(item, ShuttingDownError):
+                raise ShuttingDownError(str(item)) from item
             if isinstance(item, BaseException):
                 raise RequestFailedError(str(item)) from item
             if item.finish_reason is not None:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from loom.errors import InvalidPromptError
 from loom.tokenizer.chat_template import ChatTemplateError, render_chat
 from loom.tokenizer.detokenizer import IncrementalDetokenizer
 from loom.tokenizer.gguf_vocab import tokenizer_from_gguf
@@ -47,6 +48,13 @@ class Tokenizer:
         return self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; InvalidPromptError if it is not valid Unicode (a lone surrogate)."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidPromptError(f"the text is not valid Unicode (lone surrogate {text[e.start]!a} at "
+                                         f"character {e.start})") from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

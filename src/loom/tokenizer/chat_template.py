@@ -59,5 +59,5 @@ def render_chat(template: str, messages: list[dict[str, Any]], *, add_generation
                                          bos_token=bos_token, eos_token=eos_token, **extra)
     except ChatTemplateError:
         raise
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - jinja errors, and what the template's own code raises on odd input
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
