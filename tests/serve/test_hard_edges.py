@@ -285,3 +285,32 @@ def test_shutdown_past_the_graceful_timeout_answers_every_request():
     assert len(events) > 3  # tokens were streamed before
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert log.count("end with 503") == 1, log
+
+
+# The tokenizer, for clients that tokenize themselves ----------------------------------------------------------
+
+
+def test_tokenizer_info_and_files_tokenize_as_the_server_does(live, tmp_path):
+    info = httpx.get(live.url + "/tokenizer_info", headers=H).json()
+    assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<|im_start|>"
+    assert info["chat_template"] and info["model_max_length"] == live.engine.max_model_len
+    assert info["vocab_size"] == 49152 and isinstance(info["add_bos_token"], bool)
+    # lm-evaluation-harness derives the special tokens' ids by tokenizing their text
+    eos = httpx.post(live.url + "/tokenize", headers=H, json={"prompt": info["eos_token"],
+                                                              "add_special_tokens": False}).json()
+    assert eos["tokens"] == list(live.app.state.loom.tokenizer.eos_token_ids[:1])
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        r = httpx.get(live.url + "/tokenizer/" + name, headers=H)
+        assert r.status_code == 200
+        (tmp_path / name).write_bytes(r.content)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("The capital of France is", "  spaces\tand\nlines, ünïcödé 😀", "<|im_start|>user\nhi<|im_end|>"):
+        for special in (True, False):
+            ids = httpx.post(live.url + "/tokenize", headers=H,
+                             json={"prompt": text, "add_special_tokens": special}).json()["tokens"]
+            assert hf.encode(text, add_special_tokens=special) == ids, (text, special)
+    served = httpx.post(live.url + "/tokenize", headers=H, json={"messages": CHAT}).json()["tokens"]
+    assert hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False) == served

@@ -40,6 +40,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.async_engine.stop()
 
 
+def bare_app(title: str = "loom", public_docs: bool = True, **fastapi_kwargs: object) -> FastAPI:
+    """The app's routes, API description and error handlers, without a served model."""
+    app = FastAPI(title=title, summary="An OpenAI-compatible LLM server", docs_url=None, redoc_url=None,
+                  openapi_url=None, **fastapi_kwargs)  # type: ignore[arg-type]
+    app.include_router(router)
+    app.include_router(api)
+    install_api_description(app, public=public_docs)
+    install_error_handlers(app)
+    return app
+
+
+def api_description() -> dict:
+    """The server's OpenAPI document (what ``GET /openapi.json`` answers), without starting a server."""
+    return bare_app().openapi()
+
+
 def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "loom", api_key: str | None = None,
                max_request_bytes: int = 4 << 20, body_timeout_s: float | None = 30.0,
                limits: RequestLimits = RequestLimits(), public_docs: bool = False) -> FastAPI:
@@ -47,11 +63,6 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "loom"
     every route but /health and the chat page; bodies over ``max_request_bytes`` or slower than
     ``body_timeout_s`` are refused; ``limits`` bound each request's work; ``public_docs`` serves
     /openapi.json and /docs without the key."""
-    app = FastAPI(title="loom", summary="An OpenAI-compatible LLM server", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = bare_app(public_docs=public_docs or api_key is None, lifespan=lifespan)
     app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes, body_timeout_s, limits)
-    app.include_router(router)
-    app.include_router(api)
-    install_api_description(app, public=public_docs or api_key is None)
-    install_error_handlers(app)
     return app

@@ -120,6 +120,28 @@ async def detokenize(request: Request, state: State) -> dict[str, Any]:
     return {"prompt": state.tokenizer.decode(req.tokens)}
 
 
+@api.get("/tokenizer_info", response_model=doc.TokenizerInfo)
+async def tokenizer_info(state: State) -> dict[str, Any]:
+    """What a client needs to tokenize as the server does: the special tokens, whether BOS is added, the
+    chat template, the context (lm-evaluation-harness's ``tokenizer_backend=remote`` reads this)."""
+    return state.tokenizer.config(state.engine.max_model_len) | {"vocab_size": state.vocab_size}
+
+
+@api.get("/tokenizer/tokenizer.json", response_class=Response,
+         responses={200: {"content": {"application/json": {"schema": {"type": "object"}}},
+                          "description": "The tokenizer as HF tokenizers' tokenizer.json"}})
+async def tokenizer_json(state: State) -> Response:
+    """The tokenizer file itself: save it with ``/tokenizer/tokenizer_config.json`` in a folder and
+    ``transformers.AutoTokenizer.from_pretrained(folder)`` tokenizes exactly as the server does."""
+    return Response(state.tokenizer.to_json(), media_type="application/json")
+
+
+@api.get("/tokenizer/tokenizer_config.json", response_model=dict[str, Any])
+async def tokenizer_config(state: State) -> dict[str, Any]:
+    """The tokenizer's ``tokenizer_config.json`` (special tokens, BOS rule, chat template, context)."""
+    return state.tokenizer.config(state.engine.max_model_len)
+
+
 # Completions -------------------------------------------------------------------------------------
 
 

@@ -63,15 +63,28 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def config(self, model_max_length: int | None = None) -> dict[str, Any]:
+        """The contents of an HF ``tokenizer_config.json`` for this tokenizer (with the tokenizer.json
+        ``to_json`` gives, what ``AutoTokenizer.from_pretrained`` loads)."""
+        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token or None,
+                               "eos_token": self.eos_token or None, "pad_token": None,
+                               "add_bos_token": self.add_bos, "add_eos_token": False}
+        if model_max_length is not None:
+            cfg["model_max_length"] = model_max_length
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        return cfg
+
+    def to_json(self) -> str:
+        """The backend as a ``tokenizer.json`` document."""
+        return self.backend.to_str()
+
     def save(self, folder: str) -> None:
         """tokenizer.json + tokenizer_config.json as HF writes them (what ``tokenizer_from_folder`` reads)."""
         os.makedirs(folder, exist_ok=True)
         self.backend.save(os.path.join(folder, "tokenizer.json"))
-        cfg: dict[str, Any] = {"bos_token": self.bos_token or None, "eos_token": self.eos_token or None}
-        if self.chat_template:
-            cfg["chat_template"] = self.chat_template
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+            json.dump(self.config(), f, indent=2)
 
     def token_bytes_text(self, token_id: int) -> str:
         """The text one token decodes to on its own (for logprob displays)."""
