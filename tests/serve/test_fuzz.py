@@ -4,12 +4,14 @@ JSON, and the server is healthy afterwards with no request left behind.
 Two generators: hypothesis over the request shapes (the models' own field names with JSON values of any
 type, strings with any code point, raw bytes), and schemathesis over the server's own /openapi.json
 (bodies that follow the published schemas, and bodies that break them). Generated requests are clamped
-to a few tokens each so the run stays short; the longer run is recorded in docs/RESULTS.md.
+to a few tokens each so the run stays short; ``LOOM_FUZZ_EXAMPLES=N`` runs N examples each (the longer
+run in docs/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -24,6 +26,9 @@ from loom.serve.protocol import ChatCompletionRequest, CompletionRequest, Detoke
 from tests.serve.conftest import API_KEY, MODEL
 
 H = {"Authorization": f"Bearer {API_KEY}"}
+# examples per endpoint (hypothesis) and per operation (schemathesis); LOOM_FUZZ_EXAMPLES=N for a longer run
+HYPOTHESIS_EXAMPLES = int(os.environ.get("LOOM_FUZZ_EXAMPLES", 150))
+SCHEMATHESIS_EXAMPLES = int(os.environ.get("LOOM_FUZZ_EXAMPLES", 60))
 ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
              "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
@@ -105,7 +110,7 @@ def check_healthy(live) -> None:
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
 def test_hypothesis_bodies_never_get_a_5xx(live, path):
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(body=body_for(ENDPOINTS[path]) | st.binary(max_size=40), model=st.sampled_from([MODEL, None, "gpt-4"]))
     def one(body, model):
         if isinstance(body, bytes):
@@ -129,7 +134,7 @@ OPERATIONS = {f"{op.method.upper()} {op.path}": op for op in (r.ok() for r in SC
 def test_schemathesis_cases_never_get_a_5xx(live, name):
     """Cases schemathesis draws from the published schema of each operation (valid and invalid bodies)."""
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(case=OPERATIONS[name].as_strategy())
     def one(case):
         if isinstance(case.body, dict):
