@@ -139,3 +139,13 @@ def test_sampling_leaves_the_callers_logits_untouched():
     tokens = sample(logits, rows)
     assert torch.equal(logits, before)
     assert tokens[0] != top[0] and tokens[1] == top[1]  # EOS banned for row 0 only
+
+
+def test_a_tiny_repetition_penalty_stays_finite():
+    from loom.engine.sampler import apply_penalties
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 3.0])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=5e-324), [1, 2], [])
+    assert torch.isfinite(out).all()
+    probs = torch.softmax(out, dim=-1)
+    assert not probs.isnan().any() and probs[1] == 1.0  # the seen token with a positive logit takes it all

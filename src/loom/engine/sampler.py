@@ -48,8 +48,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Se
         ids = list(prompt_ids) + list(output_ids)
         if ids:
             seen[torch.tensor(ids, dtype=torch.long).clamp_(0, vocab - 1)] = True
-        r = params.repetition_penalty
-        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r)
+        r, most = params.repetition_penalty, torch.finfo(logits.dtype).max
+        # clamped: a tiny r would turn l / r into inf, and softmax's inf - inf into NaN
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r).clamp_(-most, most)
     if (params.frequency_penalty or params.presence_penalty) and output_ids:
         counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=vocab)[:vocab]
         logits -= params.frequency_penalty * counts.float() + params.presence_penalty * (counts > 0).float()
