@@ -25,6 +25,10 @@ PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 
 ROPE_SCALING_KINDS = ("linear", "ntk", "yarn")
 
+# The longest context loom accepts (16M tokens): far past any released model's, and low enough that a
+# file claiming more is refused before its RoPE tables or KV cache are sized from the claim.
+MAX_CONTEXT = 1 << 24
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -56,12 +60,18 @@ class RopeScaling:
                              "(or none)")
         if not math.isfinite(self.factor) or self.factor <= 0:
             raise ValueError(f"RoPE scaling factor must be a positive number, got {self.factor}")
-        if self.original_max_position is not None and self.original_max_position < 1:
-            raise ValueError(f"original context must be a positive number of tokens, got {self.original_max_position}")
-        if self.beta_fast <= 0 or self.beta_slow <= 0:
+        if self.original_max_position is not None and not 1 <= self.original_max_position <= MAX_CONTEXT:
+            raise ValueError(f"original context must be between 1 and {MAX_CONTEXT} tokens, "
+                             f"got {self.original_max_position}")
+        if not (_positive(self.beta_fast) and _positive(self.beta_slow)):
             raise ValueError(f"YaRN beta_fast and beta_slow must be positive, got {self.beta_fast}, {self.beta_slow}")
-        if self.attention_factor is not None and self.attention_factor <= 0:
+        if self.attention_factor is not None and not _positive(self.attention_factor):
             raise ValueError(f"attention_factor must be positive, got {self.attention_factor}")
+
+
+def _positive(x: float) -> bool:
+    """Whether ``x`` is a finite number above zero (NaN is not)."""
+    return math.isfinite(x) and x > 0
 
 
 # What a caller may ask of a model's RoPE scaling: None keeps the file's, "none" switches it off,
@@ -202,6 +212,13 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"RoPE scaling needs RoPE positions, got position {self.position!r}")
+        if not 1 <= self.max_position_embeddings <= MAX_CONTEXT:
+            raise ValueError(f"max_position_embeddings must be between 1 and {MAX_CONTEXT} (2^24), "
+                             f"got {self.max_position_embeddings}")
+        if not _positive(self.rope_theta):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ValueError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
 
     # Derived sizes -------------------------------------------------------------------------
 

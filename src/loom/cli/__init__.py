@@ -16,6 +16,7 @@ from typing import Sequence
 
 from loom.cli import analyze, bench, chat, generate, info, prune, quantize, serve
 from loom.cli import eval as eval_command
+from loom.errors import EngineUnavailableError, NotFoundError, QueueFullError
 
 # `loom --help` lists the commands in this order
 COMMANDS: dict[str, ModuleType] = {"generate": generate, "chat": chat, "serve": serve, "info": info, "bench": bench,
@@ -30,11 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can make loom raise: a bad option or request, a malformed or unreadable model file
+# (WeightsError is a ValueError and names the file), an engine that cannot take the work. Anything else
+# is a bug in loom and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, NotFoundError, QueueFullError, EngineUnavailableError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `loom ARGV` (default: the process's arguments); the exit status, 2 for a usage error."""
+    """Run `loom ARGV` (default: the process's arguments); the exit status, 2 for a usage error, a bad
+    model file or an unreadable one, reported on one line of stderr as `loom: error: ...`."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"loom: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print("loom: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

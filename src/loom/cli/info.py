@@ -1,5 +1,6 @@
 """`loom info`: a model's architecture, parameter count, weight bytes per dtype and KV cache bytes per
-token, read from its file or folder without loading the weights."""
+token, read from its file or folder without loading the weights (the config is still checked against the
+tensors' shapes, as loading would)."""
 
 from __future__ import annotations
 
@@ -21,21 +22,26 @@ def model_info(path: str | None) -> dict[str, Any]:
     from collections import Counter
 
     from loom.default_model import default_model_path
+    from loom.weights.errors import WeightsError
     from loom.weights.gguf import GGUFFile, config_from_gguf
-    from loom.weights.hf import read_hf_config
+    from loom.weights.loader import open_hf_checkpoint
 
     path = path or default_model_path()
     info: dict[str, Any] = {"path": path}
     if os.path.isdir(path):
-        config = read_hf_config(path)
+        config, _ = open_hf_checkpoint(path)
         info["format"] = "hf"
-    else:
+    elif os.path.isfile(path):
         g = GGUFFile(path)
-        config = config_from_gguf(g)
+        try:
+            config = config_from_gguf(g)
+        finally:
+            g.close()
         info["format"] = f"gguf v{g.version}"
         info["file_bytes"] = os.path.getsize(path)
         info["tensor_types"] = dict(Counter(t.qtype.name for t in g.tensors.values()))
-        g.close()
+    else:
+        raise WeightsError(path, "no such file or folder")
     params = config.num_parameters()
     info["architecture"] = config.architecture
     info["name"] = config.name

@@ -14,26 +14,35 @@ We parse the header ourselves: ``gguf.GGUFReader`` builds a numpy view per array
 takes ~5 s on a 49k-token vocabulary, where this takes a fraction of a second. The ``gguf``
 package still provides the type enums and block sizes, and is the reference our dequantizers
 are tested against.
+
+Nothing in the header is trusted before it is checked: every count is checked against the bytes
+left before it is looped over, n_dims against ggml's limit of 4, each tensor's byte size (computed
+in Python ints) against the file's size, the alignment is a power of two; ``config_from_gguf``
+checks each value it reads and compares the config with the tensors present (``weights.validate``).
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from loom.config import ModelConfig, RopeScaling, scaled_context
+from loom.config import MAX_CONTEXT, ModelConfig, RopeScaling, scaled_context
 from loom.weights.dequant import DEQUANTIZERS, dequantize
 from loom.weights.errors import WeightsError
+from loom.weights.validate import (MAX_ROPE_BASE, check_layer_count, check_scaled_context, check_tensor_shapes,
+                                   checked_int, checked_number, layer_indices, show)
 
 GGUF_MAGIC = b"GGUF"
+GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 
 # Value type codes -> (struct format, numpy dtype) for scalars.
 _SCALARS: dict[int, tuple[str, np.dtype]] = {
@@ -43,6 +52,11 @@ _SCALARS: dict[int, tuple[str, np.dtype]] = {
     11: ("<q", np.dtype("<i8")), 12: ("<d", np.dtype("<f8")),
 }
 _STRING, _ARRAY = 8, 9
+# The fewest bytes each header entry can take, so that a count is checked against the bytes left
+# before anything is looped over or allocated for it.
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_MIN_STRING_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,14 @@ class _Cursor:
         self.pos += size
         return v
 
+    def count(self, n: int, item_bytes: int, what: str) -> int:
+        """``n``, once ``n`` entries of at least ``item_bytes`` bytes each are known to fit in what is left."""
+        left = len(self.buf) - self.pos
+        if n * item_bytes > left:
+            raise WeightsError(self.path, f"file is truncated or {what} is wrong: {n} entries of at least "
+                                          f"{item_bytes} bytes each do not fit in the {left} bytes left")
+        return n
+
     def string(self, what: str) -> str:
         n = self.scalar("<Q", what)
         self.need(n, what)
@@ -86,6 +108,10 @@ class _Cursor:
             return self.string(what)
         if vtype == _ARRAY:
             etype = self.scalar("<I", what)
+            if etype == _ARRAY:
+                raise WeightsError(self.path, f"{what} is an array of arrays (not supported, as in llama.cpp)")
+            if etype not in _SCALARS and etype != _STRING:
+                raise WeightsError(self.path, f"unknown metadata value type {etype} in {what}")
             count = self.scalar("<Q", what)
             if etype in _SCALARS:
                 dt = _SCALARS[etype][1]
@@ -93,7 +119,8 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
                 self.pos += count * dt.itemsize
                 return arr.tolist()
-            return [self.value(etype, what) for _ in range(count)]
+            self.count(count, _MIN_STRING_BYTES, f"the length of {what}")
+            return [self.string(what) for _ in range(count)]
         raise WeightsError(self.path, f"unknown metadata value type {vtype} in {what}")
 
 
@@ -121,38 +148,48 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise WeightsError(self.path, f"unsupported GGUF version {self.version} (supported: 2, 3)")
         n_tensors = cur.scalar("<Q", "the tensor count")
-        n_kv = cur.scalar("<Q", "the metadata count")
+        n_kv = cur.count(cur.scalar("<Q", "the metadata count"), _MIN_KV_BYTES, "the metadata count")
+        cur.count(n_tensors, _MIN_TENSOR_INFO_BYTES, "the tensor count")
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             vtype = cur.scalar("<I", f"the type of {key!r}")
             self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
-        infos = []
-        for i in range(n_tensors):
-            name = cur.string(f"tensor info #{i}")
-            n_dims = cur.scalar("<I", f"tensor info {name!r}")
-            dims = [cur.scalar("<Q", f"tensor info {name!r}") for _ in range(n_dims)]
-            code = cur.scalar("<I", f"tensor info {name!r}")
-            offset = cur.scalar("<Q", f"tensor info {name!r}")
-            infos.append((name, dims, code, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        infos = [self._tensor_info(cur, i) for i in range(n_tensors)]
+        alignment = _alignment(self.metadata.get("general.alignment", 32), self.path)
         data_start = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, code, offset in infos:
-            try:
-                qtype = GGMLQuantizationType(code)
-            except ValueError:
-                raise WeightsError(self.path, f"unknown ggml type code {code}", name) from None
-            block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(dims)) if dims else 1
-            if n % block_elems:
-                raise WeightsError(self.path, f"{n} elements is not a whole number of {qtype.name} blocks", name)
-            nbytes = n // block_elems * block_bytes
-            start = data_start + offset
-            if start + nbytes > size:
-                raise WeightsError(self.path, f"file is truncated: tensor data ends at byte {start + nbytes}, "
-                                              f"file has {size}", name)
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
+            if name in self.tensors:
+                raise WeightsError(self.path, "two tensors have this name", name)
+            self.tensors[name] = self._locate(name, dims, code, data_start + offset, size)
+
+    def _tensor_info(self, cur: _Cursor, i: int) -> tuple[str, list[int], int, int]:
+        """(name, dims, type code, offset) of tensor-info entry ``i``, its n_dims checked before its dims are read."""
+        name = cur.string(f"tensor info #{i}")
+        what = f"tensor info {name!r}"
+        n_dims = cur.scalar("<I", what)
+        if n_dims > GGUF_MAX_DIMS:
+            raise WeightsError(self.path, f"n_dims is {n_dims}; a GGUF tensor has at most {GGUF_MAX_DIMS}", name)
+        dims = [cur.scalar("<Q", what) for _ in range(n_dims)]
+        return name, dims, cur.scalar("<I", what), cur.scalar("<Q", what)
+
+    def _locate(self, name: str, dims: list[int], code: int, start: int, size: int) -> TensorInfo:
+        """The TensorInfo of a tensor whose data starts at byte ``start``, once its type is known and its
+        bytes (counted in Python ints, which do not overflow) are inside the file."""
+        try:
+            qtype = GGMLQuantizationType(code)
+        except ValueError:
+            raise WeightsError(self.path, f"unknown ggml type code {code}", name) from None
+        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+        n = math.prod(dims)
+        if n % block_elems:
+            raise WeightsError(self.path, f"{n} elements is not a whole number of {qtype.name} blocks", name)
+        nbytes = n // block_elems * block_bytes
+        if start + nbytes > size:
+            raise WeightsError(self.path, f"file is truncated: tensor data of dims {dims} ends at byte "
+                                          f"{start + nbytes}, file has {size}", name)
+        return TensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -201,81 +238,124 @@ def _scalar(value: Any, key: str, path: str) -> Any:
     return value
 
 
-def _rope_scaling(get: Callable[[str, Any], Any], path: str) -> RopeScaling | None:
+_REQUIRED = object()
+
+
+class _ArchMetadata:
+    """Checked reads of a GGUF file's ``{arch}.*`` keys: a missing required key, or a value that is not a
+    number within its bounds, is a WeightsError naming the file and the key."""
+
+    def __init__(self, g: GGUFFile, arch: str) -> None:
+        self.g, self.arch = g, arch
+
+    def key(self, key: str) -> str:
+        return f"{self.arch}.{key}"
+
+    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
+        full = self.key(key)
+        if full not in self.g.metadata:
+            if default is _REQUIRED:
+                raise WeightsError(self.g.path, f"metadata key {full!r} is missing")
+            return default
+        return _scalar(self.g.metadata[full], full, self.g.path)
+
+    def integer(self, key: str, default: Any = _REQUIRED, low: int = 1, high: int | None = None) -> Any:
+        if self.key(key) not in self.g.metadata and default is not _REQUIRED:
+            return default
+        return checked_int(self.raw(key), self.key(key), self.g.path, low, high)
+
+    def number(self, key: str, default: Any = _REQUIRED, low: float | None = None, high: float | None = None,
+               above: float | None = None) -> Any:
+        if self.key(key) not in self.g.metadata and default is not _REQUIRED:
+            return default
+        return checked_number(self.raw(key), self.key(key), self.g.path, low, high, above)
+
+
+def _alignment(value: Any, path: str) -> int:
+    """``general.alignment``, the data section's alignment: a positive power of two."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise WeightsError(path, f"general.alignment is {show(value)}; expected a positive power of two")
+    return value
+
+
+def _rope_scaling(m: _ArchMetadata) -> RopeScaling | None:
     """RoPE scaling from llama.cpp's keys: {arch}.rope.scaling.type ("none", "linear", "yarn"),
-    .factor, .original_context_length, .yarn_beta_fast, .yarn_beta_slow. A factor of 1 (or none)
+    .factor, .original_context_length, .yarn_beta_fast, .yarn_beta_slow. A factor of 1 (or 0, or none)
     means no scaling, as llama.cpp reads it."""
-    kind = get("rope.scaling.type", None)
-    factor = get("rope.scaling.factor", None)
-    if kind in (None, "none") or not factor or float(factor) == 1.0:
+    kind = m.raw("rope.scaling.type", None)
+    factor = m.number("rope.scaling.factor", None, low=0)
+    if kind in (None, "none") or not factor or factor == 1.0:
         return None
     if kind not in ("linear", "yarn"):
-        raise WeightsError(path, f"unsupported rope.scaling.type {kind!r} (supported: none, linear, yarn)")
-    original = get("rope.scaling.original_context_length", None)
+        raise WeightsError(m.g.path, f"unsupported rope.scaling.type {show(kind)} (supported: none, linear, yarn)")
+    original = m.integer("rope.scaling.original_context_length", None, low=0, high=MAX_CONTEXT)
     try:
-        return RopeScaling(kind=kind, factor=float(factor), original_max_position=int(original) if original else None,
-                           beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
-                           beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)))
+        return RopeScaling(kind=kind, factor=factor, original_max_position=original or None,
+                           beta_fast=m.number("rope.scaling.yarn_beta_fast", 32.0, above=0),
+                           beta_slow=m.number("rope.scaling.yarn_beta_slow", 1.0, above=0))
     except ValueError as e:
-        raise WeightsError(path, str(e)) from None
+        raise WeightsError(m.g.path, str(e)) from None
+
+
+def _head_dim(m: _ArchMetadata, hidden: int, n_heads: int) -> int:
+    """{arch}.attention.key_length, else embedding_length / head_count, which must then divide evenly."""
+    head_dim = m.integer("attention.key_length", None)
+    if head_dim is not None:
+        return head_dim
+    if hidden % n_heads:
+        raise WeightsError(m.g.path, f"{m.key('embedding_length')} {hidden} is not a multiple of "
+                                     f"{m.key('attention.head_count')} {n_heads} (and {m.key('attention.key_length')} "
+                                     "is not given)")
+    return hidden // n_heads
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    """The ModelConfig the file's metadata describes, each value checked against its bounds and the whole
+    against the file's tensors (the layer count, every tensor's shape), so that a model built from it
+    allocates no more than the file holds."""
     meta = g.metadata
     arch = meta.get("general.architecture")
     if arch is None:
         raise WeightsError(g.path, "metadata has no general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise WeightsError(g.path, f"unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
-
-    def get(key: str, default: Any = KeyError) -> Any:
-        full = f"{arch}.{key}"
-        if full not in meta:
-            if default is KeyError:
-                raise WeightsError(g.path, f"metadata key {full!r} is missing")
-            return default
-        return _scalar(meta[full], full, g.path)
-
-    n_heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
-    vocab = meta.get(f"{arch}.vocab_size")
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
+        raise WeightsError(g.path, f"unsupported architecture {show(arch)} "
+                                   f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    m = _ArchMetadata(g, arch)
+    n_layers = m.integer("block_count")
+    check_layer_count(n_layers, layer_indices(g.tensors, "blk."), m.key("block_count"), "blk.", g.path)
+    n_heads = m.integer("attention.head_count")
+    hidden = m.integer("embedding_length")
+    head_dim = _head_dim(m, hidden, n_heads)
+    vocab = m.integer("vocab_size", None)
     if vocab is None:
         vocab = g.info("token_embd.weight").shape[0]
-    rope_scaling = _rope_scaling(get, g.path)
-    context, rope_scaling = scaled_context(int(get("context_length", 2048)), rope_scaling)
+    rope_scaling = _rope_scaling(m)
+    context, rope_scaling = scaled_context(m.integer("context_length", 2048, high=MAX_CONTEXT), rope_scaling)
+    check_scaled_context(context, m.key("rope.scaling.factor"), g.path)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = [eos] if eos is not None else []
     eot = meta.get("tokenizer.ggml.eot_token_id")
     if eot is not None and eot not in eos_ids:
         eos_ids.append(eot)
-    window = get("attention.sliding_window", None)
-    return ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        num_layers=int(get("block_count")),
-        num_heads=n_heads,
-        num_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length")),
-        activation="silu",
-        gated_mlp=True,
-        norm="rmsnorm",
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        position="rope",
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rotary_dim=int(get("rope.dimension_count", head_dim)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=context,
-        qkv_bias="blk.0.attn_q.bias" in g,
-        attn_out_bias="blk.0.attn_output.bias" in g,
-        tie_word_embeddings="output.weight" not in g,
-        sliding_window=int(window) if window else None,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(eos_ids),
-        architecture=arch,
+    settings = dict(
+        vocab_size=vocab, hidden_size=hidden, num_layers=n_layers, num_heads=n_heads,
+        num_kv_heads=m.integer("attention.head_count_kv", n_heads), head_dim=head_dim,
+        intermediate_size=m.integer("feed_forward_length"), activation="silu", gated_mlp=True, norm="rmsnorm",
+        norm_eps=m.number("attention.layer_norm_rms_epsilon", 1e-5, low=0), position="rope",
+        rope_theta=m.number("rope.freq_base", 10000.0, above=1, high=MAX_ROPE_BASE),
+        rotary_dim=m.integer("rope.dimension_count", head_dim), rope_scaling=rope_scaling,
+        max_position_embeddings=context, qkv_bias="blk.0.attn_q.bias" in g,
+        attn_out_bias="blk.0.attn_output.bias" in g, tie_word_embeddings="output.weight" not in g,
+        sliding_window=m.integer("attention.sliding_window", None, low=0) or None,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(eos_ids), architecture=arch,
         name=str(meta.get("general.name", "")),
     )
+    try:
+        config = ModelConfig(**settings)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(g.path, str(e)) from None
+    check_tensor_shapes(config, gguf_tensor_sources(config), lambda name: g.info(name).shape, g.path)
+    return config
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:

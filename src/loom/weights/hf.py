@@ -8,90 +8,151 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 
-from loom.config import ROPE_SCALING_KINDS, ModelConfig, RopeScaling, scaled_context
+from loom.config import MAX_CONTEXT, ROPE_SCALING_KINDS, ModelConfig, RopeScaling, scaled_context
 from loom.weights.errors import WeightsError
+from loom.weights.validate import (MAX_LAYERS, MAX_ROPE_BASE, Shape, check_layer_count, check_scaled_context,
+                                   check_tensor_shapes, checked_int, checked_number, layer_indices, show)
 
 HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "relu": "relu"}
 
 
-def _rope_settings(cfg: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling | None]:
+_REQUIRED = object()
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _int(cfg: dict[str, Any], key: str, path: str, default: Any = _REQUIRED, low: int = 1,
+         high: int | None = None) -> Any:
+    """``cfg[key]`` checked to be an integer in [low, high]; a missing or null optional key is ``default``."""
+    if cfg.get(key) is None and default is not _REQUIRED:
+        return default
+    if key not in cfg:
+        raise WeightsError(path, f"config is missing {key!r}")
+    return checked_int(cfg[key], key, path, low, high)
+
+
+def _object(cfg: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    """``cfg[key]`` when it is a JSON object; {} when it is missing or null."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WeightsError(path, f"{key} is {show(value)}; expected an object (or null)")
+    return value
+
+
+def _rope_settings(cfg: dict[str, Any], max_pos: int, path: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either the classic keys or transformers 5's ``rope_parameters``.
 
     ``rope_scaling`` spells the kind "type" (older configs) or "rope_type"; YaRN reads its optional
     beta_fast / beta_slow / attention_factor / truncate and, as transformers does, takes
     factor = max_position_embeddings / original_max_position_embeddings when no factor is given.
     """
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    if isinstance(params, dict) and "rope_type" in params and not scaling:
-        scaling = params
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = _object(cfg, "rope_parameters", path)
+    scaling = _object(cfg, "rope_scaling", path)
+    where = "rope_scaling"
+    if "rope_type" in params and not scaling:
+        scaling, where = params, "rope_parameters"
+    theta = checked_number(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta", path,
+                           above=1, high=MAX_ROPE_BASE)
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind in ("default", None):
         return theta, None
     if kind not in ROPE_SCALING_KINDS:
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_SCALING_KINDS)})")
+        raise ValueError(f"unsupported rope scaling type {show(kind)} (supported: {', '.join(ROPE_SCALING_KINDS)})")
     unsupported = [k for k in ("mscale", "mscale_all_dim") if scaling.get(k)]
     if unsupported:
         raise ValueError(f"rope scaling parameters {unsupported} are not supported")
     original = scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    original = checked_int(original or 0, f"{where}.original_max_position_embeddings", path, 0, MAX_CONTEXT) or None
     factor = scaling.get("factor")
     if factor is None:
         if kind != "yarn" or not original:
             raise ValueError(f"rope scaling {kind!r} needs a factor")
         factor = max_pos / original
     attention = scaling.get("attention_factor")
+
+    def positive(key: str, default: float) -> float:
+        return checked_number(scaling.get(key) or default, f"{where}.{key}", path, above=0)
+
     return theta, RopeScaling(
-        kind=kind, factor=float(factor), original_max_position=int(original) if original else None,
-        beta_fast=float(scaling.get("beta_fast") or 32.0), beta_slow=float(scaling.get("beta_slow") or 1.0),
-        attention_factor=float(attention) if attention is not None else None,
+        kind=kind, factor=checked_number(factor, f"{where}.factor", path, above=0), original_max_position=original,
+        beta_fast=positive("beta_fast", 32.0), beta_slow=positive("beta_slow", 1.0),
+        attention_factor=checked_number(attention, f"{where}.attention_factor", path, above=0)
+        if attention is not None else None,
         truncate=bool(scaling.get("truncate", True)))
 
 
-def config_from_hf(cfg: dict[str, Any], path: str = "config.json") -> ModelConfig:
+def _head_dim(cfg: dict[str, Any], hidden: int, n_heads: int, path: str) -> int:
+    """``head_dim``, else hidden_size / num_attention_heads, which must then divide evenly."""
+    head_dim = _int(cfg, "head_dim", path, None)
+    if head_dim is not None:
+        return head_dim
+    if hidden % n_heads:
+        raise WeightsError(path, f"hidden_size {hidden} is not a multiple of num_attention_heads {n_heads} "
+                                 "(and head_dim is not given)")
+    return hidden // n_heads
+
+
+def _window_layers(cfg: dict[str, Any], n_layers: int, path: str) -> tuple[bool, ...]:
+    """Which layers of a Qwen2 model use its sliding window: ``layer_types``, else layers from max_window_layers on."""
+    types = cfg.get("layer_types")
+    if types:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise WeightsError(path, f"layer_types is {show(types)}; expected a list of {n_layers} layer types "
+                                     "(one per layer)")
+        return tuple(t == "sliding_attention" for t in types)
+    first = _int(cfg, "max_window_layers", path, 0, low=0)
+    return tuple(i >= first for i in range(n_layers))
+
+
+def config_from_hf(cfg: Any, path: str = "config.json") -> ModelConfig:
+    """The ModelConfig a config.json describes, each value checked to be a number within its bounds (the
+    layer count and sizes are checked against the checkpoint's tensors by ``check_hf_checkpoint``)."""
+    if not isinstance(cfg, dict):
+        raise WeightsError(path, f"the file holds {_JSON_TYPES.get(type(cfg), type(cfg).__name__)}; "
+                                 "expected an object of model settings")
     model_type = cfg.get("model_type")
     if model_type not in HF_ARCHITECTURES:
-        raise WeightsError(path, f"unsupported model_type {model_type!r} (supported: {', '.join(HF_ARCHITECTURES)})")
+        raise WeightsError(path, f"unsupported model_type {show(model_type)} "
+                                 f"(supported: {', '.join(HF_ARCHITECTURES)})")
     try:
-        hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        max_pos = int(cfg.get("max_position_embeddings", 2048))
-        theta, scaling = _rope_settings(cfg, max_pos)
+        hidden, n_heads = _int(cfg, "hidden_size", path), _int(cfg, "num_attention_heads", path)
+        n_layers = _int(cfg, "num_hidden_layers", path, high=MAX_LAYERS)
+        max_pos = _int(cfg, "max_position_embeddings", path, 2048, high=MAX_CONTEXT)
+        theta, scaling = _rope_settings(cfg, max_pos, path)
         max_pos, scaling = scaled_context(max_pos, scaling)
-        head_dim = cfg.get("head_dim") or hidden // n_heads
+        check_scaled_context(max_pos, "the rope scaling factor", path)
+        head_dim = _head_dim(cfg, hidden, n_heads, path)
         act = cfg.get("hidden_act", "silu")
-        if act not in _ACTIVATIONS:
-            raise WeightsError(path, f"unsupported hidden_act {act!r}")
-        window = cfg.get("sliding_window")
+        if not isinstance(act, str) or act not in _ACTIVATIONS:
+            raise WeightsError(path, f"unsupported hidden_act {show(act)}")
+        window = _int(cfg, "sliding_window", path, None, low=0) or None
         window_layers = None
         if model_type == "qwen2":
             if not cfg.get("use_sliding_window", False):
                 window = None
             elif window:
-                types = cfg.get("layer_types")
-                if types:
-                    window_layers = tuple(t == "sliding_attention" for t in types)
-                else:
-                    first = int(cfg.get("max_window_layers", 0))
-                    window_layers = tuple(i >= first for i in range(int(cfg["num_hidden_layers"])))
+                window_layers = _window_layers(cfg, n_layers, path)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelConfig(
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_int(cfg, "vocab_size", path),
             hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=n_layers,
             num_heads=n_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(head_dim),
-            intermediate_size=int(cfg["intermediate_size"]),
+            num_kv_heads=_int(cfg, "num_key_value_heads", path, n_heads),
+            head_dim=head_dim,
+            intermediate_size=_int(cfg, "intermediate_size", path),
             activation=_ACTIVATIONS[act],
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            norm_eps=checked_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", path, low=0),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
@@ -99,18 +160,16 @@ def config_from_hf(cfg: dict[str, Any], path: str = "config.json") -> ModelConfi
             attn_out_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=int(window) if window else None,
+            sliding_window=window,
             sliding_window_layers=window_layers,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             architecture=model_type,
             name=str(cfg.get("_name_or_path", "")),
         )
-    except KeyError as e:
-        raise WeightsError(path, f"config is missing {e.args[0]!r}") from None
-    except ValueError as e:
-        if isinstance(e, WeightsError):
-            raise
+    except WeightsError:
+        raise
+    except (ValueError, TypeError) as e:
         raise WeightsError(path, str(e)) from None
 
 
@@ -148,16 +207,32 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     return cfg
 
 
+def _read_json(path: str, missing: WeightsError) -> Any:
+    """The JSON value in ``path``; ``missing`` is raised if there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise missing from None
+    except OSError as e:
+        raise WeightsError(path, f"cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(path, f"invalid JSON: {e}") from None
+
+
 def read_hf_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise WeightsError(folder, "no config.json in the folder") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(path, f"invalid JSON: {e}") from None
-    return config_from_hf(cfg, path)
+    return config_from_hf(_read_json(path, WeightsError(folder, "no config.json in the folder")), path)
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """The weight_map (tensor name -> shard file) of a model.safetensors.index.json."""
+    index = _read_json(path, WeightsError(path, "no such file"))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(path, f"weight_map is {show(weight_map)}; expected an object mapping each tensor name "
+                                 "to its shard file")
+    return weight_map
 
 
 class SafetensorsCheckpoint:
@@ -167,8 +242,7 @@ class SafetensorsCheckpoint:
         self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
@@ -192,14 +266,37 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def _fname(self, name: str) -> str:
         fname = self.weight_map.get(name)
         if fname is None:
             raise WeightsError(self.folder, "tensor is missing from the checkpoint", name)
+        return fname
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, read from its shard's header (no data is read)."""
+        fname = self._fname(name)
+        try:
+            return tuple(self._handles[fname].get_slice(name).get_shape())
+        except Exception as e:
+            raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", name) from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        fname = self._fname(name)
         try:
             return self._handles[fname].get_tensor(name)
         except Exception as e:
             raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", name) from None
+
+
+def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
+                        shape_of: Callable[[str], Shape] | None = None) -> None:
+    """The config agrees with the checkpoint: num_hidden_layers is the number of layers stored, and every
+    tensor the model is built from has the config's shape (``shape_of``: how a stored tensor's shape is
+    read, by default ``ckpt.shape``)."""
+    path = os.path.join(ckpt.folder, "config.json")
+    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, "model.layers."), "num_hidden_layers",
+                      "model.layers.", path)
+    check_tensor_shapes(config, hf_tensor_sources(config, ckpt), shape_of or ckpt.shape, ckpt.folder)
 
 
 def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint) -> dict[str, list[str]]:

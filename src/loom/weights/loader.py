@@ -18,8 +18,8 @@ from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
 from loom.weights.native import gguf_quantized
-from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization
-from loom.weights.hf import SafetensorsCheckpoint, hf_tensor_sources, read_hf_config
+from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
+from loom.weights.hf import SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -114,8 +114,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     native = weights == "native"
     t0 = time.perf_counter()
     if os.path.isdir(path):
-        config = with_rope_scaling(read_hf_config(path), rope_scaling)
-        ckpt = SafetensorsCheckpoint(path)
+        config, ckpt = open_hf_checkpoint(path)
+        config = with_rope_scaling(config, rope_scaling)
         model = Transformer(config, dtype=dtype, kernel=kernel)
         sources = hf_tensor_sources(config, ckpt)
         quant = read_quantization(path)
@@ -147,6 +147,15 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     elif model.dtype == torch.bfloat16:
         pack_bf16_linears(model)  # dense bf16 linears reordered once for oneDNN's GEMMs (one copy)
     return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
+
+
+def open_hf_checkpoint(folder: str) -> tuple[ModelConfig, SafetensorsCheckpoint]:
+    """An HF folder's config and checkpoint, checked against each other before anything is built from them:
+    the layer count and every tensor's shape (a quantized linear's by its stored rows)."""
+    config = read_hf_config(folder)
+    ckpt = SafetensorsCheckpoint(folder)
+    check_hf_checkpoint(config, ckpt, lambda name: stored_shape(ckpt, name))
+    return config, ckpt
 
 
 def check_w8a8(device: torch.device) -> None:

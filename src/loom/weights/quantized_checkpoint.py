@@ -112,6 +112,19 @@ def read_quantization(folder: str) -> dict[str, Any] | None:
     return q
 
 
+def stored_shape(ckpt: Any, name: str) -> tuple[int | None, ...]:
+    """The shape ``name`` has in a checkpoint that may hold it quantized: a dense tensor's own, else its
+    int8 weight's (X.weight_int8, [out, in]), else the rows of its codes (X.qweight, whose columns are packed)."""
+    base = _base(name)
+    if name in ckpt or not name.endswith(".weight"):
+        return ckpt.shape(name)
+    if base + ".weight_int8" in ckpt:
+        return ckpt.shape(base + ".weight_int8")
+    if base + ".qweight" in ckpt:
+        return (ckpt.shape(base + ".qweight")[0], None)
+    return ckpt.shape(name)
+
+
 def load_quantized_linears(model: Transformer, quant: dict[str, Any], sources: dict[str, list[str]], ckpt: Any,
                            dequantize: bool = False, device: torch.device | None = None
                            ) -> tuple[dict[str, list[str]], set[str]]:
