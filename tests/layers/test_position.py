@@ -106,3 +106,17 @@ def test_sinusoidal_table():
         for i in range(8):
             assert pe[k, 2 * i].item() == pytest.approx(math.sin(k / 10000 ** (2 * i / 16)), abs=1e-6)
             assert pe[k, 2 * i + 1].item() == pytest.approx(math.cos(k / 10000 ** (2 * i / 16)), abs=1e-6)
+
+
+def test_tables_start_small_and_grow_to_the_positions_used():
+    from loom.layers.position import INITIAL_POSITIONS, RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 64, 10000.0, max_position=1 << 24)  # a 16M context allocates 4,096 rows
+    assert rope.cos_cached.shape[0] == INITIAL_POSITIONS
+    small = rope.cos_sin(torch.tensor([5, 4095]))
+    far = rope.cos_sin(torch.tensor([5, 4095, 10_000]))
+    assert rope.cos_cached.shape[0] >= 10_001
+    assert torch.equal(small[0], far[0][:2]) and torch.equal(small[1], far[1][:2])
+    whole = RotaryEmbedding(64, 64, 10000.0, max_position=16_384)
+    whole.ensure(16_384)
+    assert torch.equal(whole.cos_sin(torch.tensor([10_000]))[0], far[0][2:])

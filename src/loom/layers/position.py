@@ -71,10 +71,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
+INITIAL_POSITIONS = 4096  # rows of the cos/sin tables built up front
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to queries and keys given each token's absolute position.
 
-    cos/sin tables are cached for positions [0, max_position) and grown on demand. ``prepare``
+    cos/sin tables are cached for the first positions (up to ``INITIAL_POSITIONS``; a model's context may
+    be millions) and grown on demand, doubling, up to what is used. ``prepare``
     looks up one batch's rows once per forward; every layer then calls ``apply``, which computes
     x cos + rotate_half(x) sin as x cos + roll(x, d/2) sin', with sin' = [-sin_lo, sin_hi]
     (the same products in three ops instead of eight).
@@ -90,7 +94,7 @@ class RotaryEmbedding(nn.Module):
         sign = torch.ones(rotary_dim)
         sign[: rotary_dim // 2] = -1
         self.register_buffer("sign", sign, persistent=False)
-        self._build(max_position)
+        self._build(min(max_position, INITIAL_POSITIONS))
 
     def _build(self, n: int) -> None:
         t = torch.arange(n, dtype=torch.int64, device=self.inv_freq.device).float()
