@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import uvicorn
 
@@ -71,3 +75,26 @@ def client(live):
     import openai
 
     return openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def start_cli_server(*options: str) -> tuple[subprocess.Popen, str]:
+    """``loom serve`` in a process of its own (the default model as MODEL), once /health answers; returns
+    the process (stdout and stderr merged, as text) and its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loom.cli", "serve", "--port", str(port),
+                             "--served-model-name", MODEL, *options], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("server did not come up")
+        time.sleep(0.2)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from tests.serve.conftest import API_KEY, MODEL, free_port
+from tests.serve.conftest import API_KEY, MODEL, start_cli_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -76,23 +73,8 @@ def test_non_streaming_client_that_hangs_up_is_aborted(live):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_cleanly():
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "loom.cli", "serve", "--port", str(port), "--kv-cache-memory",
-                             "64MiB", "--served-model-name", MODEL, "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_cli_server("--kv-cache-memory", "64MiB", "--log-level", "warning")
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
         result = {}
 
         def long_request():

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +15,7 @@ import httpx
 import pytest
 
 from loom.serve import openapi as doc
-from tests.serve.conftest import API_KEY, MODEL, free_port
+from tests.serve.conftest import API_KEY, MODEL, start_cli_server
 
 H = {"Authorization": f"Bearer {API_KEY}"}
 JSON = H | {"Content-Type": "application/json"}
@@ -236,12 +233,7 @@ def test_real_responses_match_the_described_schemas(live):
 
 
 def test_shutdown_past_the_graceful_timeout_answers_every_request():
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "loom.cli", "serve", "--port", str(port), "--kv-cache-memory",
-                             "256MiB", "--served-model-name", MODEL, "--graceful-timeout", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_cli_server("--kv-cache-memory", "256MiB", "--graceful-timeout", "1")
     long = {"model": MODEL, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
     results: dict[str, object] = {}
 
@@ -254,16 +246,6 @@ def test_shutdown_past_the_graceful_timeout_answers_every_request():
             results["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
         threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
         for t in threads:
             t.start()

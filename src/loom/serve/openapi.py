@@ -54,20 +54,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+FinishReason = Optional[Literal["stop", "length", "abort"]]
+
+
+class Envelope(BaseModel):
+    """What every completion object and chunk carries (``openai_format.Envelope``)."""
+
+    id: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(Envelope):
     """``text_completion``, whole or (in a stream) one chunk; the stream's last chunk may have no choices."""
 
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -95,14 +103,11 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(Envelope):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -116,16 +121,13 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(Envelope):
     """One ``data:`` event of a streamed chat completion."""
 
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
 
