@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,38 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain a completion to a language (engine/structured.py): exactly one of a JSON schema (a dict or
+    its JSON text), any JSON object (``json_object``), a regular expression, one of several strings
+    (``choice``), or a Lark grammar. vLLM's ``structured_outputs`` / ``guided_*`` and OpenAI's
+    ``response_format`` map onto it."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(f"give exactly one kind of structured output, got {given or 'none'}",
+                                      param="structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings",
+                                      param="structured_outputs.choice")
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint (the grammar cache's key)."""
+        value = _json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
+        return _json.dumps([value, self.json_object, self.regex, self.choice, self.grammar])
 
 
 @dataclass
@@ -51,6 +84,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N log-probabilities per generated token (plus the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     kv_policy: KVPolicyConfig | None = None  # KV eviction for this request (None: the engine's policy)
+    structured_output: StructuredOutput | None = None  # constrain the text to a schema, regex, choice, grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -117,6 +151,8 @@ class SamplingParams:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise bad("structured_output", "must be a StructuredOutput")
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
             raise bad("kv_policy", "must be a KVPolicyConfig")
         if any(not s for s in self.stop):

@@ -26,6 +26,7 @@ from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
 from loom.engine.runner import ModelRunner
 from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
+from loom.engine.structured import GrammarBackend
 from loom.engine.scheduler import Scheduler
 from loom.engine.sequence import EvictionState, Request, Sequence, SequenceStatus
 from loom.engine.speculative import SpeculativeStats, Speculator
@@ -86,8 +87,10 @@ class LLMEngine:
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.speculator = None if config.speculative is None else Speculator(
             config.speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, config.decode_step)
+        # constrained sequences are not speculated: drafts would have to be checked against the grammar too
         draft_tokens = None if self.speculator is None else (
-            lambda seq: self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
+            lambda seq: 0 if seq.params.structured_output is not None
+            else self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
         self.scheduler = Scheduler(config.scheduler, self.block_manager, draft_tokens)
         kv_policy = config.kv_policy
         self.kv_policy = kv_policy if kv_policy is not None and kv_policy.bounded else None
@@ -95,6 +98,7 @@ class LLMEngine:
             self.check_kv_policy(self.kv_policy)
         log.info("%s", self.describe())
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarBackend | None = None  # built on the first constrained request (~1 s)
         self._pending: list[StreamDelta] = []
         self._next_seq_id = 0
         self.prompt_tokens_computed = 0
@@ -169,6 +173,8 @@ class LLMEngine:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (limit {limit})")
         vocab = self.model.config.vocab_size
         params.check_vocabulary(vocab)
+        if params.structured_output is not None:
+            self.grammars.compile(params.structured_output)  # refused here, before it is queued
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidPromptError(f"prompt token ids must be in [0, {vocab})")
@@ -312,6 +318,10 @@ class LLMEngine:
             rows += [i] * len(members)
         if len(group) != len(seqs):
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+        constrained = [(i, self._matcher(seq)) for i, seq in enumerate(group)
+                       if seq.params.structured_output is not None]
+        if constrained:
+            self.grammars.mask(logits, constrained)
         sampling_rows = []
         for seq in group:
             p = seq.params
@@ -320,6 +330,8 @@ class LLMEngine:
                                              seq.output_ids if history or p.min_tokens else (),
                                              seq.generator, self.eos_token_ids))
         tokens = sample(logits, sampling_rows)
+        for i, matcher in constrained:
+            self.grammars.advance(matcher, tokens[i])
         want = [i for i, seq in enumerate(group) if seq.params.logprobs is not None]
         logprobs: dict[int, PositionLogprobs] = {}
         if want:
@@ -333,6 +345,18 @@ class LLMEngine:
             entry = logprobs.get(i)
             deltas.append(self._append(seq, [token], None if entry is None else [entry], now))
         return deltas
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        """The constrained-decoding backend (engine/structured.py), built on first use."""
+        if self._grammars is None:
+            self._grammars = GrammarBackend(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _matcher(self, seq: Sequence) -> object:
+        if seq.grammar is None:
+            seq.grammar = self.grammars.matcher(seq.params.structured_output)  # type: ignore[arg-type]
+        return seq.grammar
 
     def _logprob_dict(self, entry: list[tuple[int, float, int]]) -> PositionLogprobs:
         return {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in entry}

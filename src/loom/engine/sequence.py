@@ -64,6 +64,8 @@ class Sequence:
     draft: Draft | None = None
     # KV eviction: set for a sequence whose KV memory a policy bounds.
     eviction: EvictionState | None = None
+    # Constrained decoding: the llguidance matcher of a request with a structured output (engine/structured.py).
+    grammar: object | None = None
 
     @property
     def num_tokens(self) -> int:

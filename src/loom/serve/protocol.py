@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loom.errors import InvalidRequestError
-from loom.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
+from loom.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams, StructuredOutput
 
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key: a token id in decimal ASCII digits
@@ -40,6 +40,18 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of a JSON schema, a regex, a choice, a Lark grammar, or
+    any JSON object."""
+
+    model_config = ConfigDict(extra="allow")
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
 
 
 class SamplingFields(BaseModel):
@@ -67,6 +79,11 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None  # vLLM's older names for structured_outputs
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +112,21 @@ class SamplingFields(BaseModel):
         """Whether every stream chunk carries the usage so far."""
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    def structured_output(self) -> StructuredOutput | None:
+        """The constraint on the text (InvalidRequestError if more than one is given)."""
+        found = []
+        so = self.structured_outputs
+        if so is not None:
+            found.append(StructuredOutput(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                          json_object=bool(so.json_object)))
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        found += [StructuredOutput(**{k: v}) for k, v in guided.items() if v is not None]
+        if len(found) > 1:
+            raise InvalidRequestError("give one structured output (structured_outputs, guided_*, response_format)",
+                                      param="structured_outputs")
+        return found[0] if found else None
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -112,7 +144,7 @@ class SamplingFields(BaseModel):
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, structured_output=self.structured_output())
         if vocab_size is not None:
             params.check_vocabulary(vocab_size)
         return params
@@ -175,11 +207,35 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    """``response_format``: only plain text is supported."""
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow (always enforced, ``strict`` or not)."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
+    name: str = "response"
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutput(json=self.json_schema.schema_)  # type: ignore[union-attr]
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -217,6 +273,15 @@ class ChatCompletionRequest(SamplingFields):
             role = "system" if m.role == "developer" else m.role
             out.append({"role": role, "content": m.text()})
         return out
+
+    def structured_output(self) -> StructuredOutput | None:
+        """``response_format``, or vLLM's fields (one of them)."""
+        extra = super().structured_output()
+        fmt = self.response_format.structured_output() if self.response_format is not None else None
+        if fmt is not None and extra is not None:
+            raise InvalidRequestError("give one structured output (structured_outputs, guided_*, response_format)",
+                                      param="response_format")
+        return fmt or extra
 
     @property
     def max_new_tokens(self) -> int | None:
