@@ -114,3 +114,17 @@ def test_mask_equals_the_matchers_bitmask(smollm):
         assert torch.isinf(logits[row][~allowed]).all() and 0 < int(allowed.sum()) < vocab
     first_red = smollm.tokenizer.encode("red", add_special_tokens=False)[0]
     assert torch.isfinite(logits[0, first_red])
+
+
+def test_constrained_requests_are_not_speculated(smollm_path):
+    from loom import LLM
+    from loom.config import SpeculativeConfig
+
+    llm = LLM(smollm_path, speculative=SpeculativeConfig("ngram", 4))
+    prompt = "Repeat: [1, 2, 3, 1, 2, 3, 1, 2, 3] -> "
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 9}
+    out = llm.generate([prompt, prompt], [
+        SamplingParams(temperature=0, max_tokens=60, structured_output=StructuredOutput(json=schema)),
+        SamplingParams(temperature=0, max_tokens=30)])
+    jsonschema.validate(json.loads(out[0].outputs[0].text), schema)
+    assert llm.engine.speculator.stats.draft_tokens > 0  # the free neighbour was speculated
