@@ -10,10 +10,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-import httpx
 import pytest
 import uvicorn
 
+from loom.bench.serve import wait_for_health
 from loom.config import CacheConfig, SchedulerConfig
 from loom.llm import LLM
 from loom.serve.app import create_app
@@ -85,16 +85,5 @@ def start_cli_server(*options: str) -> tuple[subprocess.Popen, str]:
                              "--served-model-name", MODEL, *options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("server did not come up")
-        time.sleep(0.2)
+    wait_for_health(proc, url, timeout_s=120)
+    return proc, url

@@ -96,24 +96,32 @@ def _free_port() -> int:
 
 
 def start_server(model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "loom.cli", "serve", "--port", str(port), "--served-model-name", "bench",
            "--log-level", "warning"] + (["--model", model] if model else []) + extra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 300
+    wait_for_health(proc, f"http://127.0.0.1:{port}")
+    return proc
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> None:
+    """Return once ``url``/health answers 200; RuntimeError (with the end of the server's output) if the
+    process exits first, or (killing it) after ``timeout_s``."""
+    import httpx
+
+    deadline = time.time() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+            output = proc.stderr if proc.stderr is not None else proc.stdout
+            raise RuntimeError(f"the server exited: {output.read()[-2000:] if output else ''}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
             proc.kill()
-            raise RuntimeError("the server did not come up in 300 s")
+            raise RuntimeError(f"the server did not come up in {timeout_s:g} s")
         time.sleep(0.25)
 
 

@@ -65,11 +65,16 @@ class Envelope(BaseModel):
     model: str
 
 
-class CompletionChoice(BaseModel):
+class Choice(BaseModel):
+    """What every choice carries: its index and, once it has ended, why."""
+
     index: int
+    finish_reason: FinishReason = None
+
+
+class CompletionChoice(Choice):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: FinishReason = None
 
 
 class CompletionResponse(Envelope):
@@ -99,11 +104,9 @@ class AssistantMessage(BaseModel):
     content: Optional[str] = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(Choice):
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: FinishReason = None
 
 
 class ChatCompletionResponse(Envelope):
@@ -117,11 +120,9 @@ class ChatDelta(BaseModel):
     content: Optional[str] = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(Choice):
     delta: ChatDelta
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: FinishReason = None
 
 
 class ChatCompletionChunk(Envelope):
