@@ -26,10 +26,10 @@ from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
 from loom.engine.runner import ModelRunner
 from loom.engine.sampler import SamplingRow, make_generator, sample, top_logprobs
-from loom.engine.structured import GrammarBackend
 from loom.engine.scheduler import Scheduler
 from loom.engine.sequence import EvictionState, Request, Sequence, SequenceStatus
 from loom.engine.speculative import SpeculativeStats, Speculator
+from loom.engine.structured import GrammarBackend
 from loom.engine.text_output import TextOutput, accept_token
 from loom.errors import InvalidPromptError, InvalidRequestError, QueueFullError, check_context
 from loom.models.transformer import Transformer
