@@ -128,3 +128,13 @@ def test_constrained_requests_are_not_speculated(smollm_path):
         SamplingParams(temperature=0, max_tokens=30)])
     jsonschema.validate(json.loads(out[0].outputs[0].text), schema)
     assert llm.engine.speculator.stats.draft_tokens > 0  # the free neighbour was speculated
+
+
+def test_a_complete_text_ends_the_request_even_with_ignore_eos_or_min_tokens(smollm):
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["a"], "additionalProperties": False}
+    for extra in (dict(ignore_eos=True), dict(min_tokens=50)):
+        out = smollm.generate("JSON:", SamplingParams(temperature=0, max_tokens=60, **extra,
+                                                      structured_output=StructuredOutput(json=schema)))[0].outputs[0]
+        assert out.finish_reason == "stop" and json.loads(out.text)["a"] in range(10), (extra, out.text)
+        assert len(out.token_ids) < 20

@@ -388,6 +388,8 @@ class LLMEngine:
             self.generation_tokens += 1
             taken += 1
             piece, finish, reason = accept_token(seq.text, token, seq.num_output, seq.max_tokens, stop_ids)
+            if finish is None and seq.grammar is not None and seq.grammar.is_stopped():  # type: ignore[attr-defined]
+                piece, finish = piece + seq.text.finish(), "stop"  # the text is complete: nothing else is allowed
             text += piece
             if finish is not None:
                 break
