@@ -108,3 +108,17 @@ def test_bench_streaming_memory_is_constant(capsys):
     assert [t["kv_blocks"] for t in result["trace"]] == [3, 3, 3]
     assert result["kv_bytes_held_at_end"] < result["kv_bytes_a_full_cache_would_hold"]
     assert result["bounded_tokens_per_s_at_budget"] > 0 and result["plain_tokens_per_s_at_budget"] > 0
+
+
+def test_bench_latency_structured(capsys, tmp_path):
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 6, "maxItems": 6}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    code, out, _ = run(capsys, "bench", "latency", "--prompt-len", "8", "--gen-len", "32", "--repeats", "1",
+                       "--peers", "none", "--structured", str(path), "--json")
+    result = json.loads(out)
+    constrained = result["results"]["loom-structured"]
+    assert code == 0 and constrained["schema"] == schema and constrained["decode_tokens_per_s"] > 0
+    assert constrained["decode_vs_unconstrained"] > 0 and constrained["mask_us_per_token"] > 0
+    code, _, err = run(capsys, "bench", "latency", "--structured", "{not json")
+    assert code == 2 and "--structured" in err

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from loom.outputs import Timings
-from loom.sampling_params import SamplingParams
+from loom.sampling_params import SamplingParams, StructuredOutput
 from loom.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -45,16 +45,19 @@ class LatencySample:
     decode_tokens_per_s: float
 
 
-def loom_runner(llm: LLM, step: str | None = None) -> Callable[[list[int], int], LatencySample]:
+def loom_runner(llm: LLM, step: str | None = None,
+                structured: StructuredOutput | None = None) -> Callable[[list[int], int], LatencySample]:
     """A function timing one greedy run of exactly ``gen_len`` tokens on ``llm`` (EOS banned), its whole
     prompt prefilled each time (the prefix cache is reset), decoding through decode step ``step``
-    (engine/step/; None: the engine's own choice)."""
+    (engine/step/; None: the engine's own choice). With ``structured``, the text is constrained to it and
+    the run ends where the constraint completes (at most ``gen_len`` tokens)."""
     def run(prompt_ids: list[int], gen_len: int) -> LatencySample:
         llm.engine.runner.prefer(step)
         llm.engine.block_manager.reset_prefix_cache()  # each run prefills its whole prompt (no cache hits)
         t = Timings()
         # min_tokens = max_tokens: exactly gen_len tokens, EOS banned (as HF's min_new_tokens does)
-        for _ in llm.stream(prompt_ids, SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0), t):
+        params = SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0, structured_output=structured)
+        for _ in llm.stream(prompt_ids, params, t):
             pass
         return LatencySample(t.prefill, t.decode_tokens_per_s)
     return run

@@ -21,6 +21,7 @@ from loom.analysis.runs import LatencySample, benchmark_prompt_ids, loom_runner
 from loom.analysis.traffic import decode_bytes_per_token, dense_weight_bytes_per_token
 from loom.bench.isolated import IsolatedPeer, PeerFailed
 from loom.llm import LLM
+from loom.sampling_params import StructuredOutput
 
 # eager: loom itself with the module step (no compiled decode step); scripted: loom with the TorchScript
 # step instead of the native one (where the native step takes the model). See engine/step/.
@@ -145,13 +146,16 @@ def _bandwidth(llm: LLM) -> float:
 
 def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 32, gen_len: int = 128,
                 peers: Sequence[str] = PEERS, weights: str | None = None, dtype: str | None = None,
-                repeats: int = 3, device: str = "cpu", rope_scaling: Any = None) -> dict[str, Any]:
+                repeats: int = 3, device: str = "cpu", rope_scaling: Any = None,
+                structured: dict | None = None) -> dict[str, Any]:
     """On CUDA the bandwidth roof is the GPU's measured device-to-device copy bandwidth (bytes read +
     written), and loom's first decode steps at each context width capture CUDA graphs: the warm-up
     run covers the whole workload so that no timed run captures. ``rope_scaling`` overrides loom's
     RoPE scaling (``load_model``); the HF peer runs the file as it is. The llama.cpp peer runs in its
     own process: if it fails (an exception, an exit, a signal such as SIGILL), its result is
-    ``{"error": ...}`` and the others are measured as usual."""
+    ``{"error": ...}`` and the others are measured as usual. ``structured`` (a JSON schema) adds
+    "loom-structured": the same runs with the text constrained to the schema (they end where it completes),
+    its decode tokens/s over plain loom's, and the mask time per token."""
     _check(batch, prompt_len, gen_len, repeats, peers)
     llm = LLM(model, weights=weights, dtype=dtype, device=device, rope_scaling=rope_scaling)
     dtype = dtype or str(llm.model.dtype).replace("torch.", "")  # HF runs dense in loom's dense dtype
@@ -161,6 +165,8 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
     element = 2 if dtype in ("bfloat16", "float16") else 4
     hf_bytes = dense_weight_bytes_per_token(llm.config, element) + context * llm.config.kv_bytes_per_token(element)
     runners, errors, isolated = _runners(llm, peers, dtype)
+    if structured is not None:
+        runners["loom-structured"] = loom_runner(llm, structured=StructuredOutput(json=structured))
     try:
         bandwidth = _bandwidth(llm)
         samples, ran = _time_runners(llm, runners, errors, prompt_ids, gen_len, repeats)
@@ -179,6 +185,12 @@ def run_latency(model: str | None = None, *, batch: int = 1, prompt_len: int = 3
             results[name]["decode_step"] = ran[name]
     results["loom"]["load_s"] = llm.load_seconds
     results["loom"]["decode_steps"] = llm.engine.runner.describe_steps()
+    if "loom-structured" in results:
+        grammars = llm.engine.grammars
+        results["loom-structured"].update(
+            schema=structured, decode_vs_unconstrained=results["loom-structured"]["decode_tokens_per_s"]
+            / results["loom"]["decode_tokens_per_s"],
+            mask_us_per_token=1e6 * grammars.mask_seconds / max(grammars.masked_rows, 1))
     results.update({name: {"error": error} for name, error in errors.items()})
     speedup = {peer: {"decode": results["loom"]["decode_tokens_per_s"] / results[peer]["decode_tokens_per_s"],
                       "prefill": results[peer]["prefill_s"] / results["loom"]["prefill_s"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any, Callable
 
 from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
@@ -53,6 +54,8 @@ def _latency_options(p: argparse.ArgumentParser) -> None:
                    "make peers), eager (loom's module step: no compiled decode step), scripted (loom's TorchScript "
                    "step where the native one would run), or none")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--structured", default=None, metavar="SCHEMA",
+                   help="also time loom with its output constrained to this JSON schema (a file, or the JSON itself)")
     p.add_argument("--temperature", type=float, default=0.0, help="with --speculative: 0 = greedy")
     add_speculative_options(p, several=True)
     p.add_argument("--spec-prompts", default="copy,open,long", help="with --speculative: which prompts "
@@ -82,6 +85,22 @@ def _speculative_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(text: str | None) -> dict | None:
+    """--structured: a JSON schema given inline or as a file."""
+    if text is None:
+        return None
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--structured: not a JSON schema (nor a file holding one): {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError("--structured: a JSON schema is an object")
+    return schema
+
+
 def _latency(args: argparse.Namespace) -> int:
     from loom.bench.latency import run_latency
 
@@ -90,7 +109,8 @@ def _latency(args: argparse.Namespace) -> int:
         return _speculative_latency(args)
     result = run_latency(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          peers=_peers(args.peers), weights=args.weights, dtype=args.dtype,
-                         repeats=args.repeats, device=args.device, rope_scaling=rope_scaling(args))
+                         repeats=args.repeats, device=args.device, rope_scaling=rope_scaling(args),
+                         structured=_schema(args.structured))
     if args.json:
         print_json(result)
         return 0
@@ -103,6 +123,10 @@ def _latency(args: argparse.Namespace) -> int:
               f"bandwidth limit")
     for peer, ratio in (result["speedup"] or {}).items():
         print(f"loom / {peer}: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x")
+    constrained = result["results"].get("loom-structured")
+    if constrained and "error" not in constrained:
+        print(f"JSON schema: decode {constrained['decode_vs_unconstrained']:.3f}x unconstrained, mask "
+              f"{constrained['mask_us_per_token']:.0f} us a token")
     return 0
 
 
