@@ -138,3 +138,21 @@ def test_a_complete_text_ends_the_request_even_with_ignore_eos_or_min_tokens(smo
                                                       structured_output=StructuredOutput(json=schema)))[0].outputs[0]
         assert out.finish_reason == "stop" and json.loads(out.text)["a"] in range(10), (extra, out.text)
         assert len(out.token_ids) < 20
+
+
+def test_logprobs_of_ruled_out_tokens_are_finite(smollm):
+    out = smollm.generate("Pick:", SamplingParams(temperature=0, max_tokens=4, logprobs=5,
+                                                  structured_output=StructuredOutput(choice=["yes", "no"])))[0]
+    entries = out.outputs[0].logprobs
+    assert out.outputs[0].text in ("yes", "no") and entries
+    assert all(-9999.0 <= lp.logprob <= 0 for entry in entries for lp in entry.values())
+    json.dumps([[lp.logprob for lp in entry.values()] for entry in entries], allow_nan=False)
+
+
+def test_min_tokens_does_not_fight_the_grammar(smollm):
+    # the choice completes after one or two tokens; a min_tokens ban on EOS must not leave nothing allowed
+    outs = smollm.generate(["Pick:"] * 4, [SamplingParams(temperature=t, seed=s, max_tokens=8, min_tokens=8,
+                                                          structured_output=StructuredOutput(regex="(ab|a)"))
+                                           for t, s in ((0, 0), (1.0, 1), (1.0, 2), (1.0, 3))])
+    for o in outs:
+        assert o.outputs[0].text in ("ab", "a") and o.outputs[0].finish_reason == "stop"

@@ -38,6 +38,7 @@ from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
 
 
+MIN_LOGPROB = -9999.0  # the floor of a reported logprob (vLLM's)
 log = logging.getLogger("loom.engine")
 
 
@@ -328,10 +329,10 @@ class LLMEngine:
             history = p.has_penalties  # only penalties look at the tokens so far (min_tokens at the count)
             sampling_rows.append(SamplingRow(p, seq.prompt_ids if history else (),
                                              seq.output_ids if history or p.min_tokens else (),
-                                             seq.generator, self.eos_token_ids))
+                                             seq.generator, self.eos_token_ids,
+                                             constrained=p.structured_output is not None))
         tokens = sample(logits, sampling_rows)
-        for i, matcher in constrained:
-            self.grammars.advance(matcher, tokens[i])
+        refused = {i for i, matcher in constrained if not self.grammars.advance(matcher, tokens[i])}
         want = [i for i, seq in enumerate(group) if seq.params.logprobs is not None]
         logprobs: dict[int, PositionLogprobs] = {}
         if want:
@@ -342,6 +343,11 @@ class LLMEngine:
                 logprobs[i] = self._logprob_dict([entry[0]] + [e for e in entry[1:] if e[2] <= k])
         deltas = []
         for i, (seq, token) in enumerate(zip(group, tokens)):
+            if i in refused:  # the constraint allowed no token (see GrammarBackend.advance): end it, unemitted
+                log.warning("request %s: its constraint allowed no token; aborted", seq.request_id)
+                self.abort_request(seq.request_id)
+            if seq.request_id not in self.requests:  # aborted just now (this sequence or a sibling)
+                continue
             entry = logprobs.get(i)
             deltas.append(self._append(seq, [token], None if entry is None else [entry], now))
         return deltas
@@ -359,7 +365,8 @@ class LLMEngine:
         return seq.grammar
 
     def _logprob_dict(self, entry: list[tuple[int, float, int]]) -> PositionLogprobs:
-        return {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in entry}
+        # a token a constraint rules out has logprob -inf, which JSON cannot carry: floored as vLLM does
+        return {t: Logprob(max(lp, MIN_LOGPROB), rank, self.tokenizer.decode([t])) for t, lp, rank in entry}
 
     def _add_prompt_logprobs(self, request: Request, seq: Sequence, logits: torch.Tensor) -> None:
         """Logits at positions c..c+n-1 predict prompt tokens c+1..c+n (those inside the prompt). After a

@@ -28,6 +28,7 @@ class SamplingRow:
     output_ids: Sequence[int]
     generator: torch.Generator | None = None
     eos_token_ids: Sequence[int] = field(default_factory=tuple)
+    constrained: bool = False  # a grammar decides where the text may end: no min_tokens ban
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -117,7 +118,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
 def _banned(row: SamplingRow, vocab: int) -> list[int]:
     """Token ids the min_tokens rule forbids for this row right now."""
     p = row.params
-    if len(row.output_ids) >= p.min_tokens:
+    if row.constrained or len(row.output_ids) >= p.min_tokens:
         return []
     banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
     return [t for t in banned if 0 <= t < vocab]

@@ -69,8 +69,11 @@ class GrammarBackend:
         if key in self._grammars:
             self._grammars.move_to_end(key)
             return self._grammars[key]
-        grammar = grammar_source(spec)
-        failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        try:
+            grammar = grammar_source(spec)
+            failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        except ValueError as e:
+            failed, messages = True, [str(e)]
         if failed:
             raise InvalidRequestError(f"the structured output cannot be enforced: {messages[0]}",
                                       param="structured_outputs")
@@ -108,7 +111,7 @@ class GrammarBackend:
         self.masked_rows += len(rows)
 
     @staticmethod
-    def advance(matcher, token: int) -> None:  # matcher: llguidance.LLMatcher
-        """Feed the sampled token to the matcher (it was allowed, so this cannot fail)."""
-        if not matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token} it allowed: {matcher.get_error()}")
+    def advance(matcher, token: int) -> bool:  # matcher: llguidance.LLMatcher
+        """Feed the sampled token to the matcher; False if it refuses it, which happens only when the
+        mask allowed nothing the sampler could pick (the sampler then falls back to some token)."""
+        return bool(matcher.consume_token(token))
