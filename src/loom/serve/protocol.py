@@ -42,6 +42,9 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+ONE_CONSTRAINT = "give one structured output (structured_outputs, guided_*, response_format)"
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's ``structured_outputs``: exactly one of a JSON schema, a regex, a choice, a Lark grammar, or
     any JSON object."""
@@ -123,7 +126,7 @@ class SamplingFields(BaseModel):
                   "grammar": self.guided_grammar}
         found += [StructuredOutput(**{k: v}) for k, v in guided.items() if v is not None]
         if len(found) > 1:
-            raise InvalidRequestError("give one structured output (structured_outputs, guided_*, response_format)",
+            raise InvalidRequestError(ONE_CONSTRAINT,
                                       param="structured_outputs")
         return found[0] if found else None
 
@@ -279,7 +282,7 @@ class ChatCompletionRequest(SamplingFields):
         extra = super().structured_output()
         fmt = self.response_format.structured_output() if self.response_format is not None else None
         if fmt is not None and extra is not None:
-            raise InvalidRequestError("give one structured output (structured_outputs, guided_*, response_format)",
+            raise InvalidRequestError(ONE_CONSTRAINT,
                                       param="response_format")
         return fmt or extra
 
