@@ -1,4 +1,5 @@
-"""LLM: the friendly facade over LLMEngine. ``LLM()`` loads the default model; ``generate``, ``chat``, ``stream``."""
+"""LLM: the friendly facade over LLMEngine. ``LLM()`` loads the default model; ``generate``, ``chat``, ``stream``;
+``embed`` (with a decoder, or with an encoder folder such as all-MiniLM-L6-v2, which builds no engine)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import torch
 from tqdm import tqdm
 
 from loom import native
-from loom.config import EngineConfig
+from loom.config import EngineConfig, ModelConfig
 from loom.default_model import default_model_path
 from loom.engine.collector import RequestCollector, timings_of
+from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
+from loom.errors import InvalidRequestError
+from loom.models.encoder import Encoder, EncoderConfig
+from loom.models.transformer import Transformer
 from loom.outputs import RequestOutput, StreamDelta, Timings
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer, load_tokenizer
+from loom.tokenizer.wordpiece import encoder_tokenizer
+from loom.weights.encoder import is_encoder_folder, load_encoder
 from loom.weights.loader import choose_weights, load_model
 
 Prompt = Union[str, Sequence[int]]
@@ -54,13 +61,25 @@ class LLM:
             torch.set_num_threads(config.num_threads)
         self.model_path = config.model or default_model_path()
         t0, compiled0 = time.perf_counter(), native.build_seconds()
+        self.engine: LLMEngine | None = None
+        if is_encoder_folder(self.model_path):
+            self._load_encoder(config)
+        else:
+            self._load_decoder(config)
+        # the native kernels' one-time compilation (loom.native reports it) is not part of loading the model
+        self.load_seconds = time.perf_counter() - t0 - (native.build_seconds() - compiled0)
+        self._ids = itertools.count()
+        self._buffers: dict[str, deque[StreamDelta]] = {}
+
+    def _load_decoder(self, config: EngineConfig) -> None:
+        """A decoder and its serving engine; it embeds too (pooled final hidden states)."""
         # default: native (quantized files run quantized), in the device's default dtype
         weights, dtype = choose_weights(config.weights, config.dtype, config.device)
         loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
                             device=config.device, rope_scaling=config.rope_scaling)
         self.device = loaded.model.device
-        self.model = loaded.model
-        self.config = loaded.config  # the model's architecture (ModelConfig)
+        self.model: Transformer | Encoder = loaded.model
+        self.config: ModelConfig | EncoderConfig = loaded.config  # the model's architecture
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
         calibration = None
         if config.cache.kv_dtype == "int8":
@@ -68,10 +87,31 @@ class LLM:
 
             calibration = kv_calibration_ids(self.tokenizer)
         self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration)
-        # the native kernels' one-time compilation (loom.native reports it) is not part of loading the model
-        self.load_seconds = time.perf_counter() - t0 - (native.build_seconds() - compiled0)
-        self._ids = itertools.count()
-        self._buffers: dict[str, deque[StreamDelta]] = {}
+        self.embedder = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
+
+    def _load_encoder(self, config: EngineConfig) -> None:
+        """An encoder (a BERT-style embedding model): no generation engine, only ``embed``."""
+        if config.weights not in (None, "native", "fp32", "bf16"):
+            raise ValueError(f"weights {config.weights!r} are for decoders; an encoder runs dense (fp32 or bf16)")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.weights or "", config.dtype)
+        loaded = load_encoder(self.model_path, dtype=dtype or torch.float32, device=config.device)
+        self.device = loaded.model.device
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = encoder_tokenizer(self.model_path)
+        self.embedder = Embedder(loaded.model, self.tokenizer, loaded.spec)
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether the model is an encoder (it embeds, and cannot generate)."""
+        return self.engine is None
+
+    def generation_engine(self) -> LLMEngine:
+        """The serving engine; InvalidRequestError for an encoder, which has none."""
+        if self.engine is None:
+            raise InvalidRequestError(f"{self.model_path} is an encoder ({self.config.architecture}): it embeds "
+                                      "text (LLM.embed, loom embed) and cannot generate or chat")
+        return self.engine
 
     # Prompts ------------------------------------------------------------------------------------
 
@@ -79,13 +119,14 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        self.generation_engine()
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
     # Driving the engine -------------------------------------------------------------------------
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> Request:
         rid = str(next(self._ids))
-        self.engine.add_request(rid, prompt, params)
+        self.generation_engine().add_request(rid, prompt, params)
         self._buffers[rid] = deque()
         return self.engine.requests[rid]
 
@@ -137,6 +178,7 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt (text or token ids) together; results come back in input order."""
+        self.generation_engine()
         prompts = _normalize_prompts(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
@@ -170,3 +212,23 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.encode_chat(c, add_generation_prompt) for c in conversations]
         return self.generate(ids, params or SamplingParams())
+
+    # Embeddings ---------------------------------------------------------------------------------
+
+    def embed(self, texts_or_token_ids: Prompt | Sequence[Prompt], *, normalize: bool | None = None,
+              pooling: str | None = None, dimensions: int | None = None, batch_size: int = 32,
+              truncate: int | None = None) -> torch.Tensor:
+        """Embeddings [n, d] (float32, on the CPU) of texts or token id lists, in input order.
+
+        An encoder pools as its sentence-transformers files say (all-MiniLM-L6-v2: mean, normalized); a
+        decoder pools its final normed hidden states, the last token's by default, normalized (as vLLM).
+        pooling:    "mean", "cls" or "last" instead of the model's
+        normalize:  L2-normalize (True) or not (False) instead of the model's choice
+        dimensions: Matryoshka truncation to the first d components, then normalization; refused for a
+                    model that does not declare it was trained for it (all-MiniLM-L6-v2 does not)
+        batch_size: inputs per forward pass; a vector does not depend on its batch
+        truncate:   cut longer inputs to this many tokens (-1: the model's maximum) instead of refusing them
+        """
+        inputs = _normalize_prompts(texts_or_token_ids)
+        return self.embedder.embed(inputs, truncate=truncate, normalize=normalize, pooling=pooling,
+                                   dimensions=dimensions, batch_size=batch_size)

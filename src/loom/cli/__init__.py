@@ -14,13 +14,14 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from loom.cli import analyze, bench, chat, generate, info, prune, quantize, serve
+from loom.cli import analyze, bench, chat, embed, generate, info, prune, quantize, serve
 from loom.cli import eval as eval_command
 from loom.errors import EngineUnavailableError, NotFoundError, QueueFullError
 
 # `loom --help` lists the commands in this order
-COMMANDS: dict[str, ModuleType] = {"generate": generate, "chat": chat, "serve": serve, "info": info, "bench": bench,
-                                   "eval": eval_command, "analyze": analyze, "quantize": quantize, "prune": prune}
+COMMANDS: dict[str, ModuleType] = {"generate": generate, "chat": chat, "serve": serve, "embed": embed, "info": info,
+                                   "bench": bench, "eval": eval_command, "analyze": analyze, "quantize": quantize,
+                                   "prune": prune}
 
 
 def build_parser() -> argparse.ArgumentParser:

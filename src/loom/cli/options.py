@@ -171,8 +171,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    """The LLM a command runs, built from ``engine_config``."""
-    return LLM(config=engine_config(args))
+    """The LLM a command runs, built from ``engine_config``; a clear error for an embedding-only encoder."""
+    llm = LLM(config=engine_config(args))
+    llm.generation_engine()
+    return llm
 
 
 def use_threads(args: argparse.Namespace) -> None:
