@@ -21,7 +21,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from loom.outputs import Logprob, PositionLogprobs, RequestOutput, StreamDelta
+from loom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput, StreamDelta
+from loom.serve.tool_parser import ToolCallStream, parse, tool_calls_json
+from loom.serve.tools import new_call_id
 
 Json = dict[str, Any]
 Decode = Callable[[Sequence[int]], str]  # token ids -> text (the tokenizer's decode)
@@ -216,14 +218,31 @@ def chat_logprobs(token_ids: Sequence[int], entries: Optional[Sequence[PositionL
     return {"content": content}
 
 
-def chat_completion_response(env: Envelope, output: RequestOutput, top_logprobs: Optional[int] = None) -> Json:
+def assistant_message(out: CompletionOutput, calls_tools: bool = False) -> tuple[Json, Optional[str]]:
+    """The assistant message of a finished completion and its finish reason. With ``calls_tools``, text
+    that is tool calls becomes ``tool_calls`` (``content`` null) and the finish reason ``tool_calls``
+    (unless the calls were cut short by ``length``)."""
+    if calls_tools:
+        parsed = parse(out.text, final=True)
+        if parsed.calls:
+            calls = tool_calls_json(parsed.calls, [new_call_id() for _ in parsed.calls])
+            finish = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+            return {"role": "assistant", "content": None, "tool_calls": calls}, finish
+    return {"role": "assistant", "content": out.text}, out.finish_reason
+
+
+def chat_completion_response(env: Envelope, output: RequestOutput, top_logprobs: Optional[int] = None,
+                             calls_tools: bool = False) -> Json:
     """The ``chat.completion`` object for a finished request: one assistant message per completion.
     ``top_logprobs`` is None when logprobs were not asked for (``logprobs: null``), else how many
-    alternatives each token lists."""
-    choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                "logprobs": chat_logprobs(out.token_ids, out.logprobs, top_logprobs)
-                if top_logprobs is not None else None,
-                "finish_reason": out.finish_reason} for out in output.outputs]
+    alternatives each token lists; ``calls_tools`` reads tool calls out of the text."""
+    choices = []
+    for out in output.outputs:
+        message, finish = assistant_message(out, calls_tools)
+        choices.append({"index": out.index, "message": message,
+                        "logprobs": chat_logprobs(out.token_ids, out.logprobs, top_logprobs)
+                        if top_logprobs is not None else None,
+                        "finish_reason": finish})
     generated = sum(len(out.token_ids) for out in output.outputs)
     return env.wrap("chat.completion", choices, usage=usage(len(output.prompt_token_ids), generated))
 
@@ -240,15 +259,28 @@ def chat_role_chunks(env: Envelope, n: int) -> list[Json]:
     return [chat_chunk(env, k, {"role": "assistant", "content": ""}) for k in range(n)]
 
 
-def chat_delta_chunks(env: Envelope, d: StreamDelta, top_logprobs: Optional[int] = None) -> list[Json]:
+def chat_delta_chunks(env: Envelope, d: StreamDelta, top_logprobs: Optional[int] = None,
+                      tools: Optional[ToolCallStream] = None) -> list[Json]:
     """The chunks for delta ``d``: its content (when it has text or logprobs), then an empty delta with
-    the finish reason when it ends its choice. ``top_logprobs`` as in ``chat_completion_response``."""
+    the finish reason when it ends its choice. ``top_logprobs`` as in ``chat_completion_response``.
+    With ``tools`` (the choice's tool-call reader), the text becomes content or ``tool_calls`` fragments
+    as it is read, and a choice that called tools finishes with ``tool_calls``."""
     chunks = []
     lp = chat_logprobs(d.token_ids, d.logprobs, top_logprobs) if top_logprobs is not None and d.logprobs else None
-    if d.text or lp:
-        chunks.append(chat_chunk(env, d.index, {"content": d.text}, lp))
+    if tools is None:
+        if d.text or lp:
+            chunks.append(chat_chunk(env, d.index, {"content": d.text}, lp))
+    else:
+        deltas = tools.feed(d.text, final=d.finish_reason is not None)
+        if not deltas and lp:
+            deltas = [{"content": ""}]
+        for k, delta in enumerate(deltas):
+            chunks.append(chat_chunk(env, d.index, delta, lp if k == 0 else None))
     if d.finish_reason is not None:
-        chunks.append(chat_chunk(env, d.index, {}, None, d.finish_reason))
+        finish = d.finish_reason
+        if tools is not None and tools.called and finish == "stop":
+            finish = "tool_calls"
+        chunks.append(chat_chunk(env, d.index, {}, None, finish))
     return chunks
 
 

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from loom.serve.state import authorize
 
@@ -54,7 +54,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-FinishReason = Optional[Literal["stop", "length", "abort"]]
+FinishReason = Optional[Literal["stop", "length", "abort", "tool_calls"]]
 
 
 class Envelope(BaseModel):
@@ -99,9 +99,35 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class ToolCallObject(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallObject]] = None
+
+
+class FunctionFragment(BaseModel):
+    name: Optional[str] = None
+    arguments: str = Field(description="The next piece of the arguments' JSON text")
+
+
+class ToolCallFragment(BaseModel):
+    """A piece of a streamed call: the first carries ``id``, ``type`` and the function's name."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionFragment
 
 
 class ChatChoice(Choice):
@@ -118,6 +144,7 @@ class ChatCompletionResponse(Envelope):
 class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallFragment]] = None
 
 
 class ChatChunkChoice(Choice):

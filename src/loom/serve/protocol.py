@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from loom.errors import InvalidRequestError
 from loom.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams, StructuredOutput
+from loom.serve.tools import Tool, ToolChoice, check_tools, generic_messages, template_messages, tool_grammar
 
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key: a token id in decimal ASCII digits
@@ -193,13 +194,41 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One chat message; its content is a string or a list of text parts."""
+class FunctionCall(BaseModel):
+    """A call's function in an assistant message: its name and its arguments as a JSON string."""
 
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One of an assistant message's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One chat message; its content is a string or a list of text parts. An assistant message may carry
+    ``tool_calls``; a ``tool`` message answers one of them (``tool_call_id``)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
         """The content as one string (parts joined; none: empty)."""
@@ -208,6 +237,17 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates take it ("developer" becomes "system")."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class JsonSchemaFormat(BaseModel):
@@ -250,16 +290,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the chat template
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported")
         if self.tool_choice is not None and not self.tools:
             raise ValueError("tool_choice is only allowed when tools are given")
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(self.chat_template_kwargs or {})
@@ -269,22 +307,53 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """The messages as the chat template takes them ("developer" becomes "system")."""
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
-        return out
+    def chat_messages(self, template_knows_tools: bool = False) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them ("developer" becomes "system"): with tools in play
+        and a template that does not render them, in the generic format of ``loom.serve.tools``."""
+        messages = [m.as_dict() for m in self.messages]
+        self._check_tool_results()
+        in_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if template_knows_tools:
+            return template_messages(messages) if in_history else messages
+        if self.tools or in_history:
+            return generic_messages(messages, self.tools)
+        return messages
+
+    def template_kwargs(self, template_knows_tools: bool) -> dict[str, Any]:
+        """Variables for the chat template: ``chat_template_kwargs``, and ``tools`` for a template that
+        renders them."""
+        extra = dict(self.chat_template_kwargs or {})
+        if template_knows_tools and self.tools:
+            extra["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return extra
+
+    def _check_tool_results(self) -> None:
+        """InvalidRequestError for a tool message that answers no earlier call (as OpenAI refuses it)."""
+        called: set[str] = set()
+        for i, m in enumerate(self.messages):
+            called.update(c.id for c in m.tool_calls or [])
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise InvalidRequestError(f"messages[{i}] answers the tool call {m.tool_call_id!r}, which no earlier "
+                                          "assistant message made", param="messages")
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer is parsed for tool calls (tools given, and ``tool_choice`` is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def structured_output(self) -> StructuredOutput | None:
-        """``response_format``, or vLLM's fields (one of them)."""
+        """``response_format``, or vLLM's fields (one of them); with tools, the tool-call grammar around it."""
         extra = super().structured_output()
         fmt = self.response_format.structured_output() if self.response_format is not None else None
         if fmt is not None and extra is not None:
             raise InvalidRequestError(ONE_CONSTRAINT,
                                       param="response_format")
-        return fmt or extra
+        answer = fmt or extra
+        if not self.tools:
+            return answer
+        check_tools(self.tools, self.tool_choice)
+        parallel = self.parallel_tool_calls is not False
+        return tool_grammar(self.tools, self.tool_choice or "auto", parallel, answer)
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -27,6 +27,8 @@ from loom.serve.protocol import (ChatCompletionRequest, CompletionRequest, Detok
                                  check_limits)
 from loom.serve.state import ServerState, authorize, server_state
 from loom.serve.submit import Submission, collect, deltas, submit, until_disconnect
+from loom.serve.tool_parser import ToolCallStream
+from loom.serve.tools import template_knows_tools
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 log = logging.getLogger("loom.serve")
@@ -210,11 +212,12 @@ async def chat_events(env: fmt.Envelope, sub: Submission, req: ChatCompletionReq
             chunk["usage"] = fmt.usage(prompt_tokens, generated)
         return fmt.sse(chunk)
 
+    readers = [ToolCallStream() for _ in range(req.n)] if req.calls_tools else None
     for chunk in fmt.chat_role_chunks(env, req.n):
         yield event(chunk)
     async for _, d in deltas(sub):
         generated += len(d.token_ids)
-        for chunk in fmt.chat_delta_chunks(env, d, top_logprobs):
+        for chunk in fmt.chat_delta_chunks(env, d, top_logprobs, readers[d.index] if readers else None):
             yield event(chunk)
     if req.include_usage:
         yield fmt.sse(fmt.chat_usage_chunk(env, prompt_tokens, generated))
@@ -222,17 +225,19 @@ async def chat_events(env: fmt.Envelope, sub: Submission, req: ChatCompletionReq
 
 
 def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    """Token ids of the request's messages through the chat template, given ``chat_template_kwargs`` as
-    extra variables (a ChatTemplateError, a 400, if the template fails on them)."""
-    return state.tokenizer.encode_chat(req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
-                                       **(req.chat_template_kwargs or {}))
+    """Token ids of the request's messages through the chat template, given ``chat_template_kwargs`` (and
+    the tools, for a template that renders them) as extra variables (a ChatTemplateError, a 400, if the
+    template fails on them)."""
+    knows_tools = template_knows_tools(state.tokenizer.chat_template)
+    return state.tokenizer.encode_chat(req.chat_messages(knows_tools), add_generation_prompt=req.add_generation_prompt,
+                                       **req.template_kwargs(knows_tools))
 
 
 @api.post("/v1/chat/completions", openapi_extra=doc.body(ChatCompletionRequest),
           responses=doc.streamed(doc.ChatCompletionResponse, doc.ChatCompletionChunk) | doc.BODY_ERRORS)
 async def chat_completions(request: Request, state: State) -> Response:
     """OpenAI's chat completions: the messages through the model's chat template, ``n`` choices,
-    ``logprobs`` / ``top_logprobs``."""
+    ``logprobs`` / ``top_logprobs``, ``tools`` (calls returned as ``tool_calls``; see ``serve/tools.py``)."""
     req = await state.read(request, ChatCompletionRequest)
     state.check_model(req.model)
     check_limits(req, state.limits)
@@ -244,5 +249,5 @@ async def chat_completions(request: Request, state: State) -> Response:
     if req.stream:
         return sse_response(chat_events(env, sub, req, top_logprobs))
     (output,) = await until_disconnect(request, collect(sub))
-    return JSONResponse(fmt.chat_completion_response(env, output, top_logprobs))
+    return JSONResponse(fmt.chat_completion_response(env, output, top_logprobs, req.calls_tools))
 
