@@ -1,5 +1,6 @@
 """`loom serve`: load a model and serve it over an OpenAI-compatible HTTP API (completions, chat,
-streaming, metrics) until SIGTERM or Ctrl-C."""
+streaming, metrics, embeddings / rerank / score, optionally with an embedding model of their own) until
+SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings, help="stop sequences per request")
     sv.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
                     help="total characters of a request's stop sequences")
+    sv.add_argument("--embedding-model", nargs="?", const="", default=None, metavar="PATH",
+                    help="an embedding model folder for /v1/embeddings, /v1/rerank, /v1/score (no PATH: "
+                         "all-MiniLM-L6-v2; without the option the served model embeds, by its pooled final hidden "
+                         "states)")
+    sv.add_argument("--embedding-model-name", default=None,
+                    help="its model id (default: the folder name, all-MiniLM-L6-v2 for the default)")
+    sv.add_argument("--max-embedding-inputs", type=int, default=None,
+                    help="inputs in one /v1/embeddings request, documents in one rerank (default 2048)")
     sv.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds in-flight requests may finish after SIGTERM")
     sv.add_argument("--log-level", default="info")
@@ -62,17 +71,29 @@ def api_key(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from loom.default_model import DEFAULT_EMBEDDING_NAME, default_embedding_model_path
+    from loom.llm import LLM
     from loom.serve.app import create_app
     from loom.serve.server import serve
+    from loom.serve.state import MAX_EMBEDDING_INPUTS
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     key = api_key(args)
     limits = RequestLimits(args.max_prompts_per_request, args.max_stop_strings, args.max_stop_chars)
     llm = llm_from_args(args)  # --max-waiting bounds the scheduler's queue
     name = args.served_model_name or default_served_name(llm.model_path)
+    embedder, embedding_name = None, None
+    if args.embedding_model is not None:
+        path = args.embedding_model or default_embedding_model_path()
+        embedder = LLM(path, device=args.device).embedder
+        embedding_name = args.embedding_model_name or (DEFAULT_EMBEDDING_NAME if not args.embedding_model
+                                                       else default_served_name(path))
     app = create_app(llm.engine, llm.tokenizer, name, api_key=key, max_request_bytes=args.max_request_bytes,
-                     body_timeout_s=args.request_body_timeout, limits=limits, public_docs=args.public_docs)
+                     body_timeout_s=args.request_body_timeout, limits=limits, public_docs=args.public_docs,
+                     embedder=embedder, embedding_model_name=embedding_name,
+                     max_embedding_inputs=args.max_embedding_inputs or MAX_EMBEDDING_INPUTS)
     print(f"loom: serving {name!r} on http://{args.host}:{args.port} (load {llm.load_seconds:.2f} s; "
-          f"{llm.engine.describe()})", file=sys.stderr)
+          f"{llm.engine.describe()})" + (f"; embeddings by {embedding_name!r}" if embedding_name else ""),
+          file=sys.stderr)
     serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
     return 0

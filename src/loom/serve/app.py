@@ -19,12 +19,14 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 
+from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
+from loom.serve import embeddings
 from loom.serve.errors import install_error_handlers
 from loom.serve.openapi import install_api_description
 from loom.serve.protocol import RequestLimits
 from loom.serve.routes import api, router
-from loom.serve.state import ServerState
+from loom.serve.state import MAX_EMBEDDING_INPUTS, ServerState
 from loom.tokenizer import Tokenizer
 
 log = logging.getLogger("loom.serve")
@@ -46,6 +48,7 @@ def bare_app(title: str = "loom", public_docs: bool = True, **fastapi_kwargs: ob
                   openapi_url=None, **fastapi_kwargs)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(api)
+    app.include_router(embeddings.router)
     install_api_description(app, public=public_docs)
     install_error_handlers(app)
     return app
@@ -58,11 +61,14 @@ def api_description() -> dict:
 
 def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "loom", api_key: str | None = None,
                max_request_bytes: int = 4 << 20, body_timeout_s: float | None = 30.0,
-               limits: RequestLimits = RequestLimits(), public_docs: bool = False) -> FastAPI:
+               limits: RequestLimits = RequestLimits(), public_docs: bool = False, embedder: Embedder | None = None,
+               embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS) -> FastAPI:
     """An app serving ``engine`` as ``model_name``; ``api_key`` (if set) is required as a Bearer token by
     every route but /health and the chat page; bodies over ``max_request_bytes`` or slower than
     ``body_timeout_s`` are refused; ``limits`` bound each request's work; ``public_docs`` serves
-    /openapi.json and /docs without the key."""
+    /openapi.json and /docs without the key. ``embedder`` (named ``embedding_model_name``) answers the
+    embedding routes; without one the served model embeds, under ``model_name``."""
     app = bare_app(public_docs=public_docs or api_key is None, lifespan=lifespan)
-    app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes, body_timeout_s, limits)
+    app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes, body_timeout_s, limits,
+                                 embedder, embedding_model_name, max_embedding_inputs)
     return app

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from loom.errors import EngineUnavailableError, InvalidPromptError, InvalidRequestError
 from loom.serve import openai_format as fmt
 from loom.serve import openapi as doc
+from loom.serve.embeddings import embedding_card
 from loom.serve.errors import RequestFailedError, error_payload
 from loom.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                  check_limits)
@@ -86,13 +87,18 @@ async def metrics(state: State) -> Response:
 
 @api.get("/v1/models", response_model=doc.ModelList)
 async def list_models(state: State) -> dict[str, Any]:
-    """The one served model."""
-    return fmt.model_list([fmt.model_card(state.model_name, state.created, state.engine.max_model_len)])
+    """The served model (and the embedding model, when it is another)."""
+    embedding = embedding_card(state)
+    return fmt.model_list([fmt.model_card(state.model_name, state.created, state.engine.max_model_len)]
+                          + ([embedding] if embedding else []))
 
 
 @api.get("/v1/models/{model_id:path}", response_model=doc.ModelCard, responses=doc.errors(404))
 async def get_model(model_id: str, state: State) -> dict[str, Any]:
-    """The served model's card, or 404 for any other name."""
+    """The served model's card (or the embedding model's), or 404 for any other name."""
+    embedding = embedding_card(state, model_id)
+    if embedding:
+        return embedding
     state.check_model(model_id)
     return fmt.model_card(state.model_name, state.created, state.engine.max_model_len)
 

@@ -1,15 +1,17 @@
 """What a server holds (``app.state.loom``): the engine and its thread, the tokenizer, the served name, the
-API key, the limits on request bodies and per-request work, and the metrics; and the checks every route
-makes against them."""
+API key, the limits on request bodies and per-request work, the metrics, and the embedding model; and the
+checks every route makes against them."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from fastapi import Request
 
+from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
 from loom.errors import AuthenticationError, ModelNotFoundError
 from loom.serve.async_engine import AsyncEngine
@@ -18,13 +20,16 @@ from loom.serve.metrics import Metrics
 from loom.serve.protocol import RequestLimits
 from loom.tokenizer import Tokenizer
 
+MAX_EMBEDDING_INPUTS = 2048  # inputs of one embeddings request (OpenAI's limit), documents of one rerank
+
 
 class ServerState:
     """One served model: ``engine`` runs in ``async_engine``'s thread; ``metrics`` counts its requests."""
 
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None,
                  max_request_bytes: int, body_timeout_s: float | None = 30.0,
-                 limits: RequestLimits = RequestLimits()) -> None:
+                 limits: RequestLimits = RequestLimits(), embedder: Embedder | None = None,
+                 embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -35,6 +40,12 @@ class ServerState:
         self.metrics = Metrics(engine, model_name)
         self.async_engine = AsyncEngine(engine, on_finished=self.metrics.request_finished)
         self.created = int(time.time())
+        # Embeddings (serve/embeddings.py): a model of their own, else the served decoder's pooled states under
+        # its name; forward passes run one at a time in their own thread, off the event loop.
+        self.embedder = embedder or Embedder.for_decoder(engine.model, tokenizer, engine.max_model_len)
+        self.embedding_model_name = embedding_model_name or model_name
+        self.max_embedding_inputs = max_embedding_inputs
+        self.embedding_executor = ThreadPoolExecutor(1, thread_name_prefix="loom-embed")
 
     @property
     def vocab_size(self) -> int:
