@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
-from loom.serve import embeddings
+from loom.serve import embeddings, responses
 from loom.serve.errors import install_error_handlers
 from loom.serve.openapi import install_api_description
 from loom.serve.protocol import RequestLimits
@@ -49,6 +49,7 @@ def bare_app(title: str = "loom", public_docs: bool = True, **fastapi_kwargs: ob
     app.include_router(router)
     app.include_router(api)
     app.include_router(embeddings.router)
+    app.include_router(responses.router)
     install_api_description(app, public=public_docs)
     install_error_handlers(app)
     return app
