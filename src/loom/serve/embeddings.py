@@ -196,6 +196,7 @@ def check_embedding_model(state: ServerState, name: Optional[str]) -> None:
 
 
 def check_count(state: ServerState, count: int, param: str) -> None:
+    """InvalidRequestError when a request asks for more embeddings than the server allows at once."""
     if count > state.max_embedding_inputs:
         raise InvalidRequestError(f"at most {state.max_embedding_inputs} inputs per request, got {count}", param=param)
 
