@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from loom.serve.app import api_description
 from loom.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from loom.serve.responses import ResponsesRequest
 from tests.serve.conftest import API_KEY, MODEL
 
 H = {"Authorization": f"Bearer {API_KEY}"}
@@ -32,7 +33,7 @@ SCHEMATHESIS_EXAMPLES = int(os.environ.get("LOOM_FUZZ_EXAMPLES", 60))
 # CI draws the same examples every run (a failure there is a regression, not luck); longer runs explore
 DERANDOMIZE = "LOOM_FUZZ_EXAMPLES" not in os.environ
 ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-             "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+             "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest, "/v1/responses": ResponsesRequest}
 
 # any code point, surrogates included (JSON can spell them; UTF-8 cannot)
 strings = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=12)
@@ -60,11 +61,34 @@ plausible = {"prompt": strings | st.lists(strings, max_size=3) | st.lists(st.int
              "ignore_eos": st.booleans(), "min_tokens": st.integers(0, 2), "add_special_tokens": st.booleans(),
              "stop_token_ids": st.lists(st.integers(0, 49151), max_size=2), "skip_special_tokens": st.booleans(),
              "chat_template_kwargs": st.dictionaries(strings, json_values, max_size=2),
-             "tool_choice": st.none() | st.sampled_from(["auto", "none"]), "add_generation_prompt": st.booleans()}
+             "tool_choice": st.none() | st.sampled_from(["auto", "none", "required"]) | st.fixed_dictionaries(
+                 {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])}),
+                  "name": st.sampled_from(["f", "g"])}),
+             "add_generation_prompt": st.booleans(), "max_output_tokens": st.integers(1, 3)}
+# function tools, in the chat shape ({"function": {...}}) and the Responses shape (flat)
+functions = st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "bad name"]), "parameters": st.sampled_from([
+    {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}, {"type": "object"},
+    {"type": "array", "uniqueItems": True}, {"$ref": "#/$defs/missing"}])})
+plausible["tools"] = st.lists(functions.map(lambda f: {"type": "function", "function": f}) |
+                              functions.map(lambda f: {"type": "function", **f}), max_size=2)
+items = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "developer", "tool"]),
+                               "content": strings | st.lists(st.fixed_dictionaries(
+                                   {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                    "text": strings}), max_size=2)}) | \
+    st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output", "reasoning", "x"]),
+                           "call_id": st.sampled_from(["c1", "c2"]), "name": st.sampled_from(["f", "g"]),
+                           "arguments": st.sampled_from(["{}", '{"x": 1}', "{oops"]), "output": strings})
+plausible["input"] = strings | st.lists(items, max_size=4)
+plausible["messages"] = messages | st.lists(st.fixed_dictionaries(
+    {"role": st.just("assistant"), "content": st.none(), "tool_calls": st.lists(st.fixed_dictionaries(
+        {"id": st.sampled_from(["c1", "c2"]), "type": st.just("function"), "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["f", "g"]), "arguments": st.sampled_from(["{}", "{oops"])})}), max_size=2)}) |
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.sampled_from(["c1", "c2"]), "content": strings}) |
+    st.fixed_dictionaries({"role": st.just("user"), "content": strings}), min_size=1, max_size=4)
 
 
 REQUIRED = {CompletionRequest: ["prompt"], ChatCompletionRequest: ["messages"], TokenizeRequest: ["prompt"],
-            DetokenizeRequest: ["tokens"]}
+            DetokenizeRequest: ["tokens"], ResponsesRequest: ["input"]}
 
 
 def body_for(model: type) -> st.SearchStrategy[dict[str, Any]]:
@@ -83,12 +107,15 @@ def clamp(body: Any) -> Any:
     """Keep a generated request cheap to serve: at most 3 tokens, 2 choices, 3 prompts."""
     if not isinstance(body, dict):
         return body
-    for key, most in (("max_tokens", 3), ("max_completion_tokens", 3), ("n", 2), ("best_of", 2),
-                      ("min_tokens", 3), ("top_logprobs", 2), ("logprobs", 2)):
+    for key, most in (("max_tokens", 3), ("max_completion_tokens", 3), ("max_output_tokens", 3), ("n", 2),
+                      ("best_of", 2), ("min_tokens", 3), ("top_logprobs", 2), ("logprobs", 2)):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > most:
             body[key] = most
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if "input" in body:  # a Responses body
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = 2
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = 2  # null (or nothing) asks for everything up to the context
     if isinstance(body.get("prompt"), list):
         body["prompt"] = body["prompt"][:3]

@@ -193,7 +193,8 @@ def resolve(spec: dict, node: dict) -> dict:
 def test_the_api_description_has_real_request_and_response_schemas(live):
     spec = httpx.get(live.url + "/openapi.json", headers=H).json()
     posts = {path: ops["post"] for path, ops in spec["paths"].items() if "post" in ops}
-    assert set(posts) == {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+    assert set(posts) == {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/responses",
+                          "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"}
     for path, op in posts.items():
         schema = resolve(spec, op["requestBody"]["content"]["application/json"]["schema"])
         assert schema["type"] == "object" and schema["properties"], path

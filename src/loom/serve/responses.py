@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loom.errors import InvalidRequestError, NotFoundError
 from loom.outputs import CompletionOutput
 from loom.serve import openapi as doc
+from loom.serve.body import validate
 from loom.serve.protocol import ChatCompletionRequest, check_limits
 from loom.serve.routes import chat_prompt
 from loom.serve.state import ServerState, authorize, server_state
@@ -217,7 +218,7 @@ def chat_request(req: ResponsesRequest, history: list[Json]) -> ChatCompletionRe
         body["tools"] = chat_tools(req.tools)
         body["tool_choice"] = chat_tool_choice(req.tool_choice)
     body |= {k: getattr(req, k) for k in EXTRAS}
-    return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    return validate(ChatCompletionRequest, {k: v for k, v in body.items() if v is not None})
 
 
 # Output -> items -----------------------------------------------------------------------------------
