@@ -146,3 +146,18 @@ def test_spm_matches_hf_gguf_conversion(tmp_path):
         if not text.startswith(" "):  # SentencePiece folds a leading space into its dummy prefix
             assert ours.decode(ids, skip_special_tokens=True) == text
     assert ours.encode("naïve")[1:] != [0]  # unknown characters fall back to bytes, not <unk>
+
+
+def test_a_folder_tokenizer_never_truncates_or_pads(tmp_path):
+    """A tokenizer.json saved with truncation (max 8) and padding still encodes every token of a long prompt."""
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    from loom.tokenizer import tokenizer_from_folder
+
+    words = [f"w{i}" for i in range(40)]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words + ["[UNK]", "[PAD]"])}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.enable_truncation(8)
+    backend.enable_padding(pad_id=41, pad_token="[PAD]", length=16)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    assert tokenizer_from_folder(str(tmp_path)).encode(" ".join(words), add_special_tokens=False) == list(range(40))

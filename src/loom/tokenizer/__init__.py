@@ -130,6 +130,10 @@ def tokenizer_from_folder(folder: str, eos_token_ids: Sequence[int] = ()) -> Tok
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder}: no tokenizer.json")
     backend = Backend.from_file(path)
+    # A tokenizer.json may carry the truncation / padding its trainer used; loom counts a prompt's tokens
+    # itself (a too-long prompt is an error, never silently cut), so neither applies here.
+    backend.no_truncation()
+    backend.no_padding()
     cfg: dict[str, Any] = {}
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.exists(cfg_path):
