@@ -154,3 +154,25 @@ def test_every_call_parses_and_validates_batched_with_free_requests(smollm, temp
                 jsonschema.validate(json.loads(c.arguments), schemas[c.name])
                 calls += 1
     assert calls >= 2 * len(QUESTIONS)
+
+
+QWEN_LIKE = ("{% if tools %}<|im_start|>system\n# Tools\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+             "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+             "{% for c in m.tool_calls or [] %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+             " | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}")
+
+
+def test_a_template_that_knows_tools_gets_them_with_arguments_as_values():
+    from loom.serve.protocol import ChatCompletionRequest
+    from loom.tokenizer.chat_template import render_chat
+
+    req = ChatCompletionRequest.model_validate({"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "-3 C"}]})
+    assert template_knows_tools(QWEN_LIKE)
+    text = render_chat(QWEN_LIKE, req.chat_messages(True), **req.template_kwargs(True))
+    assert '"name": "get_weather", "description"' in text  # the tool, described by the template itself
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}' in text  # a value, not a string
+    assert "<|im_start|>tool\n-3 C" in text and "You can call functions" not in text  # no generic format
