@@ -186,3 +186,15 @@ def test_an_index_moves_with_its_folder(folder, tmp_path):
     build(folder, tmp_path / "idx")
     shutil.move(str(tmp_path / "idx"), str(tmp_path / "moved"))
     assert RagIndex.load(str(tmp_path / "moved"), FakeEmbedder()).search("king", 1)[0].chunk.source == "sub/kings.txt"
+
+
+def test_the_full_builds_statistics_survive_updates(folder, tmp_path):
+    path = tmp_path / "idx"
+    first = build(folder, path)
+    build(folder, path)  # nothing changed
+    (folder / "ships.txt").write_text(paragraph("ship", 3))
+    build(folder, path)  # one file changed
+    settings = RagIndex.load(str(path), FakeEmbedder()).settings
+    assert settings.build["files_embedded"] == 1
+    assert settings.build["full"]["files_embedded"] == 4
+    assert settings.build["full"]["chunks_embedded"] == first.stats.chunks_embedded

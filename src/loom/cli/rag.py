@@ -207,10 +207,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_dict())
         return 0
-    build = report.index["build"]
+    full = report.index["build"].get("full", {})
     print(f"{report.questions} questions ({args.questions}); index {args.index}: {report.index['chunks']} chunks "
-          f"of {report.index['files']} files, built in {build.get('seconds', 0):.1f} s "
-          f"({build.get('chunks_embedded', 0)} chunks embedded)")
+          f"of {report.index['files']} files, built in {full.get('seconds', 0):.1f} s "
+          f"({full.get('chunks_embedded', 0)} chunks embedded, {full.get('embed_seconds', 0):.1f} s embedding)")
     if report.not_indexed:
         print(f"warning: the index holds none of {', '.join(report.not_indexed)}, which questions ask about",
               file=sys.stderr)

@@ -89,7 +89,7 @@ class IndexSettings:
     chunking: ChunkingConfig
     root: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"sha256", "chunks"}
-    build: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)  # the last build's BuildStats, and "full": the last full one
 
     def to_dict(self, n_chunks: int) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "embedder": self.embedder.to_dict(),
@@ -168,7 +168,10 @@ class RagIndex:
                                  or [np.zeros((0, info.dimension), np.float32)]).astype(np.float32)
         stats.chunks_embedded, stats.chunks_total = len(pending), len(chunks)
         stats.seconds = time.perf_counter() - t0
-        settings = IndexSettings(info, chunking, source.root, files, asdict(stats))
+        build = asdict(stats)
+        # the last build that embedded every file: what indexing this corpus costs (an update may cost nothing)
+        build["full"] = dict(build) if old is None else old.settings.build.get("full", {})
+        settings = IndexSettings(info, chunking, source.root, files, build)
         index = cls(path, settings, chunks, vectors, embedder)
         index.save()
         index.stats = stats
