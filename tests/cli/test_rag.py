@@ -125,3 +125,10 @@ def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "loom.cli.rag", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "index" in result.stdout and "query" in result.stdout
+
+
+def test_registered_as_loom_rag(capsys, tmp_path):
+    from loom.cli import main
+
+    code = main(["rag", "query", "q", "--index", str(tmp_path / "none")])
+    assert code == 2 and "no index at" in capsys.readouterr().err
