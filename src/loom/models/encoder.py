@@ -25,6 +25,7 @@ from torch import nn
 from loom.layers.activation import get_activation
 from loom.layers.linear import Linear
 from loom.layers.norm import LayerNorm
+from loom.models.random_init import fill_random
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,7 @@ class Encoder(nn.Module):
             h = layer(h, key_mask)
         return h
 
-    @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> Encoder:
         """Random weights (normal(0, std); LayerNorms at weight 1, bias 0) for tests and experiments."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0) if name.endswith("weight") else p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        fill_random(self, seed, std)
         return self

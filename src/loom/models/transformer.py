@@ -20,6 +20,7 @@ from loom.layers.linear import Linear, linear
 from loom.layers.mlp import make_mlp
 from loom.layers.norm import make_norm
 from loom.layers.position import RopeTables, make_rotary, sinusoidal_table
+from loom.models.random_init import fill_random
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,13 +144,7 @@ class Transformer(nn.Module):
         meta = meta or AttentionMetadata.uncached([input_ids.shape[0]])
         return self.compute_logits(self(input_ids, meta, kv_caches))
 
-    @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> Transformer:
         """Random weights (normal(0, std); norms at 1, biases at 0) for tests and experiments."""
-        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same weights on every device
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0) if name.endswith("weight") else p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        fill_random(self, seed, std)
         return self
