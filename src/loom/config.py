@@ -491,6 +491,8 @@ class EngineConfig:
     cache, scheduler: the paged KV cache and continuous batching
     speculative:      speculative decoding, or None
     kv_policy:        bounded KV memory for every request that sets none of its own, or None
+    lora:             a PEFT LoRA adapter folder merged into the weights at load (dense weights: without
+                      ``weights`` or ``dtype`` it loads fp32 on the CPU, bf16 on CUDA)
     """
 
     model: str | None = None
@@ -505,6 +507,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
     kv_policy: KVPolicyConfig | None = None
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.weights not in WEIGHTS:

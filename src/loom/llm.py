@@ -74,9 +74,9 @@ class LLM:
     def _load_decoder(self, config: EngineConfig) -> None:
         """A decoder and its serving engine; it embeds too (pooled final hidden states)."""
         # default: native (quantized files run quantized), in the device's default dtype
-        weights, dtype = choose_weights(config.weights, config.dtype, config.device)
+        weights, dtype = choose_weights(config.weights, config.dtype, config.device, dense=config.lora is not None)
         loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
-                            device=config.device, rope_scaling=config.rope_scaling)
+                            device=config.device, rope_scaling=config.rope_scaling, lora=config.lora)
         self.device = loaded.model.device
         self.model: Transformer | Encoder = loaded.model
         self.config: ModelConfig | EncoderConfig = loaded.config  # the model's architecture

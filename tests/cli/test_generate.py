@@ -48,3 +48,24 @@ def test_kv_policy_options(capsys):
     assert code == 0 and len(json.loads(out)["token_ids"]) == 40
     code, _, err = run(capsys, "generate", "Hi", "--kv-policy", "h2o")
     assert code == 2 and "budget" in err
+
+
+
+def test_generate_with_a_lora_adapter(capsys, smollm_path, smollm_hf_dir, tmp_path):
+    """--lora merges a PEFT adapter (made here by PEFT on the HF copy of the model) as LLM(lora=) does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loom import LLM, SamplingParams
+    from tests.weights.test_lora import peft_adapter
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm_hf_dir, dtype=torch.float32).eval()
+    peft_adapter(hf, tmp_path / "adapter", seed=4, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    prompt = "The capital of France is"
+    code, out, err = run(capsys, "generate", prompt, "--max-tokens", "6", "--temperature", "0",
+                         "--lora", str(tmp_path / "adapter"), "--model", smollm_path)
+    assert code == 0, err
+    adapted = LLM(smollm_path, lora=str(tmp_path / "adapter"))
+    text = adapted.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
+    plain = LLM(smollm_path, weights="fp32").generate(prompt, SamplingParams(temperature=0, max_tokens=6))
+    assert text.strip() and text.strip() in out and text != plain[0].outputs[0].text

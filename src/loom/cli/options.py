@@ -37,6 +37,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "(rotated residual stream, int8 matrix units of the CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="run dense in this dtype (same as --weights fp32/bf16)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder, merged into the weights as they load (dense weights: "
+                        "fp32 unless --weights / --dtype say otherwise)")
     add_rope_options(p)
 
 
@@ -167,7 +170,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, weights=args.weights, dtype=args.dtype, num_threads=args.threads,
                         device=args.device, rope_scaling=rope_scaling(args), decode_step=args.decode_step,
                         cache=cache_config(args), scheduler=scheduler_config(args),
-                        speculative=speculative_config(args), kv_policy=kv_policy(args))
+                        speculative=speculative_config(args), kv_policy=kv_policy(args),
+                        lora=getattr(args, "lora", None))
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:

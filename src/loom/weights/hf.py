@@ -299,7 +299,7 @@ def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
     check_tensor_shapes(config, hf_tensor_sources(config, ckpt), shape_of or ckpt.shape, ckpt.folder)
 
 
-def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint) -> dict[str, list[str]]:
+def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint | None = None) -> dict[str, list[str]]:
     """loom parameter name -> HF tensor names concatenated (along rows) to make it."""
     src: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"],
                                  "norm.weight": ["model.norm.weight"]}

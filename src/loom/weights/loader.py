@@ -20,6 +20,7 @@ from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, r
 from loom.weights.native import gguf_quantized
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
 from loom.weights.hf import SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config
+from loom.weights.lora import read_lora
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -74,20 +75,21 @@ WEIGHTS = ("native", "fp32", "bf16", "int8")
 
 
 def choose_weights(weights: str | None, dtype: str | torch.dtype | None,
-                   device: str | torch.device | None = None) -> tuple[str | None, str | torch.dtype]:
+                   device: str | torch.device | None = None, dense: bool = False) -> tuple[str | None, str | torch.dtype]:
     """(weights, dtype) for ``load_model`` from what a user gave: nothing means native (quantized files
-    run quantized); a dtype alone means dense in that dtype. The dtype left unsaid is the device's
-    default (fp32 on the CPU, bf16 on CUDA)."""
+    run quantized), or dense when ``dense`` (a LoRA adapter is merged into dense weights); a dtype alone
+    means dense in that dtype. The dtype left unsaid is the device's default (fp32 on the CPU, bf16 on
+    CUDA)."""
     fallback = default_dtype(resolve_device(device))
     if weights is None and dtype is None:
-        return "native", fallback
+        return (None if dense else "native"), fallback
     return weights, dtype if dtype is not None else fallback
 
 
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.float32,
                kernel: str = "sdpa", weights: str | None = None,
                device: str | torch.device | None = None,
-               rope_scaling: RopeScalingOverride = None) -> LoadedModel:
+               rope_scaling: RopeScalingOverride = None, lora: str | os.PathLike[str] | None = None) -> LoadedModel:
     """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors.
 
     ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
@@ -98,7 +100,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     built on the CPU and moved there, quantized linears are packed for that device's kernels.
     ``rope_scaling``: a RopeScaling replaces the file's RoPE scaling (and grows the context to the
     original context times the factor), "none" switches the file's off, None keeps it
-    (``config.with_rope_scaling``); the rotary tables are built from the result.
+    (``config.with_rope_scaling``); the rotary tables are built from the result. ``lora``: a PEFT LoRA
+    adapter folder merged into the weights as they load (``weights/lora.py``; dense weights only).
     """
     path = os.fspath(path)
     dev = resolve_device(device)
@@ -112,6 +115,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
             check_w8a8(dev)
     dtype = resolve_dtype(dtype)
     native = weights == "native"
+    adapter = read_lora(lora) if lora is not None else None
+    if adapter is not None and native:
+        raise ValueError("a LoRA adapter is merged into dense weights: load the model with weights fp32 or bf16 "
+                         "(--weights fp32), not native")
     t0 = time.perf_counter()
     if os.path.isdir(path):
         config, ckpt = open_hf_checkpoint(path)
@@ -121,8 +128,15 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
         quant = read_quantization(path)
         filled: set[str] = set()
         if quant is not None:
+            if adapter is not None:
+                raise ValueError(f"{path} is a quantized checkpoint: merge the LoRA adapter into the dense model "
+                                 "before quantizing it")
             sources, filled = load_quantized_linears(model, quant, sources, ckpt, dequantize=not native, device=dev)
-        fill_parameters(model, sources, lambda n: ckpt.tensor(n).float(), path, filled)
+        fetch = lambda n: ckpt.tensor(n).float()  # noqa: E731
+        if adapter is not None:
+            adapter.check_names({n for names in sources.values() for n in names})
+            fetch = adapter.merged(fetch)
+        fill_parameters(model, sources, fetch, path, filled)
         fmt, metadata = "hf", None
     elif os.path.isfile(path):
         g = GGUFFile(path)
@@ -133,7 +147,13 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
             filled: set[str] = set()
             if native:
                 sources, filled = native_gguf_linears(model, g, sources, dev)
-            fill_parameters(model, sources, lambda n: read_gguf_tensor(g, config, n), path, filled)
+            fetch = lambda n: read_gguf_tensor(g, config, n)  # noqa: E731
+            if adapter is not None:  # the adapter names HF weights: map GGUF names to them
+                hf_names = {gn: hn for k, names in sources.items()
+                            for gn, hn in zip(names, hf_tensor_sources(config, None).get(k, []))}
+                adapter.check_names(set(hf_names.values()))
+                fetch = adapter.merged(fetch, lambda n: hf_names.get(n, n))
+            fill_parameters(model, sources, fetch, path, filled)
         finally:
             g.close()
         fmt, metadata = "gguf", g.metadata
