@@ -69,3 +69,24 @@ def test_generate_with_a_lora_adapter(capsys, smollm_path, smollm_hf_dir, tmp_pa
     text = adapted.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
     plain = LLM(smollm_path, weights="fp32").generate(prompt, SamplingParams(temperature=0, max_tokens=6))
     assert text.strip() and text.strip() in out and text != plain[0].outputs[0].text
+
+
+def test_merge_writes_a_folder_that_generates_as_the_adapter_does(capsys, smollm_path, smollm_hf_dir, tmp_path):
+    """`loom merge` of the real GGUF and a PEFT adapter: the merged folder (tokenizer included) generates
+    what the base with --lora generates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.weights.test_lora import peft_adapter
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm_hf_dir, dtype=torch.float32).eval()
+    peft_adapter(hf, tmp_path / "adapter", seed=6, r=4, lora_alpha=8, target_modules=["o_proj", "up_proj"])
+    code, _, err = run(capsys, "merge", "--model", smollm_path, "--lora", str(tmp_path / "adapter"),
+                       "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    options = ["--max-tokens", "8", "--temperature", "0"]
+    code, merged, err = run(capsys, "generate", "Once upon a time", "--model", str(tmp_path / "merged"), *options)
+    assert code == 0, err
+    code, adapted, err = run(capsys, "generate", "Once upon a time", "--model", smollm_path,
+                             "--lora", str(tmp_path / "adapter"), *options)
+    assert code == 0 and merged == adapted, err
