@@ -14,6 +14,14 @@ def native_ops() -> bool:
     return native.available()
 
 
+def use_native(*tensors: torch.Tensor) -> bool:
+    """Whether to run the native kernel on ``tensors``: built, on the CPU, and no gradient wanted through
+    them (the kernels have no backward; training runs the PyTorch twins, which autograd differentiates)."""
+    if tensors[0].device.type != "cpu" or not native_ops():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32, rounded to x's type before the weight (as HF)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -22,7 +30,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.device.type == "cpu" and native_ops():
+    if use_native(x, weight):
         return torch.ops.loom.rms_norm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
@@ -34,7 +42,7 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if gate_up.device.type == "cpu" and native_ops():
+    if use_native(gate_up):
         return torch.ops.loom.silu_and_mul(gate_up)
     return silu_and_mul_torch(gate_up)
 
@@ -45,7 +53,7 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and native_ops() and x.stride(-1) == 1:
+    if use_native(x) and x.stride(-1) == 1:
         return torch.ops.loom.rope(x, cos, sin)
     return rope_torch(x, cos, sin)
 

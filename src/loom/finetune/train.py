@@ -1,0 +1,112 @@
+"""The training loop: causal-LM cross-entropy on token windows, AdamW, warmup then cosine decay, gradient
+accumulation and clipping; what ``loom finetune`` and the Python API run.
+
+The loss of a batch is HF's: the mean over every predicted token (each window predicts its tokens 1..T-1
+from those before), with positions whose label is masked (``-100``, e.g. the prompt of a chat example)
+left out. The forward is loom's own module path (``Transformer.logits`` over the windows as one flat
+batch, each attending causally over itself), whose elementwise steps run their PyTorch twins when a
+gradient is wanted (``layers/fused.use_native``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from loom.layers.attention import AttentionMetadata
+from loom.models.transformer import Transformer
+
+IGNORE = -100  # a label that is not trained on (HF's convention)
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and schedule (the defaults are PEFT's LoRA examples': AdamW 2e-4, no weight decay)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_steps: int = 100  # optimizer steps
+    schedule: str = "cosine"  # "cosine" (to 0 at max_steps), "linear" or "constant", after the warmup
+    grad_accum: int = 1  # batches per optimizer step
+    max_grad_norm: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.max_steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
+            raise ValueError("max_steps and grad_accum must be positive, warmup_steps not negative")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier at optimizer step ``step`` (0-based): linear warmup, then the
+        schedule (cosine: 0.5 (1 + cos(pi progress)), as HF's get_cosine_schedule_with_warmup)."""
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def lm_loss(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting each window's next tokens; ``input_ids`` [B, T] (windows of equal
+    length), ``labels`` [B, T] (default: the inputs; IGNORE where not trained)."""
+    batch, length = input_ids.shape
+    labels = input_ids if labels is None else labels
+    logits = model.logits(input_ids.reshape(-1), AttentionMetadata.uncached([length] * batch))
+    logits = logits.view(batch, length, -1)[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+
+
+def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
+          batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], config: TrainConfig,
+          on_step: Callable[[StepLog], None] | None = None, progress: bool = False) -> list[StepLog]:
+    """Train ``parameters`` of ``model`` on ``batches`` of (input_ids [B, T], labels or None) for
+    ``config.max_steps`` optimizer steps (``grad_accum`` batches each; the loss of a step is their mean).
+    Returns the log of every step."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+    model.train()
+    logs: list[StepLog] = []
+    it = iter(batches)
+    with tqdm(total=config.max_steps, disable=not progress, desc="train") as bar:
+        for step in range(config.max_steps):
+            total, tokens = 0.0, 0
+            for _ in range(config.grad_accum):
+                input_ids, labels = next(it)
+                loss = lm_loss(model, input_ids, labels) / config.grad_accum
+                loss.backward()
+                total += loss.item()
+                tokens += input_ids.numel()
+            norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm else math.inf)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            log = StepLog(step, total, lr, float(norm), tokens)
+            logs.append(log)
+            if on_step is not None:
+                on_step(log)
+            bar.set_postfix(loss=f"{total:.4f}")
+            bar.update(1)
+    model.eval()
+    return logs

@@ -1,0 +1,115 @@
+"""LoRA training against PEFT + transformers from the same initialization: the same loss at every one of 20
+AdamW steps (warmup + cosine, clipping, accumulation), the same adapter weights after, and the adapter loom
+saves loads in PEFT (and in loom's --lora) with the same logits."""
+
+from __future__ import annotations
+
+import torch
+
+from loom.finetune import LoraConfig, TrainConfig, attach_lora, lm_loss, train
+from loom.weights.loader import load_model
+from tests.helpers import save_tiny_hf
+
+STEPS = 20
+
+
+def batches(seed: int = 0, n: int = 2 * STEPS, batch: int = 2, length: int = 16):
+    """Windows drawn from 4 fixed random sequences (something to learn)."""
+    gen = torch.Generator().manual_seed(seed)
+    texts = torch.randint(0, 128, (4, length), generator=gen)
+    return [(texts[torch.randint(0, 4, (batch,), generator=gen)], None) for _ in range(n)]
+
+
+def test_twenty_steps_equal_peft(tmp_path):
+    from peft import LoraConfig as PeftConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    hf = save_tiny_hf(str(tmp_path / "base"))
+    peft = get_peft_model(hf, PeftConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    model = load_model(str(tmp_path / "base"), weights="fp32").model
+    lora = attach_lora(model, LoraConfig(r=4, lora_alpha=8))
+    with torch.no_grad():  # PEFT's initialization (A Kaiming-uniform, B zero) copied into loom's pairs
+        state = lora.peft_state_dict()
+        peft_params = dict(peft.named_parameters())
+        for key in state:
+            peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                      ".lora_B.default.weight")
+            module, part = _module_of(lora, key)
+            getattr(module, "lora_A" if ".lora_A." in key else "lora_B")[part].copy_(peft_params[peft_key])
+    config = TrainConfig(lr=3e-3, weight_decay=0.01, warmup_steps=3, max_steps=STEPS, grad_accum=2, max_grad_norm=0.5)
+    data = batches()
+    ours = [log.loss for log in train(model, lora.parameters(), data, config)]
+
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 3, STEPS)
+    theirs, it = [], iter(data)
+    peft.train()
+    for _ in range(STEPS):
+        total = 0.0
+        for _ in range(2):
+            ids, _ = next(it)
+            loss = peft(input_ids=ids, labels=ids).loss / 2
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        theirs.append(total)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+    assert ours[-1] < ours[0]  # it learns
+    peft_params = dict(peft.named_parameters())
+    for key, value in lora.peft_state_dict().items():
+        peft_key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        torch.testing.assert_close(value, peft_params[peft_key].detach(), rtol=1e-4, atol=1e-4)
+
+    # the saved adapter: PEFT loads it, loom merges it, both give the trained model's logits
+    lora.save(tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    ids = data[0][0][:1]
+    with torch.no_grad():
+        trained = model.logits(ids[0])
+        merged = load_model(str(tmp_path / "base"), weights="fp32", lora=str(tmp_path / "adapter")).model.logits(ids[0])
+        theirs_logits = loaded(input_ids=ids).logits[0]
+    torch.testing.assert_close(trained, theirs_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, theirs_logits, rtol=1e-5, atol=1e-5)
+
+
+def _module_of(lora, key: str):
+    """The LoraLinear and part name behind a PEFT key."""
+    layer = key.split(".layers.")[1].split(".")[0]
+    part = key.split(".")[-3]
+    for name, module in lora.modules.items():
+        if name.startswith(f"layers.{layer}.") and part in module.lora_A:
+            return module, part
+    raise KeyError(key)
+
+
+def test_the_loss_is_hfs(tmp_path):
+    hf = save_tiny_hf(str(tmp_path / "base"))
+    model = load_model(str(tmp_path / "base"), weights="fp32").model
+    ids = batches(n=1, batch=3)[0][0]
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt not trained on
+    with torch.no_grad():
+        for lab in (None, labels):
+            expected = hf(input_ids=ids, labels=ids if lab is None else lab).loss
+            torch.testing.assert_close(lm_loss(model, ids, lab), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_adapter_trains(tmp_path):
+    save_tiny_hf(str(tmp_path / "base"))
+    model = load_model(str(tmp_path / "base"), weights="fp32").model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = attach_lora(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    train(model, lora.parameters(), batches(), TrainConfig(lr=1e-2, max_steps=3))
+    after = model.state_dict()
+    for k, v in before.items():  # an adapted linear's weight is now its LoraLinear's base.weight
+        moved = k if k in after else ".base.".join(k.rsplit(".", 1))
+        assert torch.equal(v, after[moved]), k
+    assert {k.split(".")[-3] for k in lora.peft_state_dict()} == {"q_proj", "down_proj"}
