@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,23 @@ class TrainConfig:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def lm_loss(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of predicting each window's next tokens; ``input_ids`` [B, T] (windows of equal
-    length), ``labels`` [B, T] (default: the inputs; IGNORE where not trained)."""
-    batch, length = input_ids.shape
-    labels = input_ids if labels is None else labels
-    logits = model.logits(input_ids.reshape(-1), AttentionMetadata.uncached([length] * batch))
-    logits = logits.view(batch, length, -1)[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+Sequences = Union[torch.Tensor, Sequence[torch.Tensor]]  # [B, T], or B sequences of their own lengths
+
+
+def lm_loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting each sequence's next tokens; ``input_ids`` [B, T] or a list of
+    1-D sequences, ``labels`` alike (default: the inputs; IGNORE where not trained). The sequences run as one
+    flat batch, each attending causally over itself."""
+    seqs = list(input_ids)
+    labs = seqs if labels is None else list(labels)
+    lengths = [len(s) for s in seqs]
+    logits = model.logits(torch.cat(seqs), AttentionMetadata.uncached(lengths)).float()
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    predicted = torch.cat([logits[a:b - 1] for a, b in zip(starts, starts[1:])])
+    targets = torch.cat([torch.as_tensor(lab)[1:] for lab in labs])
+    return F.cross_entropy(predicted, targets, ignore_index=IGNORE)
 
 
 @dataclass
@@ -77,9 +86,9 @@ class StepLog:
 
 
 def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
-          batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], config: TrainConfig,
+          batches: Iterable[tuple[Sequences, Sequences | None]], config: TrainConfig,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = False) -> list[StepLog]:
-    """Train ``parameters`` of ``model`` on ``batches`` of (input_ids [B, T], labels or None) for
+    """Train ``parameters`` of ``model`` on ``batches`` of (input_ids, labels or None; see ``lm_loss``) for
     ``config.max_steps`` optimizer steps (``grad_accum`` batches each; the loss of a step is their mean).
     Returns the log of every step."""
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
@@ -96,7 +105,7 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
                 loss = lm_loss(model, input_ids, labels) / config.grad_accum
                 loss.backward()
                 total += loss.item()
-                tokens += input_ids.numel()
+                tokens += sum(len(s) for s in input_ids)
             norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm else math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()

@@ -1,0 +1,62 @@
+"""`loom finetune`: train a LoRA adapter on a text or chat file (loom.finetune), saved in PEFT's format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from loom.cli.options import add_source_options, use_threads
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("finetune", help="train a LoRA adapter (PEFT's format) on a text or chat file")
+    add_source_options(p)
+    p.add_argument("--data", required=True, help="a text file (packed into windows) or .jsonl of {\"messages\"}")
+    p.add_argument("--eval-data", default=None, help="a held-out file (default: --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--out", required=True, help="the adapter folder to write")
+    a = p.add_argument_group("LoRA")
+    a.add_argument("--r", type=int, default=8)
+    a.add_argument("--lora-alpha", type=float, default=16.0)
+    a.add_argument("--lora-dropout", type=float, default=0.0)
+    a.add_argument("--target-modules", default="all-linear",
+                   help="all-linear, or projections separated by commas (q_proj,v_proj,...)")
+    a.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loom.default_model import default_model_path
+    from loom.finetune.lora import LoraConfig
+    from loom.finetune.run import FinetuneConfig, finetune
+    from loom.finetune.train import TrainConfig
+
+    use_threads(args)
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    config = FinetuneConfig(
+        model=args.model or default_model_path(), data=args.data, out=args.out, eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        lora=LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                        use_rslora=args.rslora, seed=args.seed),
+        train=TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, max_steps=args.steps,
+                          schedule=args.schedule, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm))
+    s = finetune(config, progress=not args.json)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        before, after = s["eval_perplexity_before"], s["eval_perplexity_after"]
+        held = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""
+        print(f"wrote {s['out']} ({s['trainable_parameters']:,} trainable parameters): {len(s['losses'])} steps, "
+              f"loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}, {s['train_tokens_per_s']:.0f} tokens/s{held}")
+    return 0

@@ -1,0 +1,106 @@
+"""One fine-tuning run, end to end: load the base (dense fp32), attach LoRA, read and split the data,
+measure held-out loss, train, measure again, save the adapter (PEFT's format), the log and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from loom.finetune.data import as_tensors, batches, read_examples, split
+from loom.finetune.lora import LoraConfig, attach_lora
+from loom.finetune.train import TrainConfig, lm_loss, train
+from loom.tokenizer import load_tokenizer
+from loom.weights.loader import load_model
+
+
+@dataclass
+class FinetuneConfig:
+    """A run: the base model, the data, the adapter and the optimizer settings, and where to write."""
+
+    model: str
+    data: str
+    out: str
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seq_len: int = 256
+    batch_size: int = 4
+    eval_fraction: float = 0.1
+    eval_data: str | None = None  # a separate held-out file (else eval_fraction of data)
+    seed: int = 0
+
+
+@torch.no_grad()
+def held_out_loss(model: Any, examples: list, batch_size: int) -> float:
+    """Token-weighted mean loss over ``examples`` (exp of it is the perplexity)."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, labels = as_tensors(examples[i:i + batch_size])
+        n = sum(int((lab[1:] != -100).sum()) for lab in labels)
+        total += float(lm_loss(model, ids, labels)) * n
+        count += n
+    return total / max(1, count)
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
+    """Run it; returns the summary written to ``out/finetune.json``."""
+    loaded = load_model(config.model, weights="fp32")
+    tokenizer = load_tokenizer(config.model, loaded.metadata, loaded.config.eos_token_ids)
+    model = loaded.model
+    examples = read_examples(config.data, tokenizer, config.seq_len)
+    if config.eval_data:
+        train_set, eval_set = examples, read_examples(config.eval_data, tokenizer, config.seq_len)
+    else:
+        train_set, eval_set = split(examples, config.eval_fraction, config.seed)
+    if len(train_set) < config.batch_size:
+        raise ValueError(f"{config.data} holds {len(train_set)} training examples of {config.seq_len} tokens, "
+                         f"fewer than a batch of {config.batch_size}")
+    torch.manual_seed(config.seed)
+    lora = attach_lora(model, config.lora)
+    before = held_out_loss(model, eval_set, config.batch_size) if eval_set else None
+    data = (as_tensors(b) for b in batches(train_set, config.batch_size, config.seed))
+    start = time.perf_counter()
+    logs = train(model, lora.parameters(), data, config.train, progress=progress)
+    seconds = time.perf_counter() - start
+    after = held_out_loss(model, eval_set, config.batch_size) if eval_set else None
+    lora.save(config.out, base_model=config.model)
+    summary = {"model": config.model, "data": config.data, "out": config.out,
+               "train_examples": len(train_set), "eval_examples": len(eval_set),
+               "trainable_parameters": sum(p.numel() for p in lora.parameters()),
+               "train_tokens": sum(log.tokens for log in logs), "train_seconds": seconds,
+               "train_tokens_per_s": sum(log.tokens for log in logs) / seconds,
+               "eval_loss_before": before, "eval_loss_after": after,
+               "eval_perplexity_before": math.exp(before) if before is not None else None,
+               "eval_perplexity_after": math.exp(after) if after is not None else None,
+               "losses": [log.loss for log in logs], "lora": asdict(config.lora), "train": asdict(config.train),
+               "seq_len": config.seq_len, "batch_size": config.batch_size}
+    with open(os.path.join(config.out, "finetune.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    plot_losses(summary, os.path.join(config.out, "loss.png"))
+    return summary
+
+
+def plot_losses(summary: dict[str, Any], path: str) -> None:
+    """The training loss by step, with the held-out loss before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(summary["losses"]) + 1), summary["losses"], label="train loss")
+    if summary["eval_loss_before"] is not None:
+        ax.axhline(summary["eval_loss_before"], color="gray", linestyle="--", label="held-out, before")
+        ax.axhline(summary["eval_loss_after"], color="green", linestyle="--", label="held-out, after")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(f"LoRA r={summary['lora']['r']} on {os.path.basename(summary['data'])}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
