@@ -72,6 +72,9 @@ class Transformer(nn.Module):
         # An orthogonal Q of the residual stream (models/rotation.py): the embedding's output is multiplied by
         # it and the last hidden state by Q^T before the final norm. None: no rotation.
         self.register_buffer("residual_rotation", None, persistent=False)
+        # Frozen from the start (an inference model): training unfreezes what it trains (finetune/), and a
+        # forward that wants no gradient runs the native kernels (layers/fused.use_native)
+        self.requires_grad_(False)
 
     @property
     def output_weight(self) -> torch.Tensor:
