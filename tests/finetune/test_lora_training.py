@@ -113,3 +113,26 @@ def test_only_the_adapter_trains(tmp_path):
         moved = k if k in after else ".base.".join(k.rsplit(".", 1))
         assert torch.equal(v, after[moved]), k
     assert {k.split(".")[-3] for k in lora.peft_state_dict()} == {"q_proj", "down_proj"}
+
+
+def test_qlora_trains_on_an_nf4_base(tmp_path):
+    """QLoRA: the decoder linears in NF4 (forward and backward dequantize), adapters on top: the base's
+    logits are the dequantized model's, the loss falls, and only the adapters change."""
+    from loom.finetune.lora import quantize_base_nf4
+
+    save_tiny_hf(str(tmp_path / "base"))
+    model = load_model(str(tmp_path / "base"), weights="fp32").model
+    dense = load_model(str(tmp_path / "base"), weights="fp32").model
+    nbytes = quantize_base_nf4(model)
+    ids = batches(n=1)[0][0][0]
+    with torch.no_grad():  # the NF4 model is the dense one with its linears' weights rounded to NF4
+        for name, module in model.named_modules():
+            if hasattr(module, "weight_nf4"):
+                dense.get_submodule(name).weight.copy_(module.dequantized_weight())
+        torch.testing.assert_close(model.logits(ids), dense.logits(ids), rtol=1e-5, atol=1e-5)
+    dense_bytes = sum(m.weight.numel() * 4 for n, m in dense.named_modules()
+                      if n.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
+    assert nbytes < dense_bytes / 7  # ~4.1 of 32 bits
+    lora = attach_lora(model, LoraConfig(r=4, lora_alpha=8))
+    logs = train(model, lora.parameters(), batches(), TrainConfig(lr=3e-3, max_steps=12))
+    assert logs[-1].loss < logs[0].loss

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--target-modules", default="all-linear",
                    help="all-linear, or projections separated by commas (q_proj,v_proj,...)")
     a.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    a.add_argument("--qlora", action="store_true", help="QLoRA: the frozen base's decoder linears in NF4")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--lr", type=float, default=2e-4)
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         model=args.model or default_model_path(), data=args.data, out=args.out, eval_data=args.eval_data,
         eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        qlora=args.qlora,
         lora=LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                         use_rslora=args.rslora, seed=args.seed),
         train=TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, max_steps=args.steps,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loom.layers.linear import Linear
+from loom.layers.nf4 import NF4Linear
 from loom.models.transformer import Transformer
 
 # loom's linear in a decoder layer -> (the HF module holding its parts, the HF projections in row order)
@@ -66,7 +67,7 @@ class LoraConfig:
 class LoraLinear(nn.Module):
     """A frozen loom Linear plus one LoRA pair per adapted part (a fused linear's q / k / v rows, say)."""
 
-    def __init__(self, base: Linear, parts: dict[str, int], adapted: tuple[str, ...], config: LoraConfig,
+    def __init__(self, base: Linear | NF4Linear, parts: dict[str, int], adapted: tuple[str, ...], config: LoraConfig,
                  generator: torch.Generator) -> None:
         super().__init__()
         self.base = base
@@ -147,9 +148,28 @@ class LoraModel:
                   metadata={"format": "pt"})
 
 
+def quantize_base_nf4(model: Transformer) -> int:
+    """QLoRA's frozen base (Dettmers et al. 2023): every decoder linear's weight replaced by NF4 (blocks of
+    64, double-quantized scales; ``compress/quantize/nf4.py``), in place; the embedding, the norms and the
+    output layer stay as they are. Returns the bytes the linears' weights take now."""
+    from loom.compress.quantize.nf4 import nf4_linear
+
+    total = 0
+    for i in range(model.config.num_layers):
+        for loom_linear in PARTS:
+            name = f"layers.{i}.{loom_linear}"
+            base = model.get_submodule(name)
+            if type(base) is not Linear:
+                raise ValueError(f"{name} is a {type(base).__name__}: QLoRA quantizes a dense (fp32) model")
+            module = nf4_linear(base.weight.detach(), base.bias)
+            model.replace_module(name, module)
+            total += module.weight_bytes()
+    return total
+
+
 def attach_lora(model: Transformer, config: LoraConfig) -> LoraModel:
     """Freeze ``model`` and give its target projections LoRA pairs (in place); the model must hold dense
-    loom Linears (load it with weights fp32 or bf16)."""
+    loom Linears (load it with weights fp32 or bf16) or NF4 ones (``quantize_base_nf4``, QLoRA)."""
     model.requires_grad_(False)
     splits = model.fused_row_splits()
     gen = torch.Generator().manual_seed(config.seed)
@@ -161,9 +181,9 @@ def attach_lora(model: Transformer, config: LoraConfig) -> LoraModel:
                 continue
             name = f"layers.{i}.{loom_linear}"
             base = model.get_submodule(name)
-            if type(base) is not Linear:  # quantized and packed linears subclass it
-                raise ValueError(f"{name} is a {type(base).__name__}, not a dense Linear: load the model with "
-                                 "weights fp32 or bf16 to train LoRA on it")
+            if type(base) is not Linear and not isinstance(base, NF4Linear):  # quantized ones subclass Linear
+                raise ValueError(f"{name} is a {type(base).__name__}, not a dense Linear or an NF4Linear: load the "
+                                 "model with weights fp32 or bf16 to train LoRA on it")
             rows = splits.get(f"{name}.weight", [base.out_features])
             module = LoraLinear(base, dict(zip(hf_parts, rows)), adapted, config, gen)
             model.replace_module(name, module)

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from loom.finetune.data import as_tensors, batches, read_examples, split
-from loom.finetune.lora import LoraConfig, attach_lora
+from loom.finetune.lora import LoraConfig, attach_lora, quantize_base_nf4
 from loom.finetune.train import TrainConfig, lm_loss, train
 from loom.tokenizer import load_tokenizer
-from loom.weights.loader import load_model
+from loom.weights.loader import load_model, release_freed_memory
 
 
 @dataclass
@@ -33,6 +33,7 @@ class FinetuneConfig:
     eval_fraction: float = 0.1
     eval_data: str | None = None  # a separate held-out file (else eval_fraction of data)
     seed: int = 0
+    qlora: bool = False  # the frozen base's decoder linears in NF4 (QLoRA)
 
 
 @torch.no_grad()
@@ -61,12 +62,18 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"{config.data} holds {len(train_set)} training examples of {config.seq_len} tokens, "
                          f"fewer than a batch of {config.batch_size}")
     torch.manual_seed(config.seed)
+    base_bytes = None
+    if config.qlora:
+        base_bytes = quantize_base_nf4(model)
+        release_freed_memory()  # the fp32 weights just replaced: give their pages back
     lora = attach_lora(model, config.lora)
     before = held_out_loss(model, eval_set, config.batch_size) if eval_set else None
     data = (as_tensors(b) for b in batches(train_set, config.batch_size, config.seed))
+    reset_peak_rss()
     start = time.perf_counter()
     logs = train(model, lora.parameters(), data, config.train, progress=progress)
     seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()  # training's peak: the model, activations, gradients and optimizer state
     after = held_out_loss(model, eval_set, config.batch_size) if eval_set else None
     lora.save(config.out, base_model=config.model)
     summary = {"model": config.model, "data": config.data, "out": config.out,
@@ -78,11 +85,37 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
                "eval_perplexity_before": math.exp(before) if before is not None else None,
                "eval_perplexity_after": math.exp(after) if after is not None else None,
                "losses": [log.loss for log in logs], "lora": asdict(config.lora), "train": asdict(config.train),
-               "seq_len": config.seq_len, "batch_size": config.batch_size}
+               "seq_len": config.seq_len, "batch_size": config.batch_size, "qlora": config.qlora,
+               "nf4_linear_bytes": base_bytes, "train_peak_rss_bytes": peak}
     with open(os.path.join(config.out, "finetune.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     plot_losses(summary, os.path.join(config.out, "loss.png"))
     return summary
+
+
+def reset_peak_rss() -> None:
+    """Start this process's resident-memory high-water mark afresh (Linux: clear_refs 5), so the peak read
+    after training is training's, not loading's; a no-op where the kernel does not offer it."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark (VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def plot_losses(summary: dict[str, Any], path: str) -> None:

@@ -159,6 +159,22 @@ class NF4Tensor:
         return NF4Tensor(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.block_size)
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T with W dequantized from NF4 in the forward and again in the backward: autograd keeps the 4-bit
+    weight, not a dense copy, between them (what makes QLoRA's memory small; Dettmers et al. 2023, sec. 3)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.weight.dequantize().to(grad.dtype), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer with an NF4 weight: y = x dequantize(W)^T + b, the weight dequantized on every
     forward into x's dtype (QLoRA's forward, eq. 5-6, without the adapters: Y = X doubleDequant(c1, c2, W)).
@@ -177,8 +193,8 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_nf4.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = _NF4Matmul.apply(x, self.weight_nf4)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_nf4.dequantize()
