@@ -44,18 +44,22 @@ class LoraConfig:
     target_modules: Any = None
     base_model_name_or_path: str | None = None
 
-    def _pattern_value(self, patterns: dict[str, Any], module: str, default: Any) -> Any:
-        # PEFT matches a pattern key against the end of the module's dotted name
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?{key}$", module):
-                return value
-        return default
+    def rank(self, module: str) -> int:
+        """r for the module at HF path ``module`` (``rank_pattern``, else ``r``)."""
+        return _matching(self.rank_pattern, module, self.r)
 
     def scale(self, module: str) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA, for the module at HF path ``module``."""
-        r = self._pattern_value(self.rank_pattern, module, self.r)
-        alpha = self._pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        r, alpha = self.rank(module), _matching(self.alpha_pattern, module, self.lora_alpha)
         return alpha / (r ** 0.5 if self.use_rslora else r)
+
+
+def _matching(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """The value of the first pattern that matches the end of ``module``'s dotted name (PEFT's rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
 
 
 REFUSED = {"use_dora": "DoRA (a magnitude vector besides B A)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layouts)"}
@@ -164,7 +168,7 @@ def read_lora(folder: str | os.PathLike[str]) -> LoraAdapter:
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise WeightsError(path, f"lora_B {tuple(b.shape)} and lora_A {tuple(a.shape)} do not multiply "
                                      "(B must be out x r, A r x in)", tensor=f"{PREFIX}{module}.lora_A.weight")
-        rank = config._pattern_value(config.rank_pattern, module, config.r)
+        rank = config.rank(module)
         if a.shape[0] != rank:
             raise WeightsError(path, f"rank {a.shape[0]} but the config says r = {rank}",
                                tensor=f"{PREFIX}{module}.lora_A.weight")
