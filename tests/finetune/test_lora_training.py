@@ -136,3 +136,22 @@ def test_qlora_trains_on_an_nf4_base(tmp_path):
     lora = attach_lora(model, LoraConfig(r=4, lora_alpha=8))
     logs = train(model, lora.parameters(), batches(), TrainConfig(lr=3e-3, max_steps=12))
     assert logs[-1].loss < logs[0].loss
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    """The same losses and adapter weights with the layers' activations recomputed in the backward."""
+    save_tiny_hf(str(tmp_path / "base"))
+    results = []
+    for on in (False, True):
+        model = load_model(str(tmp_path / "base"), weights="fp32").model
+        lora = attach_lora(model, LoraConfig(r=4, lora_alpha=8, seed=3))
+        with torch.no_grad():  # B away from zero, so every gradient path is exercised from the start
+            for p in lora.parameters():
+                p.add_(0.01)
+        logs = train(model, lora.parameters(), batches(), TrainConfig(lr=1e-3, max_steps=5,
+                                                                      activation_checkpointing=on))
+        results.append(([log.loss for log in logs], lora.peft_state_dict()))
+        assert not any(type(layer).__name__ == "CheckpointedLayer" for layer in model.layers)  # unwrapped after
+    torch.testing.assert_close(torch.tensor(results[0][0]), torch.tensor(results[1][0]), rtol=1e-6, atol=0)
+    for key, value in results[0][1].items():
+        torch.testing.assert_close(value, results[1][1][key], rtol=1e-6, atol=1e-7)

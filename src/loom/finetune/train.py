@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from loom.layers.attention import AttentionMetadata
@@ -37,6 +38,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (to 0 at max_steps), "linear" or "constant", after the warmup
     grad_accum: int = 1  # batches per optimizer step
     max_grad_norm: Optional[float] = 1.0
+    activation_checkpointing: bool = False  # keep only each layer's input; recompute inside it in backward
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -58,6 +60,29 @@ class TrainConfig:
 
 
 Sequences = Union[torch.Tensor, Sequence[torch.Tensor]]  # [B, T], or B sequences of their own lengths
+
+
+class CheckpointedLayer(torch.nn.Module):
+    """A decoder layer whose activations are recomputed in the backward instead of kept (activation
+    checkpointing, Chen et al. 2016): memory for one layer's input instead of all its intermediates."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: object) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(self.layer, *args, use_reentrant=False)
+        return self.layer(*args)
+
+
+def checkpoint_layers(model: Transformer, on: bool = True) -> None:
+    """Wrap (or unwrap) every decoder layer of ``model`` in a CheckpointedLayer, in place."""
+    for i, layer in enumerate(model.layers):
+        if on and not isinstance(layer, CheckpointedLayer):
+            model.layers[i] = CheckpointedLayer(layer)
+        elif not on and isinstance(layer, CheckpointedLayer):
+            model.layers[i] = layer.layer
 
 
 def lm_loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None) -> torch.Tensor:
@@ -94,6 +119,7 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+    checkpoint_layers(model, config.activation_checkpointing)
     model.train()
     logs: list[StepLog] = []
     it = iter(batches)
@@ -117,5 +143,6 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
                 on_step(log)
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
+    checkpoint_layers(model, False)
     model.eval()
     return logs
