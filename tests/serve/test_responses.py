@@ -12,7 +12,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field
 
-from loom.serve.responses import items_to_messages, store_of
+from loom.serve.responses import items_to_messages
 from tests.serve.conftest import API_KEY, MODEL
 
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")  # the SDK would send traces to OpenAI
@@ -46,7 +46,7 @@ def test_a_function_call_continued_by_id_and_by_items(client, live):
     assert by_id.usage.input_tokens == by_items.usage.input_tokens > first.usage.input_tokens
     # the same conversation (not compared by output: a prefix-cache hit computes the shared prompt's keys in
     # another batch shape, and greedy may break a near-tie the other way)
-    store = store_of(live.app.state.loom)
+    store = live.app.state.loom.responses
     inputs = [store.get(r.id)[1][:-len(r.output)] for r in (by_id, by_items)]  # each without its own output
     assert items_to_messages(inputs[0]) == items_to_messages(inputs[1])
     assert by_id.previous_response_id == first.id

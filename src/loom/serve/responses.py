@@ -11,7 +11,7 @@ the chat path's own. The answer comes back as ``output`` items: a ``message`` wi
 
 Stateless, except for ``previous_response_id``: a response stored (``store``, true by default) keeps its
 whole conversation (input and output items, not its instructions, as OpenAI does) in an in-memory LRU of
-bounded size; a request that names it continues that conversation. ``GET`` / ``DELETE
+bounded size (``response_store.py``, on the ServerState); a request that names it continues that conversation. ``GET`` / ``DELETE
 /v1/responses/{id}`` read and drop stored responses.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -40,7 +39,6 @@ from loom.serve.tool_parser import ToolCallStream, parse
 from loom.serve.tools import new_call_id
 
 Json = dict[str, Any]
-STORE_SIZE = 1024  # stored responses kept for previous_response_id (least recently used dropped first)
 # Sampling extras a Responses body may carry, passed on to the chat request as they are
 EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
           "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids")
@@ -276,47 +274,15 @@ def response_usage(prompt_tokens: int, output_tokens: int) -> Json:
 # The store -----------------------------------------------------------------------------------------
 
 
-class ResponseStore:
-    """Stored responses, least recently used dropped past ``size``: each its object and the conversation
-    items up to and including its output."""
-
-    def __init__(self, size: int = STORE_SIZE) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, tuple[Json, list[Json]]] = OrderedDict()
-
-    def put(self, response: Json, items: list[Json]) -> None:
-        self._entries[response["id"]] = (response, items)
-        self._entries.move_to_end(response["id"])
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def get(self, response_id: str) -> tuple[Json, list[Json]]:
-        if response_id not in self._entries:
-            raise NotFoundError(f"no stored response has the id {response_id!r}")
-        self._entries.move_to_end(response_id)
-        return self._entries[response_id]
-
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        del self._entries[response_id]
-
-
-def store_of(state: ServerState) -> ResponseStore:
-    """The server's response store (made on first use, so ServerState needs to know nothing of it)."""
-    if getattr(state, "responses", None) is None:
-        state.responses = ResponseStore()  # type: ignore[attr-defined]
-    return state.responses  # type: ignore[attr-defined]
-
-
 def history_of(state: ServerState, req: ResponsesRequest) -> list[Json]:
     """The conversation items ``previous_response_id`` continues (none without one)."""
     if req.previous_response_id is None:
         return []
     try:
-        return list(store_of(state).get(req.previous_response_id)[1])
+        return list(state.responses.get(req.previous_response_id)[1])
     except NotFoundError:
         raise InvalidRequestError(f"previous response {req.previous_response_id!r} not found (responses are kept "
-                                  f"in memory, the last {store_of(state).size})", param="previous_response_id") from None
+                                  f"in memory, the last {state.responses.size})", param="previous_response_id") from None
 
 
 def new_items(req: ResponsesRequest) -> list[Json]:
@@ -436,7 +402,7 @@ async def create_response(request: Request, state: ServerState = Depends(server_
     response = shell.object("completed", output_items(out, chat.calls_tools),
                             response_usage(len(output.prompt_token_ids), len(out.token_ids)), out.finish_reason)
     if req.store is not False:
-        store_of(state).put(response, conversation + response["output"])
+        state.responses.put(response, conversation + response["output"])
     return JSONResponse(response)
 
 
@@ -460,7 +426,7 @@ async def stream_events(state: ServerState, shell: ResponseShell, sub: Any, call
     usage = response_usage(len(sub.requests[0].prompt_ids), generated)
     response = shell.object("completed", events.items, usage, finish)
     if shell.req.store is not False:
-        store_of(state).put(response, conversation + response["output"])
+        state.responses.put(response, conversation + response["output"])
     kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
     yield events.event(kind, response=response)
 
@@ -468,11 +434,11 @@ async def stream_events(state: ServerState, shell: ResponseShell, sub: Any, call
 @router.get("/v1/responses/{response_id}", response_model=dict[str, Any], responses=doc.errors(404))
 async def get_response(response_id: str, state: ServerState = Depends(server_state)) -> Json:
     """A stored response."""
-    return store_of(state).get(response_id)[0]
+    return state.responses.get(response_id)[0]
 
 
 @router.delete("/v1/responses/{response_id}", response_model=dict[str, Any], responses=doc.errors(404))
 async def delete_response(response_id: str, state: ServerState = Depends(server_state)) -> Json:
     """Drop a stored response."""
-    store_of(state).delete(response_id)
+    state.responses.delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}

@@ -18,6 +18,7 @@ from loom.serve.async_engine import AsyncEngine
 from loom.serve.body import M, read_json
 from loom.serve.metrics import Metrics
 from loom.serve.protocol import RequestLimits
+from loom.serve.response_store import ResponseStore
 from loom.tokenizer import Tokenizer
 
 MAX_EMBEDDING_INPUTS = 2048  # inputs of one embeddings request (OpenAI's limit), documents of one rerank
@@ -38,6 +39,7 @@ class ServerState:
         self.body_timeout_s = body_timeout_s
         self.limits = limits
         self.metrics = Metrics(engine, model_name)
+        self.responses = ResponseStore()  # for /v1/responses' previous_response_id
         self.async_engine = AsyncEngine(engine, on_finished=self.metrics.request_finished)
         self.created = int(time.time())
         # Embeddings (serve/embeddings.py): a model of their own, else the served decoder's pooled states under
