@@ -101,8 +101,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.set_kernel(name)
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+              inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream's input: the tokens' embeddings (or ``inputs_embeds`` in their place), plus
+        the position table, times the residual rotation."""
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         elif self.config.position == "sinusoidal":
@@ -123,12 +126,17 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: KVCaches | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm for a flat batch of T tokens."""
-        if meta.positions.device != input_ids.device:  # e.g. AttentionMetadata.uncached() for a GPU model
-            meta = meta.to(input_ids.device)
-        h = self.embed(input_ids, meta.positions)
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
+                kv_caches: KVCaches | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for a flat batch of T tokens. ``inputs_embeds``
+        [T, hidden] replaces the lookup of ``input_ids`` (which may then be None): rows that are no token,
+        such as a soft prompt's virtual tokens (finetune/prompt_tuning.py). They are what ``embed_tokens``
+        gives, so the position table and the residual rotation still apply, as HF applies them to its
+        ``inputs_embeds``."""
+        x = input_ids if inputs_embeds is None else inputs_embeds
+        if meta.positions.device != x.device:  # e.g. AttentionMetadata.uncached() for a GPU model
+            meta = meta.to(x.device)
+        h = self.embed(input_ids, meta.positions, inputs_embeds)
         rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
             h = layer(h, meta, None if kv_caches is None else kv_caches[i], rope)
@@ -141,11 +149,11 @@ class Transformer(nn.Module):
             return linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def logits(self, input_ids: torch.Tensor, meta: AttentionMetadata | None = None,
-               kv_caches: KVCaches | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor | None, meta: AttentionMetadata | None = None,
+               kv_caches: KVCaches | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every token (a convenience for evaluation and tests)."""
-        meta = meta or AttentionMetadata.uncached([input_ids.shape[0]])
-        return self.compute_logits(self(input_ids, meta, kv_caches))
+        meta = meta or AttentionMetadata.uncached([(input_ids if inputs_embeds is None else inputs_embeds).shape[0]])
+        return self.compute_logits(self(input_ids, meta, kv_caches, inputs_embeds))
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> Transformer:
         """Random weights (normal(0, std); norms at 1, biases at 0) for tests and experiments."""

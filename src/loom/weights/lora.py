@@ -75,6 +75,11 @@ def read_lora_config(folder: str) -> LoraConfig:
             raw = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(path, f"unreadable adapter config: {e}") from None
+    if isinstance(raw, dict) and raw.get("peft_type") == "PROMPT_TUNING":
+        raise WeightsError(path, "peft_type PROMPT_TUNING is a soft prompt (virtual tokens prepended to every "
+                                 "prompt), not weights to merge: load it with loom.finetune.prompt_tuning."
+                                 "load_prompt_tuning(folder, model) and generate on the module path "
+                                 "(SoftPromptModel.generate_greedy); the engine does not serve soft prompts")
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise WeightsError(path, f"peft_type {raw.get('peft_type') if isinstance(raw, dict) else raw!r} is not "
                                  "LORA (loom merges LoRA adapters)")
@@ -97,7 +102,8 @@ def read_lora_config(folder: str) -> LoraConfig:
                       target_modules=raw.get("target_modules"), base_model_name_or_path=raw.get("base_model_name_or_path"))
 
 
-def _read_tensors(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
+def read_adapter_tensors(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(the weights file's path, its tensors) of a PEFT adapter folder, of any peft_type."""
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -151,7 +157,7 @@ def read_lora(folder: str | os.PathLike[str]) -> LoraAdapter:
     """Read a PEFT LoRA adapter folder and compute each adapted weight's s B A."""
     folder = os.fspath(folder)
     config = read_lora_config(folder)
-    path, tensors = _read_tensors(folder)
+    path, tensors = read_adapter_tensors(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
