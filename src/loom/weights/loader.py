@@ -18,6 +18,7 @@ from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
 from loom.weights.native import gguf_quantized
+from loom.weights.lowrank_checkpoint import load_lowrank_linears, read_lowrank
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
 from loom.weights.hf import SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config
 from loom.weights.lora import read_lora
@@ -132,6 +133,12 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
                 raise ValueError(f"{path} is a quantized checkpoint: merge the LoRA adapter into the dense model "
                                  "before quantizing it")
             sources, filled = load_quantized_linears(model, quant, sources, ckpt, dequantize=not native, device=dev)
+        if read_lowrank(path) is not None:
+            if adapter is not None or weights == "int8":
+                raise ValueError(f"{path} is a low-rank factorized checkpoint: it loads with weights native, fp32 or "
+                                 "bf16, without a LoRA adapter (merge the adapter before factorizing)")
+            sources, factored = load_lowrank_linears(model, sources, ckpt)
+            filled |= factored
         fetch = lambda n: ckpt.tensor(n).float()  # noqa: E731
         if adapter is not None:
             adapter.check_names({n for names in sources.values() for n in names})

@@ -7,6 +7,8 @@
                                  X.scales    fp32 [out, in / group]
                                  X.offsets   fp32 [out, in / group]      (w = q scale + offset)
                                or, for W8A8 (SmoothQuant): X.weight_int8 int8 [out, in], X.weight_scale fp32 [out]
+                               or, for a low-rank factorized projection: X.lowrank_up [out, r], X.lowrank_down [r, in]
+                               with "lowrank" {...} in config.json (weights/lowrank_checkpoint.py)
     DIR/tokenizer.json, tokenizer_config.json
 
 Fused loom layers (q|k|v, gate|up) are split back into their HF parts on saving, so any reader of HF
@@ -23,10 +25,13 @@ import torch
 from safetensors.torch import save_file
 
 from loom.layers.linear import Linear
+from loom.layers.lowrank import FusedLinear
 from loom.layers.quantized import QuantizedLinear, QuantizedTensor, W8A8Linear, pack_int4, unpack_int4
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.hf import hf_config_dict, hf_tensor_sources
+from loom.weights.lowrank_checkpoint import UP as LOWRANK_UP
+from loom.weights.lowrank_checkpoint import lowrank_shape, lowrank_tensors
 
 QUANT_METHOD = "loom"
 
@@ -36,10 +41,11 @@ def _base(hf_name: str) -> str:
 
 
 def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any] | None = None,
-                    tokenizer: Any = None, pruning: dict[str, Any] | None = None) -> None:
-    """Write ``model`` (dense or with quantized linears) as a folder that ``load_model`` reads;
-    ``quantization`` and ``pruning`` are recorded in its config.json (readers of the weights ignore
-    "pruning": a pruned weight is an ordinary tensor with zeros)."""
+                    tokenizer: Any = None, pruning: dict[str, Any] | None = None,
+                    lowrank: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (dense, with quantized linears or with low-rank ones) as a folder that ``load_model``
+    reads; ``quantization``, ``pruning`` and ``lowrank`` are recorded in its config.json (readers of the
+    weights ignore "pruning": a pruned weight is an ordinary tensor with zeros)."""
     os.makedirs(folder, exist_ok=True)
     config = model.config
     sources = hf_tensor_sources(config, None)  # type: ignore[arg-type]
@@ -52,6 +58,10 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
         prefix = name.rpartition(".")[0]
         module = model.get_submodule(prefix) if prefix else model
         rows = splits.get(name, [None])
+        factors = lowrank_tensors(module, parts) if name.endswith(".weight") else None
+        if factors is not None:
+            tensors.update(factors)
+            continue
         if isinstance(module, (QuantizedLinear, W8A8Linear)) and name.endswith(".weight"):
             starts = _row_starts(rows, module.out_features)
             for hf, (a, b) in zip(parts, starts):
@@ -65,7 +75,7 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
                 tensors[base + ".scales"] = qt.scales
                 tensors[base + ".offsets"] = qt.offsets
             continue
-        if name.endswith(".bias") and isinstance(module, (QuantizedLinear, W8A8Linear)):
+        if name.endswith(".bias") and isinstance(module, (QuantizedLinear, W8A8Linear, FusedLinear)):
             tensor = module.bias.detach() if module.bias is not None else None
         else:
             tensor = params[name].detach() if name in params else None
@@ -80,6 +90,8 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quantization}
     if pruning is not None:
         cfg["pruning"] = pruning
+    if lowrank is not None:
+        cfg["lowrank"] = lowrank
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:
@@ -113,11 +125,14 @@ def read_quantization(folder: str) -> dict[str, Any] | None:
 
 
 def stored_shape(ckpt: Any, name: str) -> tuple[int | None, ...]:
-    """The shape ``name`` has in a checkpoint that may hold it quantized: a dense tensor's own, else its
-    int8 weight's (X.weight_int8, [out, in]), else the rows of its codes (X.qweight, whose columns are packed)."""
+    """The shape ``name`` has in a checkpoint that may hold it quantized or factorized: a dense tensor's own,
+    else its int8 weight's (X.weight_int8, [out, in]), else the rows of its codes (X.qweight, whose columns are
+    packed), else (out, in) of its low-rank factors (checked against each other)."""
     base = _base(name)
     if name in ckpt or not name.endswith(".weight"):
         return ckpt.shape(name)
+    if base + LOWRANK_UP in ckpt:
+        return lowrank_shape(ckpt, base)
     if base + ".weight_int8" in ckpt:
         return ckpt.shape(base + ".weight_int8")
     if base + ".qweight" in ckpt:
