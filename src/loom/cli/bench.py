@@ -1,6 +1,6 @@
 """`loom bench ...`: measure loom against its peers (batch-1 latency, batched throughput, HTTP serving,
-load time) and measure the lab's methods (KV eviction, bounded-memory streaming, quantization, pruning);
-each prints a table, or its JSON with --json. The measurements live in loom.bench."""
+load time) and measure the lab's methods (KV eviction, bounded-memory streaming, quantization, pruning,
+low-rank factorization); each prints a table, or its JSON with --json. The measurements live in loom.bench."""
 
 from __future__ import annotations
 
@@ -387,6 +387,32 @@ def _pruning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lowrank_options(p: argparse.ArgumentParser) -> None:
+    _compression_options(p, "write perplexity vs the fraction of parameters kept to this PNG")
+    p.add_argument("--keeps", default="0.9,0.75,0.5", help="fractions of each projection's parameters kept")
+    p.add_argument("--methods", default="svd,asvd", help="comma-separated: svd, asvd")
+    p.add_argument("--alpha", type=float, default=0.5, help="ASVD's exponent")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true")
+
+
+def _lowrank(args: argparse.Namespace) -> int:
+    from loom.bench.lowrank import plot_lowrank, run_lowrank_bench
+
+    use_threads(args)
+    result = run_lowrank_bench(args.model, corpus=args.corpus, window=args.window, max_tokens=args.max_tokens,
+                               calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                               keeps=[float(k) for k in args.keeps.split(",") if k],
+                               methods=[m for m in args.methods.split(",") if m], alpha=args.alpha, only=args.only,
+                               progress=not args.json, merge=_merged(args))
+    if not _emit(args, result, plot_lowrank):
+        for r in result["results"]:
+            ranks = f"ranks {r['rank_min']}..{r['rank_max']}" if r["rank_min"] is not None else "dense"
+            print(f"{r['name']:<16} ppl {r['perplexity']:10.3f} ({100 * r['perplexity_vs_fp32']:+8.1f}%)  "
+                  f"{100 * r['decoder_linear_params_kept']:5.1f}% of decoder-linear parameters, {ranks}")
+    return 0
+
+
 BENCHES = {
     "latency": Subcommand("batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit",
                           _latency_options, _latency),
@@ -403,6 +429,8 @@ BENCHES = {
                                _quantization_options, _quantization),
     "pruning": Subcommand("perplexity of magnitude, Wanda and SparseGPT at 50% and N:M sparsity",
                           _pruning_options, _pruning),
+    "lowrank": Subcommand("perplexity vs parameters kept of low-rank factorization (SVD, ASVD)",
+                          _lowrank_options, _lowrank),
 }
 
 
