@@ -3,8 +3,9 @@
 Each command is a module of this package with ``register(subparsers)``, which adds its parser, and
 ``run(args)``, which runs it: generate, chat and serve run a model; embed embeds texts and rag
 retrieves from an index of them; info describes a model; bench and eval measure, analyze calculates
-(each with subcommands); quantize, prune and compress write compressed checkpoints, finetune trains a LoRA adapter and merge merges one. The option groups several commands share, and the one mapping from options to the LLM,
-are in ``loom.cli.options``.
+(each with subcommands); quantize, prune and compress write compressed checkpoints, finetune trains a LoRA adapter,
+distill trains a compressed student against its teacher and merge merges an adapter. The option groups
+several commands share, and the one mapping from options to the LLM, are in ``loom.cli.options``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from loom.cli import (analyze, bench, chat, compress, embed, finetune, generate, info, merge, prune,
+from loom.cli import (analyze, bench, chat, compress, distill, embed, finetune, generate, info, merge, prune,
                       quantize, rag, serve)
 from loom.cli import eval as eval_command
 from loom.errors import EngineUnavailableError, NotFoundError, QueueFullError
@@ -23,7 +24,7 @@ from loom.errors import EngineUnavailableError, NotFoundError, QueueFullError
 COMMANDS: dict[str, ModuleType] = {"generate": generate, "chat": chat, "serve": serve, "embed": embed, "rag": rag,
                                    "info": info, "bench": bench, "eval": eval_command, "analyze": analyze,
                                    "quantize": quantize, "prune": prune, "compress": compress, "finetune": finetune,
-                                   "merge": merge}
+                                   "distill": distill, "merge": merge}
 
 
 def build_parser() -> argparse.ArgumentParser:

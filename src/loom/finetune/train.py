@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+import os
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ class TrainConfig:
     grad_accum: int = 1  # batches per optimizer step
     max_grad_norm: Optional[float] = 1.0
     activation_checkpointing: bool = False  # keep only each layer's input; recompute inside it in backward
+    bf16: bool = False  # forward and backward under CPU autocast to bf16 (AMX); weights and optimizer in fp32
+    save_every: int = 0  # write a resumable checkpoint every this many optimizer steps (0: never)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -110,25 +113,77 @@ class StepLog:
     tokens: int
 
 
+LossFn = Callable[[Transformer, Sequences, Optional[Sequences]], torch.Tensor]
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_training_state(folder: str, step: int, parameters: Sequence[torch.nn.Parameter],
+                        optimizer: torch.optim.Optimizer, schedule: Any, logs: list[StepLog]) -> str:
+    """Everything a run needs to go on from optimizer step ``step`` exactly as if never stopped: the trainable
+    parameters, AdamW's moments, the schedule, the RNG, the log. Written atomically (a crash mid-write
+    leaves the previous checkpoint)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CHECKPOINT)
+    state = {"step": step, "parameters": [p.detach().clone() for p in parameters],
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "rng": torch.get_rng_state(), "logs": [vars(log) for log in logs]}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_training_state(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, CHECKPOINT) if os.path.isdir(folder) else folder
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no training checkpoint at {path}")
+    return torch.load(path, weights_only=False)
+
+
 def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
           batches: Iterable[tuple[Sequences, Sequences | None]], config: TrainConfig,
-          on_step: Callable[[StepLog], None] | None = None, progress: bool = False) -> list[StepLog]:
+          on_step: Callable[[StepLog], None] | None = None, progress: bool = False,
+          loss_fn: LossFn = lm_loss, after_step: Callable[[], None] | None = None,
+          checkpoint_dir: str | None = None, resume: str | None = None) -> list[StepLog]:
     """Train ``parameters`` of ``model`` on ``batches`` of (input_ids, labels or None; see ``lm_loss``) for
     ``config.max_steps`` optimizer steps (``grad_accum`` batches each; the loss of a step is their mean).
-    Returns the log of every step."""
+    ``loss_fn`` is the objective (default the causal-LM cross-entropy; distillation passes its own);
+    ``after_step`` runs after each optimizer step (e.g. to keep a pruned weight's zeros). With
+    ``config.save_every`` a checkpoint goes to ``checkpoint_dir`` every that many steps; ``resume`` (a
+    checkpoint folder or file) restores one and skips the batches it had consumed, so a resumed run's
+    losses and weights equal an uninterrupted one's. Returns the log of every step."""
+    parameters = list(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+    logs: list[StepLog] = []
+    it: Iterator = iter(batches)
+    first = 0
+    if resume is not None:
+        state = load_training_state(resume)
+        if len(state["parameters"]) != len(parameters) or any(
+                a.shape != b.shape for a, b in zip(state["parameters"], parameters)):
+            raise ValueError(f"{resume}: its trainable parameters do not match this run's (another adapter "
+                             "or model?)")
+        with torch.no_grad():
+            for p, saved in zip(parameters, state["parameters"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        logs = [StepLog(**log) for log in state["logs"]]
+        first = state["step"]
+        for _ in range(first * config.grad_accum):  # the batches already trained on
+            next(it)
     checkpoint_layers(model, config.activation_checkpointing)
     model.train()
-    logs: list[StepLog] = []
-    it = iter(batches)
-    with tqdm(total=config.max_steps, disable=not progress, desc="train") as bar:
-        for step in range(config.max_steps):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+    with tqdm(total=config.max_steps, initial=first, disable=not progress, desc="train") as bar:
+        for step in range(first, config.max_steps):
             total, tokens = 0.0, 0
             for _ in range(config.grad_accum):
                 input_ids, labels = next(it)
-                loss = lm_loss(model, input_ids, labels) / config.grad_accum
+                with autocast:
+                    loss = loss_fn(model, input_ids, labels) / config.grad_accum
                 loss.backward()
                 total += loss.item()
                 tokens += sum(len(s) for s in input_ids)
@@ -137,12 +192,17 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
             log = StepLog(step, total, lr, float(norm), tokens)
             logs.append(log)
             if on_step is not None:
                 on_step(log)
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
+            if config.save_every and checkpoint_dir and (step + 1) % config.save_every == 0 \
+                    and step + 1 < config.max_steps:
+                save_training_state(checkpoint_dir, step + 1, parameters, optimizer, schedule, logs)
     checkpoint_layers(model, False)
     model.eval()
     return logs
