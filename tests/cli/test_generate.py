@@ -109,3 +109,21 @@ def test_finetune_trains_an_adapter_that_generate_takes(capsys, smollm_path, tmp
     code, out, err = run(capsys, "generate", "To be, or not", "--max-tokens", "4", "--temperature", "0",
                          "--lora", str(tmp_path / "adapter"), "--model", smollm_path)
     assert code == 0 and out.strip(), err
+
+
+def test_finetune_a_soft_prompt(capsys, smollm_path, tmp_path):
+    """`loom finetune --method prompt-tuning`: a soft prompt trains (loss and held-out perplexity fall) and
+    is written in PEFT's prompt-tuning format."""
+    text = tmp_path / "train.txt"
+    text.write_text("To be, or not to be, that is the question. " * 60)
+    code, out, err = run(capsys, "finetune", "--data", str(text), "--out", str(tmp_path / "soft"), "--steps", "4",
+                         "--seq-len", "32", "--batch-size", "2", "--method", "prompt-tuning",
+                         "--num-virtual-tokens", "4", "--prompt-init", "text", "--prompt-init-text", "Hamlet says",
+                         "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["method"] == "prompt-tuning" and summary["trainable_parameters"] == 4 * 576
+    assert summary["losses"][-1] < summary["losses"][0]
+    assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
+    config = json.loads((tmp_path / "soft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4

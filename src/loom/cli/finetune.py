@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from loom.cli.options import add_source_options, use_threads
+
+if TYPE_CHECKING:
+    from loom.finetune.train import TrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", default=None, help="a held-out file (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--out", required=True, help="the adapter folder to write")
+    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning"],
+                   help="LoRA adapters, or a soft prompt of --num-virtual-tokens trainable embeddings")
     a = p.add_argument_group("LoRA")
     a.add_argument("--r", type=int, default=8)
     a.add_argument("--lora-alpha", type=float, default=16.0)
@@ -23,9 +29,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="all-linear, or projections separated by commas (q_proj,v_proj,...)")
     a.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
     a.add_argument("--qlora", action="store_true", help="QLoRA: the frozen base's decoder linears in NF4")
+    g = p.add_argument_group("prompt tuning")
+    g.add_argument("--num-virtual-tokens", type=int, default=20)
+    g.add_argument("--prompt-init", default="random", choices=["random", "text", "sample_vocab"],
+                   help="PEFT's initializations: N(0, 1), a text's embeddings, or embeddings of random tokens")
+    g.add_argument("--prompt-init-text", default=None, help="the text of --prompt-init text")
+    add_training_options(p)
+    p.add_argument("--json", action="store_true")
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer, schedule, batches and checkpoints (shared by finetune and distill)."""
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 2e-4; 3e-2 for a soft prompt, as PEFT's prompt-tuning example)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=0, help="warmup steps")
     t.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
@@ -35,27 +53,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
+    t.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast (AMX); "
+                                                       "weights and optimizer state stay fp32")
+    t.add_argument("--save-every", type=int, default=0,
+                   help="write a resumable checkpoint (OUT/checkpoint) every N optimizer steps")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="go on from a checkpoint an earlier run wrote (same settings and data)")
     t.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+
+
+def train_config_from_args(args: argparse.Namespace, default_lr: float = 2e-4) -> "TrainConfig":
+    from loom.finetune.train import TrainConfig
+
+    return TrainConfig(lr=args.lr if args.lr is not None else default_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, max_steps=args.steps,
+                       schedule=args.schedule, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+                       activation_checkpointing=args.activation_checkpointing, bf16=args.bf16,
+                       save_every=args.save_every)
 
 
 def run(args: argparse.Namespace) -> int:
     from loom.default_model import default_model_path
     from loom.finetune.lora import LoraConfig
+    from loom.finetune.prompt_tuning import PromptTuningConfig
     from loom.finetune.run import FinetuneConfig, finetune
-    from loom.finetune.train import TrainConfig
-
     use_threads(args)
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     config = FinetuneConfig(
         model=args.model or default_model_path(), data=args.data, out=args.out, eval_data=args.eval_data,
         eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-        qlora=args.qlora,
+        qlora=args.qlora, resume=args.resume, method=args.method,
+        prompt_tuning=PromptTuningConfig(args.num_virtual_tokens, args.prompt_init, args.prompt_init_text,
+                                         seed=args.seed),
         lora=LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                         use_rslora=args.rslora, seed=args.seed),
-        train=TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, max_steps=args.steps,
-                          schedule=args.schedule, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-                          activation_checkpointing=args.activation_checkpointing))
+        train=train_config_from_args(args, 3e-2 if args.method == "prompt-tuning" else 2e-4))
     s = finetune(config, progress=not args.json)
     if args.json:
         print(json.dumps(s, indent=2))
