@@ -41,8 +41,9 @@ their input statistics (q, k and v see the same x). Data-driven runs walk the la
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -201,6 +202,18 @@ def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return m.clamp_min(1e-6 * top).pow(alpha)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run LAPACK's SVD on one thread: on the project's 2-core machine, shared with other work, a [1536, 576]
+    SVD took 10.4 s on 2 threads (OpenMP workers waiting on each other) and 0.13 s on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def svd_factors(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(down [r, in], up [out, r]) of the rank-``rank`` truncated SVD of ``weight`` (fp64 inside, returned
@@ -208,7 +221,8 @@ def svd_factors(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = No
     a = weight.detach().double()
     if scale is not None:
         a = a * scale.double()[None, :]
-    u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+    with _one_thread():
+        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
     root = sigma[:rank].sqrt()
     up = u[:, :rank] * root[None, :]
     down = root[:, None] * vh[:rank]
