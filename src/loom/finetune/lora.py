@@ -131,6 +131,36 @@ class LoraModel:
                 out[f"{key}.lora_B.weight"] = module.lora_B[part].detach().contiguous()
         return out
 
+    def load_peft_weights(self, folder: str | os.PathLike[str]) -> None:
+        """Set every A and B from a PEFT adapter folder of the same shape (to go on training a PEFT-made
+        adapter, or to start from PEFT's exact initialization); names the file and tensor on a mismatch."""
+        from loom.weights.errors import WeightsError
+        from loom.weights.lora import read_adapter_tensors
+
+        path, tensors = read_adapter_tensors(os.fspath(folder))
+        tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+        ours = self.peft_state_dict()
+        missing = sorted(set(ours) - set(tensors))
+        if missing:
+            raise WeightsError(path, f"no tensor {missing[0]} (and {len(missing) - 1} more): the adapter does not "
+                                     "target this run's projections")
+        with torch.no_grad():
+            for key, value in ours.items():
+                if tensors[key].shape != value.shape:
+                    raise WeightsError(path, f"{key} is {tuple(tensors[key].shape)}, this run's is "
+                                             f"{tuple(value.shape)} (another rank or model?)")
+                module, part = self._module_of(key)
+                (module.lora_A if ".lora_A." in key else module.lora_B)[part].copy_(tensors[key])
+
+    def _module_of(self, key: str) -> tuple[LoraLinear, str]:
+        """The LoraLinear and part a PEFT key names."""
+        parts = key.split(".")
+        layer, hf_module, part = parts[4], parts[5], parts[6]
+        for loom_linear, (module_name, hf_parts) in PARTS.items():
+            if module_name == hf_module and part in hf_parts:
+                return self.modules[f"layers.{layer}.{loom_linear}"], part
+        raise KeyError(key)
+
     def save(self, folder: str | os.PathLike[str], base_model: str | None = None) -> None:
         """PEFT's adapter folder: adapter_config.json + adapter_model.safetensors."""
         from safetensors.torch import save_file
