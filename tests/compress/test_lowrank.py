@@ -136,6 +136,16 @@ def test_save_and_load_round_trip_bit_for_bit(tiny, samples, tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def test_a_factorized_checkpoint_loads_in_bf16(tiny, tmp_path):
+    model = copy.deepcopy(tiny)
+    factorize(model, LowRankConfig(0.5, targets=("q_proj", "o_proj", "down_proj")))  # dense parts in a fused one
+    save_checkpoint(model, str(tmp_path), lowrank={"method": "svd"})
+    bf16 = load_model(str(tmp_path), weights="bf16").model
+    assert bf16.layers[0].attn.o_proj.down.dtype == torch.bfloat16
+    want = model.logits(IDS)
+    assert (bf16.logits(IDS).float() - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_some_targets_only_keep_the_others_dense(tiny, tmp_path):
     model = copy.deepcopy(tiny)
     want_k = model.layers[0].attn.qkv_proj.weight.detach()[model.config.q_size:].clone()
