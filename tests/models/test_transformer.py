@@ -165,12 +165,14 @@ def test_cached_decoding_equals_full_forward(name):
 def test_flat_batch_equals_each_sequence_alone(name):
     model = make(name)
     g = torch.Generator().manual_seed(4)
-    seqs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in (5, 1, 8)]
-    meta = AttentionMetadata.uncached([len(s) for s in seqs])
-    with torch.no_grad():
-        batched = model.logits(torch.cat(seqs), meta)
-        alone = torch.cat([model.logits(s) for s in seqs])
-    assert (batched - alone).abs().max() < 1e-5
+    for lengths in ((5, 1, 8), (6, 6, 6)):  # the second: equal lengths, one [B, H, T, D] attention call
+        seqs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in lengths]
+        meta = AttentionMetadata.uncached([len(s) for s in seqs])
+        assert (meta.equal_uncached_length is not None) == (lengths == (6, 6, 6))
+        with torch.no_grad():
+            batched = model.logits(torch.cat(seqs), meta)
+            alone = torch.cat([model.logits(s) for s in seqs])
+        assert (batched - alone).abs().max() < 1e-5
 
 
 def test_gpt2_matches_transformers():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.finetune.train import IGNORE, Sequences
+from loom.finetune.train import Sequences, predicted_rows
 from loom.layers.attention import AttentionMetadata
 from loom.models.transformer import Transformer
 
@@ -42,20 +42,6 @@ class DistillConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-def _predicted_rows(lengths: list[int], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flat batch's rows that predict a trained label, and those labels (each sequence's rows 0..n-2
-    predict its tokens 1..n-1)."""
-    rows, targets = [], []
-    start = 0
-    for n, lab in zip(lengths, labels):
-        lab = torch.as_tensor(lab)[1:]
-        keep = (lab != IGNORE).nonzero().squeeze(1)
-        rows.append(start + keep)
-        targets.append(lab[keep])
-        start += n
-    return torch.cat(rows), torch.cat(targets)
-
-
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)), in fp32."""
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -72,10 +58,11 @@ def distill_loss_fn(teacher: Transformer, config: DistillConfig) -> Callable[...
         labs = [torch.as_tensor(s) for s in (seqs if labels is None else labels)]
         lengths = [len(s) for s in seqs]
         flat = torch.cat(seqs)
-        rows, targets = _predicted_rows(lengths, labs)
+        rows, targets = predicted_rows(lengths, labs)
+        meta = AttentionMetadata.uncached(lengths)
         with torch.no_grad():
-            teacher_logits = teacher.logits(flat, AttentionMetadata.uncached(lengths))[rows]
-        student_logits = student.logits(flat, AttentionMetadata.uncached(lengths))[rows].float()
+            teacher_logits = teacher.compute_logits(teacher(flat, meta)[rows])
+        student_logits = student.compute_logits(student(flat, meta)[rows]).float()
         total = student_logits.new_zeros(())
         if config.alpha > 0:
             total = total + config.alpha * kd_divergence(student_logits, teacher_logits, config.temperature)

@@ -88,20 +88,31 @@ def checkpoint_layers(model: Transformer, on: bool = True) -> None:
             model.layers[i] = layer.layer
 
 
+def predicted_rows(lengths: Sequence[int], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a flat batch of sequences (``lengths``) that predict a trained label, and those labels:
+    each sequence's rows 0..n-2 predict its tokens 1..n-1; IGNORE labels are left out."""
+    rows, targets = [], []
+    start = 0
+    for n, lab in zip(lengths, labels):
+        nxt = torch.as_tensor(lab)[1:]
+        keep = (nxt != IGNORE).nonzero().squeeze(1)
+        rows.append(start + keep)
+        targets.append(nxt[keep])
+        start += n
+    return torch.cat(rows), torch.cat(targets)
+
+
 def lm_loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None) -> torch.Tensor:
     """Mean cross-entropy of predicting each sequence's next tokens; ``input_ids`` [B, T] or a list of
     1-D sequences, ``labels`` alike (default: the inputs; IGNORE where not trained). The sequences run as one
-    flat batch, each attending causally over itself."""
+    flat batch, each attending causally over itself; the output layer runs on the predicting rows only
+    (its [rows, vocab] logits are the largest activation of a small model's step)."""
     seqs = list(input_ids)
     labs = seqs if labels is None else list(labels)
     lengths = [len(s) for s in seqs]
-    logits = model.logits(torch.cat(seqs), AttentionMetadata.uncached(lengths)).float()
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
-    predicted = torch.cat([logits[a:b - 1] for a, b in zip(starts, starts[1:])])
-    targets = torch.cat([torch.as_tensor(lab)[1:] for lab in labs])
-    return F.cross_entropy(predicted, targets, ignore_index=IGNORE)
+    hidden = model(torch.cat(seqs), AttentionMetadata.uncached(lengths))
+    rows, targets = predicted_rows(lengths, labs)
+    return F.cross_entropy(model.compute_logits(hidden[rows]).float(), targets)
 
 
 @dataclass

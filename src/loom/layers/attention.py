@@ -13,10 +13,11 @@ from functools import cached_property
 from typing import Callable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, write_kv
+from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, sdpa_attention, write_kv
 from loom.layers.kv_quant import Int8LayerKV
 from loom.layers.linear import Linear
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
@@ -100,6 +101,17 @@ class AttentionMetadata:
         lens = torch.tensor([self.context_lens[i] for i in idx], dtype=torch.long, device=dev)
         return idx, rows, tables, lens
 
+    @cached_property
+    def equal_uncached_length(self) -> int | None:
+        """T when the batch is B uncached sequences of T tokens each, all queries (a training batch, a
+        perplexity window batch): then attention runs as one [B, H, T, D] call instead of B calls."""
+        if self.cached or self.evicting or self.num_seqs < 2:
+            return None
+        n = self.context_lens[0]
+        if any(c != n for c in self.context_lens) or self.query_start[-1] != n * self.num_seqs:
+            return None
+        return n
+
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """The same metadata with its tensors on ``device`` (the Python lists stay as they are)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -164,6 +176,12 @@ class Attention(nn.Module):
             k = qkv[:, hq:hq + hkv]
         if meta.num_seqs == 1:
             return self.o_proj(self._attend_one(0, q, k, v, meta, cache).reshape(t, self.q_size))
+        n = meta.equal_uncached_length
+        if n is not None and self.alibi is None and self.window is None and self.kernel is sdpa_attention:
+            b = meta.num_seqs
+            q4, k4, v4 = (z.reshape(b, n, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=self.scale, enable_gqa=hq != hkv)
+            return self.o_proj(o.transpose(1, 2).reshape(t, self.q_size))
         out = torch.empty(t, hq, self.head_dim, dtype=x.dtype, device=x.device)
         batched: list[int] = []
         decodes = meta.decode_batch if (cache is not None and self.alibi is None) else None
