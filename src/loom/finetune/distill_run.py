@@ -136,8 +136,9 @@ def run_distill(config: DistillRunConfig, progress: bool = True) -> dict[str, An
     else:
         from loom.weights.quantized_checkpoint import save_checkpoint
 
-        pruning = student_cfg.get("pruning")
-        save_checkpoint(model, config.out, None, tokenizer, pruning=pruning)
+        # what the student is (its zeros, its factors) is recorded again, so the folder loads as it did
+        save_checkpoint(model, config.out, None, tokenizer, pruning=student_cfg.get("pruning"),
+                        lowrank=student_cfg.get("lowrank"))
     summary = {"teacher": config.teacher, "student": config.student, "data": config.data, "out": config.out,
                "training": "lora" if adapter is not None else "full",
                "trainable_parameters": sum(p.numel() for p in parameters),
