@@ -160,3 +160,33 @@ def run_distill(config: DistillRunConfig, progress: bool = True) -> dict[str, An
     with open(os.path.join(config.out, "distill.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def plot_recovery(runs: list[tuple[str, dict[str, Any]]], path: str) -> None:
+    """Each student (label, its distill.json) before and after distillation, with its teacher as a line
+    (perplexity on the evaluation corpus, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "corpus_perplexity" if runs[0][1].get("eval_corpus") else "eval_perplexity"
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    xs = range(len(runs))
+    before = [s["before"][key] for _, s in runs]
+    after = [s["after"][key] for _, s in runs]
+    b1 = ax.bar([x - 0.2 for x in xs], before, 0.4, label="student before", color="#c44e52")
+    b2 = ax.bar([x + 0.2 for x in xs], after, 0.4, label="after distillation", color="#55a868")
+    ax.bar_label(b1, fmt="%.1f", fontsize=7)
+    ax.bar_label(b2, fmt="%.1f", fontsize=7)
+    teacher = runs[0][1]["teacher_scores"][key]
+    ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher ({teacher:.2f})")
+    ax.set_xticks(list(xs), [label for label, _ in runs], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"perplexity ({runs[0][1].get('eval_corpus') or 'held-out'})")
+    ax.set_title("Distillation from the dense model: what each compressed student gets back")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
