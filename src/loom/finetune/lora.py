@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
@@ -175,7 +175,7 @@ class LoraModel:
                "target_modules": sorted(self.config.targets), "use_rslora": self.config.use_rslora,
                "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
                "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-               "base_model_name_or_path": base_model, "inference_mode": True, "loom": asdict(self.config)}
+               "base_model_name_or_path": base_model, "inference_mode": True}
         with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         save_file(self.peft_state_dict(), os.path.join(folder, "adapter_model.safetensors"),
