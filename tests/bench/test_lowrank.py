@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from loom.bench.lowrank import plot_lowrank, run_lowrank_bench, settings
 
 TEXT = "The history of the printing press begins in East Asia, long before Gutenberg. " * 40
 
 
 def test_bench_rows_and_plot(tmp_path, tiny_folder):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: two OpenMP threads on a shared CPU only wait on each other
+    try:
+        _bench_rows_and_plot(tmp_path, tiny_folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_rows_and_plot(tmp_path, tiny_folder):
     corpus, calib = tmp_path / "eval.txt", tmp_path / "calib.txt"
     corpus.write_text(TEXT)
     calib.write_text(TEXT[::-1])

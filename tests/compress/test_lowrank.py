@@ -31,6 +31,15 @@ def tiny(request, tmp_path_factory):
     return load_model(folder).model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LAPACK's SVD on one thread, as factorize runs it (two busy OpenMP threads make small SVDs 10-80x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def samples() -> torch.Tensor:
     return torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
