@@ -69,6 +69,28 @@ def split(examples: list[Example], eval_fraction: float, seed: int = 0) -> tuple
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
+def train_and_held_out(data: str, tokenizer: Tokenizer, length: int, batch_size: int, eval_data: str | None = None,
+                       eval_fraction: float = 0.1, seed: int = 0, skip_tokens: int = 0
+                       ) -> tuple[list[Example], list[Example]]:
+    """A run's (training, held-out) examples: ``data`` in windows (a text's first ``skip_tokens`` tokens
+    left out), held out either ``eval_data`` or ``eval_fraction`` of them; at least a batch to train on."""
+    import math
+
+    examples = read_examples(data, tokenizer, length)
+    if skip_tokens:
+        if data.endswith(".jsonl"):
+            raise ValueError("skip_tokens applies to a text, not to chat examples")
+        examples = examples[math.ceil(skip_tokens / length):]
+    if eval_data:
+        train_set, eval_set = examples, read_examples(eval_data, tokenizer, length)
+    else:
+        train_set, eval_set = split(examples, eval_fraction, seed)
+    if len(train_set) < batch_size:
+        raise ValueError(f"{data} holds {len(train_set)} training examples of {length} tokens, "
+                         f"fewer than a batch of {batch_size}")
+    return train_set, eval_set
+
+
 def batches(examples: list[Example], batch_size: int, seed: int = 0) -> Iterator[list[Example]]:
     """Batches of ``batch_size`` examples, reshuffled every epoch, forever."""
     rng = random.Random(seed)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from loom.finetune.data import as_tensors, batches, read_examples, split
+from loom.finetune.data import as_tensors, batches, train_and_held_out
 from loom.finetune.distill import DistillConfig, SparsityMask, decoder_parameters, distill_loss_fn
 from loom.finetune.lora import LoraConfig, attach_lora
 from loom.finetune.run import held_out_loss, peak_rss_bytes, reset_peak_rss
@@ -87,18 +87,8 @@ def run_distill(config: DistillRunConfig, progress: bool = True) -> dict[str, An
     model = student.model
     from loom.eval.corpora import corpus_path
 
-    examples = read_examples(corpus_path(config.data), tokenizer, config.seq_len)
-    if config.skip_tokens:
-        if config.data.endswith(".jsonl"):
-            raise ValueError("skip_tokens applies to a text, not to chat examples")
-        examples = examples[math.ceil(config.skip_tokens / config.seq_len):]
-    if config.eval_data:
-        train_set, eval_set = examples, read_examples(config.eval_data, tokenizer, config.seq_len)
-    else:
-        train_set, eval_set = split(examples, config.eval_fraction, config.seed)
-    if len(train_set) < config.batch_size:
-        raise ValueError(f"{config.data} holds {len(train_set)} training examples of {config.seq_len} tokens, "
-                         f"fewer than a batch of {config.batch_size}")
+    train_set, eval_set = train_and_held_out(corpus_path(config.data), tokenizer, config.seq_len, config.batch_size,
+                                             config.eval_data, config.eval_fraction, config.seed, config.skip_tokens)
     torch.manual_seed(config.seed)
 
     def measure(m: Any) -> dict[str, Optional[float]]:

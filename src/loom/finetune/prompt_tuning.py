@@ -34,7 +34,7 @@ from loom.finetune.train import IGNORE
 from loom.layers.attention import AttentionMetadata
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
-from loom.weights.lora import CONFIG_FILE, read_adapter_tensors
+from loom.weights.lora import CONFIG_FILE, read_adapter_config, read_adapter_tensors
 
 if TYPE_CHECKING:
     from loom.tokenizer import Tokenizer
@@ -228,14 +228,7 @@ def read_prompt_tuning(folder: str | os.PathLike[str], hidden_size: int | None =
     """A PEFT prompt-tuning folder's config and ``prompt_embeddings`` [N, token_dim] (fp32); WeightsError
     naming the file and tensor for what does not fit (``hidden_size``: the base model's)."""
     folder = os.fspath(folder)
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise WeightsError(folder, f"no {CONFIG_FILE}: not a PEFT adapter folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(path, f"unreadable adapter config: {e}") from None
+    path, raw = read_adapter_config(folder)
     if not isinstance(raw, dict) or raw.get("peft_type") != "PROMPT_TUNING":
         found = raw.get("peft_type") if isinstance(raw, dict) else raw
         raise WeightsError(path, f"peft_type {found!r} is not PROMPT_TUNING"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loom.finetune.data import as_tensors, batches, read_examples, split
+from loom.finetune.data import as_tensors, batches, train_and_held_out
 from loom.finetune.lora import LoraConfig, attach_lora, quantize_base_nf4
 from loom.finetune.prompt_tuning import PromptTuningConfig, attach_prompt_tuning
 from loom.finetune.train import LossFn, TrainConfig, lm_loss, train
@@ -64,14 +64,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     loaded = load_model(config.model, weights="fp32")
     tokenizer = load_tokenizer(config.model, loaded.metadata, loaded.config.eos_token_ids)
     model = loaded.model
-    examples = read_examples(config.data, tokenizer, config.seq_len)
-    if config.eval_data:
-        train_set, eval_set = examples, read_examples(config.eval_data, tokenizer, config.seq_len)
-    else:
-        train_set, eval_set = split(examples, config.eval_fraction, config.seed)
-    if len(train_set) < config.batch_size:
-        raise ValueError(f"{config.data} holds {len(train_set)} training examples of {config.seq_len} tokens, "
-                         f"fewer than a batch of {config.batch_size}")
+    train_set, eval_set = train_and_held_out(config.data, tokenizer, config.seq_len, config.batch_size,
+                                             config.eval_data, config.eval_fraction, config.seed)
     torch.manual_seed(config.seed)
     base_bytes = None
     if config.qlora:

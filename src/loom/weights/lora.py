@@ -65,16 +65,21 @@ def _matching(patterns: dict[str, Any], module: str, default: Any) -> Any:
 REFUSED = {"use_dora": "DoRA (a magnitude vector besides B A)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layouts)"}
 
 
-def read_lora_config(folder: str) -> LoraConfig:
-    """The adapter's LoraConfig; WeightsError naming the file for what loom does not merge."""
+def read_adapter_config(folder: str) -> tuple[str, Any]:
+    """(the path of a PEFT folder's adapter_config.json, its parsed JSON); WeightsError if absent or unreadable."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise WeightsError(folder, f"no {CONFIG_FILE}: not a PEFT adapter folder")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            return path, json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(path, f"unreadable adapter config: {e}") from None
+
+
+def read_lora_config(folder: str) -> LoraConfig:
+    """The adapter's LoraConfig; WeightsError naming the file for what loom does not merge."""
+    path, raw = read_adapter_config(folder)
     if isinstance(raw, dict) and raw.get("peft_type") == "PROMPT_TUNING":
         raise WeightsError(path, "peft_type PROMPT_TUNING is a soft prompt (virtual tokens prepended to every "
                                  "prompt), not weights to merge: load it with loom.finetune.prompt_tuning."
