@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from loom.finetune.distill_run import plot_recovery
 
@@ -23,15 +24,17 @@ def main() -> None:
         with open(path) as f:
             runs.append((label, json.load(f)))
     key = "corpus_perplexity" if runs[0][1].get("eval_corpus") else "eval_perplexity"
-    print("| student | training | steps | tokens/s | perplexity before | after | teacher | gap closed | "
-          "held-out (other text) before -> after |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| student | training (parameters) | steps | tokens/s | perplexity before | after | teacher | gap closed "
+          "(perplexity) | gap closed (loss, nats) | held-out windows before -> after (teacher) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, s in runs:
-        other = (f"{s['before']['eval_perplexity']:.2f} -> {s['after']['eval_perplexity']:.2f} "
-                 f"(teacher {s['teacher_scores']['eval_perplexity']:.2f})") if key == "corpus_perplexity" else ""
+        before, after, teacher = s["before"][key], s["after"][key], s["teacher_scores"][key]
+        nats = (math.log(before) - math.log(after)) / (math.log(before) - math.log(teacher))
+        held = (f"{s['before']['eval_perplexity']:.2f} -> {s['after']['eval_perplexity']:.2f} "
+                f"({s['teacher_scores']['eval_perplexity']:.2f})") if key == "corpus_perplexity" else ""
         print(f"| {label} | {s['training']} ({s['trainable_parameters']:,}) | {len(s['losses'])} | "
-              f"{s['train_tokens_per_s']:.0f} | {s['before'][key]:.2f} | **{s['after'][key]:.2f}** | "
-              f"{s['teacher_scores'][key]:.2f} | {100 * s['gap_recovered']:.0f}% | {other} |")
+              f"{s['train_tokens_per_s']:.0f} | {before:,.2f} | **{after:,.2f}** | {teacher:.2f} | "
+              f"{100 * s['gap_recovered']:.0f}% | {100 * nats:.0f}% | {held} |")
     if args.plot:
         plot_recovery(runs, args.plot)
 

@@ -130,6 +130,7 @@ def run_distill(config: DistillRunConfig, progress: bool = True) -> dict[str, An
         save_checkpoint(model, config.out, None, tokenizer, pruning=student_cfg.get("pruning"),
                         lowrank=student_cfg.get("lowrank"))
     summary = {"teacher": config.teacher, "student": config.student, "data": config.data, "out": config.out,
+               "eval_data": config.eval_data, "skip_tokens": config.skip_tokens,
                "training": "lora" if adapter is not None else "full",
                "trainable_parameters": sum(p.numel() for p in parameters),
                "kept_zeros": mask.zeros if mask is not None else None,
@@ -161,14 +162,14 @@ def plot_recovery(runs: list[tuple[str, dict[str, Any]]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     key = "corpus_perplexity" if runs[0][1].get("eval_corpus") else "eval_perplexity"
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(runs)), 4.2))
     xs = range(len(runs))
     before = [s["before"][key] for _, s in runs]
     after = [s["after"][key] for _, s in runs]
     b1 = ax.bar([x - 0.2 for x in xs], before, 0.4, label="student before", color="#c44e52")
     b2 = ax.bar([x + 0.2 for x in xs], after, 0.4, label="after distillation", color="#55a868")
-    ax.bar_label(b1, fmt="%.1f", fontsize=7)
-    ax.bar_label(b2, fmt="%.1f", fontsize=7)
+    ax.bar_label(b1, fmt="%.4g", fontsize=7)
+    ax.bar_label(b2, fmt="%.4g", fontsize=7)
     teacher = runs[0][1]["teacher_scores"][key]
     ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher ({teacher:.2f})")
     ax.set_xticks(list(xs), [label for label, _ in runs], fontsize=8)
