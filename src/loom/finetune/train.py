@@ -11,8 +11,9 @@ gradient is wanted (``layers/fused.use_native``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import os
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -190,7 +191,7 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
     with tqdm(total=config.max_steps, initial=first, disable=not progress, desc="train") as bar:
         for step in range(first, config.max_steps):
-            total, tokens = 0.0, 0
+            total, tokens, started = 0.0, 0, time.perf_counter()
             for _ in range(config.grad_accum):
                 input_ids, labels = next(it)
                 with autocast:
@@ -209,7 +210,7 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
             logs.append(log)
             if on_step is not None:
                 on_step(log)
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{total:.4f}", tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
             bar.update(1)
             if config.save_every and checkpoint_dir and (step + 1) % config.save_every == 0 \
                     and step + 1 < config.max_steps:
