@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from loom.bench.quantization import SETTINGS, _hf_perplexity, plot_quantization
 from loom.eval.perplexity import perplexity
 
@@ -27,3 +29,17 @@ def test_settings_cover_the_issue_and_the_plot_renders(tmp_path):
     path = str(tmp_path / "q.png")
     plot_quantization(result, path)
     assert os.path.getsize(path) > 10_000
+
+
+def test_merged_rows_keep_earlier_results_in_setting_order():
+    """--merge: a row run again replaces the earlier one, the rest are kept, all in the settings' order, each
+    with its perplexity relative to the dense row's."""
+    from loom.bench.quantization import merged_rows
+
+    earlier = {"results": [{"name": "dense", "method": "fp32", "perplexity": 20.0},
+                           {"name": "a", "method": "rtn", "perplexity": 30.0},
+                           {"name": "b", "method": "gptq", "perplexity": 25.0}]}
+    rows = merged_rows([{"name": "a", "method": "rtn", "perplexity": 22.0}, {"name": "peer", "method": "hf"}],
+                       earlier, ["dense", "a", "b"])
+    assert [r["name"] for r in rows] == ["dense", "a", "b", "peer"]
+    assert [r.get("perplexity_vs_fp32") for r in rows] == [0.0, pytest.approx(0.1), pytest.approx(0.25), None]

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loom.bench.quantization import CompressionInputs
+from loom.bench.quantization import CompressionInputs, merged_rows
 from loom.compress.lowrank import LowRankConfig, decoder_linear_fraction, factorize
 from loom.eval.perplexity import perplexity
 from loom.llm import LLM
@@ -94,14 +94,7 @@ def run_lowrank_bench(model: str | None = None, *, corpus: str = "britannica", w
             print(json.dumps(row), flush=True)
         if llm is not base:
             del llm
-    if merge is not None:
-        done = {r["name"] for r in rows}
-        names = [s.name for s in order]
-        rows = sorted([r for r in merge["results"] if r["name"] not in done] + rows,
-                      key=lambda r: names.index(r["name"]) if r["name"] in names else len(names))
-    dense = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
-    for r in rows:
-        r["perplexity_vs_fp32"] = None if dense is None else r["perplexity"] / dense - 1
+    rows = merged_rows(rows, merge, [s.name for s in order])
     return {"model": inputs.path, "corpus": inputs.eval_path, "window": window,
             "tokens_scored": rows[0]["tokens_scored"] if rows else 0,
             "calibration": {"text": inputs.calib_path, "samples": samples, "seq_len": seq_len}, "alpha": alpha,

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loom.bench.quantization import CompressionInputs
+from loom.bench.quantization import CompressionInputs, merged_rows
 from loom.compress.prune.masks import NMPattern, Target, describe
 from loom.compress.prune.methods import PruneRecipe, linear_sparsity, prune
 from loom.compress.quantize.rtn import QuantConfig
@@ -95,14 +95,7 @@ def run_pruning_bench(model: str | None = None, *, corpus: str = "britannica", w
             print(json.dumps(rows[-1]), flush=True)
         if llm is not base:
             del llm
-    if merge is not None:
-        done = {r["name"] for r in rows}
-        order = [s.name for s in SETTINGS]
-        rows = sorted([r for r in merge["results"] if r["name"] not in done] + rows,
-                      key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
-    for r in rows:
-        r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
+    rows = merged_rows(rows, merge, [s.name for s in SETTINGS])
     return {"model": path, "corpus": eval_path, "window": window, "tokens_scored": rows[0]["tokens_scored"],
             "calibration": {"text": calib_path, "samples": samples, "seq_len": seq_len},
             "threads": torch.get_num_threads(), "results": rows}

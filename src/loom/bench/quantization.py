@@ -97,6 +97,20 @@ PEER_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def merged_rows(rows: list[dict[str, Any]], merge: dict[str, Any] | None, order: Sequence[str]) -> list[dict[str, Any]]:
+    """``rows`` of this run plus those of an earlier result (``merge``) it did not run again, in ``order``
+    of setting names; each row with a perplexity gets ``perplexity_vs_fp32`` against the dense row's."""
+    if merge is not None:
+        done = {r["name"] for r in rows}
+        rows = sorted([r for r in merge["results"] if r["name"] not in done] + rows,
+                      key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
+    for r in rows:
+        if "perplexity" in r:
+            r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
+    return rows
+
+
 def _peer_model(name: str, folder: str) -> torch.nn.Module:
     """The HF fp32 model quantized by a peer library; the output head stays dense, as in loom's rows."""
     from transformers import AutoModelForCausalLM
@@ -245,15 +259,7 @@ def run_quantization_bench(model: str | None = None, *, corpus: str = "britannic
     if peers and not decode_only:
         rows += _peer_rows(peers, path, eval_ids, window, max_tokens, benchmark_prompt_ids(tokenizer, prompt_len),
                            gen_len, progress)
-    if merge is not None:
-        done = {r["name"] for r in rows}
-        order = [s.name for s in SETTINGS]
-        rows = sorted([r for r in merge["results"] if r["name"] not in done] + rows,
-                      key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
-    for r in rows:
-        if "perplexity" in r:
-            r["perplexity_vs_fp32"] = None if fp32 is None else r["perplexity"] / fp32 - 1
+    rows = merged_rows(rows, merge, [s.name for s in SETTINGS])
     scored = merge["tokens_scored"] if merge is not None else rows[0].get("tokens_scored")
     return {"model": path, "corpus": eval_path, "window": window, "tokens_scored": scored,
             "calibration": {"text": calib_path, "samples": samples, "seq_len": seq_len},
