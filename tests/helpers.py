@@ -170,3 +170,19 @@ def tiny_llama_gguf(folder) -> str:
     path = str(folder / "tiny.gguf")
     write_llama_gguf(path, hf, "F32", tokenizer_meta=byte_level_vocab_meta())
     return path
+
+
+def peft_adapter(base, folder, seed: int = 0, **options):
+    """A PEFT LoRA adapter on ``base`` with random A and B (PEFT starts B at zero: no change to test), saved
+    with PEFT's own save_pretrained; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | options))
+    model = get_peft_model(base, config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(folder))
+    return model

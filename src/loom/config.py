@@ -468,6 +468,39 @@ class SpeculativeConfig:
             raise ValueError("window must be positive and sink_tokens non-negative")
 
 
+@dataclass(frozen=True)
+class LoraServingConfig:
+    """Serving LoRA adapters per request (engine/adapters.py), unmerged: the base GEMM once per batch plus
+    each row's adapter product (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023).
+
+    max_loras:     adapter slots: the most distinct adapters one step computes (vLLM's ``--max-loras``)
+    max_lora_rank: the slots' rank; an adapter of higher rank is refused, lower ranks are zero-padded
+    max_cpu_loras: adapters whose weights stay in host memory, least recently used dropped first and read
+                   again from their folder when needed (None: as many as ``max_loras``)
+    modules:       (name, PEFT folder) pairs registered at start (``loom serve --lora-modules name=DIR``)
+    """
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    modules: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be positive, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+        names = [name for name, _ in self.modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be distinct, got {names}")
+
+    @property
+    def host_capacity(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
 DECODE_STEPS = ("auto", "native", "scripted", "cuda_graph", "module")  # see engine/step/__init__.py
 WEIGHTS = ("native", "fp32", "bf16", "int8")
 
@@ -493,6 +526,7 @@ class EngineConfig:
     kv_policy:        bounded KV memory for every request that sets none of its own, or None
     lora:             a PEFT LoRA adapter folder merged into the weights at load (dense weights: without
                       ``weights`` or ``dtype`` it loads fp32 on the CPU, bf16 on CUDA)
+    lora_serving:     adapters chosen per request, unmerged (any weights, quantized included), or None
     """
 
     model: str | None = None
@@ -508,6 +542,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     kv_policy: KVPolicyConfig | None = None
     lora: str | None = None
+    lora_serving: LoraServingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.weights not in WEIGHTS:
@@ -523,6 +558,11 @@ class EngineConfig:
             raise TypeError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
             raise TypeError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+        if self.lora_serving is not None and not isinstance(self.lora_serving, LoraServingConfig):
+            raise TypeError(f"lora_serving must be a LoraServingConfig, got {type(self.lora_serving).__name__}")
+        if self.lora_serving is not None and self.speculative is not None:
+            raise ValueError("speculative decoding and per-request LoRA adapters cannot be combined yet (the "
+                             "draft would have to run each row's adapter too)")
 
     @classmethod
     def of(cls, config: EngineConfig | None = None, **options: Any) -> EngineConfig:

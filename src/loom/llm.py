@@ -124,9 +124,9 @@ class LLM:
 
     # Driving the engine -------------------------------------------------------------------------
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> Request:
+    def _add(self, prompt: Prompt, params: SamplingParams, lora: str | None = None) -> Request:
         rid = str(next(self._ids))
-        self.generation_engine().add_request(rid, prompt, params)
+        self.generation_engine().add_request(rid, prompt, params, lora=lora)
         self._buffers[rid] = deque()
         return self.engine.requests[rid]
 
@@ -159,9 +159,10 @@ class LLM:
     # Generation ---------------------------------------------------------------------------------
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               timings: Timings | None = None) -> Iterator[StreamDelta]:
-        """Yield text deltas as tokens are generated; each completion's last delta carries its finish reason."""
-        request = self._add(prompt, params or SamplingParams())
+               timings: Timings | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
+        """Yield text deltas as tokens are generated; each completion's last delta carries its finish reason.
+        ``lora``: a loaded adapter's name (``add_lora``), None for the base model."""
+        request = self._add(prompt, params or SamplingParams(), lora)
         generated = 0
         for d in self._deltas(request):
             generated += len(d.token_ids)
@@ -171,22 +172,27 @@ class LLM:
             yield d
 
     def chat_stream(self, messages: Messages, params: SamplingParams | None = None,
-                    timings: Timings | None = None) -> Iterator[StreamDelta]:
-        return self.stream(self.encode_chat(messages), params, timings)
+                    timings: Timings | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
+        return self.stream(self.encode_chat(messages), params, timings, lora)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids) together; results come back in input order."""
+                 use_tqdm: bool = False, lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids) together; results come back in input order. ``lora``:
+        the adapter every prompt runs under, or one name (None: the base model) per prompt; the prompts of
+        different adapters share each step's batch."""
         self.generation_engine()
         prompts = _normalize_prompts(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} adapter names for {len(prompts)} prompts")
         collectors: list[RequestCollector] = []
         try:
-            for prompt, p in zip(prompts, plist):
-                collectors.append(RequestCollector(self._add(prompt, p)))
+            for prompt, p, name in zip(prompts, plist, loras):
+                collectors.append(RequestCollector(self._add(prompt, p, name)))
             by_id = {c.request.request_id: c for c in collectors}
             with tqdm(total=len(collectors), disable=not use_tqdm, desc="generate") as bar:
                 while not all(c.done for c in collectors):
@@ -207,11 +213,21 @@ class LLM:
         return [c.result() for c in collectors]
 
     def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and complete them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.encode_chat(c, add_generation_prompt) for c in conversations]
-        return self.generate(ids, params or SamplingParams())
+        return self.generate(ids, params or SamplingParams(), lora=lora)
+
+    # Adapters -----------------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter folder for requests to name (needs ``lora_serving``)."""
+        self.generation_engine().add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; requests in flight under it finish."""
+        self.generation_engine().remove_lora(name)
 
     # Embeddings ---------------------------------------------------------------------------------
 

@@ -13,25 +13,9 @@ from safetensors.torch import load_file, save_file
 from loom.weights.errors import WeightsError
 from loom.weights.loader import load_model
 from loom.weights.lora import read_lora
-from tests.helpers import save_tiny_hf, tiny_llama_gguf
+from tests.helpers import peft_adapter, save_tiny_hf, tiny_llama_gguf
 
 IDS = [3, 17, 42, 7, 99, 5, 64, 12]
-
-
-def peft_adapter(base, folder, seed: int = 0, **options):
-    """A PEFT LoRA adapter on ``base`` with random A and B (PEFT starts B at zero: no change to test), saved
-    with PEFT's own save_pretrained; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | options))
-    model = get_peft_model(base, config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.save_pretrained(str(folder))
-    return model
 
 
 def peft_logits(model, ids=IDS) -> torch.Tensor:

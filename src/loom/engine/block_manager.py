@@ -11,7 +11,8 @@ prefix cache (PagedAttention, Kwon et al. 2309.06180; vLLM's automatic prefix ca
   budget + one step's tokens' blocks (``policy.capacity`` for a prompt chunk), never shares them and
   never names them.
 - Prefix cache: a full block is named by hash(parent block's hash, its tokens), so equal names mean
-  equal token prefixes. When nothing references a named block it stays cached ("evictable") and is
+  equal token prefixes; a sequence under a LoRA adapter starts the chain from its adapter's load identity
+  (``Sequence.prefix_salt``), since its K/V differ from the base model's. When nothing references a named block it stays cached ("evictable") and is
   reused on a hit; new allocations take never-named free blocks first, then evict cached ones least
   recently released first.
 """
@@ -152,7 +153,7 @@ class BlockManager:
     # Prefix cache -----------------------------------------------------------------------------
 
     @staticmethod
-    def _chain(parent: int | None, tokens: tuple[int, ...]) -> int:
+    def _chain(parent: int | tuple[str, int] | None, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -163,7 +164,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.eviction is not None:
             return 0
         bs = self.block_size
-        parent: int | None = None
+        parent: int | tuple[str, int] | None = seq.prefix_salt
         for i in range((seq.num_tokens - 1) // bs):  # never the block holding the last token
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             name = self._chain(parent, tokens)
@@ -190,7 +191,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed // bs:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.prefix_salt
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             name = self._chain(parent, tokens)
             seq.block_hashes.append(name)

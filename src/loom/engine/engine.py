@@ -21,6 +21,7 @@ from typing import Sequence as Seq
 import torch
 
 from loom.config import CacheConfig, EngineConfig, KVPolicyConfig, SchedulerConfig
+from loom.engine.adapters import Adapter, AdapterError, AdapterPool
 from loom.engine.block_manager import BlockManager
 from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
@@ -84,7 +85,9 @@ class LLMEngine:
             config = replace(config, scheduler=replace(config.scheduler, max_num_batched_tokens=max(
                 config.scheduler.max_num_batched_tokens, self.max_model_len)))
         self.config = config
-        self.runner = ModelRunner(model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs)
+        self.adapters = None if config.lora_serving is None else AdapterPool(model, config.lora_serving)
+        self.runner = ModelRunner(model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs,
+                                  adapters=self.adapters)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.speculator = None if config.speculative is None else Speculator(
             config.speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, config.decode_step)
@@ -92,7 +95,7 @@ class LLMEngine:
         draft_tokens = None if self.speculator is None else (
             lambda seq: 0 if seq.params.structured_output is not None
             else self.speculator.num_draft_tokens(seq, self.max_model_len))  # type: ignore[union-attr]
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, draft_tokens)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, draft_tokens, self.adapters)
         kv_policy = config.kv_policy
         self.kv_policy = kv_policy if kv_policy is not None and kv_policy.bounded else None
         if self.kv_policy is not None:
@@ -106,6 +109,7 @@ class LLMEngine:
         self.prompt_tokens_cached = 0
         self.generation_tokens = 0
         self.steps = 0
+        self.lora_requests: dict[str, int] = {}  # adapter name -> requests received for it
 
     @property
     def cache_config(self) -> CacheConfig:
@@ -163,12 +167,15 @@ class LLMEngine:
         self._next_seq_id += 1
         return seq
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> int:
-        """Queue a request (text, or token ids). Returns its prompt length; raises ValueError on a bad
-        request (and QueueFullError when the waiting queue is at its limit), changing nothing."""
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    lora: str | None = None) -> int:
+        """Queue a request (text, or token ids), under the LoRA adapter named ``lora`` (None: the base
+        model). Returns its prompt length; raises ValueError on a bad request (and QueueFullError when the
+        waiting queue is at its limit), changing nothing."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        adapter = None if lora is None else self.adapter(lora)
         limit = self.scheduler_config.max_waiting
         if limit is not None and len(self.scheduler.waiting) >= limit:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (limit {limit})")
@@ -193,6 +200,9 @@ class LLMEngine:
         for seq in seqs:
             seq.max_tokens = max_tokens
             seq.eviction = None if policy is None else EvictionState(policy)
+            seq.adapter = adapter
+        if adapter is not None:
+            self.lora_requests[adapter.name] = self.lora_requests.get(adapter.name, 0) + 1
         request = Request(request_id, prompt if isinstance(prompt, str) else None, list(ids), params, seqs)
         request.metrics.arrival = now
         if params.prompt_logprobs is not None:
@@ -201,6 +211,30 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         return len(ids)
+
+    # Adapters -------------------------------------------------------------------------------------
+
+    def adapter(self, name: str) -> Adapter:
+        """The loaded adapter called ``name``; AdapterError (a bad request) if there is none."""
+        if self.adapters is None:
+            raise AdapterError(f"this engine serves no LoRA adapters (asked for {name!r}): start it with "
+                               "lora_serving (loom serve --lora-modules name=DIR)", param="model")
+        return self.adapters.get(name)
+
+    def add_lora(self, name: str, path: str) -> Adapter:
+        """Load the PEFT adapter folder ``path`` as ``name`` for later requests (AdapterError if it cannot be)."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters: start it with lora_serving")
+        return self.adapters.add(name, path)
+
+    def remove_lora(self, name: str) -> Adapter:
+        """Unload ``name``: requests already queued or running under it finish; new ones are refused."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters")
+        return self.adapters.remove(name)
+
+    def list_loras(self) -> list[Adapter]:
+        return [] if self.adapters is None else list(self.adapters.registered.values())
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now; its blocks are freed and its streams end with finish_reason "abort"."""

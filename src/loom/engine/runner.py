@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loom.engine.adapters import AdapterPool
 from loom.engine.kv_cache import KVCache
 from loom.engine.scheduler import ScheduledSeq
 from loom.engine.sequence import Sequence
@@ -38,11 +39,13 @@ def mkl_pack_rows(max_batch: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache, decode_step: str = "auto", max_batch: int = 0) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, decode_step: str = "auto", max_batch: int = 0,
+                 adapters: AdapterPool | None = None) -> None:
         """``decode_step``: "auto" (the fastest steps that take the model), or one step's name (see
         engine/step/__init__.py). ``max_batch``: the engine's max_num_seqs; with LOOM_PACK_WEIGHTS=mkl the
         scripted step also holds dense fp32 weights MKL-packed for batches of that many rows (a second copy
-        of every weight: 1.3-1.4x faster fp32 GEMMs at 64 rows; off by default, one copy)."""
+        of every weight: 1.3-1.4x faster fp32 GEMMs at 64 rows; off by default, one copy). ``adapters``: the
+        LoRA slots rows of a batch compute under (each sequence's ``lora_slot``)."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -50,7 +53,9 @@ class ModelRunner:
         fp = not kv_cache.quantized  # the compiled steps read fp caches; an int8 cache decodes through the modules
         self.steps: list[DecodeStep] = build_decode_steps(model, kv_cache.k if fp else None,
                                                           kv_cache.v if fp else None, kv_cache.layers(),
-                                                          decode_step, pack_rows=mkl_pack_rows(max_batch))
+                                                          decode_step, pack_rows=mkl_pack_rows(max_batch),
+                                                          lora=None if adapters is None else adapters.layers,
+                                                          lora_hooks=None if adapters is None else adapters.hooks)
         self.module: ModuleStep = self.steps[-1]  # type: ignore[assignment]
         self._preferred = self.steps
         self.last_decode_step: str | None = None  # the step that ran the last decode batch
@@ -84,6 +89,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         starts, context_lens, sample_rows, sample_seqs, verify_rows = [0], [], [], [], []
+        lora_slots: list[int] = []
         evicting = {}
         for i, item in enumerate(scheduled):
             seq, n, c = item.seq, item.num_tokens, item.seq.num_computed
@@ -99,25 +105,28 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             starts.append(starts[-1] + n)
             context_lens.append(c + n)
+            lora_slots += [-1 if seq.lora_slot is None else seq.lora_slot] * n
             if c + n == len(source):
                 if seq.draft_tokens:
                     verify_rows.append((seq, starts[-2], n))
                 else:
                     sample_rows.append(starts[-1] - 1)
                     sample_seqs.append(seq)
+        adapted = any(s >= 0 for s in lora_slots)
         if not evicting and all(item.num_tokens == 1 or item.seq.draft_tokens for item in scheduled):
             # Decodes and verifications only: one row per token, each attending over the context up to
             # itself through its sequence's block table (all rows' K/V are written before any row
             # attends), so a decode step also verifies drafts, reading the weights once.
             tables = [item.seq.block_table for item in scheduled for _ in range(item.num_tokens)]
-            logits = self.decode(DecodeBatch.of(ids, positions, slots, tables, [p + 1 for p in positions]))
+            logits = self.decode(DecodeBatch.of(ids, positions, slots, tables, [p + 1 for p in positions],
+                                                lora_slots if adapted else None))
             verify = [(seq, logits[s:s + n]) for seq, s, n in verify_rows]
             if len(sample_rows) < len(ids):  # drafts, or a one-token prefill chunk that does not end its prompt
                 logits = logits[sample_rows]
             return RunnerOutput(sample_seqs, logits, verify=verify)
         meta = AttentionMetadata(torch.tensor(positions, dtype=torch.long), starts, context_lens, torch.tensor(slots),
                                  pad_tables([item.seq.block_table for item in scheduled]), evicting)
-        hidden = self.module.forward(torch.tensor(ids), meta)
+        hidden = self.module.forward(torch.tensor(ids), meta, torch.tensor(lora_slots) if adapted else None)
         for state in evicting.values():
             state.end_step()
         logits = self.module.logits(hidden[sample_rows])

@@ -8,6 +8,8 @@ Every step the scheduler decides afresh which sequences compute how many tokens:
    recomputed later), repeatedly, down to the sequence itself.
 2. Then waiting sequences in order of arrival (preempted ones first, since they arrived earlier),
    while the token budget, ``max_num_seqs`` and the free blocks allow; none if this step preempted.
+   A sequence whose LoRA adapter finds no slot (all ``max_loras`` pinned by running sequences under
+   other adapters) stays first in line while later ones are admitted.
 
 Nothing is lost in a preemption: the sequence keeps its tokens and recomputes their K/V (with the
 prefix cache often finding most of them still cached).
@@ -23,11 +25,14 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from loom.config import SchedulerConfig
 from loom.engine.block_manager import BlockManager
 from loom.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from loom.engine.adapters import AdapterPool
 
 
 @dataclass
@@ -72,8 +77,11 @@ def _order(seq: Sequence) -> tuple[float, int]:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 draft_tokens: Callable[[Sequence], int] | None = None) -> None:
+                 draft_tokens: Callable[[Sequence], int] | None = None, adapters: AdapterPool | None = None) -> None:
+        """``adapters``: the LoRA slots (engine/adapters.py); a running sequence pins its adapter's slot, and a
+        waiting one whose adapter finds no free slot lets later ones (other adapters, the base model) go first."""
         self.config = config
+        self.adapters = adapters
         self.blocks = block_manager
         self.draft_tokens = draft_tokens  # speculative decoding: drafts a decoding sequence may verify
         self.waiting: deque[Sequence] = deque()  # kept in arrival order
@@ -91,7 +99,10 @@ class Scheduler:
             self.waiting.insert(bisect.bisect(keys, _order(seq)), seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """A forked sequence joins right behind its parent (same arrival)."""
+        """A sequence starts running (an admitted one, or a fork, which joins right behind its parent: same
+        arrival); it pins its adapter's slot."""
+        if seq.adapter is not None:
+            seq.lora_slot = self.adapters.acquire(seq.adapter)  # type: ignore[union-attr]
         seq.status = SequenceStatus.RUNNING
         keys = [_order(s) for s in self.running]
         self.running.insert(bisect.bisect(keys, _order(seq)), seq)
@@ -103,11 +114,18 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        self._unpin(seq)
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            self.adapters.release(seq.adapter)  # type: ignore[union-attr, arg-type]
+            seq.lora_slot = None
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.blocks.free(seq)
         seq.num_computed = 0
         self.running.remove(seq)
+        self._unpin(seq)
         self.add(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
@@ -152,8 +170,12 @@ class Scheduler:
             budget -= n
         if out.preempted:
             return out
+        held: list[Sequence] = []  # waiting for an adapter slot: later sequences may go first
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter):  # type: ignore[union-attr]
+                held.append(self.waiting.popleft())
+                continue
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt logit
                 self.blocks.match_prefix(seq)
             n = _tokens_to_compute(seq)
@@ -169,4 +191,5 @@ class Scheduler:
             out.copies += self.blocks.allocate(seq, n)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         return out

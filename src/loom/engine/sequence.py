@@ -15,6 +15,7 @@ from loom.outputs import PositionLogprobs
 from loom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from loom.engine.adapters import Adapter
     from loom.engine.kv_policy import EvictingKV
     from loom.engine.speculative.rejection import Draft
 
@@ -66,6 +67,15 @@ class Sequence:
     eviction: EvictionState | None = None
     # Constrained decoding: the llguidance matcher of a request with a structured output (engine/structured.py).
     grammar: object | None = None
+    # Per-request LoRA (engine/adapters.py): the adapter, and its slot while the sequence runs (None otherwise).
+    adapter: Adapter | None = None
+    lora_slot: int | None = None
+
+    @property
+    def prefix_salt(self) -> tuple[str, int] | None:
+        """What the prefix cache's first block name starts from: K/V computed under an adapter (one load
+        of it) is found only by sequences under that same load."""
+        return None if self.adapter is None else ("lora", self.adapter.uid)
 
     @property
     def num_tokens(self) -> int:

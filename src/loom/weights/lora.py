@@ -158,20 +158,39 @@ class LoraAdapter:
         return fetch_merged
 
 
-def read_lora(folder: str | os.PathLike[str]) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder and compute each adapted weight's s B A."""
+@dataclass
+class LoraPairs:
+    """An adapter read from a PEFT folder, unmerged: ``pairs`` maps an HF module path (``model.layers.0.
+    self_attn.q_proj``) to (A [r, in], s B [out, r]) in fp32, the scale folded into B."""
+
+    path: str
+    config: LoraConfig
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.pairs.values())
+
+    def merged(self) -> LoraAdapter:
+        """The adapter as weight deltas s B A (what ``--lora`` merges)."""
+        return LoraAdapter(self.path, self.config, {f"{m}.weight": b @ a for m, (a, b) in self.pairs.items()})
+
+
+def read_lora_pairs(folder: str | os.PathLike[str]) -> LoraPairs:
+    """Read a PEFT LoRA adapter folder: each adapted module's A and scaled B (WeightsError naming the file
+    and tensor for anything that is not a well-formed LoRA adapter)."""
     folder = os.fspath(folder)
     config = read_lora_config(folder)
     path, tensors = read_adapter_tensors(folder)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise WeightsError(path, "not a LoRA A / B weight in PEFT's naming "
                                      "(base_model.model.<module>.lora_A.weight)", tensor=key)
-        pairs.setdefault(m["module"], {})[m["which"]] = value
-    deltas = {}
-    for module, ab in sorted(pairs.items()):
+        found.setdefault(m["module"], {})[m["which"]] = value
+    pairs = {}
+    for module, ab in sorted(found.items()):
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise WeightsError(path, f"lora_{missing} is missing", tensor=f"{PREFIX}{module}.lora_{missing}.weight")
@@ -183,7 +202,12 @@ def read_lora(folder: str | os.PathLike[str]) -> LoraAdapter:
         if a.shape[0] != rank:
             raise WeightsError(path, f"rank {a.shape[0]} but the config says r = {rank}",
                                tensor=f"{PREFIX}{module}.lora_A.weight")
-        deltas[f"{module}.weight"] = config.scale(module) * (b @ a)
-    if not deltas:
+        pairs[module] = (a.contiguous(), (config.scale(module) * b).contiguous())
+    if not pairs:
         raise WeightsError(path, "the adapter holds no LoRA weights")
-    return LoraAdapter(folder, config, deltas)
+    return LoraPairs(folder, config, pairs)
+
+
+def read_lora(folder: str | os.PathLike[str]) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder and compute each adapted weight's s B A."""
+    return read_lora_pairs(folder).merged()

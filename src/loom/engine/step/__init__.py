@@ -23,6 +23,7 @@ from loom.engine.step.module import ModuleStep
 from loom.engine.step.native import NativeStep, native_problem
 from loom.engine.step.scripted import ScriptedStep
 from loom.engine.step.weights import DecoderWeights, llama_shaped
+from loom.layers.multi_lora import LayerLora, LoraHooks
 from loom.models.transformer import KVCaches, Transformer
 
 
@@ -31,14 +32,17 @@ __all__ = ["DECODE_STEPS", "DecodeBatch", "DecodeStep", "DecoderWeights", "Modul
 
 
 def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                       caches: KVCaches, choice: str = "auto", pack_rows: int = 0) -> list[DecodeStep]:
+                       caches: KVCaches, choice: str = "auto", pack_rows: int = 0,
+                       lora: list[LayerLora] | None = None, lora_hooks: LoraHooks | None = None) -> list[DecodeStep]:
     """The decode steps for ``model``, in order of preference, the module step last.
 
     ``choice``: "auto" builds every step that takes the model (native, then scripted on a CPU; CUDA
     graphs on a GPU); a step's name builds only that one (a ValueError says why when it cannot take
     the model); "module" none. ``k_cache``/``v_cache``: the fp cache tensors [layers, blocks, block,
     kv_heads, head_dim], None for a cache the compiled steps cannot read (int8). ``pack_rows``: the
-    decode batch the scripted step pre-packs dense weights for (the engine's max_num_seqs)."""
+    decode batch the scripted step pre-packs dense weights for (the engine's max_num_seqs). ``lora`` and
+    ``lora_hooks``: the adapter slots the compiled steps read, and the module path's hooks (engine/adapters.py);
+    steps that cannot add adapter products pass batches with ``lora_slots`` on to the next."""
     if choice not in DECODE_STEPS:
         raise ValueError(f"unknown decode step {choice!r}; choose one of {', '.join(DECODE_STEPS)}")
     steps: list[DecodeStep] = []
@@ -48,12 +52,12 @@ def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache
         for name in wanted:
             problem = _problem(name, model, k_cache)
             if problem is None:
-                steps.append(_build(name, model, k_cache, v_cache, pack_rows, steps))
+                steps.append(_build(name, model, k_cache, v_cache, pack_rows, steps, lora))
             else:
                 problems[name] = problem
         if choice != "auto" and problems:
             raise ValueError(f"the {choice} decode step cannot run this model: {problems[choice]}")
-    steps.append(ModuleStep(model, caches))
+    steps.append(ModuleStep(model, caches, lora_hooks))
     return steps
 
 
@@ -71,7 +75,7 @@ def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str
 
 
 def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int,
-           built: list[DecodeStep]) -> DecodeStep:
+           built: list[DecodeStep], lora: list[LayerLora] | None) -> DecodeStep:
     if name == "cuda_graph":
         from loom.engine.step.cuda_graph import CudaGraphStep
 
@@ -79,5 +83,5 @@ def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.
     # The native and scripted steps share one gathering of the plain weights.
     weights = next((s.plain_weights for s in built if isinstance(s, NativeStep)), None) or DecoderWeights.of(model)
     if name == "native":
-        return NativeStep(model, k_cache, v_cache, weights)
-    return ScriptedStep(model, k_cache, v_cache, pack_rows, weights)
+        return NativeStep(model, k_cache, v_cache, weights, lora=lora)
+    return ScriptedStep(model, k_cache, v_cache, pack_rows, weights, lora=lora)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -23,7 +23,8 @@ class DecodeBatch:
 
     tokens, positions, slots, context_lens: [B]; block_tables: [B, max_blocks] (padded with block 0).
     Row b's K/V is written at ``slots[b]`` before any row attends, and row b attends over the first
-    ``context_lens[b]`` tokens of its block table, itself included.
+    ``context_lens[b]`` tokens of its block table, itself included. ``lora_slots`` [B]: each row's
+    adapter slot (layers/multi_lora.py; -1 for the base model), None when no row has an adapter.
     """
 
     tokens: torch.Tensor
@@ -31,6 +32,7 @@ class DecodeBatch:
     slots: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
+    lora_slots: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -38,10 +40,11 @@ class DecodeBatch:
 
     @classmethod
     def of(cls, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-           context_lens: list[int]) -> DecodeBatch:
+           context_lens: list[int], lora_slots: list[int] | None = None) -> DecodeBatch:
         return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                    torch.tensor(slots, dtype=torch.long), pad_tables(tables),
-                   torch.tensor(context_lens, dtype=torch.long))
+                   torch.tensor(context_lens, dtype=torch.long),
+                   None if lora_slots is None else torch.tensor(lora_slots, dtype=torch.long))
 
 
 def pad_tables(tables: list[list[int]]) -> torch.Tensor:
@@ -56,8 +59,9 @@ class DecodeStep(abc.ABC):
     name: ClassVar[str]
 
     def supports(self, batch: DecodeBatch) -> bool:
-        """Whether this step takes ``batch`` (e.g. the native step only small batches)."""
-        return True
+        """Whether this step takes ``batch`` (e.g. the native step only small batches; a step built without
+        adapter slots no batch with ``lora_slots``)."""
+        return batch.lora_slots is None
 
     @abc.abstractmethod
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:

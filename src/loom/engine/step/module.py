@@ -12,20 +12,32 @@ import torch
 
 from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.layers.attention import AttentionMetadata
+from loom.layers.multi_lora import LoraHooks
 from loom.models.transformer import KVCaches, Transformer
 
 
 class ModuleStep(DecodeStep):
     name = "module"
 
-    def __init__(self, model: Transformer, caches: KVCaches) -> None:
+    def __init__(self, model: Transformer, caches: KVCaches, lora: LoraHooks | None = None) -> None:
+        """``lora``: the hooks that add per-row adapter products to the linears (engine/adapters.py)."""
         self.model = model
         self.caches = caches  # per layer: (K, V) views of the paged cache, or Int8LayerKV
         self.device = model.device
+        self.lora = lora
 
-    def forward(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch of any shape (prefill chunks and decodes)."""
-        return self.model(ids.to(self.device), meta.to(self.device), self.caches)
+    def supports(self, batch: DecodeBatch) -> bool:
+        return batch.lora_slots is None or self.lora is not None
+
+    def forward(self, ids: torch.Tensor, meta: AttentionMetadata, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flat batch of any shape (prefill chunks and decodes); ``lora_slots``
+        [T]: each token's adapter slot (-1: none), or None for the base model throughout."""
+        if lora_slots is None or self.lora is None:
+            if lora_slots is not None:
+                raise ValueError("a batch names adapter slots but the module step has no adapters")
+            return self.model(ids.to(self.device), meta.to(self.device), self.caches)
+        with self.lora.using(lora_slots):
+            return self.model(ids.to(self.device), meta.to(self.device), self.caches)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden).float()
@@ -34,4 +46,4 @@ class ModuleStep(DecodeStep):
         b = batch.size
         meta = AttentionMetadata(batch.positions, list(range(b + 1)), batch.context_lens.tolist(), batch.slots,
                                  batch.block_tables)
-        return self.logits(self.forward(batch.tokens, meta))
+        return self.logits(self.forward(batch.tokens, meta, batch.lora_slots))

@@ -34,6 +34,7 @@ from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights
 from loom.layers import fused, kernels
 from loom.layers.linear_spec import LinearKind, LinearSpec
+from loom.layers.multi_lora import LayerLora, LoraWeights, add_lora_torch
 from loom.layers.quantized import apply_linear
 from loom.models.transformer import Transformer
 
@@ -59,6 +60,9 @@ class TorchOps(nn.Module):
                   context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         return kernels.paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
+    def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
+        return add_lora_torch(y, x, w, slots)
+
 
 class NativeOps(nn.Module):
     """The step's elementwise kernels from loom's native build (native/fused.cpp, paged_attention.cpp)."""
@@ -76,9 +80,16 @@ class NativeOps(nn.Module):
                   context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         return torch.ops.loom.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
+    def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
+        if y.dtype == torch.float32 and w.a.dtype == torch.float32:
+            return torch.ops.loom.lora_add_(y, x, w.a, w.b, slots, w.cols)
+        return add_lora_torch(y, x, w, slots)
+
 
 class DecodeProgram(nn.Module):
-    """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot."""
+    """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot. With ``lora``
+    (one LayerLora per layer) and ``lora_slots`` [B] non-empty, each row adds its adapter's product to
+    every linear's output (layers/multi_lora.py)."""
 
     def __init__(self, ops: nn.Module) -> None:
         super().__init__()
@@ -88,15 +99,19 @@ class DecodeProgram(nn.Module):
                 context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
                 layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
                 k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape,
-                rotation: torch.Tensor) -> torch.Tensor:
+                rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
+        adapted = lora_slots.numel() > 0 and len(lora) > 0
         hq, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
         h = F.embedding(tokens, embed)
         rotated = rotation.numel() > 0
         if rotated:  # the residual stream in its rotated basis (models/rotation.py)
             h = torch.mm(h, rotation)
         for i, w in enumerate(layers):
-            qkv = apply_linear(self.ops.rms_norm(h, w.attn_norm, eps), w.qkv)
+            x = self.ops.rms_norm(h, w.attn_norm, eps)
+            qkv = apply_linear(x, w.qkv)
+            if adapted:
+                qkv = self.ops.lora(qkv, x, lora[i].qkv, lora_slots)
             if w.qkv_bias.numel() > 0:
                 qkv = qkv + w.qkv_bias
             qkv = qkv.view(b, hq + 2 * hkv, d)
@@ -105,9 +120,20 @@ class DecodeProgram(nn.Module):
             v_cache[i].view(-1, hkv, d).index_copy_(0, slots, qkv[:, hq + hkv:])
             a = self.ops.attention(qk[:, :hq], k_cache[i], v_cache[i], block_tables, context_lens, shape.scale,
                                    shape.windows[i])
-            h = h + apply_linear(a.reshape(b, hq * d), w.o)
-            gate_up = apply_linear(self.ops.rms_norm(h, w.mlp_norm, eps), w.gate_up)
-            h = h + apply_linear(self.ops.silu_and_mul(gate_up), w.down)
+            a = a.reshape(b, hq * d)
+            o = apply_linear(a, w.o)
+            if adapted:
+                o = self.ops.lora(o, a, lora[i].o, lora_slots)
+            h = h + o
+            x = self.ops.rms_norm(h, w.mlp_norm, eps)
+            gate_up = apply_linear(x, w.gate_up)
+            if adapted:
+                gate_up = self.ops.lora(gate_up, x, lora[i].gate_up, lora_slots)
+            act = self.ops.silu_and_mul(gate_up)
+            down = apply_linear(act, w.down)
+            if adapted:
+                down = self.ops.lora(down, act, lora[i].down, lora_slots)
+            h = h + down
         if rotated:
             h = torch.mm(h, rotation.t())
         x = self.ops.rms_norm(h, final_norm, eps)
@@ -147,10 +173,11 @@ class ScriptedStep(DecodeStep):
     name = "scripted"
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int = 0,
-                 weights: DecoderWeights | None = None, script: bool = True) -> None:
+                 weights: DecoderWeights | None = None, script: bool = True, lora: list[LayerLora] | None = None) -> None:
         """``k_cache``/``v_cache``: [layers, blocks, block_size, kv_heads, head_dim]. ``pack_rows``: hold dense
         weights MKL-packed for batches of that many rows (>= MIN_PACK_ROWS; 0: no packing;
-        LOOM_PACK_WEIGHTS=0 switches it off). ``script=False`` runs the same program eagerly (tests)."""
+        LOOM_PACK_WEIGHTS=0 switches it off). ``script=False`` runs the same program eagerly (tests).
+        ``lora``: the adapter slots (engine/adapters.py) rows of a batch may name in ``lora_slots``."""
         self.rotary = model.rotary
         self.dtype = model.dtype
         weights = weights or DecoderWeights.of(model)
@@ -164,12 +191,18 @@ class ScriptedStep(DecodeStep):
         self.k = list(k_cache.unbind(0))
         self.v = list(v_cache.unbind(0))
         self.program = decode_program(fused.native_ops(), script)
+        self.lora = lora or []
+        self._no_slots = torch.empty(0, dtype=torch.long)
+
+    def supports(self, batch: DecodeBatch) -> bool:
+        return batch.lora_slots is None or bool(self.lora)
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         w = self.weights
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
+        slots = self._no_slots if batch.lora_slots is None else batch.lora_slots
         return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
-                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation)
+                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots)
 
     def describe(self) -> str:
         if any(spec.kind == LinearKind.ONEDNN_W8A8 for spec in self.weights.linears()):
