@@ -54,17 +54,21 @@ def _output_lens(prompts: Sequence[Sequence[int]], output_len: int | Sequence[in
     return list(output_len)
 
 
-def run_loom(llm: LLM, prompts: list[list[int]], output_len: int | Sequence[int]) -> dict[str, Any]:
+def run_loom(llm: LLM, prompts: list[list[int]], output_len: int | Sequence[int],
+             loras: Sequence[str | None] | None = None) -> dict[str, Any]:
     """Every prompt submitted at once, each generating exactly its output length (greedy, EOS banned),
-    stepped until all are done. ``output_len_mismatches`` counts requests that generated any other number."""
+    stepped until all are done (prompt i under adapter ``loras[i]``, when given). ``output_len_mismatches``
+    counts requests that generated any other number."""
     engine = llm.engine
     engine.block_manager.reset_prefix_cache()  # a repeat must not find the last run's prompts cached
     outs = _output_lens(prompts, output_len)
     bm, bs = engine.block_manager, engine.kv_cache.block_size
     base_used, base_hits, base_preempt = bm.num_used_blocks, bm.prefix_hits, engine.scheduler.num_preemptions
     t0 = time.perf_counter()
+    names = list(loras) if loras is not None else [None] * len(prompts)
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        engine.add_request(f"bench-{i}", p, SamplingParams(temperature=0.0, max_tokens=o, min_tokens=o))
+        engine.add_request(f"bench-{i}", p, SamplingParams(temperature=0.0, max_tokens=o, min_tokens=o),
+                           lora=names[i])
     counts = [0] * len(prompts)
     peak, waste_sum, waste_steps, steps = 0, 0.0, 0, 0
     while engine.has_unfinished_requests():
@@ -266,20 +270,25 @@ def _check(dataset: str, peers: Sequence[str], num_prompts: int, input_len: int,
 
 
 def _timed_runs(llm: LLM, work: Workload, models: dict[str, HFStatic | str], configs: list[tuple[int, str]],
-                repeats: int, warmup: bool) -> tuple[list[dict[str, Any]], dict[tuple[int, str], list]]:
-    """loom's runs and every HF configuration's, alternating: loom, every configuration, repeated."""
+                repeats: int, warmup: bool, loras: Sequence[str | None] | None = None
+                ) -> tuple[list[dict[str, Any]], dict[tuple[int, str], list], list[dict[str, Any]]]:
+    """loom's runs, every HF configuration's and (with ``loras``) loom's under the adapters, alternating:
+    loom, loom with adapters, every configuration, repeated."""
     if warmup:
         run_loom(llm, work.prompts, work.output_lens)
         for batch, dtype in configs:
             _run_hf_config(models[dtype], Workload(work.prompts[:batch], work.output_lens[:batch]), batch)
     loom_runs: list[dict[str, Any]] = []
+    lora_runs: list[dict[str, Any]] = []
     hf_runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for _ in range(repeats):  # alternate, so a drifting machine slows all alike
         loom_runs.append(run_loom(llm, work.prompts, work.output_lens))
+        if loras is not None:
+            lora_runs.append(run_loom(llm, work.prompts, work.output_lens, loras))
         for batch, dtype in configs:
             if not any("error" in r for r in hf_runs[(batch, dtype)]):  # a failed configuration is not retried
                 hf_runs[(batch, dtype)].append(_run_hf_config(models[dtype], work, batch))
-    return loom_runs, hf_runs
+    return loom_runs, hf_runs, lora_runs
 
 
 def _loom_result(llm: LLM, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -304,19 +313,39 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
                    input_len: int = 128, output_len: int = 128, input_range: tuple[int, int] = MIXED_INPUT_RANGE,
                    output_range: tuple[int, int] = MIXED_OUTPUT_RANGE, peers: tuple[str, ...] = ("hf",),
                    hf_batch: int | Sequence[int] = HF_BATCHES, hf_dtype: Sequence[str] = HF_DTYPES, seed: int = 0,
-                   repeats: int = 1, warmup: bool | None = None, peak_matmul_size: int | None = None) -> dict[str, Any]:
+                   repeats: int = 1, warmup: bool | None = None, peak_matmul_size: int | None = None,
+                   loras: int = 0, lora_rank: int = 16) -> dict[str, Any]:
     """loom (built from ``engine``: model, weights, device, cache, scheduler, KV policy, RoPE scaling, decode
     step) against HF static batching (every batch size of ``hf_batch`` x every dtype of ``hf_dtype``) on the
     same requests. ``dataset``: fixed (``input_len`` / ``output_len``) or mixed (lengths drawn within
     ``input_range`` / ``output_range``, from ``seed``). ``warmup``: one untimed run of each first (default:
     on CUDA only, where it captures loom's decode graphs and loads the GPU libraries). A KV policy bounds
     loom's requests' memory (eviction), the peers keep their full caches; a RoPE override changes loom's
-    model only (the HF peer runs the file as it is)."""
+    model only (the HF peer runs the file as it is). ``loras`` > 0: also the same requests spread over that
+    many random adapters of rank ``lora_rank`` on every projection, and batch-1 decode with and without
+    one (bench/lora.py), reported under ``results["loom_lora"]``."""
     engine = engine or EngineConfig()
     batches = [hf_batch] if isinstance(hf_batch, int) else list(hf_batch)
     _check(dataset, peers, num_prompts, input_len, output_len, repeats, batches, hf_dtype)
+    if loras < 0 or lora_rank < 1:
+        raise ValueError("--loras must be >= 0 and --lora-rank >= 1")
     rss_before = resident_bytes()
+    if loras:
+        import dataclasses
+
+        from loom.config import LoraServingConfig
+
+        engine = dataclasses.replace(engine, lora_serving=LoraServingConfig(max_loras=loras, max_lora_rank=lora_rank))
     llm = LLM(config=engine)
+    adapter_dir = None
+    if loras:
+        import tempfile
+
+        from loom.bench.lora import write_random_adapters
+
+        adapter_dir = tempfile.TemporaryDirectory(prefix="loom-bench-lora-")
+        for name, folder in write_random_adapters(llm.config, adapter_dir.name, loras, lora_rank):
+            llm.add_lora(name, folder)
     memory = {"rss_before_load_mib": rss_before / 2**20, "rss_after_load_mib": resident_bytes() / 2**20,
               "weight_mib": weight_bytes(llm.model) / 2**20}
     # the dtype the GEMMs run in, whose peak is the roof (int8 weights: W8A8 GEMMs, bf16 elsewhere)
@@ -330,11 +359,18 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     per_token = flops / (work.input_tokens + work.output_tokens)
     roof = {"flops_per_token": per_token, "workload_flops": flops, "flops_counted": FLOPS_COUNTED,
             "fraction_of_compute_roof": "flops_per_token x total_tokens_per_s / peak_matmul_flops[dtype]", **roof}
-    loom_runs, hf_runs = _timed_runs(llm, work, models, configs, repeats,
-                                     warmup if warmup is not None else llm.device.type == "cuda")
+    names = [f"lora-{i % loras}" for i in range(len(work.prompts))] if loras else None
+    loom_runs, hf_runs, lora_runs = _timed_runs(llm, work, models, configs, repeats,
+                                                warmup if warmup is not None else llm.device.type == "cuda", names)
     peaks = roof["peak_matmul_flops"]
     results: dict[str, Any] = {"loom": {**_with_roof(_loom_result(llm, loom_runs), dtype, per_token, peaks),
                                         "memory": memory, "weights": engine.weights or "native"}}
+    if loras:
+        from loom.bench.lora import batch1_decode, summarize
+
+        results["loom_lora"] = summarize(loom_runs, lora_runs, loras, lora_rank, llm.config, per_token)
+        results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 128, max(repeats, 3))
+        adapter_dir.cleanup()  # type: ignore[union-attr]
     hf_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d, per_token, peaks) for b, d in configs]
     ratio = _compare(results, hf_configs)
     fixed = dataset == "fixed"

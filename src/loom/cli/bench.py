@@ -167,6 +167,10 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="HF dtypes to sweep (comma-separated)")
     p.add_argument("--repeats", type=int, default=1,
                    help="alternating runs (loom, then every HF configuration); the best of each")
+    p.add_argument("--loras", type=int, default=0, metavar="K",
+                   help="also run the requests spread over K random LoRA adapters (one mixed batch), and batch-1 "
+                   "decode with one, against the base model in the same run")
+    p.add_argument("--lora-rank", type=int, default=16, help="with --loras: the adapters' rank")
     p.add_argument("--json", action="store_true")
 
 
@@ -190,6 +194,13 @@ def _print_throughput(result: dict[str, Any]) -> None:
         hf = result["results"]["hf"]
         print(f"loom / best hf ({hf['dtype']}, batch {hf['batch']}) total throughput: "
               f"{result['loom_over_hf']['total_tokens_per_s']:.2f}x")
+    lora = result["results"].get("loom_lora")
+    if lora:
+        b1 = lora["batch1"]
+        print(f"loom with {lora['adapters']} rank-{lora['rank']} adapters in the batch: "
+              f"{lora['mixed']['total_tokens_per_s']:.1f} vs {lora['base']['total_tokens_per_s']:.1f} total tok/s on the "
+              f"base model = {lora['mixed_over_base']:.2f}x; batch-1 decode {b1['adapter_decode_tokens_per_s']:.1f} vs "
+              f"{b1['base_decode_tokens_per_s']:.1f} tok/s = {b1['adapter_over_base']:.2f}x")
 
 
 def _throughput(args: argparse.Namespace) -> int:
@@ -199,7 +210,8 @@ def _throughput(args: argparse.Namespace) -> int:
                             input_len=args.input_len, output_len=args.output_len,
                             input_range=_length_range(args.input_range), output_range=_length_range(args.output_range),
                             peers=tuple(_peers(args.peers)), hf_batch=_ints(args.hf_batch),
-                            hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats)
+                            hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats,
+                            loras=args.loras, lora_rank=args.lora_rank)
     if args.json:
         print_json(result)
         return 0

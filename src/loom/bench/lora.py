@@ -1,0 +1,101 @@
+"""What serving LoRA adapters unmerged costs: `loom bench throughput --loras K`.
+
+S-LoRA (Sheng et al. 2023) and Punica (Chen et al. 2023) serve many adapters of one base model in one
+batch: the base GEMM once, plus each row's low-rank product (layers/multi_lora.py). The price is the
+extra products (2 r (in + out) FLOPs per token per adapted linear, against 2 in out for the base) and
+reading each adapter's A and B. This module writes K random adapters in PEFT's format (every decoder
+projection, rank r: the costliest case), then times, in one process and alternating:
+
+- throughput: the same workload with every request on the base model, then request i under adapter
+  i mod K (K distinct adapters in every batch);
+- batch-1 decode: one request on the base model, then one under an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+
+from loom.config import ModelConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each decoder projection in HF's naming."""
+    c = config
+    return {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size),
+            "v_proj": (c.kv_size, c.hidden_size), "o_proj": (c.hidden_size, c.q_size),
+            "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+            "down_proj": (c.hidden_size, c.intermediate_size)}
+
+
+def write_random_adapter(config: ModelConfig, folder: str, rank: int, seed: int, std: float = 0.02) -> str:
+    """A PEFT LoRA adapter folder on every decoder projection with random A and B (N(0, std^2)), alpha = 2r."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for proj, (out, fan_in) in projection_shapes(config).items():
+            owner = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{owner}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * std
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS),
+                   "bias": "none", "task_type": "CAUSAL_LM"}, f)
+    return folder
+
+
+def write_random_adapters(config: ModelConfig, root: str, count: int, rank: int) -> tuple[tuple[str, str], ...]:
+    """``count`` adapters (name, folder) under ``root``: lora-0, lora-1, ..."""
+    return tuple((f"lora-{i}", write_random_adapter(config, os.path.join(root, f"lora-{i}"), rank, seed=i))
+                 for i in range(count))
+
+
+def adapter_flops_per_token(config: ModelConfig, rank: int) -> float:
+    """Extra FLOPs per token of an adapter on every projection: 2 r (in + out) per projection per layer."""
+    return config.num_layers * sum(2 * rank * (out + fan_in) for out, fan_in in projection_shapes(config).values())
+
+
+def batch1_decode(llm: Any, adapter: str, prompt_ids: list[int], gen_len: int, repeats: int) -> dict[str, Any]:
+    """Batch-1 decode tokens/s on the base model and under ``adapter``, alternating; best of each."""
+    from loom.outputs import Timings
+    from loom.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=gen_len, min_tokens=gen_len, temperature=0.0)
+    runs: dict[str, list[float]] = {"base": [], "adapter": []}
+    steps: dict[str, str | None] = {}
+    for _ in range(repeats):
+        for key, name in (("base", None), ("adapter", adapter)):
+            llm.engine.block_manager.reset_prefix_cache()
+            t = Timings()
+            for _ in llm.stream(prompt_ids, params, t, lora=name):
+                pass
+            runs[key].append(t.decode_tokens_per_s)
+            steps[key] = llm.engine.runner.last_decode_step
+    base, with_adapter = max(runs["base"]), max(runs["adapter"])
+    return {"prompt_len": len(prompt_ids), "gen_len": gen_len, "base_decode_tokens_per_s": base,
+            "adapter_decode_tokens_per_s": with_adapter, "adapter_over_base": with_adapter / base,
+            "runs": runs, "decode_step": steps}
+
+
+def summarize(base_runs: Sequence[dict[str, Any]], mixed_runs: Sequence[dict[str, Any]], count: int, rank: int,
+              config: ModelConfig, flops_per_token: float) -> dict[str, Any]:
+    """The base and mixed-adapter throughput (best runs, every run's figure), and their ratio."""
+    best = {k: max(runs, key=lambda r: r["total_tokens_per_s"]) for k, runs in
+            (("base", base_runs), ("mixed", mixed_runs))}
+    return {"adapters": count, "rank": rank, "targets": list(PROJECTIONS),
+            "adapter_flops_per_token": adapter_flops_per_token(config, rank),
+            "adapter_flops_fraction": adapter_flops_per_token(config, rank) / flops_per_token,
+            "base": {**best["base"], "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in base_runs]},
+            "mixed": {**best["mixed"], "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in mixed_runs]},
+            "mixed_over_base": best["mixed"]["total_tokens_per_s"] / best["base"]["total_tokens_per_s"],
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
