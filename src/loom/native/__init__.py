@@ -4,8 +4,8 @@ Only what PyTorch cannot do fast from Python lives here: paged decode attention 
 sequence's keys and values in place through its block table, where the pure-PyTorch path must first
 gather them into a padded copy (three passes over the KV cache instead of one); fused elementwise
 ops (RMSNorm, SiLU-and-multiply, RoPE) that make one pass where PyTorch makes several; loom's int4 /
-int8 GEMV; and the decode step of small batches as one call (decode_step.cpp), built from the same
-pieces (kernels.h).
+int8 GEMV; multi-LoRA's per-row adapter products (lora.cpp); and the decode step of small batches
+as one call (decode_step.cpp), built from the same pieces (kernels.h).
 
 Every native op has a PyTorch twin that computes the same thing; the twin is used when the native
 build is unavailable or disabled with ``LOOM_NATIVE=0``, and tests hold the two equal. A build that
@@ -35,10 +35,10 @@ import torch
 from loom.cache import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "w8a8.cpp", "decode_step.cpp"]
+SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "w8a8.cpp", "decode_step.cpp", "lora.cpp"]
 HEADERS = ["kernels.h"]  # included by the sources: part of the build's identity
 OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope", "quant_linear", "argmax_rows",
-       "quantize_rows_int8", "scale_rows")
+       "quantize_rows_int8", "scale_rows", "lora_add_")
 # -ffast-math lets reductions vectorize; -fno-finite-math-only keeps inf/NaN semantics (overflowing
 # activations must behave as in PyTorch, not as undefined behaviour).
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]

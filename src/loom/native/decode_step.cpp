@@ -13,6 +13,13 @@
 // It computes what the scripted step's DecodeProgram computes, op for op, with the same kernels
 // (kernels.h); tests hold the two to the same logits. Linears must be loom's group-quantized
 // int4 / int8 kind or dense fp32; anything else stays on the TorchScript step.
+//
+// Multi-LoRA (layers/multi_lora.py): a decoder layer's linears may carry a pool of adapter slots
+// (set_lora), and step's lora_slots names each row's slot (-1: the base model). A linear with a pool then
+// runs its shrink over its input (t = x A_s^T, split over the threads by (adapter group, rank column)),
+// one barrier, and after the base GEMV of a thread's output columns the expand of the same columns
+// (y += t B_s^T): the columns a thread adds to are the ones it just wrote, so the expand needs no barrier
+// of its own. It computes what the module forward plus add_lora computes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +29,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -71,10 +79,23 @@ struct LinearWeight {
   }
 };
 
+// One linear's adapter pool (layers/multi_lora.py's LoraWeights): a [slots, parts * r, in], b [slots, out, r].
+// The tensors are held, not copied: adapters are loaded into the pool in place, and each step reads
+// their data where they are then.
+struct LoraLinear {
+  at::Tensor a, b;
+  std::vector<int64_t> cols;  // [parts + 1] output column offsets of the parts
+  int64_t parts = 0, r = 0, j = 0, k = 0, n = 0;
+
+  bool on() const { return j > 0; }
+  int64_t slots() const { return a.size(0); }
+};
+
 struct Layer {
   at::Tensor attn_norm, mlp_norm, qkv_bias, k_cache, v_cache;  // caches [blocks, block_size, n_kv, head_dim]
   int64_t window = 0;
   std::vector<LinearWeight> linears;  // qkv, o, gate_up, down
+  std::array<LoraLinear, 4> lora{};   // the linears' adapter pools, if any
 };
 
 // [n0, n1): thread t's share of `total` outputs, in pieces of `align` (both cores get work, rows stay
@@ -114,7 +135,7 @@ class NativeDecoder : public torch::CustomClassHolder {
                     k_cache.size(3) == hd_ && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
                     k_cache.is_contiguous() && v_cache.is_contiguous(),
                 "NativeDecoder: caches must be contiguous fp32 [blocks, block_size, n_kv, head_dim]");
-    layers_.push_back(Layer{attn_norm, mlp_norm, qkv_bias, k_cache, v_cache, window, {}});
+    layers_.push_back(Layer{attn_norm, mlp_norm, qkv_bias, k_cache, v_cache, window, {}, {}});
   }
 
   // The linears of the last layer added, in the order q|k|v, o, gate|up, down.
@@ -130,11 +151,47 @@ class NativeDecoder : public torch::CustomClassHolder {
     ls.push_back(std::move(l));
   }
 
+  // The adapter pool of linear `linear` (0..3: q|k|v, o, gate|up, down) of layer `layer`: a [slots, parts *
+  // r, in] and b [slots, out, r] (scale folded in), cols [parts + 1] the parts' output column offsets. An
+  // empty a removes the pool. The tensors are read at each step, so loading an adapter into them in place
+  // needs no new call.
+  void set_lora(int64_t layer, int64_t linear, at::Tensor a, at::Tensor b, std::vector<int64_t> cols) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "NativeDecoder: set_lora: layer ", layer,
+                " out of range (", layers_.size(), " layers)");
+    TORCH_CHECK(linear >= 0 && linear < 4, "NativeDecoder: set_lora: linear ", linear,
+                " must be 0..3 (q|k|v, o, gate|up, down)");
+    auto& ls = layers_[layer].linears;
+    TORCH_CHECK(linear < static_cast<int64_t>(ls.size()), "NativeDecoder: set_lora before add_linear of that linear");
+    if (a.numel() == 0) {
+      layers_[layer].lora[linear] = LoraLinear{};
+      return;
+    }
+    const int64_t in = ls[linear].k, out = ls[linear].n;
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                    a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() && b.device().is_cpu(),
+                "NativeDecoder: set_lora: a [slots, parts * rank, in] and b [slots, out, rank] must be contiguous fp32 "
+                "CPU tensors");
+    const int64_t parts = static_cast<int64_t>(cols.size()) - 1, r = b.size(2);
+    TORCH_CHECK(a.size(0) == b.size(0) && a.size(0) > 0, "NativeDecoder: set_lora: a has ", a.size(0),
+                " slots, b has ", b.size(0));
+    TORCH_CHECK(a.size(2) == in && b.size(1) == out, "NativeDecoder: set_lora: linear ", linear, " is [", out, ", ",
+                in, "] but a takes ", a.size(2), " inputs and b gives ", b.size(1), " outputs");
+    TORCH_CHECK(parts >= 1 && cols[0] == 0 && cols[parts] == out && std::is_sorted(cols.begin(), cols.end()),
+                "NativeDecoder: set_lora: cols must rise from 0 to the linear's ", out, " outputs");
+    TORCH_CHECK(r >= 1 && a.size(1) == parts * r, "NativeDecoder: set_lora: a has ", a.size(1),
+                " rows per slot, expected parts * rank = ", parts, " * ", r);
+    layers_[layer].lora[linear] = LoraLinear{a, b, std::move(cols), parts, r, parts * r, in, out};
+  }
+
   // Logits [B, vocab] for tokens [B] at cos/sin [B, head_dim] (RoPE tables of their positions, sin
   // signed); each token's K/V is written at slots[b]; it attends over context_lens[b] positions read
   // through block_tables [B, W].
+  //
+  // lora_slots: empty (no adapters this step), or [B] int64, each row's adapter slot in the pools of
+  // set_lora (-1: the base model).
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& block_tables,
-                  const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin) {
+                  const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& lora_slots) {
     TORCH_CHECK(head_.n > 0, "NativeDecoder: set_head was not called");
     for (const auto& l : layers_) TORCH_CHECK(l.linears.size() == 4, "NativeDecoder: a layer lacks linears");
     const int64_t b = tokens.size(0);
@@ -162,6 +219,33 @@ class NativeDecoder : public torch::CustomClassHolder {
     for (int64_t i = 0; i < tables.numel(); ++i)
       TORCH_CHECK(tabp[i] >= 0 && (layers_.empty() || tabp[i] < blocks), "NativeDecoder: block id out of range");
 
+    // The rows grouped by adapter (an empty grouping: no LoRA this step), and the shrink's output [B, J].
+    loom_native::LoraGroups groups;
+    int64_t lora_j = 0;
+    at::Tensor lora_t;
+    if (lora_slots.numel() > 0) {
+      TORCH_CHECK(lora_slots.dim() == 1 && lora_slots.numel() == b && !lora_slots.is_floating_point(),
+                  "NativeDecoder: lora_slots must be empty or an integer [B] tensor");
+      int64_t num_slots = -1;
+      for (const auto& l : layers_)
+        for (const auto& p : l.lora)
+          if (p.on()) {
+            num_slots = num_slots < 0 ? p.slots() : std::min(num_slots, p.slots());
+            lora_j = std::max(lora_j, p.j);
+          }
+      if (num_slots > 0) {
+        auto ls = lora_slots.to(at::kLong).contiguous();
+        const int64_t* lsp = ls.data_ptr<int64_t>();
+        for (int64_t i = 0; i < b; ++i)
+          TORCH_CHECK(lsp[i] >= -1 && lsp[i] < num_slots, "NativeDecoder: LoRA slot ", lsp[i], " of row ", i,
+                      " out of range [-1, ", num_slots, ")");
+        loom_native::lora_group_rows(lsp, b, num_slots, groups);
+        lora_t = at::empty({b, lora_j}, embed_.options());
+      }
+    }
+    const bool lora_on = groups.size() > 0;
+    float* ltp = lora_on ? lora_t.data_ptr<float>() : nullptr;
+
     const int64_t f = layers_.empty() ? 0 : layers_[0].linears[2].n / 2;
     const int64_t qkv_n = qkv_width(), heads_total = hq_ + 2 * hkv_;
     auto opts = embed_.options();
@@ -183,14 +267,33 @@ class NativeDecoder : public torch::CustomClassHolder {
       auto norm_rows = [&](const at::Tensor& w) {
         for (int64_t r = t; r < b; r += nt) loom_native::rms_norm_row(hp + r * d_, w.data_ptr<float>(), xp + r * d_, d_, eps_);
       };
+      // LoRA: the shrink of the thread's (group, rank column) items over the linear's input x [B, k]
+      // (true: it ran, and a barrier must follow), and the expand of output columns [n0, n1) into y.
+      auto lora_shrink = [&](const LoraLinear& l, const float* in) {
+        if (!lora_on || !l.on()) return false;
+        int64_t i0, i1;
+        share(groups.size() * l.j, t, nt, 1, i0, i1);
+        loom_native::lora_shrink_items(in, l.k, groups, l.a.data_ptr<float>(), l.j, l.k, ltp, lora_j, i0, i1);
+        return true;
+      };
+      auto lora_expand = [&](const LoraLinear& l, float* y, int64_t n0, int64_t n1) {
+        if (!lora_on || !l.on()) return;
+        loom_native::lora_expand_groups(ltp, lora_j, groups, l.b.data_ptr<float>(), l.n, l.r, l.cols.data(), l.parts,
+                                        y, l.n, n0, n1);
+      };
       for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
 #pragma omp barrier
       for (const Layer& layer : layers_) {
         const auto& lin = layer.linears;
+        const auto& lora = layer.lora;
         norm_rows(layer.attn_norm);
 #pragma omp barrier
+        if (lora_shrink(lora[0], xp)) {
+#pragma omp barrier
+        }
         share(qkv_n, t, nt, 16, n0, n1);
         lin[0].run(xp, b, qkvp, n0, n1, false);
+        lora_expand(lora[0], qkvp, n0, n1);
 #pragma omp barrier
         // Bias, RoPE on q and k, and the cache writes: one pass per (sequence, head).
         float* kc = layer.k_cache.data_ptr<float>();
@@ -219,20 +322,32 @@ class NativeDecoder : public torch::CustomClassHolder {
                                     scale_, layer.window, ap + r * hq_ * hd_, scratch);
         }
 #pragma omp barrier
+        if (lora_shrink(lora[1], ap)) {
+#pragma omp barrier
+        }
         share(d_, t, nt, 16, n0, n1);
         lin[1].run(ap, b, hp, n0, n1, true);  // h += attn O^T
+        lora_expand(lora[1], hp, n0, n1);     // h += attn (B A)^T
 #pragma omp barrier
         norm_rows(layer.mlp_norm);
 #pragma omp barrier
+        if (lora_shrink(lora[2], xp)) {
+#pragma omp barrier
+        }
         share(2 * f, t, nt, 16, n0, n1);
         lin[2].run(xp, b, gup, n0, n1, false);
+        lora_expand(lora[2], gup, n0, n1);
 #pragma omp barrier
         share(f, t, nt, 16, n0, n1);
         for (int64_t r = 0; r < b && n0 < n1; ++r)
           loom_native::silu_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
 #pragma omp barrier
+        if (lora_shrink(lora[3], actp)) {
+#pragma omp barrier
+        }
         share(d_, t, nt, 16, n0, n1);
         lin[3].run(actp, b, hp, n0, n1, true);  // h += act D^T
+        lora_expand(lora[3], hp, n0, n1);       // h += act (B A)^T
 #pragma omp barrier
       }
       norm_rows(final_norm_);
@@ -266,5 +381,6 @@ TORCH_LIBRARY_FRAGMENT(loom, m) {
       .def("set_head", &NativeDecoder::set_head)
       .def("add_layer", &NativeDecoder::add_layer)
       .def("add_linear", &NativeDecoder::add_linear)
+      .def("set_lora", &NativeDecoder::set_lora)
       .def("step", &NativeDecoder::step);
 }

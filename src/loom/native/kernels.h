@@ -419,13 +419,7 @@ void attend_group(const float* q, const T* k_cache, const T* v_cache, const int6
   attend_heads(q, k_cache, v_cache, table, len, g, g + 1, hq, hkv, d, block_size, scale, window, out, s);
 }
 
-#if defined(__AVX512BF16__)
-// ---------------------------------------------------------------------------------------------
-// The same attention for a bf16 query and bf16 caches with AVX512-BF16: q . k as vdpbf16ps (bf16 pairs
-// multiplied exactly, summed in fp32), sixteen tokens' dot products reduced together (reduce16), and
-// each head's output accumulated in registers across all tokens. The portable kernel above spent ~125
-// cycles per (token, KV head), most of them reducing one dot product at a time and converting V.
-
+#if defined(__AVX512F__)
 // Sixteen vectors of partial sums -> one vector of their totals (lane i = the sum of a[i]): pairs of
 // vectors interleaved and added, four levels, 15 adds and 30 shuffles for sixteen reductions.
 [[gnu::always_inline]] inline __m512 reduce16(const __m512* a) {
@@ -440,6 +434,14 @@ void attend_group(const float* q, const T* k_cache, const T* v_cache, const int6
   const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
 }
+#endif
+
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------------------------------------
+// The same attention for a bf16 query and bf16 caches with AVX512-BF16: q . k as vdpbf16ps (bf16 pairs
+// multiplied exactly, summed in fp32), sixteen tokens' dot products reduced together (reduce16), and
+// each head's output accumulated in registers across all tokens. The portable kernel above spent ~125
+// cycles per (token, KV head), most of them reducing one dot product at a time and converting V.
 
 // Scores of one query head (its D bf16 values in qv) against tokens t0 .. t0+15 (rows[u], the head's
 // slice of each token's row; a short last tile repeats a valid row and masks the store).
@@ -540,5 +542,262 @@ void attend_heads_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
 // Whether attend_heads_bf16 takes a head size.
 inline bool bf16_attention_fast(int64_t d) { return d == 64 || d == 128 || d == 256; }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Multi-LoRA (layers/multi_lora.py): rows of a batch each add their own adapter's low-rank product,
+//   shrink  t[row, j] = x[row] . A_s[j]                       j < J = parts * r
+//   expand  y[row, c] += t[row, p r : (p + 1) r] . B_s[c]     c in part p (cols[p] <= c < cols[p + 1])
+// over the rows of a group (rows sharing slot s), each A_s / B_s row read once per group (Punica's BGMV,
+// vectorized over the group). Rows are named by index: row i of the group reads x + rows[i] ldx and writes
+// t + rows[i] ldt, y + rows[i] ldy. Callers split the work: the shrink by (group, j) items, the expand by
+// output columns, so the decode step runs each expand on the columns its thread's GEMV just wrote.
+
+// The rows of a batch grouped by adapter slot: group g is slot[g], its rows order[start[g] .. start[g + 1]),
+// ascending. Rows of slot -1 are in no group.
+struct LoraGroups {
+  std::vector<int64_t> order, start, slot;
+  int64_t size() const { return static_cast<int64_t>(slot.size()); }
+  int64_t rows(int64_t g) const { return start[g + 1] - start[g]; }
+  const int64_t* row_ids(int64_t g) const { return order.data() + start[g]; }
+};
+
+// Groups of n rows by slots[row] (each in [-1, num_slots): the caller checks), a counting sort.
+inline void lora_group_rows(const int64_t* slots, int64_t n, int64_t num_slots, LoraGroups& g) {
+  std::vector<int64_t> count(num_slots + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots[i] >= 0) ++count[slots[i] + 1];
+  for (int64_t s = 0; s < num_slots; ++s) count[s + 1] += count[s];  // count[s]: first position of slot s
+  g.order.assign(count[num_slots], 0);
+  g.start.clear();
+  g.slot.clear();
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (count[s + 1] > count[s]) {
+      g.slot.push_back(s);
+      g.start.push_back(count[s]);
+    }
+  }
+  g.start.push_back(count[num_slots]);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots[i] >= 0) g.order[count[slots[i]]++] = i;
+}
+
+// tr[i][j] = xr[i] . a[j] for R rows and j in [j0, j1); a is [*, k] row-major.
+template <int R>
+inline void lora_shrink_tile(const float* const* xr, const float* a, int64_t k, float* const* tr, int64_t j0,
+                             int64_t j1) {
+#if defined(__AVX512F__)
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* aj = a + j * k;
+    __m512 acc[R][2];  // two chains per row: one would wait on FMA latency
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      const __m512 w0 = _mm512_loadu_ps(aj + i), w1 = _mm512_loadu_ps(aj + i + 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr[r] + i), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr[r] + i + 16), acc[r][1]);
+      }
+    }
+    for (; i < k; i += 16) {
+      const __mmask16 m = k - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - i)) - 1u);
+      const __m512 w0 = _mm512_maskz_loadu_ps(m, aj + i);
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, xr[r] + i), acc[r][0]);
+    }
+    for (int r = 0; r < R; ++r) tr[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+#else
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* aj = a + j * k;
+    for (int r = 0; r < R; ++r) {
+      const float* x = xr[r];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < k; ++i) s += aj[i] * x[i];
+      tr[r][j] = s;
+    }
+  }
+#endif
+}
+
+// Shrink of m rows under one adapter: t[rows[i], j] = x[rows[i]] . a[j] for j in [j0, j1), where a is the
+// slot's [J, k]. Rows go in tiles of four, each tile reading a's rows once.
+inline void lora_shrink_rows(const float* x, int64_t ldx, const int64_t* rows, int64_t m, const float* a, int64_t k,
+                             float* t, int64_t ldt, int64_t j0, int64_t j1) {
+  for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    const int64_t mm = std::min<int64_t>(4, m - i0);
+    const float* xr[4];
+    float* tr[4];
+    for (int64_t u = 0; u < mm; ++u) {
+      xr[u] = x + rows[i0 + u] * ldx;
+      tr[u] = t + rows[i0 + u] * ldt;
+    }
+    switch (mm) {
+      case 1: lora_shrink_tile<1>(xr, a, k, tr, j0, j1); break;
+      case 2: lora_shrink_tile<2>(xr, a, k, tr, j0, j1); break;
+      case 3: lora_shrink_tile<3>(xr, a, k, tr, j0, j1); break;
+      default: lora_shrink_tile<4>(xr, a, k, tr, j0, j1); break;
+    }
+  }
+}
+
+// The shrink's work items [i0, i1) of groups x J (item g J + j: column j of group g), a thread's share;
+// a is the pool [slots, J, k].
+inline void lora_shrink_items(const float* x, int64_t ldx, const LoraGroups& g, const float* a, int64_t J, int64_t k,
+                              float* t, int64_t ldt, int64_t i0, int64_t i1) {
+  for (int64_t item = i0; item < i1;) {
+    const int64_t grp = item / J, j0 = item % J, j1 = std::min<int64_t>(J, j0 + (i1 - item));
+    lora_shrink_rows(x, ldx, g.row_ids(grp), g.rows(grp), a + g.slot[grp] * J * k, k, t, ldt, j0, j1);
+    item += j1 - j0;
+  }
+}
+
+#if defined(__AVX512F__)
+// Sixteen rows of 16 floats -> their transpose in place (v[k] lane u = the old v[u] lane k): unpacks,
+// in-lane shuffles, then two rounds of 128-bit lane shuffles, 64 shuffles in all.
+[[gnu::always_inline]] inline void transpose16(__m512* v) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);      // per 128-bit lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);  //                   a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + j] lane L: rows i .. i+3 at column 4 L + j
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {  // t[j]: rows 0-7 at columns j, j + 8; t[j + 4]: at j + 4, j + 12 (likewise rows 8-15)
+    t[j] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0xDD);
+    t[j + 8] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    v[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    v[j + 4] = _mm512_shuffle_f32x4(t[j + 4], t[j + 12], 0x88);
+    v[j + 12] = _mm512_shuffle_f32x4(t[j + 4], t[j + 12], 0xDD);
+  }
+}
+#endif
+
+// Rows of a group at or above which the expand transposes each 16-column tile of B (its 64 shuffles then
+// serve every row, each row costing r broadcast FMAs); below it, each row's sixteen dot products are
+// summed by reduce16 (45 operations per row and tile, but no transpose). Measured on SmolLM2's shapes at
+// rank 16: reduce16 is ahead for one row (7.6 against 9.6 us at 1536 -> 576), the transpose from two on
+// (8 rows of 576 -> 3072: 24.5 us against 41.9).
+constexpr int64_t kLoraTransposeRows = 2;
+
+// yr[i][c] += tr[i][0 : r] . b[c] for m rows and columns c in [c0, c1); b is [*, r] row-major.
+inline void lora_expand_tile(const float* const* tr, int64_t m, const float* b, int64_t r, float* const* yr, int64_t c0,
+                             int64_t c1) {
+#if defined(__AVX512F__)
+  if (r <= 64) {
+    const int64_t nk = (r + 15) / 16;
+    __mmask16 mk[4];
+    for (int64_t q = 0; q < nk; ++q)
+      mk[q] = r - 16 * q >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (r - 16 * q)) - 1u);
+    for (int64_t c = c0; c < c1; c += 16) {
+      const int mc = static_cast<int>(std::min<int64_t>(16, c1 - c));
+      const __mmask16 out_mask = static_cast<__mmask16>((1u << mc) - 1u);
+      const float* bc[16];  // a short last tile repeats its last column and masks the store
+      for (int u = 0; u < 16; ++u) bc[u] = b + (c + std::min(u, mc - 1)) * r;
+      if (m < kLoraTransposeRows) {
+        // Each row's sixteen dot products as sixteen vectors, summed together by reduce16.
+        for (int64_t i = 0; i < m; ++i) {
+          __m512 tv[4];
+          for (int64_t q = 0; q < nk; ++q) tv[q] = _mm512_maskz_loadu_ps(mk[q], tr[i] + 16 * q);
+          __m512 acc[16];
+          for (int u = 0; u < 16; ++u) {
+            acc[u] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[0], bc[u]), tv[0]);
+            for (int64_t q = 1; q < nk; ++q)
+              acc[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk[q], bc[u] + 16 * q), tv[q], acc[u]);
+          }
+          float* y = yr[i] + c;
+          _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), reduce16(acc)));
+        }
+        continue;
+      }
+      // The tile of B transposed, 16 ranks at a time (bt[k]: the tile's 16 columns at rank 16 q + k), then
+      // per row y[c .. c + 16] += sum_k t[k] bt[k]; four rows at a time keep four FMA chains going.
+      for (int64_t q = 0; q < nk; ++q) {
+        __m512 bt[16];
+        for (int u = 0; u < 16; ++u) bt[u] = _mm512_maskz_loadu_ps(mk[q], bc[u] + 16 * q);
+        transpose16(bt);
+        const int kk = static_cast<int>(std::min<int64_t>(16, r - 16 * q));
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) {
+          const float *t0 = tr[i] + 16 * q, *t1 = tr[i + 1] + 16 * q, *t2 = tr[i + 2] + 16 * q, *t3 = tr[i + 3] + 16 * q;
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int k = 0; k < kk; ++k) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(t0[k]), bt[k], a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(t1[k]), bt[k], a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(t2[k]), bt[k], a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(t3[k]), bt[k], a3);
+          }
+          const __m512 acc[4] = {a0, a1, a2, a3};
+          for (int v = 0; v < 4; ++v) {
+            float* y = yr[i + v] + c;
+            _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), acc[v]));
+          }
+        }
+        for (; i < m; ++i) {
+          const float* ti = tr[i] + 16 * q;
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0;  // even and odd ranks: two chains
+          int k = 0;
+          for (; k + 2 <= kk; k += 2) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k + 1]), bt[k + 1], a1);
+          }
+          if (k < kk) a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
+          float* y = yr[i] + c;
+          _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), _mm512_add_ps(a0, a1)));
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* bc = b + c * r;
+    for (int64_t i = 0; i < m; ++i) {
+      const float* t = tr[i];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t q = 0; q < r; ++q) s += t[q] * bc[q];
+      yr[i][c] += s;
+    }
+  }
+}
+
+// Expand of m rows under one adapter over output columns [c0, c1): y[rows[i], c] += t[rows[i], p r : (p + 1) r]
+// . b[c] where part p holds column c (cols [parts + 1] its offsets), b the slot's [out, r].
+inline void lora_expand_rows(const float* t, int64_t ldt, const int64_t* rows, int64_t m, const float* b, int64_t r,
+                             const int64_t* cols, int64_t parts, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t lo = std::max(c0, cols[p]), hi = std::min(c1, cols[p + 1]);
+    if (lo >= hi) continue;
+    for (int64_t i0 = 0; i0 < m; i0 += 16) {
+      const int64_t mm = std::min<int64_t>(16, m - i0);
+      const float* tr[16];
+      float* yr[16];
+      for (int64_t u = 0; u < mm; ++u) {
+        tr[u] = t + rows[i0 + u] * ldt + p * r;
+        yr[u] = y + rows[i0 + u] * ldy;
+      }
+      lora_expand_tile(tr, mm, b, r, yr, lo, hi);
+    }
+  }
+}
+
+// The expand of every group over output columns [c0, c1) (a thread's share); b is the pool [slots, out, r].
+inline void lora_expand_groups(const float* t, int64_t ldt, const LoraGroups& g, const float* b, int64_t out,
+                               int64_t r, const int64_t* cols, int64_t parts, float* y, int64_t ldy, int64_t c0,
+                               int64_t c1) {
+  if (c0 >= c1) return;
+  for (int64_t grp = 0; grp < g.size(); ++grp)
+    lora_expand_rows(t, ldt, g.row_ids(grp), g.rows(grp), b + g.slot[grp] * out * r, r, cols, parts, y, ldy, c0, c1);
+}
 
 }  // namespace loom_native

@@ -4,6 +4,10 @@ One OpenMP parallel region per step, with barriers between dependent stages, ins
 interpreter visit, allocation and thread start per op; bias, RoPE and the cache write are one pass
 and the residual adds happen in the GEMVs' stores. At batch 1 on SmolLM2 it takes 10.4 ms per token
 where the scripted step takes 13.8 (4-bit native weights) and 29 ms where it takes 36 (fp32).
+
+With multi-LoRA pools (layers/multi_lora.py: one ``LayerLora`` per decoder layer) each row of a batch
+adds its own adapter's product to the four linears of every layer (``DecodeBatch.lora_slots``), inside the
+same parallel region: a shrink stage before each linear and the expand in the linear's own stores.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.engine.step.weights import DecoderWeights
 from loom.layers import fused
 from loom.layers.linear_spec import LinearKind, LinearSpec
+from loom.layers.multi_lora import LayerLora
 from loom.models.transformer import Transformer
 
 # The largest batch the native step takes (measured on SmolLM2, 2 cores: the native step is 1.2-1.6x
@@ -44,7 +49,9 @@ class NativeStep(DecodeStep):
     name = "native"
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 weights: DecoderWeights | None = None) -> None:
+                 weights: DecoderWeights | None = None, lora: list[LayerLora] | None = None) -> None:
+        """``lora``: each decoder layer's adapter pools (held, not copied: adapters loaded into them in
+        place later are used by the next step), or None for a step without LoRA."""
         weights = weights or DecoderWeights.of(model)
         problem = native_problem(weights)
         if problem is not None:
@@ -62,13 +69,25 @@ class NativeStep(DecodeStep):
                                    s.windows[i])
             for spec in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 _add_linear(self.decoder.add_linear, spec)
+        self.lora = lora
+        if lora is not None:
+            if len(lora) != len(weights.layers):
+                raise ValueError(f"LoRA pools for {len(lora)} layers, but the model has {len(weights.layers)}")
+            for i, pools in enumerate(lora):
+                for j, w in enumerate((pools.qkv, pools.o, pools.gate_up, pools.down)):
+                    self.decoder.set_lora(i, j, w.a, w.b, list(w.cols))
+        self._no_lora = torch.empty(0, dtype=torch.long)
 
     def supports(self, batch: DecodeBatch) -> bool:
+        if batch.lora_slots is not None and self.lora is None:
+            return False  # built without adapter pools: the rows' adapters would be dropped
         return batch.size <= self.max_batch
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
-        return self.decoder.step(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin)
+        lora_slots = self._no_lora if batch.lora_slots is None else batch.lora_slots
+        return self.decoder.step(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin,
+                                 lora_slots)
 
     def describe(self) -> str:
         return f"native (decode batches of <= {self.max_batch})"
