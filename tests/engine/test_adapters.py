@@ -202,3 +202,29 @@ def test_adapters_that_cannot_be_served_are_refused_clearly(tiny, tmp_path):
     with pytest.raises(AdapterError, match="serves no LoRA adapters"):
         plain.generate(PROMPTS[:1], GREEDY, lora="a0")
     assert [a.name for a in engine.list_loras()] == NAMES  # nothing half-added
+
+
+def test_a_quantized_base_serves_adapters_unmerged(tiny, tmp_path):
+    """A 4-bit GGUF runs on its own int4 codes with adapters on top (what merging cannot do): logits equal the
+    dequantized weights' with the adapter merged, and a mixed batch gives each request's tokens alone."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import byte_level_vocab_meta, write_llama_gguf
+
+    path = str(tmp_path / "q4.gguf")
+    write_llama_gguf(path, AutoModelForCausalLM.from_pretrained(tiny["base"]), "Q4_0",
+                     tokenizer_meta=byte_level_vocab_meta())
+    config = LoraServingConfig(max_lora_rank=16, modules=tuple((n, tiny[n]) for n in NAMES))
+    llm = LLM(path, weights="native", lora_serving=config)
+    pool = llm.engine.adapters
+    for name in NAMES:
+        dense = LLM(path, weights="fp32", lora=tiny[name]).model
+        slot = pool.acquire(pool.get(name))
+        for prompt in PROMPTS[7], PROMPTS[1]:
+            ids = torch.tensor(prompt)
+            with pool.hooks.using(torch.full((len(ids),), slot)), torch.no_grad():
+                torch.testing.assert_close(llm.model.logits(ids), dense.logits(ids), rtol=1e-4, atol=1e-4)
+        pool.release(pool.get(name))
+    names = [[None, *NAMES][k % 5] for k in range(len(PROMPTS))]
+    batched = tokens(llm.generate(PROMPTS, GREEDY, lora=names))
+    assert batched[:5] == [tokens(llm.generate([p], GREEDY, lora=n))[0] for p, n in zip(PROMPTS[:5], names)]

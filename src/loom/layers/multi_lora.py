@@ -54,7 +54,8 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torc
     """y[row] += expand(shrink(x[row])) under slot ``slots[row]`` (-1: nothing), in place; returns y.
     One GEMM pair per adapter present in the batch (SGMV as PyTorch ops)."""
     rank = w.b.shape[2]
-    for s in torch.unique(slots).tolist():
+    present: List[int] = torch.unique(slots).tolist()
+    for s in present:
         if s < 0:
             continue
         rows = (slots == s).nonzero().squeeze(1)
