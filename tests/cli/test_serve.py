@@ -34,3 +34,29 @@ def test_request_limit_options():
     assert RequestLimits(args.max_prompts_per_request, args.max_stop_strings, args.max_stop_chars) == \
         RequestLimits(8, 4, 100)
     assert args.request_body_timeout == 5.0 and parse().max_waiting == 256
+
+
+def test_lora_serving_options():
+    """--lora-modules takes NAME=DIR or vLLM's JSON, in one flag or several, and turns per-request adapters
+    on (so do --enable-lora and --allow-runtime-lora); without them the engine serves none."""
+    from loom.cli.options import engine_config, lora_serving_config
+    from loom.config import LoraServingConfig
+
+    args = parse("--lora-modules", "sql=/a/sql", '{"name": "chat", "path": "/a/chat", "base_model_name": "m"}',
+                 "--lora-modules", "x=/a/x=1", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "3")
+    modules = (("sql", "/a/sql"), ("chat", "/a/chat"), ("x", "/a/x=1"))
+    assert engine_config(args).lora_serving == LoraServingConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=3,
+                                                                 modules=modules)
+    assert lora_serving_config(parse()) is None and engine_config(parse()).lora_serving is None
+    assert not parse().allow_runtime_lora
+    for flag in ("--enable-lora", "--allow-runtime-lora"):
+        assert lora_serving_config(parse(flag)) == LoraServingConfig()  # max_loras 4, max_lora_rank 16
+
+
+@pytest.mark.parametrize("entry", ["sql", "=/a/sql", "sql=", '{"name": "sql"}', '{"name": "", "path": "/a"}',
+                                   '{"name": "sql", "path": ', '["sql", "/a"]'])
+def test_bad_lora_modules_are_argparse_errors(entry, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--lora-modules", entry)
+    assert e.value.code == 2
+    assert "--lora-modules" in capsys.readouterr().err

@@ -10,10 +10,11 @@ objects they take.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from loom.config import (DECODE_STEPS, CacheConfig, EngineConfig, KVPolicyConfig, RopeScalingOverride,
-                         SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
+from loom.config import (DECODE_STEPS, CacheConfig, EngineConfig, KVPolicyConfig, LoraServingConfig,
+                         RopeScalingOverride, SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
 
@@ -104,6 +105,46 @@ def add_speculative_options(p: argparse.ArgumentParser, several: bool = False) -
     s.add_argument("--spec-sink-tokens", type=int, default=4, help="window: first tokens the draft keeps")
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """One ``--lora-modules`` entry: ``name=DIR``, or vLLM's JSON ``{"name": ..., "path": ...}``; an
+    argparse error for anything else."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {e}") from None
+        name, path = (entry.get("name"), entry.get("path")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise argparse.ArgumentTypeError(f"{text!r}: the JSON form needs a non-empty \"name\" and \"path\"")
+        return name, path
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give an adapter as NAME=DIR (or JSON {{\"name\": ..., "
+                                         "\"path\": ...}})")
+    return name.strip(), path.strip()
+
+
+def add_lora_serving_options(p: argparse.ArgumentParser) -> None:
+    """LoRA adapters chosen per request (`loom serve`; vLLM's flags): each request's ``model`` names one."""
+    defaults = LoraServingConfig()
+    g = p.add_argument_group("LoRA adapters per request (a request's model names one)")
+    g.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=None,
+                   metavar="NAME=DIR",
+                   help='PEFT LoRA adapter folders served unmerged, each as NAME=DIR or JSON {"name": ..., "path": '
+                        '...}; a request with model NAME runs under that adapter')
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve adapters per request (implied by --lora-modules and --allow-runtime-lora)")
+    g.add_argument("--max-loras", type=int, default=defaults.max_loras,
+                   help="adapters one step can compute (slots; more are swapped in as slots free up)")
+    g.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank,
+                   help="the highest adapter rank accepted (adapters of higher rank are refused)")
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory, the rest read again from their folders (default: --max-loras)")
+    g.add_argument("--allow-runtime-lora", action="store_true",
+                   help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter (a client then names "
+                        "folders on this machine to load)")
+
+
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -158,6 +199,15 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
                            max_waiting=getattr(args, "max_waiting", None))
 
 
+def lora_serving_config(args: argparse.Namespace) -> LoraServingConfig | None:
+    """Per-request adapters, when `loom serve` was given --lora-modules, --enable-lora or --allow-runtime-lora."""
+    modules = getattr(args, "lora_modules", None) or []
+    if not (modules or getattr(args, "enable_lora", False) or getattr(args, "allow_runtime_lora", False)):
+        return None
+    return LoraServingConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                             max_cpu_loras=args.max_cpu_loras, modules=tuple(modules))
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -171,7 +221,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=args.device, rope_scaling=rope_scaling(args), decode_step=args.decode_step,
                         cache=cache_config(args), scheduler=scheduler_config(args),
                         speculative=speculative_config(args), kv_policy=kv_policy(args),
-                        lora=getattr(args, "lora", None))
+                        lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args))
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:

@@ -1,6 +1,6 @@
 """`loom serve`: load a model and serve it over an OpenAI-compatible HTTP API (completions, chat,
-streaming, metrics, embeddings / rerank / score, optionally with an embedding model of their own) until
-SIGTERM or Ctrl-C."""
+streaming, metrics, embeddings / rerank / score, optionally with an embedding model of their own, LoRA
+adapters chosen per request by ``model``) until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
-                              llm_from_args)
+from loom.cli.options import (add_device_option, add_engine_options, add_lora_serving_options, add_model_options,
+                              add_speculative_options, llm_from_args)
 from loom.serve.protocol import RequestLimits
 
 
@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_option(sv)
     add_engine_options(sv)
     add_speculative_options(sv)
+    add_lora_serving_options(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None,
@@ -91,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(llm.engine, llm.tokenizer, name, api_key=key, max_request_bytes=args.max_request_bytes,
                      body_timeout_s=args.request_body_timeout, limits=limits, public_docs=args.public_docs,
                      embedder=embedder, embedding_model_name=embedding_name,
-                     max_embedding_inputs=args.max_embedding_inputs or MAX_EMBEDDING_INPUTS)
+                     max_embedding_inputs=args.max_embedding_inputs or MAX_EMBEDDING_INPUTS, model_root=llm.model_path,
+                     allow_runtime_lora=args.allow_runtime_lora)
+    adapters = [a.name for a in llm.engine.list_loras()]
     print(f"loom: serving {name!r} on http://{args.host}:{args.port} (load {llm.load_seconds:.2f} s; "
-          f"{llm.engine.describe()})" + (f"; embeddings by {embedding_name!r}" if embedding_name else ""),
-          file=sys.stderr)
+          f"{llm.engine.describe()})" + (f"; embeddings by {embedding_name!r}" if embedding_name else "")
+          + (f"; LoRA adapters {', '.join(map(repr, adapters))}" if adapters else "")
+          + ("; runtime LoRA loading on" if args.allow_runtime_lora else ""), file=sys.stderr)
     serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
     return 0

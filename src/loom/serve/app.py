@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
-from loom.serve import embeddings, responses
+from loom.serve import embeddings, lora, responses
 from loom.serve.errors import install_error_handlers
 from loom.serve.openapi import install_api_description
 from loom.serve.protocol import RequestLimits
@@ -63,13 +63,24 @@ def api_description() -> dict:
 def create_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str = "loom", api_key: str | None = None,
                max_request_bytes: int = 4 << 20, body_timeout_s: float | None = 30.0,
                limits: RequestLimits = RequestLimits(), public_docs: bool = False, embedder: Embedder | None = None,
-               embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS) -> FastAPI:
+               embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS,
+               model_root: str | None = None, allow_runtime_lora: bool = False) -> FastAPI:
     """An app serving ``engine`` as ``model_name``; ``api_key`` (if set) is required as a Bearer token by
     every route but /health and the chat page; bodies over ``max_request_bytes`` or slower than
     ``body_timeout_s`` are refused; ``limits`` bound each request's work; ``public_docs`` serves
     /openapi.json and /docs without the key. ``embedder`` (named ``embedding_model_name``) answers the
-    embedding routes; without one the served model embeds, under ``model_name``."""
+    embedding routes; without one the served model embeds, under ``model_name``. The engine's LoRA adapters
+    (``lora_serving``) are models of their own, named as loaded; ``allow_runtime_lora`` mounts the routes
+    that load and unload them (``serve/lora.py``). ``model_root``: the weights' path, for /v1/models."""
+    loaded = [a.name for a in engine.list_loras()]
+    clash = {model_name, embedding_model_name or model_name} & set(loaded)
+    if clash:
+        raise ValueError(f"a LoRA adapter may not take the name of a served model: {sorted(clash)}")
+    if allow_runtime_lora and engine.adapters is None:
+        raise ValueError("loading LoRA adapters at run time needs an engine that serves them (lora_serving)")
     app = bare_app(public_docs=public_docs or api_key is None, lifespan=lifespan)
+    if allow_runtime_lora:
+        app.include_router(lora.router)
     app.state.loom = ServerState(engine, tokenizer, model_name, api_key, max_request_bytes, body_timeout_s, limits,
-                                 embedder, embedding_model_name, max_embedding_inputs)
+                                 embedder, embedding_model_name, max_embedding_inputs, model_root, allow_runtime_lora)
     return app

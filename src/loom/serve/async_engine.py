@@ -2,8 +2,9 @@
 
 HTTP handlers run on the event loop; ``LLMEngine`` runs in one thread of its own (torch releases the
 GIL inside its kernels, so the loop stays responsive while a step computes). Handlers send commands
-(add, abort) through a queue; the engine thread applies them between steps and pushes every delta
-to the asyncio queue of the request it belongs to.
+(add, abort, and ``call``: any other change to the engine, such as loading or unloading a LoRA adapter)
+through a queue; the engine thread applies them between steps, never during one, and pushes every
+delta to the asyncio queue of the request it belongs to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
-from loom.errors import EngineUnavailableError
+from loom.errors import EngineUnavailableError, ModelNotFoundError
 from loom.outputs import StreamDelta
 from loom.sampling_params import SamplingParams
 from loom.serve.errors import ShuttingDownError
@@ -34,6 +35,15 @@ class _Stream:
     out: asyncio.Queue
     request: Request
     open: set[int] = field(default_factory=set)  # completion indices not finished yet
+
+
+@dataclass(frozen=True)
+class AdapterActivity:
+    """Which LoRA adapters the engine's sequences use, as of the last step or command (read by /metrics
+    from the event loop; the engine thread replaces it whole, never changes it)."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -55,6 +65,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: BaseException | None = None
+        self.adapter_activity = AdapterActivity()
 
     # Lifecycle ---------------------------------------------------------------------------------
 
@@ -83,18 +94,30 @@ class AsyncEngine:
     # Requests (called from the event loop) -----------------------------------------------------
 
     async def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
-                  out: asyncio.Queue) -> Request:
+                  out: asyncio.Queue, lora: str | None = None) -> Request:
         """Queue a request whose deltas (or, if the engine fails, an EngineUnavailableError) will arrive on
-        ``out``; returns the engine's Request once accepted. Raises what add_request raises (ValueError
-        for a bad request, QueueFullError) before anything is streamed, and EngineUnavailableError when
-        the engine is not running."""
+        ``out``; returns the engine's Request once accepted. ``lora``: the LoRA adapter it runs under (None:
+        the base model). Raises what add_request raises (ValueError for a bad request, QueueFullError)
+        before anything is streamed, ModelNotFoundError for an adapter not loaded (or unloaded since the
+        route checked it), and EngineUnavailableError when the engine is not running."""
         if self.dead is not None or self._stopping:
             raise EngineUnavailableError("the engine is not running")
         loop = asyncio.get_running_loop()
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, list(prompt), params, loop, out, accepted))
+        self._commands.put(("add", request_id, list(prompt), params, loop, out, accepted, lora))
         self._wake.set()
         return await asyncio.wrap_future(accepted)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """``fn(engine)`` run in the engine thread between steps (so it never races a step or an
+        ``add_request``); its result, or its exception raised here. EngineUnavailableError when the
+        engine is not running."""
+        if self.dead is not None or self._stopping:
+            raise EngineUnavailableError("the engine is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
         """Abort a request between steps (a no-op for one that has ended or was never accepted)."""
@@ -105,9 +128,12 @@ class AsyncEngine:
 
     def _apply(self, command: tuple[Any, ...]) -> None:
         if command[0] == "add":
-            _, rid, prompt, params, loop, out, accepted = command
+            _, rid, prompt, params, loop, out, accepted, lora = command
             try:
-                self.engine.add_request(rid, prompt, params)
+                if lora is not None and lora not in [a.name for a in self.engine.list_loras()]:
+                    raise ModelNotFoundError(f"the model {lora!r} does not exist (no LoRA adapter of that name is "
+                                             "loaded)")  # unloaded since the route checked the name
+                self.engine.add_request(rid, prompt, params, lora=lora)
             except Exception as e:  # noqa: BLE001 - handed back to the caller
                 accepted.set_exception(e)
                 return
@@ -118,6 +144,22 @@ class AsyncEngine:
             rid = command[1]
             if rid in self._streams:
                 self.engine.abort_request(rid)  # its "abort" deltas go out with the next step
+        elif command[0] == "call":
+            _, fn, done = command
+            try:
+                result = fn(self.engine)
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                done.set_exception(e)
+            else:
+                done.set_result(result)
+
+    def _note_adapters(self) -> None:
+        """Publish which adapters running and waiting sequences use (only with per-request adapters)."""
+        if self.engine.adapters is None:
+            return
+        scheduler = self.engine.scheduler
+        waiting = {s.adapter.name for s in scheduler.waiting if s.adapter is not None}
+        self.adapter_activity = AdapterActivity(tuple(self.engine.adapters.active), tuple(sorted(waiting)))
 
     def _deliver(self, deltas: list[StreamDelta]) -> None:
         """Hand a step's deltas to their requests' queues: one wake-up per event loop per step, not one
@@ -156,11 +198,15 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
+                applied = False
                 while True:
                     try:
                         self._apply(self._commands.get_nowait())
+                        applied = True
                     except queue.Empty:
                         break
+                if applied:
+                    self._note_adapters()
                 if self._stopping:  # every request still open is answered with the shutdown error
                     self._fail_all(ShuttingDownError("the server is shutting down"))
                     if self.engine.has_unfinished_requests():
@@ -173,8 +219,10 @@ class AsyncEngine:
                         log.exception("an engine step failed; aborting the requests in flight")
                         self._fail_all(EngineUnavailableError(f"the engine step failed: {e}"))
                         self._drain_aborts()
+                        self._note_adapters()
                         continue
                     self._deliver(deltas)
+                    self._note_adapters()
                 else:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()

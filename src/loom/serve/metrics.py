@@ -1,11 +1,21 @@
-"""Prometheus metrics for the server (vLLM's names where they exist)."""
+"""Prometheus metrics for the server (vLLM's names where they exist).
+
+With per-request LoRA adapters (``engine/adapters.py``) also: ``loom_lora_requests_total{lora_name}``
+(requests received per adapter), ``loom_lora_active_adapters`` (adapters in use by running sequences),
+``loom_lora_loaded_adapters``, and vLLM's ``lora_requests_info`` as ``loom_lora_requests_info`` (labels
+``running_lora_adapters`` and ``waiting_lora_adapters``, comma-separated names, and ``max_lora``; its value
+is the time of the scrape).
+"""
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
+from loom.serve.async_engine import AdapterActivity
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
@@ -52,6 +62,19 @@ class Metrics:
                                   "Decode tokens/s of steps verifying drafts / of steps without drafts", labels,
                                   registry=r)
         self.model = model_name
+        self.lora = engine.adapters is not None
+        if self.lora:
+            self.lora_requests = Counter("loom_lora_requests", "Requests received per LoRA adapter",
+                                         labels + ["lora_name"], registry=r)
+            self.lora_active = Gauge("loom_lora_active_adapters", "LoRA adapters in use by running sequences",
+                                     labels, registry=r)
+            self.lora_loaded = Gauge("loom_lora_loaded_adapters", "LoRA adapters loaded (requests may name them)",
+                                     labels, registry=r)
+            self.lora_info = Gauge("loom_lora_requests_info",
+                                   "Adapters of running and waiting sequences (vLLM's lora_requests_info); the "
+                                   "value is the time of the scrape",
+                                   labels + ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+            self._lora_counted: dict[str, int] = {}  # what lora_requests holds, per adapter
 
     def request_finished(self, request: Request) -> None:
         """Called from the engine thread when all of a request's completions have ended."""
@@ -69,10 +92,13 @@ class Metrics:
         if m.finished is not None:
             self.e2e.labels(label).observe(m.finished - m.arrival)
 
-    def render(self) -> bytes:
-        """Refresh the engine gauges from ``engine.stats()`` and return the text exposition."""
+    def render(self, adapters: AdapterActivity | None = None) -> bytes:
+        """Refresh the engine gauges from ``engine.stats()`` (and the adapter metrics from ``adapters``, what
+        the engine thread last published) and return the text exposition."""
         s = self.engine.stats()
         label = self.model
+        if self.lora:
+            self._render_lora(adapters or AdapterActivity())
         self.running.labels(label).set(s.num_running)
         self.waiting.labels(label).set(s.num_waiting)
         self.kv_used.labels(label).set(s.kv_blocks_used)
@@ -90,3 +116,19 @@ class Metrics:
             if spec.speedup is not None:
                 self.spec_speedup.labels(label).set(spec.speedup)
         return generate_latest(self.registry)
+
+    def _render_lora(self, activity: AdapterActivity) -> None:
+        label, pool = self.model, self.engine.adapters
+        received = dict(self.engine.lora_requests)  # a copy at once: the engine thread adds to it
+        for name in list(pool.registered):  # type: ignore[union-attr]
+            self.lora_requests.labels(label, name)  # a loaded adapter shows 0 before its first request
+        for name, count in received.items():
+            done = self._lora_counted.get(name, 0)
+            if count > done:
+                self.lora_requests.labels(label, name).inc(count - done)
+                self._lora_counted[name] = count
+        self.lora_active.labels(label).set(len(activity.running))
+        self.lora_loaded.labels(label).set(len(pool.registered))  # type: ignore[union-attr]
+        self.lora_info.clear()  # one sample: the adapters now
+        self.lora_info.labels(label, ",".join(activity.running), ",".join(activity.waiting),
+                              str(pool.config.max_loras)).set(time.time())  # type: ignore[union-attr]

@@ -56,9 +56,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Json:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_card(model: str, created: int, max_model_len: int) -> Json:
-    """The ``model`` object of ``/v1/models`` (plus ``max_model_len``, as other engines report it)."""
-    return {"id": model, "object": "model", "created": created, "owned_by": "loom", "max_model_len": max_model_len}
+def model_card(model: str, created: int, max_model_len: int, root: Optional[str] = None,
+               parent: Optional[str] = None) -> Json:
+    """The ``model`` object of ``/v1/models`` (plus ``max_model_len``, as other engines report it). Given a
+    ``root`` (the weights' folder or file), also vLLM's ``root`` and ``parent``: a LoRA adapter's parent is
+    the base model's name, the base model's is null."""
+    card = {"id": model, "object": "model", "created": created, "owned_by": "loom", "max_model_len": max_model_len}
+    if root is not None:
+        card |= {"root": root, "parent": parent}
+    return card
 
 
 def model_list(cards: list[Json]) -> Json:

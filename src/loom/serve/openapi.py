@@ -166,6 +166,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    root: Optional[str] = Field(None, description="The weights' folder or file (a LoRA adapter's folder)")
+    parent: Optional[str] = Field(None, description="A LoRA adapter's base model; null for a base model")
 
 
 class ModelList(BaseModel):

@@ -386,6 +386,22 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    """The body of ``POST /v1/load_lora_adapter`` (vLLM's): a name for requests to use as ``model``, and
+    the PEFT adapter folder on the server."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """The body of ``POST /v1/unload_lora_adapter`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = Field(min_length=1)
+
+
 def check_limits(req: SamplingFields, limits: RequestLimits, num_prompts: int = 1) -> None:
     """InvalidRequestError when a request asks for more work than ``limits`` allow."""
     if num_prompts > limits.max_prompts:

@@ -385,14 +385,14 @@ async def create_response(request: Request, state: ServerState = Depends(server_
     """OpenAI's Responses API on the chat path: input items, instructions, function tools and their
     outputs, ``text.format``, streaming events, ``previous_response_id``."""
     req = await state.read(request, ResponsesRequest)
-    state.check_model(req.model)
+    lora = state.check_model(req.model)
     history = history_of(state, req)
     chat = chat_request(req, history)
     check_limits(chat, state.limits)
     ids = chat_prompt(state, chat)
     params = chat.sampling_params(chat.max_new_tokens, vocab_size=state.vocab_size)
-    shell = ResponseShell(new_id("resp"), int(time.time()), state.model_name, req)
-    sub = await submit(state.async_engine, [ids], params, shell.id)
+    shell = ResponseShell(new_id("resp"), int(time.time()), state.response_model(lora), req)
+    sub = await submit(state.async_engine, [ids], params, shell.id, lora)
     conversation = history + new_items(req)
     if req.stream:
         return StreamingResponse(stream_events(state, shell, sub, chat.calls_tools, conversation),

@@ -1,5 +1,7 @@
 """The server's routes: the chat page, health, metrics, models, tokenize / detokenize, and OpenAI's
-completions and chat completions (whole, or streamed as server-sent events).
+completions and chat completions (whole, or streamed as server-sent events). A request whose ``model``
+names a loaded LoRA adapter runs under it, and its response names the adapter (``serve/lora.py`` has the
+routes that load and unload adapters at run time).
 
 Handlers are module-level and find the served model in ``request.app.state.loom`` (a ServerState).
 ``router`` holds the open routes, ``api`` those that need the API key (checked by a dependency before
@@ -19,7 +21,8 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from loom.errors import EngineUnavailableError, InvalidPromptError, InvalidRequestError
+from loom.engine.adapters import Adapter
+from loom.errors import EngineUnavailableError, InvalidPromptError, InvalidRequestError, ModelNotFoundError
 from loom.serve import openai_format as fmt
 from loom.serve import openapi as doc
 from loom.serve.embeddings import embedding_card
@@ -79,28 +82,47 @@ async def health(state: State) -> Response:
                           "description": "Prometheus text exposition format 0.0.4"}})
 async def metrics(state: State) -> Response:
     """Prometheus text exposition of the server's metrics (behind the API key when one is set)."""
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(state.async_engine.adapter_activity), media_type="text/plain; version=0.0.4")
 
 
 # Models and tokens -------------------------------------------------------------------------------
 
 
+def model_card(state: ServerState) -> dict[str, Any]:
+    """The served model's card (``root``: its folder or file; ``parent``: null)."""
+    return fmt.model_card(state.model_name, state.created, state.engine.max_model_len, root=state.model_root)
+
+
+def adapter_card(state: ServerState, adapter: Adapter) -> dict[str, Any]:
+    """A LoRA adapter's card, as vLLM lists them: ``root`` its folder, ``parent`` the served model."""
+    return fmt.model_card(adapter.name, state.created, state.engine.max_model_len, root=adapter.path,
+                          parent=state.model_name)
+
+
 @api.get("/v1/models", response_model=doc.ModelList)
 async def list_models(state: State) -> dict[str, Any]:
-    """The served model (and the embedding model, when it is another)."""
+    """The served model, each LoRA adapter loaded (its ``parent`` is the served model), and the embedding
+    model, when it is another."""
     embedding = embedding_card(state)
-    return fmt.model_list([fmt.model_card(state.model_name, state.created, state.engine.max_model_len)]
+    adapters = state.engine.adapters
+    loras = [] if adapters is None else list(adapters.registered.values())  # a copy, taken at once
+    return fmt.model_list([model_card(state)] + [adapter_card(state, a) for a in loras]
                           + ([embedding] if embedding else []))
 
 
 @api.get("/v1/models/{model_id:path}", response_model=doc.ModelCard, responses=doc.errors(404))
 async def get_model(model_id: str, state: State) -> dict[str, Any]:
-    """The served model's card (or the embedding model's), or 404 for any other name."""
+    """The served model's card (or a LoRA adapter's, or the embedding model's), or 404 for any other name."""
     embedding = embedding_card(state, model_id)
     if embedding:
         return embedding
-    state.check_model(model_id)
-    return fmt.model_card(state.model_name, state.created, state.engine.max_model_len)
+    lora = state.check_model(model_id)
+    if lora is None:
+        return model_card(state)
+    adapter = state.engine.adapters.registered.get(lora)  # type: ignore[union-attr]
+    if adapter is None:  # unloaded since check_model saw it
+        raise ModelNotFoundError(f"the model {lora!r} does not exist (its LoRA adapter was unloaded)")
+    return adapter_card(state, adapter)
 
 
 @api.post("/tokenize", response_model=doc.TokenizeResponse, openapi_extra=doc.body(TokenizeRequest),
@@ -187,15 +209,15 @@ async def completions(request: Request, state: State) -> Response:
     ``max_tokens: 0`` with ``echo`` scores the prompt without generating (what lm-evaluation-harness
     asks for)."""
     req = await state.read(request, CompletionRequest)
-    state.check_model(req.model)
+    lora = state.check_model(req.model)
     check_limits(req, state.limits, len(req.prompts()))
     prompts = completion_prompts(state, req)
     echo_only = req.max_tokens == 0
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = req.sampling_params(1 if echo_only else req.max_tokens, logprobs=req.logprobs,
                                  prompt_logprobs=prompt_logprobs, vocab_size=state.vocab_size)
-    env = fmt.Envelope(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
-    sub = await submit(state.async_engine, prompts, params, env.id)
+    env = fmt.Envelope(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.response_model(lora))
+    sub = await submit(state.async_engine, prompts, params, env.id, lora)
     shape = dict(echo=req.echo, echo_only=echo_only, logprobs=req.logprobs is not None)
     if req.stream:
         stream = fmt.CompletionStream(env, prompts, req.n, state.tokenizer.decode, **shape)
@@ -245,13 +267,13 @@ async def chat_completions(request: Request, state: State) -> Response:
     """OpenAI's chat completions: the messages through the model's chat template, ``n`` choices,
     ``logprobs`` / ``top_logprobs``, ``tools`` (calls returned as ``tool_calls``; see ``serve/tools.py``)."""
     req = await state.read(request, ChatCompletionRequest)
-    state.check_model(req.model)
+    lora = state.check_model(req.model)
     check_limits(req, state.limits)
     ids = chat_prompt(state, req)
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(req.max_new_tokens, logprobs=top_logprobs, vocab_size=state.vocab_size)
-    env = fmt.Envelope(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
-    sub = await submit(state.async_engine, [ids], params, env.id)
+    env = fmt.Envelope(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.response_model(lora))
+    sub = await submit(state.async_engine, [ids], params, env.id, lora)
     if req.stream:
         return sse_response(chat_events(env, sub, req, top_logprobs))
     (output,) = await until_disconnect(request, collect(sub))

@@ -1,6 +1,7 @@
 """What a server holds (``app.state.loom``): the engine and its thread, the tokenizer, the served name, the
 API key, the limits on request bodies and per-request work, the metrics, and the embedding model; and the
-checks every route makes against them."""
+checks every route makes against them. A request's ``model`` is the served name (the base model) or the name
+of one of the engine's LoRA adapters (``engine/adapters.py``), which it then runs under."""
 
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ class ServerState:
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None,
                  max_request_bytes: int, body_timeout_s: float | None = 30.0,
                  limits: RequestLimits = RequestLimits(), embedder: Embedder | None = None,
-                 embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS) -> None:
+                 embedding_model_name: str | None = None, max_embedding_inputs: int = MAX_EMBEDDING_INPUTS,
+                 model_root: str | None = None, allow_runtime_lora: bool = False) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.model_root = model_root or model_name  # the base model's folder or file (its card's ``root``)
+        self.allow_runtime_lora = allow_runtime_lora  # /v1/load_lora_adapter and /v1/unload_lora_adapter
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
         self.body_timeout_s = body_timeout_s
@@ -68,10 +72,26 @@ class ServerState:
         """The request's body validated as ``model``, within the server's size and time limits."""
         return await read_json(request, model, self.max_request_bytes, self.body_timeout_s)
 
-    def check_model(self, name: Optional[str]) -> None:
-        """Raise ModelNotFoundError when a request names a model other than the one served (None: any)."""
-        if name is not None and name != self.model_name:
-            raise ModelNotFoundError(f"the model {name!r} does not exist (this server serves {self.model_name!r})")
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters loaded now, in load order (a copy: the engine thread may change the registry)."""
+        return [] if self.engine.adapters is None else list(self.engine.adapters.registered)
+
+    def check_model(self, name: Optional[str]) -> Optional[str]:
+        """The LoRA adapter a request's ``model`` names, None for the served model (or no name); raise
+        ModelNotFoundError for any other name. (The engine thread checks the adapter again when the request
+        arrives there: it may have been unloaded in between.)"""
+        if name is None or name == self.model_name:
+            return None
+        adapters = self.engine.adapters
+        if adapters is not None and name in adapters.registered:
+            return name
+        loaded = self.adapter_names()
+        also = f" and the LoRA adapters {', '.join(map(repr, loaded))}" if loaded else ""
+        raise ModelNotFoundError(f"the model {name!r} does not exist (this server serves {self.model_name!r}{also})")
+
+    def response_model(self, lora: Optional[str]) -> str:
+        """The ``model`` a response names: the adapter it ran under, else the served model."""
+        return lora if lora is not None else self.model_name
 
 
 def server_state(request: Request) -> ServerState:

@@ -36,17 +36,19 @@ class Submission:
             self.engine.abort(r.request_id)
 
 
-async def submit(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, prefix: str) -> Submission:
-    """Queue one request per prompt (ids ``{prefix}-{i}``) on a shared queue. If the engine refuses any,
-    the ones already queued are withdrawn and its error is raised: QueueFullError, EngineUnavailableError,
-    an InvalidRequestError (a plain ValueError from ``add_request``, its documented "bad request", is
-    raised as one)."""
+async def submit(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, prefix: str,
+                 lora: str | None = None) -> Submission:
+    """Queue one request per prompt (ids ``{prefix}-{i}``) on a shared queue, under the LoRA adapter named
+    ``lora`` (None: the base model). If the engine refuses any, the ones already queued are withdrawn and
+    its error is raised: QueueFullError, EngineUnavailableError, ModelNotFoundError (an adapter unloaded
+    meanwhile), an InvalidRequestError (a plain ValueError from ``add_request``, its documented "bad
+    request", is raised as one)."""
     sub = Submission(engine, [], asyncio.Queue())
     rid = ""
     try:
         for i, ids in enumerate(prompts):
             rid = f"{prefix}-{i}"
-            sub.requests.append(await engine.add(rid, ids, params, sub.out))
+            sub.requests.append(await engine.add(rid, ids, params, sub.out, lora))
     except BaseException as e:
         sub.abort()
         engine.abort(rid)  # in case it was queued after all (a cancelled wait); else a no-op
