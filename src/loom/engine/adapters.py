@@ -92,14 +92,15 @@ class AdapterPool:
 
     # The registry ---------------------------------------------------------------------------------
 
-    def add(self, name: str, path: str | os.PathLike[str]) -> Adapter:
-        """Register the PEFT adapter at ``path`` as ``name``; AdapterError (HTTP 400) if it cannot be served."""
+    def add(self, name: str, path: str | os.PathLike[str], pairs: LoraPairs | None = None) -> Adapter:
+        """Register the PEFT adapter at ``path`` as ``name``; AdapterError (HTTP 400) if it cannot be served.
+        ``pairs``: the folder already read by ``read`` (a server reads it off the engine's thread)."""
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
         if name in self.registered:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
         path = os.fspath(path)
-        pairs = self._read(name, path)
+        pairs = pairs if pairs is not None else self.read(name, path)
         adapter = Adapter(name, path, next(_uids), max(a.shape[0] for a, _ in pairs.pairs.values()),
                           tuple(sorted(pairs.pairs)))
         self.registered[name] = adapter
@@ -122,8 +123,9 @@ class AdapterPool:
             raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {known})", param="model")
         return adapter
 
-    def _read(self, name: str, path: str) -> LoraPairs:
-        """The adapter's pairs, checked against the model and the slots; AdapterError saying what is wrong."""
+    def read(self, name: str, path: str) -> LoraPairs:
+        """The adapter's pairs, checked against the model and the slots; AdapterError saying what is wrong.
+        It changes nothing, so it may run on any thread."""
         try:
             pairs = read_lora_pairs(path)
         except WeightsError as e:
@@ -161,7 +163,7 @@ class AdapterPool:
     def _pairs(self, adapter: Adapter) -> LoraPairs:
         pairs = self._host.get(adapter.uid)
         if pairs is None:  # dropped from host memory: read it again
-            pairs = self._read(adapter.name, adapter.path)
+            pairs = self.read(adapter.name, adapter.path)
             self._keep_on_host(adapter.uid, pairs)
         else:
             self._host.move_to_end(adapter.uid)

@@ -22,6 +22,7 @@ import torch
 
 from loom.config import CacheConfig, EngineConfig, KVPolicyConfig, SchedulerConfig
 from loom.engine.adapters import Adapter, AdapterError, AdapterPool
+from loom.weights.lora import LoraPairs
 from loom.engine.block_manager import BlockManager
 from loom.engine.kv_cache import KVCache
 from loom.engine.kv_policy import EvictingKV
@@ -221,11 +222,18 @@ class LLMEngine:
                                "lora_serving (loom serve --lora-modules name=DIR)", param="model")
         return self.adapters.get(name)
 
-    def add_lora(self, name: str, path: str) -> Adapter:
-        """Load the PEFT adapter folder ``path`` as ``name`` for later requests (AdapterError if it cannot be)."""
+    def read_lora(self, name: str, path: str) -> LoraPairs:
+        """Read and check an adapter folder for ``add_lora`` without touching the engine (any thread)."""
         if self.adapters is None:
             raise AdapterError("this engine serves no LoRA adapters: start it with lora_serving")
-        return self.adapters.add(name, path)
+        return self.adapters.read(name, path)
+
+    def add_lora(self, name: str, path: str, pairs: LoraPairs | None = None) -> Adapter:
+        """Load the PEFT adapter folder ``path`` as ``name`` for later requests (AdapterError if it cannot be);
+        ``pairs``: what ``read_lora`` read from it, if it was read already."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters: start it with lora_serving")
+        return self.adapters.add(name, path, pairs)
 
     def remove_lora(self, name: str) -> Adapter:
         """Unload ``name``: requests already queued or running under it finish; new ones are refused."""

@@ -5,7 +5,8 @@ Off by default (``loom serve --allow-runtime-lora``; vLLM's ``VLLM_ALLOW_RUNTIME
 routes are then not mounted at all, so they answer 404 like any unknown route, as vLLM's do. Loading reads
 a folder on the server's disk that the client names, so enable it only for clients trusted with that.
 
-A load or unload runs in the engine thread between steps (``AsyncEngine.call``), never racing a step or
+A load reads and checks the folder in a worker thread, then registers it, like an unload, in the engine
+thread between steps (``AsyncEngine.call``), never racing a step or
 an ``add_request``. After an unload, requests already queued or running under the adapter finish with all
 their tokens; new requests naming it are refused with 404 ``model_not_found``, like any unknown model.
 Answers follow vLLM: 200 with a one-line text on success; 400 for a duplicate name, a name the served
@@ -19,6 +20,7 @@ import logging
 import os
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
 from loom.engine.adapters import AdapterError
@@ -54,7 +56,9 @@ async def load_lora_adapter(request: Request, state: ServerState = Depends(serve
                            param="lora_name")
     if not os.path.isdir(path):
         raise AdapterNotFoundError(f"no adapter folder at {path!r} on the server", "lora_path")
-    adapter = await state.async_engine.call(lambda engine: engine.add_lora(name, path))
+    # Read off the engine's thread (decoding goes on meanwhile); registered between two steps.
+    pairs = await run_in_threadpool(state.engine.read_lora, name, path)
+    adapter = await state.async_engine.call(lambda engine: engine.add_lora(name, path, pairs))
     log.info("loaded LoRA adapter %r from %s (rank %d, %d modules)", name, path, adapter.rank, len(adapter.modules))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
