@@ -38,7 +38,8 @@ def test_a_random_adapter_is_one_peft_loads_and_loom_serves_alike(tiny_folder, t
 @pytest.fixture(scope="module")
 def result(tiny_folder):
     return run_throughput(EngineConfig(model=tiny_folder, weights="fp32"), num_prompts=6, input_len=12,
-                          output_len=5, peers=(), repeats=1, loras=3, lora_rank=4)
+                          output_len=5, peers=("peft",), hf_batch=(2, 6), hf_dtype=("float32",), repeats=1, loras=3,
+                          lora_rank=4)
 
 
 def test_the_mixed_adapter_run_sits_beside_the_base_run(result):
@@ -54,7 +55,20 @@ def test_the_mixed_adapter_run_sits_beside_the_base_run(result):
     assert 0 < lora["adapter_flops_fraction"] < 1
 
 
+def test_the_peft_peer_sweeps_its_batches_and_is_compared_at_its_best(result):
+    configs = result["results"]["loom_lora"]["peft_configs"]
+    assert [(c["batch"], c["dtype"]) for c in configs] == [(2, "float32"), (6, "float32")]
+    assert all("error" not in c and c["output_tokens"] == 6 * 5 for c in configs)
+    lora = result["results"]["loom_lora"]
+    assert lora["peft"]["total_tokens_per_s"] == max(c["total_tokens_per_s"] for c in configs)
+    assert lora["mixed_over_peft"] == pytest.approx(lora["mixed"]["total_tokens_per_s"]
+                                                    / lora["peft"]["total_tokens_per_s"])
+    assert result["hf_configs"] == []  # the base-model HF peer was not asked for
+
+
 def test_bad_lora_options_are_refused(tiny_folder):
     with pytest.raises(ValueError, match="--lora-rank"):
         run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=(),
                        loras=2, lora_rank=0)
+    with pytest.raises(ValueError, match="give --loras"):
+        run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=("peft",))

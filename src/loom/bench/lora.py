@@ -99,3 +99,42 @@ def summarize(base_runs: Sequence[dict[str, Any]], mixed_runs: Sequence[dict[str
             "mixed": {**best["mixed"], "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in mixed_runs]},
             "mixed_over_base": best["mixed"]["total_tokens_per_s"] / best["base"]["total_tokens_per_s"],
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class PeftMixedStatic:
+    """The peer: HF transformers + PEFT, every adapter loaded into one PeftModel, static batches of
+    ``batch`` prompts (left-padded, greedy) where each row runs under its own adapter (PEFT's mixed-adapter
+    batches, ``generate(..., adapter_names=...)``: rows are grouped by adapter inside each LoRA layer)."""
+
+    def __init__(self, folder: str, dtype: torch.dtype, pad_id: int, adapters: Sequence[tuple[str, str]],
+                 names: Sequence[str], device: str | torch.device = "cpu") -> None:
+        from peft import PeftModel
+
+        from loom.bench.throughput import HFStatic
+
+        self.base = HFStatic(folder, dtype, pad_id, device)
+        model = PeftModel.from_pretrained(self.base.model, adapters[0][1], adapter_name=adapters[0][0])
+        for name, path in adapters[1:]:
+            model.load_adapter(path, adapter_name=name)
+        self.model = model.eval()
+        self.names = list(names)
+        self.device = self.base.device
+
+    def run(self, prompts: list[list[int]], output_len: int | Sequence[int], batch: int) -> dict[str, Any]:
+        """HFStatic.run's figures, prompt i under adapter ``names[i]``."""
+        offset = 0
+        pad = self.base.pad_id
+
+        def generate(chunk: list[list[int]], new_tokens: int) -> int:
+            nonlocal offset
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=pad,
+                                adapter_names=self.names[offset:offset + len(chunk)])
+            offset += len(chunk)
+            return width
+
+        self.base._generate = generate  # type: ignore[method-assign]
+        return self.base.run(prompts, output_len, batch)

@@ -189,6 +189,25 @@ def _hf_models(llm: LLM, dtypes: Sequence[str]) -> dict[str, HFStatic | str]:
     return models
 
 
+def _peft_models(llm: LLM, dtypes: Sequence[str], adapters: Sequence[Any], names: Sequence[str]
+                 ) -> dict[str, Any]:
+    """One HF + PEFT model per dtype holding every adapter (keyed "peft:<dtype>"), or the loading error."""
+    from loom.bench.lora import PeftMixedStatic
+    from loom.bench.peers import hf_reference_copy
+
+    folder = llm.model_path if os.path.isdir(llm.model_path) else hf_reference_copy(llm.model_path)
+    pad = llm.tokenizer.eos_token_ids[0] if llm.tokenizer.eos_token_ids else 0
+    models: dict[str, Any] = {}
+    for name in dtypes:
+        try:
+            models[f"peft:{name}"] = PeftMixedStatic(folder, DTYPES[name], pad, [(a.name, a.path) for a in adapters],
+                                                     names, llm.device)
+        except Exception as e:  # noqa: BLE001 - recorded with every configuration of this dtype
+            models[f"peft:{name}"] = _error(e)
+            _free_device_memory(llm.device)
+    return models
+
+
 def _run_hf_config(model: HFStatic | str, work: Workload, batch: int) -> dict[str, Any]:
     """One timed pass of one configuration: its figures, or {"error": ...} (not raised)."""
     if isinstance(model, str):
@@ -259,9 +278,9 @@ def _check(dataset: str, peers: Sequence[str], num_prompts: int, input_len: int,
         raise ValueError("--num-prompts, --input-len, --output-len and --repeats must be at least 1")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (available: {', '.join(DATASETS)})")
-    unknown = set(peers) - {"hf"}
+    unknown = set(peers) - {"hf", "peft"}
     if unknown:
-        raise ValueError(f"unknown peers {sorted(unknown)} (available: hf)")
+        raise ValueError(f"unknown peers {sorted(unknown)} (available: hf, and peft with --loras)")
     if "hf" in peers and (not hf_batch or min(hf_batch) < 1):
         raise ValueError("--hf-batch needs batch sizes of at least 1")
     bad = set(hf_dtype) - set(DTYPES)
@@ -329,6 +348,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     _check(dataset, peers, num_prompts, input_len, output_len, repeats, batches, hf_dtype)
     if loras < 0 or lora_rank < 1:
         raise ValueError("--loras must be >= 0 and --lora-rank >= 1")
+    if "peft" in peers and not loras:
+        raise ValueError("the peft peer serves adapters: give --loras K")
     rss_before = resident_bytes()
     if loras:
         import dataclasses
@@ -354,21 +375,35 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     dtypes = list(dict.fromkeys(hf_dtype)) if "hf" in peers else []
     configs = [(b, d) for d in dtypes for b in batches]
     models = _hf_models(llm, dtypes) if configs else {}
-    roof = measure_peaks([dtype, *dtypes], llm.device, peak_matmul_size)
+    names = [f"lora-{i % loras}" for i in range(len(work.prompts))] if loras else None
+    peft_dtypes = list(dict.fromkeys(hf_dtype)) if "peft" in peers else []
+    if peft_dtypes:  # keyed "peft:<dtype>" beside HF's in the alternating sweep
+        models.update(_peft_models(llm, peft_dtypes, llm.engine.list_loras(), names))  # type: ignore[arg-type]
+        configs += [(b, f"peft:{d}") for d in peft_dtypes for b in batches]
+    roof = measure_peaks([dtype, *dtypes, *peft_dtypes], llm.device, peak_matmul_size)
     flops = workload_flops(llm.config, [len(p) for p in work.prompts], work.output_lens)
     per_token = flops / (work.input_tokens + work.output_tokens)
     roof = {"flops_per_token": per_token, "workload_flops": flops, "flops_counted": FLOPS_COUNTED,
             "fraction_of_compute_roof": "flops_per_token x total_tokens_per_s / peak_matmul_flops[dtype]", **roof}
-    names = [f"lora-{i % loras}" for i in range(len(work.prompts))] if loras else None
     loom_runs, hf_runs, lora_runs = _timed_runs(llm, work, models, configs, repeats,
                                                 warmup if warmup is not None else llm.device.type == "cuda", names)
     peaks = roof["peak_matmul_flops"]
     results: dict[str, Any] = {"loom": {**_with_roof(_loom_result(llm, loom_runs), dtype, per_token, peaks),
                                         "memory": memory, "weights": engine.weights or "native"}}
+    peft_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d.removeprefix("peft:"), per_token, peaks)
+                    for b, d in configs if d.startswith("peft:")]
+    configs = [(b, d) for b, d in configs if not d.startswith("peft:")]
     if loras:
         from loom.bench.lora import batch1_decode, summarize
 
         results["loom_lora"] = summarize(loom_runs, lora_runs, loras, lora_rank, llm.config, per_token)
+        results["loom_lora"]["peft_configs"] = peft_configs
+        ok = [c for c in peft_configs if "error" not in c]
+        if ok:
+            best = max(ok, key=lambda c: c["total_tokens_per_s"])
+            results["loom_lora"]["peft"] = best
+            results["loom_lora"]["mixed_over_peft"] = (results["loom_lora"]["mixed"]["total_tokens_per_s"]
+                                                       / best["total_tokens_per_s"])
         results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 128, max(repeats, 3))
         adapter_dir.cleanup()  # type: ignore[union-attr]
     hf_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d, per_token, peaks) for b, d in configs]

@@ -162,7 +162,8 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-range", default="16,1024", help="with --dataset mixed: MIN,MAX prompt tokens")
     p.add_argument("--output-range", default="16,512", help="with --dataset mixed: MIN,MAX generated tokens")
     p.add_argument("--seed", type=int, default=0, help="the workload's random draws")
-    p.add_argument("--peers", default="hf", help="comma-separated: hf, or none")
+    p.add_argument("--peers", default="hf", help="comma-separated: hf, peft (with --loras: HF + PEFT's mixed-adapter "
+                   "batches), or none")
     p.add_argument("--hf-batch", default="8,16,32,64", help="HF static batch sizes to sweep (comma-separated)")
     p.add_argument("--hf-dtype", default="float32,bfloat16", help="HF dtypes to sweep (comma-separated)")
     p.add_argument("--repeats", type=int, default=1,
@@ -201,6 +202,10 @@ def _print_throughput(result: dict[str, Any]) -> None:
               f"{lora['mixed']['total_tokens_per_s']:.1f} vs {lora['base']['total_tokens_per_s']:.1f} total tok/s on the "
               f"base model = {lora['mixed_over_base']:.2f}x; batch-1 decode {b1['adapter_decode_tokens_per_s']:.1f} vs "
               f"{b1['base_decode_tokens_per_s']:.1f} tok/s = {b1['adapter_over_base']:.2f}x")
+        if "peft" in lora:
+            peft = lora["peft"]
+            print(f"loom / best HF + PEFT mixed-adapter batches ({peft['dtype']}, batch {peft['batch']}): "
+                  f"{lora['mixed_over_peft']:.2f}x")
 
 
 def _throughput(args: argparse.Namespace) -> int:
