@@ -72,3 +72,11 @@ def test_bad_lora_options_are_refused(tiny_folder):
                        loras=2, lora_rank=0)
     with pytest.raises(ValueError, match="give --loras"):
         run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=("peft",))
+
+
+def test_the_plot_is_written(result, tmp_path):
+    from loom.bench.lora import plot_lora
+
+    path = tmp_path / "lora.png"
+    plot_lora(result, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

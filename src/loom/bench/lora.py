@@ -138,3 +138,43 @@ class PeftMixedStatic:
 
         self.base._generate = generate  # type: ignore[method-assign]
         return self.base.run(prompts, output_len, batch)
+
+
+def plot_lora(result: dict[str, Any], path: str) -> None:
+    """Two panels from a `bench throughput --loras K` result: total tokens/s of the base model, loom's mixed
+    batch of K adapters and HF + PEFT's best mixed batch (every PEFT configuration as a faint bar); batch-1
+    decode tokens/s with and without an adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lora = result["results"]["loom_lora"]
+    k, r = lora["adapters"], lora["rank"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    labels = ["loom, base model", f"loom, {k} adapters"]
+    values = [lora["base"]["total_tokens_per_s"], lora["mixed"]["total_tokens_per_s"]]
+    colors = ["#4c72b0", "#55a868"]
+    for c in lora.get("peft_configs", []):
+        if "error" not in c:
+            labels.append(f"HF+PEFT {c['dtype'].replace('float', 'fp').replace('bfloat16', 'bf16')} x{c['batch']}")
+            values.append(c["total_tokens_per_s"])
+            colors.append("#c44e52" if c == lora.get("peft") else "#e8a5a7")
+    bars = left.bar(range(len(values)), values, color=colors)
+    left.bar_label(bars, fmt="%.0f", fontsize=7)
+    left.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=7)
+    left.set_ylabel("total tokens/s")
+    left.set_title(f"{result['num_prompts']} requests, {k} rank-{r} adapters in one batch "
+                   f"(mixed / base = {lora['mixed_over_base']:.2f})", fontsize=9)
+    left.grid(axis="y", alpha=0.3)
+    b1 = lora["batch1"]
+    bars = right.bar([0, 1], [b1["base_decode_tokens_per_s"], b1["adapter_decode_tokens_per_s"]],
+                     color=["#4c72b0", "#55a868"])
+    right.bar_label(bars, fmt="%.0f", fontsize=7)
+    right.set_xticks([0, 1], ["base", "1 adapter"], fontsize=8)
+    right.set_ylabel("decode tokens/s")
+    right.set_title(f"batch 1 ({b1['adapter_over_base']:.2f})", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

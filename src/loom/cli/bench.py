@@ -172,6 +172,7 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
                    help="also run the requests spread over K random LoRA adapters (one mixed batch), and batch-1 "
                    "decode with one, against the base model in the same run")
     p.add_argument("--lora-rank", type=int, default=16, help="with --loras: the adapters' rank")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --loras: plot the adapter figures here")
     p.add_argument("--json", action="store_true")
 
 
@@ -217,6 +218,10 @@ def _throughput(args: argparse.Namespace) -> int:
                             peers=tuple(_peers(args.peers)), hf_batch=_ints(args.hf_batch),
                             hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats,
                             loras=args.loras, lora_rank=args.lora_rank)
+    if args.plot and args.loras:
+        from loom.bench.lora import plot_lora
+
+        plot_lora(result, args.plot)
     if args.json:
         print_json(result)
         return 0
