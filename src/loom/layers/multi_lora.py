@@ -15,7 +15,9 @@ when an adapter is loaded into a slot, and ranks below r are zero-padded (exact:
 
 Two kernels compute it: loom's native one (native/lora.cpp: per-adapter groups of rows, vectorized
 shrink and expand inside one parallel region, for decode batches; per-adapter GEMMs for many rows,
-Punica's BGMV and SGMV) and its PyTorch twin here (one GEMM pair per adapter present, any device). This
+Punica's BGMV and SGMV) and its PyTorch twin here (one GEMM pair per adapter present, any device). The
+pool may be fp32 or bf16 (vLLM's ``--lora-dtype``) whatever the activations' dtype: the native kernel
+computes in fp32 from the weights as stored and rounds a bf16 output once. This
 module has no ``from __future__ import annotations``: TorchScript compiles its types (see linear_spec.py).
 """
 
@@ -52,25 +54,29 @@ class LayerLora(NamedTuple):
 
 def add_lora_torch(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
     """y[row] += expand(shrink(x[row])) under slot ``slots[row]`` (-1: nothing), in place; returns y.
-    One GEMM pair per adapter present in the batch (SGMV as PyTorch ops)."""
+    One GEMM pair per adapter present in the batch (SGMV as PyTorch ops), in the wider of x's and the
+    weights' dtypes (fp32 rows with a bf16 pool: the weights are widened, exactly; all bf16: bf16 GEMMs)."""
     rank = w.b.shape[2]
+    dtype = torch.promote_types(torch.promote_types(x.dtype, w.a.dtype), w.b.dtype)
     present: List[int] = torch.unique(slots).tolist()
     for s in present:
         if s < 0:
             continue
         rows = (slots == s).nonzero().squeeze(1)
-        t = torch.mm(x.index_select(0, rows), w.a[s].t())
+        t = torch.mm(x.index_select(0, rows).to(dtype), w.a[s].t().to(dtype))
         for p in range(len(w.cols) - 1):
             c0, c1 = w.cols[p], w.cols[p + 1]
-            d = torch.mm(t[:, p * rank:(p + 1) * rank], w.b[s, c0:c1].t())
+            d = torch.mm(t[:, p * rank:(p + 1) * rank], w.b[s, c0:c1].t().to(dtype))
             y[:, c0:c1].index_add_(0, rows, d.to(y.dtype))
     return y
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
-    """``add_lora_torch`` through loom's native kernel where it applies (fp32 CPU tensors)."""
-    if (y.dtype == torch.float32 and x.dtype == torch.float32 and w.a.dtype == torch.float32
-            and y.device.type == "cpu" and fused.native_ops()):
+    """``add_lora_torch`` through loom's native kernel where it applies: CPU tensors, x and y both fp32 or both
+    bf16, A and B both fp32 or both bf16 (any pairing of the two)."""
+    act = x.dtype == y.dtype and (y.dtype == torch.float32 or y.dtype == torch.bfloat16)
+    pool = w.a.dtype == w.b.dtype and (w.a.dtype == torch.float32 or w.a.dtype == torch.bfloat16)
+    if act and pool and y.device.type == "cpu" and fused.native_ops():
         return torch.ops.loom.lora_add_(y, x, w.a, w.b, slots, w.cols)
     return add_lora_torch(y, x, w, slots)
 

@@ -19,7 +19,8 @@
 // runs its shrink over its input (t = x A_s^T, split over the threads by (adapter group, rank column)),
 // one barrier, and after the base GEMV of a thread's output columns the expand of the same columns
 // (y += t B_s^T): the columns a thread adds to are the ones it just wrote, so the expand needs no barrier
-// of its own. It computes what the module forward plus add_lora computes.
+// of its own. It computes what the module forward plus add_lora computes. The pools are fp32 or bf16 (vLLM's
+// --lora-dtype; bf16 halves the adapter bytes a step reads), widened exactly as they are read.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -79,16 +80,32 @@ struct LinearWeight {
   }
 };
 
-// One linear's adapter pool (layers/multi_lora.py's LoraWeights): a [slots, parts * r, in], b [slots, out, r].
-// The tensors are held, not copied: adapters are loaded into the pool in place, and each step reads
-// their data where they are then.
+// One linear's adapter pool (layers/multi_lora.py's LoraWeights): a [slots, parts * r, in], b [slots, out, r],
+// both fp32 or both bf16. The tensors are held, not copied: adapters are loaded into the pool in place, and
+// each step reads their data where they are then.
 struct LoraLinear {
   at::Tensor a, b;
   std::vector<int64_t> cols;  // [parts + 1] output column offsets of the parts
   int64_t parts = 0, r = 0, j = 0, k = 0, n = 0;
+  bool bf16 = false;  // a and b hold bf16 (else fp32)
 
   bool on() const { return j > 0; }
   int64_t slots() const { return a.size(0); }
+
+  // t[rows, j] = x[rows] . A_s[j] for the shrink's items [i0, i1) (lora_shrink_items).
+  void shrink(const float* x, const loom_native::LoraGroups& g, float* t, int64_t ldt, int64_t i0, int64_t i1) const {
+    if (bf16) loom_native::lora_shrink_items(x, k, g, static_cast<const uint16_t*>(a.data_ptr()), j, k, t, ldt, i0, i1);
+    else loom_native::lora_shrink_items(x, k, g, a.data_ptr<float>(), j, k, t, ldt, i0, i1);
+  }
+
+  // y[rows, c] += t[rows, part of c] . B_s[c] for output columns [c0, c1) (lora_expand_groups).
+  void expand(const float* t, int64_t ldt, const loom_native::LoraGroups& g, float* y, int64_t c0, int64_t c1) const {
+    if (bf16)
+      loom_native::lora_expand_groups(t, ldt, g, static_cast<const uint16_t*>(b.data_ptr()), n, r, cols.data(), parts, y,
+                                      n, c0, c1);
+    else
+      loom_native::lora_expand_groups(t, ldt, g, b.data_ptr<float>(), n, r, cols.data(), parts, y, n, c0, c1);
+  }
 };
 
 struct Layer {
@@ -152,8 +169,8 @@ class NativeDecoder : public torch::CustomClassHolder {
   }
 
   // The adapter pool of linear `linear` (0..3: q|k|v, o, gate|up, down) of layer `layer`: a [slots, parts *
-  // r, in] and b [slots, out, r] (scale folded in), cols [parts + 1] the parts' output column offsets. An
-  // empty a removes the pool. The tensors are read at each step, so loading an adapter into them in place
+  // r, in] and b [slots, out, r] (scale folded in), both fp32 or both bf16, cols [parts + 1] the parts' output
+  // column offsets. An empty a removes the pool. The tensors are read at each step, so loading an adapter into them in place
   // needs no new call.
   void set_lora(int64_t layer, int64_t linear, at::Tensor a, at::Tensor b, std::vector<int64_t> cols) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "NativeDecoder: set_lora: layer ", layer,
@@ -167,10 +184,14 @@ class NativeDecoder : public torch::CustomClassHolder {
       return;
     }
     const int64_t in = ls[linear].k, out = ls[linear].n;
-    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-                    a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() && b.device().is_cpu(),
-                "NativeDecoder: set_lora: a [slots, parts * rank, in] and b [slots, out, rank] must be contiguous fp32 "
-                "CPU tensors");
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() &&
+                    b.device().is_cpu(),
+                "NativeDecoder: set_lora: a [slots, parts * rank, in] and b [slots, out, rank] must be contiguous CPU "
+                "tensors");
+    TORCH_CHECK((a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
+                    b.scalar_type() == a.scalar_type(),
+                "NativeDecoder: set_lora: a and b must both be fp32 or both bf16, got ", a.scalar_type(), " and ",
+                b.scalar_type());
     const int64_t parts = static_cast<int64_t>(cols.size()) - 1, r = b.size(2);
     TORCH_CHECK(a.size(0) == b.size(0) && a.size(0) > 0, "NativeDecoder: set_lora: a has ", a.size(0),
                 " slots, b has ", b.size(0));
@@ -180,7 +201,8 @@ class NativeDecoder : public torch::CustomClassHolder {
                 "NativeDecoder: set_lora: cols must rise from 0 to the linear's ", out, " outputs");
     TORCH_CHECK(r >= 1 && a.size(1) == parts * r, "NativeDecoder: set_lora: a has ", a.size(1),
                 " rows per slot, expected parts * rank = ", parts, " * ", r);
-    layers_[layer].lora[linear] = LoraLinear{a, b, std::move(cols), parts, r, parts * r, in, out};
+    const bool bf16 = a.scalar_type() == at::kBFloat16;
+    layers_[layer].lora[linear] = LoraLinear{a, b, std::move(cols), parts, r, parts * r, in, out, bf16};
   }
 
   // Logits [B, vocab] for tokens [B] at cos/sin [B, head_dim] (RoPE tables of their positions, sin
@@ -273,13 +295,12 @@ class NativeDecoder : public torch::CustomClassHolder {
         if (!lora_on || !l.on()) return false;
         int64_t i0, i1;
         share(groups.size() * l.j, t, nt, 1, i0, i1);
-        loom_native::lora_shrink_items(in, l.k, groups, l.a.data_ptr<float>(), l.j, l.k, ltp, lora_j, i0, i1);
+        l.shrink(in, groups, ltp, lora_j, i0, i1);
         return true;
       };
       auto lora_expand = [&](const LoraLinear& l, float* y, int64_t n0, int64_t n1) {
         if (!lora_on || !l.on()) return;
-        loom_native::lora_expand_groups(ltp, lora_j, groups, l.b.data_ptr<float>(), l.n, l.r, l.cols.data(), l.parts,
-                                        y, l.n, n0, n1);
+        l.expand(ltp, lora_j, groups, y, n0, n1);
       };
       for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
 #pragma omp barrier

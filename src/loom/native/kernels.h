@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -551,6 +552,10 @@ inline bool bf16_attention_fast(int64_t d) { return d == 64 || d == 128 || d == 
 // vectorized over the group). Rows are named by index: row i of the group reads x + rows[i] ldx and writes
 // t + rows[i] ldt, y + rows[i] ldy. Callers split the work: the shrink by (group, j) items, the expand by
 // output columns, so the decode step runs each expand on the columns its thread's GEMV just wrote.
+//
+// The adapter weights W (A and B) are fp32 or bf16 (uint16_t bits, vLLM's --lora-dtype: half the bytes a
+// decode step streams), widened exactly in registers as they are read. x and t are fp32; y is fp32 or bf16,
+// and a bf16 y is widened, added to in fp32 and rounded once (to nearest even, as c10::BFloat16).
 
 // The rows of a batch grouped by adapter slot: group g is slot[g], its rows order[start[g] .. start[g + 1]),
 // ascending. Rows of slot -1 are in no group.
@@ -581,18 +586,53 @@ inline void lora_group_rows(const int64_t* slots, int64_t n, int64_t num_slots, 
     if (slots[i] >= 0) g.order[count[slots[i]]++] = i;
 }
 
-// tr[i][j] = xr[i] . a[j] for R rows and j in [j0, j1); a is [*, k] row-major.
-template <int R>
-inline void lora_shrink_tile(const float* const* xr, const float* a, int64_t k, float* const* tr, int64_t j0,
+// A value into fp32 or bf16 storage (bf16: rounded to nearest even).
+[[gnu::always_inline]] inline void put(float* y, float v) { *y = v; }
+[[gnu::always_inline]] inline void put(uint16_t* y, float v) { *y = float_to_bf16(v); }
+
+#if defined(__AVX512F__)
+// Sixteen fp32 or bf16 weights as fp32 lanes (bf16: zero-extended to 32 bits and shifted into the high half,
+// exact); the masked forms read only the lanes of m and zero the others.
+[[gnu::always_inline]] inline __m512 bf16x16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+[[gnu::always_inline]] inline __m512 lora_load(const float* p) { return _mm512_loadu_ps(p); }
+[[gnu::always_inline]] inline __m512 lora_load(const uint16_t* p) {
+  return bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+[[gnu::always_inline]] inline __m512 lora_load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+[[gnu::always_inline]] inline __m512 lora_load(__mmask16 m, const uint16_t* p) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return bf16x16_to_ps(_mm256_maskz_loadu_epi16(m, p));
+#else
+  alignas(32) uint16_t buf[16] = {};
+  for (int u = 0; u < 16; ++u)
+    if ((m >> u) & 1) buf[u] = p[u];
+  return bf16x16_to_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(buf)));
+#endif
+}
+
+// fp32 lanes -> their bf16 bits in the low half of each 32-bit lane: float_to_bf16, sixteen at a time.
+[[gnu::always_inline]] inline __m512i round_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+#endif
+
+// tr[i][j] = xr[i] . a[j] for R rows and j in [j0, j1); a is [*, k] row-major, fp32 or bf16.
+template <int R, typename W>
+inline void lora_shrink_tile(const float* const* xr, const W* a, int64_t k, float* const* tr, int64_t j0,
                              int64_t j1) {
 #if defined(__AVX512F__)
   for (int64_t j = j0; j < j1; ++j) {
-    const float* aj = a + j * k;
+    const W* aj = a + j * k;
     __m512 acc[R][2];  // two chains per row: one would wait on FMA latency
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
-      const __m512 w0 = _mm512_loadu_ps(aj + i), w1 = _mm512_loadu_ps(aj + i + 16);
+      const __m512 w0 = lora_load(aj + i), w1 = lora_load(aj + i + 16);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr[r] + i), acc[r][0]);
@@ -601,19 +641,19 @@ inline void lora_shrink_tile(const float* const* xr, const float* a, int64_t k, 
     }
     for (; i < k; i += 16) {
       const __mmask16 m = k - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - i)) - 1u);
-      const __m512 w0 = _mm512_maskz_loadu_ps(m, aj + i);
+      const __m512 w0 = lora_load(m, aj + i);
       for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, xr[r] + i), acc[r][0]);
     }
     for (int r = 0; r < R; ++r) tr[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
   }
 #else
   for (int64_t j = j0; j < j1; ++j) {
-    const float* aj = a + j * k;
+    const W* aj = a + j * k;
     for (int r = 0; r < R; ++r) {
       const float* x = xr[r];
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < k; ++i) s += aj[i] * x[i];
+      for (int64_t i = 0; i < k; ++i) s += widen(aj[i]) * x[i];
       tr[r][j] = s;
     }
   }
@@ -622,7 +662,8 @@ inline void lora_shrink_tile(const float* const* xr, const float* a, int64_t k, 
 
 // Shrink of m rows under one adapter: t[rows[i], j] = x[rows[i]] . a[j] for j in [j0, j1), where a is the
 // slot's [J, k]. Rows go in tiles of four, each tile reading a's rows once.
-inline void lora_shrink_rows(const float* x, int64_t ldx, const int64_t* rows, int64_t m, const float* a, int64_t k,
+template <typename W>
+inline void lora_shrink_rows(const float* x, int64_t ldx, const int64_t* rows, int64_t m, const W* a, int64_t k,
                              float* t, int64_t ldt, int64_t j0, int64_t j1) {
   for (int64_t i0 = 0; i0 < m; i0 += 4) {
     const int64_t mm = std::min<int64_t>(4, m - i0);
@@ -643,7 +684,8 @@ inline void lora_shrink_rows(const float* x, int64_t ldx, const int64_t* rows, i
 
 // The shrink's work items [i0, i1) of groups x J (item g J + j: column j of group g), a thread's share;
 // a is the pool [slots, J, k].
-inline void lora_shrink_items(const float* x, int64_t ldx, const LoraGroups& g, const float* a, int64_t J, int64_t k,
+template <typename W>
+inline void lora_shrink_items(const float* x, int64_t ldx, const LoraGroups& g, const W* a, int64_t J, int64_t k,
                               float* t, int64_t ldt, int64_t i0, int64_t i1) {
   for (int64_t item = i0; item < i1;) {
     const int64_t grp = item / J, j0 = item % J, j1 = std::min<int64_t>(J, j0 + (i1 - item));
@@ -689,8 +731,67 @@ inline void lora_shrink_items(const float* x, int64_t ldx, const LoraGroups& g, 
 // (8 rows of 576 -> 3072: 24.5 us against 41.9).
 constexpr int64_t kLoraTransposeRows = 2;
 
-// yr[i][c] += tr[i][0 : r] . b[c] for m rows and columns c in [c0, c1); b is [*, r] row-major.
-inline void lora_expand_tile(const float* const* tr, int64_t m, const float* b, int64_t r, float* const* yr, int64_t c0,
+#if defined(__AVX512F__)
+// One tile of sixteen output columns: y[i][0 .. 16) += tr[i][0 : r] . bc[u] (bc[u]: the tile's column u of B,
+// r weights; y[i]: fp32, lanes outside out_mask untouched) for m <= 16 rows; mk: the nk rank vectors' masks.
+template <typename W>
+[[gnu::always_inline]] inline void lora_expand_cols16(const float* const* tr, int64_t m, const W* const* bc, int64_t r,
+                                                      int64_t nk, const __mmask16* mk, float* const* y,
+                                                      __mmask16 out_mask) {
+  if (m < kLoraTransposeRows) {
+    // Each row's sixteen dot products as sixteen vectors, summed together by reduce16.
+    for (int64_t i = 0; i < m; ++i) {
+      __m512 tv[4];
+      for (int64_t q = 0; q < nk; ++q) tv[q] = _mm512_maskz_loadu_ps(mk[q], tr[i] + 16 * q);
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) {
+        acc[u] = _mm512_mul_ps(lora_load(mk[0], bc[u]), tv[0]);
+        for (int64_t q = 1; q < nk; ++q) acc[u] = _mm512_fmadd_ps(lora_load(mk[q], bc[u] + 16 * q), tv[q], acc[u]);
+      }
+      _mm512_mask_storeu_ps(y[i], out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y[i]), reduce16(acc)));
+    }
+    return;
+  }
+  // The tile of B transposed, 16 ranks at a time (bt[k]: the tile's 16 columns at rank 16 q + k), then
+  // per row y[c .. c + 16] += sum_k t[k] bt[k]; four rows at a time keep four FMA chains going.
+  for (int64_t q = 0; q < nk; ++q) {
+    __m512 bt[16];
+    for (int u = 0; u < 16; ++u) bt[u] = lora_load(mk[q], bc[u] + 16 * q);
+    transpose16(bt);
+    const int kk = static_cast<int>(std::min<int64_t>(16, r - 16 * q));
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const float *t0 = tr[i] + 16 * q, *t1 = tr[i + 1] + 16 * q, *t2 = tr[i + 2] + 16 * q, *t3 = tr[i + 3] + 16 * q;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int k = 0; k < kk; ++k) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(t0[k]), bt[k], a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(t1[k]), bt[k], a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(t2[k]), bt[k], a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(t3[k]), bt[k], a3);
+      }
+      const __m512 acc[4] = {a0, a1, a2, a3};
+      for (int v = 0; v < 4; ++v)
+        _mm512_mask_storeu_ps(y[i + v], out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y[i + v]), acc[v]));
+    }
+    for (; i < m; ++i) {
+      const float* ti = tr[i] + 16 * q;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;  // even and odd ranks: two chains
+      int k = 0;
+      for (; k + 2 <= kk; k += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k + 1]), bt[k + 1], a1);
+      }
+      if (k < kk) a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
+      _mm512_mask_storeu_ps(y[i], out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y[i]), _mm512_add_ps(a0, a1)));
+    }
+  }
+}
+#endif
+
+// yr[i][c] += tr[i][0 : r] . b[c] for m <= 16 rows and columns c in [c0, c1); b is [*, r] row-major, fp32 or
+// bf16; y fp32 or bf16 (a bf16 tile is widened into fp32 rows first, and rounded once when all r ranks are in).
+template <typename W, typename Y>
+inline void lora_expand_tile(const float* const* tr, int64_t m, const W* b, int64_t r, Y* const* yr, int64_t c0,
                              int64_t c1) {
 #if defined(__AVX512F__)
   if (r <= 64) {
@@ -701,87 +802,50 @@ inline void lora_expand_tile(const float* const* tr, int64_t m, const float* b, 
     for (int64_t c = c0; c < c1; c += 16) {
       const int mc = static_cast<int>(std::min<int64_t>(16, c1 - c));
       const __mmask16 out_mask = static_cast<__mmask16>((1u << mc) - 1u);
-      const float* bc[16];  // a short last tile repeats its last column and masks the store
+      const W* bc[16];  // a short last tile repeats its last column and masks the store
       for (int u = 0; u < 16; ++u) bc[u] = b + (c + std::min(u, mc - 1)) * r;
-      if (m < kLoraTransposeRows) {
-        // Each row's sixteen dot products as sixteen vectors, summed together by reduce16.
+      float* y[16];
+      if constexpr (std::is_same_v<Y, float>) {
+        for (int64_t i = 0; i < m; ++i) y[i] = yr[i] + c;
+        lora_expand_cols16(tr, m, bc, r, nk, mk, y, out_mask);
+      } else {
+        alignas(64) float wide[16][16];
         for (int64_t i = 0; i < m; ++i) {
-          __m512 tv[4];
-          for (int64_t q = 0; q < nk; ++q) tv[q] = _mm512_maskz_loadu_ps(mk[q], tr[i] + 16 * q);
-          __m512 acc[16];
-          for (int u = 0; u < 16; ++u) {
-            acc[u] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[0], bc[u]), tv[0]);
-            for (int64_t q = 1; q < nk; ++q)
-              acc[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk[q], bc[u] + 16 * q), tv[q], acc[u]);
-          }
-          float* y = yr[i] + c;
-          _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), reduce16(acc)));
+          _mm512_store_ps(wide[i], lora_load(out_mask, yr[i] + c));
+          y[i] = wide[i];
         }
-        continue;
-      }
-      // The tile of B transposed, 16 ranks at a time (bt[k]: the tile's 16 columns at rank 16 q + k), then
-      // per row y[c .. c + 16] += sum_k t[k] bt[k]; four rows at a time keep four FMA chains going.
-      for (int64_t q = 0; q < nk; ++q) {
-        __m512 bt[16];
-        for (int u = 0; u < 16; ++u) bt[u] = _mm512_maskz_loadu_ps(mk[q], bc[u] + 16 * q);
-        transpose16(bt);
-        const int kk = static_cast<int>(std::min<int64_t>(16, r - 16 * q));
-        int64_t i = 0;
-        for (; i + 4 <= m; i += 4) {
-          const float *t0 = tr[i] + 16 * q, *t1 = tr[i + 1] + 16 * q, *t2 = tr[i + 2] + 16 * q, *t3 = tr[i + 3] + 16 * q;
-          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int k = 0; k < kk; ++k) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(t0[k]), bt[k], a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(t1[k]), bt[k], a1);
-            a2 = _mm512_fmadd_ps(_mm512_set1_ps(t2[k]), bt[k], a2);
-            a3 = _mm512_fmadd_ps(_mm512_set1_ps(t3[k]), bt[k], a3);
-          }
-          const __m512 acc[4] = {a0, a1, a2, a3};
-          for (int v = 0; v < 4; ++v) {
-            float* y = yr[i + v] + c;
-            _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), acc[v]));
-          }
-        }
-        for (; i < m; ++i) {
-          const float* ti = tr[i] + 16 * q;
-          __m512 a0 = _mm512_setzero_ps(), a1 = a0;  // even and odd ranks: two chains
-          int k = 0;
-          for (; k + 2 <= kk; k += 2) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k + 1]), bt[k + 1], a1);
-          }
-          if (k < kk) a0 = _mm512_fmadd_ps(_mm512_set1_ps(ti[k]), bt[k], a0);
-          float* y = yr[i] + c;
-          _mm512_mask_storeu_ps(y, out_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(out_mask, y), _mm512_add_ps(a0, a1)));
-        }
+        lora_expand_cols16(tr, m, bc, r, nk, mk, y, out_mask);
+        for (int64_t i = 0; i < m; ++i)
+          _mm512_mask_cvtepi32_storeu_epi16(yr[i] + c, out_mask, round_to_bf16(_mm512_load_ps(wide[i])));
       }
     }
     return;
   }
 #endif
   for (int64_t c = c0; c < c1; ++c) {
-    const float* bc = b + c * r;
+    const W* bc = b + c * r;
     for (int64_t i = 0; i < m; ++i) {
       const float* t = tr[i];
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < r; ++q) s += t[q] * bc[q];
-      yr[i][c] += s;
+      for (int64_t q = 0; q < r; ++q) s += t[q] * widen(bc[q]);
+      put(yr[i] + c, widen(yr[i][c]) + s);
     }
   }
 }
 
 // Expand of m rows under one adapter over output columns [c0, c1): y[rows[i], c] += t[rows[i], p r : (p + 1) r]
 // . b[c] where part p holds column c (cols [parts + 1] its offsets), b the slot's [out, r].
-inline void lora_expand_rows(const float* t, int64_t ldt, const int64_t* rows, int64_t m, const float* b, int64_t r,
-                             const int64_t* cols, int64_t parts, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+template <typename W, typename Y>
+inline void lora_expand_rows(const float* t, int64_t ldt, const int64_t* rows, int64_t m, const W* b, int64_t r,
+                             const int64_t* cols, int64_t parts, Y* y, int64_t ldy, int64_t c0, int64_t c1) {
   for (int64_t p = 0; p < parts; ++p) {
     const int64_t lo = std::max(c0, cols[p]), hi = std::min(c1, cols[p + 1]);
     if (lo >= hi) continue;
     for (int64_t i0 = 0; i0 < m; i0 += 16) {
       const int64_t mm = std::min<int64_t>(16, m - i0);
       const float* tr[16];
-      float* yr[16];
+      Y* yr[16];
       for (int64_t u = 0; u < mm; ++u) {
         tr[u] = t + rows[i0 + u] * ldt + p * r;
         yr[u] = y + rows[i0 + u] * ldy;
@@ -792,9 +856,9 @@ inline void lora_expand_rows(const float* t, int64_t ldt, const int64_t* rows, i
 }
 
 // The expand of every group over output columns [c0, c1) (a thread's share); b is the pool [slots, out, r].
-inline void lora_expand_groups(const float* t, int64_t ldt, const LoraGroups& g, const float* b, int64_t out,
-                               int64_t r, const int64_t* cols, int64_t parts, float* y, int64_t ldy, int64_t c0,
-                               int64_t c1) {
+template <typename W, typename Y>
+inline void lora_expand_groups(const float* t, int64_t ldt, const LoraGroups& g, const W* b, int64_t out, int64_t r,
+                               const int64_t* cols, int64_t parts, Y* y, int64_t ldy, int64_t c0, int64_t c1) {
   if (c0 >= c1) return;
   for (int64_t grp = 0; grp < g.size(); ++grp)
     lora_expand_rows(t, ldt, g.row_ids(grp), g.rows(grp), b + g.slot[grp] * out * r, r, cols, parts, y, ldy, c0, c1);

@@ -81,7 +81,10 @@ class NativeOps(nn.Module):
         return torch.ops.loom.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
     def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
-        if y.dtype == torch.float32 and w.a.dtype == torch.float32:
+        # lora_add_ takes x and y both fp32 or both bf16, with A and B both fp32 or both bf16 (multi_lora.add_lora).
+        act = x.dtype == y.dtype and (y.dtype == torch.float32 or y.dtype == torch.bfloat16)
+        pool = w.a.dtype == w.b.dtype and (w.a.dtype == torch.float32 or w.a.dtype == torch.bfloat16)
+        if act and pool:
             return torch.ops.loom.lora_add_(y, x, w.a, w.b, slots, w.cols)
         return add_lora_torch(y, x, w, slots)
 
