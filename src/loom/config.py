@@ -468,6 +468,9 @@ class SpeculativeConfig:
             raise ValueError("window must be positive and sink_tokens non-negative")
 
 
+LORA_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class LoraServingConfig:
     """Serving LoRA adapters per request (engine/adapters.py), unmerged: the base GEMM once per batch plus
@@ -478,12 +481,16 @@ class LoraServingConfig:
     max_cpu_loras: adapters whose weights stay in host memory, least recently used dropped first and read
                    again from their folder when needed (None: as many as ``max_loras``)
     modules:       (name, PEFT folder) pairs registered at start (``loom serve --lora-modules name=DIR``)
+    dtype:         A and B in the slots (vLLM's ``--lora-dtype``): "auto" is bfloat16 on a quantized base,
+                   whose own rounding dwarfs bf16's on the adapter (QLoRA keeps its adapters in bf16 too)
+                   and where the adapter's bytes per token count most, else the model's dtype (exact)
     """
 
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     modules: tuple[tuple[str, str], ...] = ()
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
@@ -492,6 +499,8 @@ class LoraServingConfig:
             raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+        if self.dtype not in LORA_DTYPES:
+            raise ValueError(f"lora dtype must be one of {', '.join(LORA_DTYPES)}, got {self.dtype!r}")
         names = [name for name, _ in self.modules]
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names must be distinct, got {names}")

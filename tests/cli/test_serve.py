@@ -51,6 +51,7 @@ def test_lora_serving_options():
     assert not parse().allow_runtime_lora
     for flag in ("--enable-lora", "--allow-runtime-lora"):
         assert lora_serving_config(parse(flag)) == LoraServingConfig()  # max_loras 4, max_lora_rank 16
+    assert lora_serving_config(parse("--enable-lora", "--lora-dtype", "float32")).dtype == "float32"
 
 
 @pytest.mark.parametrize("entry", ["sql", "=/a/sql", "sql=", '{"name": "sql"}', '{"name": "", "path": "/a"}',

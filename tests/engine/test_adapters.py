@@ -215,9 +215,10 @@ def test_a_quantized_base_serves_adapters_unmerged(tiny, tmp_path):
     path = str(tmp_path / "q4.gguf")
     write_llama_gguf(path, AutoModelForCausalLM.from_pretrained(tiny["base"]), "Q4_0",
                      tokenizer_meta=byte_level_vocab_meta())
-    config = LoraServingConfig(max_lora_rank=16, modules=tuple((n, tiny[n]) for n in NAMES))
+    config = LoraServingConfig(max_lora_rank=16, modules=tuple((n, tiny[n]) for n in NAMES), dtype="float32")
     llm = LLM(path, weights="native", lora_serving=config)
     pool = llm.engine.adapters
+    assert pool.dtype == torch.float32
     for name in NAMES:
         dense = LLM(path, weights="fp32", lora=tiny[name]).model
         slot = pool.acquire(pool.get(name))
@@ -229,3 +230,33 @@ def test_a_quantized_base_serves_adapters_unmerged(tiny, tmp_path):
     names = [[None, *NAMES][k % 5] for k in range(len(PROMPTS))]
     batched = tokens(llm.generate(PROMPTS, GREEDY, lora=names))
     assert batched[:5] == [tokens(llm.generate([p], GREEDY, lora=n))[0] for p, n in zip(PROMPTS[:5], names)]
+
+
+def test_adapters_on_a_quantized_base_default_to_bf16_slots(tiny, tmp_path):
+    """lora dtype "auto": bf16 slots on a 4-bit base (the adapter rounded to bf16, the rest exact), the model's
+    dtype on a dense one; bf16 slots give the fp32 slots' logits to bf16's rounding of A and B."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import byte_level_vocab_meta, write_llama_gguf
+
+    path = str(tmp_path / "q4.gguf")
+    write_llama_gguf(path, AutoModelForCausalLM.from_pretrained(tiny["base"]), "Q4_0",
+                     tokenizer_meta=byte_level_vocab_meta())
+    modules = tuple((n, tiny[n]) for n in NAMES)
+    auto = LLM(path, weights="native", lora_serving=LoraServingConfig(modules=modules))
+    exact = LLM(path, weights="native", lora_serving=LoraServingConfig(modules=modules, dtype="float32"))
+    assert auto.engine.adapters.dtype == torch.bfloat16
+    assert served(tiny).engine.adapters.dtype == torch.float32  # a dense fp32 base: exact slots
+    ids = torch.tensor(PROMPTS[9])
+    for name in NAMES:
+        got = []
+        for llm in (auto, exact):
+            pool = llm.engine.adapters
+            slot = pool.acquire(pool.get(name))
+            with pool.hooks.using(torch.full((len(ids),), slot)), torch.no_grad():
+                got.append(llm.model.logits(ids))
+            pool.release(pool.get(name))
+        torch.testing.assert_close(got[0], got[1], rtol=0, atol=2e-2)
+    names = [[None, *NAMES][k % 5] for k in range(len(PROMPTS))]
+    batched = tokens(auto.generate(PROMPTS, GREEDY, lora=names))
+    assert batched[:5] == [tokens(auto.generate([p], GREEDY, lora=n))[0] for p, n in zip(PROMPTS[:5], names)]

@@ -333,7 +333,7 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
                    output_range: tuple[int, int] = MIXED_OUTPUT_RANGE, peers: tuple[str, ...] = ("hf",),
                    hf_batch: int | Sequence[int] = HF_BATCHES, hf_dtype: Sequence[str] = HF_DTYPES, seed: int = 0,
                    repeats: int = 1, warmup: bool | None = None, peak_matmul_size: int | None = None,
-                   loras: int = 0, lora_rank: int = 16) -> dict[str, Any]:
+                   loras: int = 0, lora_rank: int = 16, lora_dtype: str = "auto") -> dict[str, Any]:
     """loom (built from ``engine``: model, weights, device, cache, scheduler, KV policy, RoPE scaling, decode
     step) against HF static batching (every batch size of ``hf_batch`` x every dtype of ``hf_dtype``) on the
     same requests. ``dataset``: fixed (``input_len`` / ``output_len``) or mixed (lengths drawn within
@@ -341,8 +341,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     on CUDA only, where it captures loom's decode graphs and loads the GPU libraries). A KV policy bounds
     loom's requests' memory (eviction), the peers keep their full caches; a RoPE override changes loom's
     model only (the HF peer runs the file as it is). ``loras`` > 0: also the same requests spread over that
-    many random adapters of rank ``lora_rank`` on every projection, and batch-1 decode with and without
-    one (bench/lora.py), reported under ``results["loom_lora"]``."""
+    many random adapters of rank ``lora_rank`` on every projection (slots in ``lora_dtype``), and batch-1
+    decode with and without one (bench/lora.py), reported under ``results["loom_lora"]``."""
     engine = engine or EngineConfig()
     batches = [hf_batch] if isinstance(hf_batch, int) else list(hf_batch)
     _check(dataset, peers, num_prompts, input_len, output_len, repeats, batches, hf_dtype)
@@ -356,7 +356,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
 
         from loom.config import LoraServingConfig
 
-        engine = dataclasses.replace(engine, lora_serving=LoraServingConfig(max_loras=loras, max_lora_rank=lora_rank))
+        engine = dataclasses.replace(engine, lora_serving=LoraServingConfig(max_loras=loras, max_lora_rank=lora_rank,
+                                                                            dtype=lora_dtype))
     llm = LLM(config=engine)
     adapter_dir = None
     if loras:
@@ -397,6 +398,7 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
         from loom.bench.lora import batch1_decode, summarize
 
         results["loom_lora"] = summarize(loom_runs, lora_runs, loras, lora_rank, llm.config, per_token)
+        results["loom_lora"]["slot_dtype"] = str(llm.engine.adapters.dtype).replace("torch.", "")
         results["loom_lora"]["peft_configs"] = peft_configs
         ok = [c for c in peft_configs if "error" not in c]
         if ok:

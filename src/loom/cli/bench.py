@@ -13,6 +13,7 @@ from loom.cli.options import (add_device_option, add_engine_options, add_model_o
                               engine_config, rope_scaling, use_threads)
 from loom.cli.output import print_json
 from loom.cli.subcommands import Subcommand, register_subcommands
+from loom.config import LORA_DTYPES
 
 
 def _peers(text: str) -> list[str]:
@@ -172,6 +173,8 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
                    help="also run the requests spread over K random LoRA adapters (one mixed batch), and batch-1 "
                    "decode with one, against the base model in the same run")
     p.add_argument("--lora-rank", type=int, default=16, help="with --loras: the adapters' rank")
+    p.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES,
+                   help="with --loras: the slots' dtype (auto: bfloat16 on a quantized base, else the model's)")
     p.add_argument("--plot", default=None, metavar="PNG", help="with --loras: plot the adapter figures here")
     p.add_argument("--json", action="store_true")
 
@@ -217,7 +220,7 @@ def _throughput(args: argparse.Namespace) -> int:
                             input_range=_length_range(args.input_range), output_range=_length_range(args.output_range),
                             peers=tuple(_peers(args.peers)), hf_batch=_ints(args.hf_batch),
                             hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats,
-                            loras=args.loras, lora_rank=args.lora_rank)
+                            loras=args.loras, lora_rank=args.lora_rank, lora_dtype=args.lora_dtype)
     if args.plot and args.loras:
         from loom.bench.lora import plot_lora
 

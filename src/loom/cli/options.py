@@ -13,7 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from loom.config import (DECODE_STEPS, CacheConfig, EngineConfig, KVPolicyConfig, LoraServingConfig,
+from loom.config import (DECODE_STEPS, LORA_DTYPES, CacheConfig, EngineConfig, KVPolicyConfig, LoraServingConfig,
                          RopeScalingOverride, SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
@@ -140,6 +140,9 @@ def add_lora_serving_options(p: argparse.ArgumentParser) -> None:
                    help="the highest adapter rank accepted (adapters of higher rank are refused)")
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host memory, the rest read again from their folders (default: --max-loras)")
+    g.add_argument("--lora-dtype", default=defaults.dtype, choices=LORA_DTYPES,
+                   help="the adapters' A and B in the slots: auto = bfloat16 on a quantized base (its own error "
+                        "dwarfs bf16 rounding; half the bytes per token), the model's dtype on a dense one")
     g.add_argument("--allow-runtime-lora", action="store_true",
                    help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter (a client then names "
                         "folders on this machine to load)")
@@ -205,7 +208,8 @@ def lora_serving_config(args: argparse.Namespace) -> LoraServingConfig | None:
     if not (modules or getattr(args, "enable_lora", False) or getattr(args, "allow_runtime_lora", False)):
         return None
     return LoraServingConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                             max_cpu_loras=args.max_cpu_loras, modules=tuple(modules))
+                             max_cpu_loras=args.max_cpu_loras, modules=tuple(modules),
+                             dtype=getattr(args, "lora_dtype", "auto"))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

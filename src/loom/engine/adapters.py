@@ -25,6 +25,8 @@ import torch
 
 from loom.config import LoraServingConfig
 from loom.errors import InvalidRequestError
+from loom.layers.nf4 import NF4Linear
+from loom.layers.quantized import PackedW8A8Linear, QuantizedLinear, W8A8Linear
 from loom.layers.multi_lora import LayerLora, LoraHooks, LoraWeights
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
@@ -37,6 +39,15 @@ PROJECTIONS: dict[str, tuple[int, int]] = {
 }
 _MODULE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)$")
 _uids = itertools.count(1)
+
+
+def lora_dtype(model: Transformer, choice: str) -> torch.dtype:
+    """The slots' dtype: ``choice``, or for "auto" bf16 when the decoder's linears are quantized, else the model's."""
+    if choice != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
+    quantized = (QuantizedLinear, W8A8Linear, PackedW8A8Linear, NF4Linear)
+    linears = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.mlp.down_proj)]
+    return torch.bfloat16 if any(isinstance(m, quantized) for m in linears) else model.dtype
 
 
 class AdapterError(InvalidRequestError):
@@ -64,7 +75,8 @@ class AdapterPool:
         if not c.gated_mlp:
             raise ValueError("per-request LoRA adapters need a model with a gated MLP (q|k|v, o, gate|up, down)")
         self.rank = config.max_lora_rank
-        n, dt, dev = config.max_loras, model.dtype, model.device
+        self.dtype = lora_dtype(model, config.dtype)
+        n, dt, dev = config.max_loras, self.dtype, model.device
         inter = c.intermediate_size
 
         def weights(parts: list[int], fan_in: int) -> LoraWeights:
