@@ -186,3 +186,19 @@ def peft_adapter(base, folder, seed: int = 0, **options):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     model.save_pretrained(str(folder))
     return model
+
+
+def tiny_base_with_adapters(root, adapters: dict[str, tuple[Any, int]]) -> dict[str, str]:
+    """A tiny Llama (GQA) with a byte-level tokenizer in ``root/base``, and one PEFT LoRA adapter per entry of
+    ``adapters`` (name -> (target modules, rank); alpha 2r, random A and B, saved by PEFT itself) under
+    ``root/<name>``; returns the folders by name ("base" for the model)."""
+    from loom.tokenizer import tokenizer_from_gguf_metadata
+
+    paths = {"base": str(root / "base")}
+    save_tiny_hf(paths["base"], num_key_value_heads=2)
+    tokenizer_from_gguf_metadata(byte_level_metadata()).save(paths["base"])
+    for i, (name, (targets, r)) in enumerate(adapters.items()):
+        hf = save_tiny_hf(str(root / f"hf-{name}"), num_key_value_heads=2)
+        paths[name] = str(root / name)
+        peft_adapter(hf, paths[name], seed=i, r=r, lora_alpha=2 * r, target_modules=targets)
+    return paths

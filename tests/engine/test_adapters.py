@@ -14,8 +14,7 @@ import torch
 from loom import LLM, SamplingParams
 from loom.config import CacheConfig, LoraServingConfig, SchedulerConfig
 from loom.engine.adapters import AdapterError
-from loom.layers.attention import AttentionMetadata
-from tests.helpers import byte_level_metadata, peft_adapter, save_tiny_hf
+from tests.helpers import peft_adapter, save_tiny_hf, tiny_base_with_adapters
 
 # (target modules, rank) of the four test adapters: every projection, attention only, MLP only, a mix
 ADAPTERS = [("all-linear", 4), (["q_proj", "v_proj"], 8), (["gate_proj", "down_proj"], 2),
@@ -28,17 +27,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama (GQA) with a byte-level tokenizer, and four PEFT adapters saved by PEFT itself."""
-    from loom.tokenizer import tokenizer_from_gguf_metadata
-
-    root = tmp_path_factory.mktemp("adapters")
-    paths = {"base": str(root / "base")}
-    save_tiny_hf(paths["base"], num_key_value_heads=2)
-    tokenizer_from_gguf_metadata(byte_level_metadata()).save(paths["base"])
-    for i, (targets, r) in enumerate(ADAPTERS):
-        hf = save_tiny_hf(str(root / f"hf{i}"), num_key_value_heads=2)
-        paths[NAMES[i]] = str(root / NAMES[i])
-        peft_adapter(hf, paths[NAMES[i]], seed=i, r=r, lora_alpha=2 * r, target_modules=targets)
-    return paths
+    return tiny_base_with_adapters(tmp_path_factory.mktemp("adapters"), dict(zip(NAMES, ADAPTERS)))
 
 
 def served(tiny, max_loras: int = 4, **options) -> LLM:

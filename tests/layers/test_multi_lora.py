@@ -6,6 +6,9 @@ rows without an adapter, and ranks from 1 to past the kernel's widest vector til
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -14,6 +17,17 @@ from loom.layers.multi_lora import LoraWeights, add_lora, add_lora_reference, ad
 
 native = pytest.mark.skipif(not fused.native_ops(), reason="loom's native kernels are not built (LOOM_NATIVE=0 or no compiler)")
 QKV = [64, 32, 32]  # q | k | v of uneven sizes
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pool(parts: list[int], rank: int, fan_in: int, slots: int = 4, seed: int = 0,
@@ -108,12 +122,8 @@ def test_threads_split_the_work_the_same_way():
     slots = [0, 1, 2, 3, -1, 0, 1, 1, 2] * 3  # enough work for the parallel region
     y, x, s = _inputs(w, slots)
     want = add_lora_reference(y, x, w, s)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         got = torch.ops.loom.lora_add_(y.clone(), x, w.a, w.b, s, w.cols)
-    finally:
-        torch.set_num_threads(before)
     _close(got, want)
 
 
@@ -191,13 +201,9 @@ def _check_dtypes(w: LoraWeights, slots: list[int], act: torch.dtype, threads: i
     assert want.dtype == act and (want != y).any()
     scale = exact.abs().max()
     base = torch.tensor(slots) < 0
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with _threads(threads):
         got = y.clone()
         assert torch.ops.loom.lora_add_(got, x, w.a, w.b, s, w.cols) is not None
-    finally:
-        torch.set_num_threads(before)
     assert got.dtype == act
     assert torch.equal(got[base], y[base])  # rows without an adapter: untouched
     if act == torch.float32:
@@ -240,12 +246,8 @@ def test_bf16_threads_split_the_work_the_same_way(act, pool):
     y, x, s = _inputs(w, slots, dtype=DTYPES[act])
     one = torch.ops.loom.lora_add_(y.clone(), x, w.a, w.b, s, w.cols)
     _check_dtypes(w, slots, DTYPES[act], threads=2)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         two = torch.ops.loom.lora_add_(y.clone(), x, w.a, w.b, s, w.cols)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(one, two)  # each output summed by one thread, in the same order
 
 

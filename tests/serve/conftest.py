@@ -50,8 +50,12 @@ def start_server(api_key: str | None = API_KEY, max_waiting: int | None = None, 
 
     llm = LLM(cache=CacheConfig(memory_bytes=parse_bytes(memory)),
               scheduler=SchedulerConfig(max_num_seqs=32, max_waiting=max_waiting), speculative=speculative)
-    app = create_app(llm.engine, llm.tokenizer, MODEL, api_key=api_key, max_request_bytes=1 << 20,
-                     body_timeout_s=body_timeout_s)
+    return serve_app(create_app(llm.engine, llm.tokenizer, MODEL, api_key=api_key, max_request_bytes=1 << 20,
+                                body_timeout_s=body_timeout_s))
+
+
+def serve_app(app) -> LiveServer:  # type: ignore[no-untyped-def]
+    """``app`` served by uvicorn in a thread on a free local port, once it has started."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

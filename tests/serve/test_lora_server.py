@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from loom import LLM, SamplingParams
 from loom.config import LoraServingConfig
 from loom.serve.app import create_app
-from tests.helpers import byte_level_metadata, peft_adapter, save_tiny_hf
-from tests.serve.conftest import LiveServer, free_port
+from tests.helpers import peft_adapter, save_tiny_hf, tiny_base_with_adapters
+from tests.serve.conftest import serve_app
 
 MODEL = "tiny"
 KEY = "lora-key"
@@ -46,21 +44,13 @@ CHAT = [{"role": "user", "content": "Say something."}]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     """The base model's folder, each adapter's, and an adapter for a model of another width ("other")."""
-    from loom.tokenizer import tokenizer_from_gguf_metadata
-
     root = tmp_path_factory.mktemp("lora-server")
-    paths = {"base": str(root / "base")}
-    save_tiny_hf(paths["base"], num_key_value_heads=2)
-    tokenizer_from_gguf_metadata(byte_level_metadata()).save(paths["base"])
+    paths = tiny_base_with_adapters(root, ADAPTERS)
     config_path = os.path.join(paths["base"], "tokenizer_config.json")
     with open(config_path) as f:
         config = json.load(f)
     with open(config_path, "w") as f:
         json.dump(config | {"chat_template": CHAT_TEMPLATE}, f)
-    for i, (name, (targets, r)) in enumerate(ADAPTERS.items()):
-        hf = save_tiny_hf(str(root / f"hf-{name}"), num_key_value_heads=2)
-        paths[name] = str(root / name)
-        peft_adapter(hf, paths[name], seed=i, r=r, lora_alpha=2 * r, target_modules=targets)
     hf = save_tiny_hf(str(root / "hf-other"), num_key_value_heads=2, hidden_size=32)
     paths["other"] = str(root / "other")
     peft_adapter(hf, paths["other"])
@@ -89,16 +79,8 @@ def serving_llm(tiny) -> LLM:
 @pytest.fixture(scope="module")
 def live(tiny):
     llm = serving_llm(tiny)
-    app = create_app(llm.engine, llm.tokenizer, MODEL, api_key=KEY, model_root=tiny["base"], allow_runtime_lora=True)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    s = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+    s = serve_app(create_app(llm.engine, llm.tokenizer, MODEL, api_key=KEY, model_root=tiny["base"],
+                             allow_runtime_lora=True))
     yield s
     s.stop()
 

@@ -7,6 +7,7 @@ fp32 or bf16 pools (vLLM's --lora-dtype). A bf16 model's scripted step runs its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -97,8 +98,8 @@ def _random_cache(model: Transformer, blocks: int = 40) -> KVCache:
 def _run(model: Transformer, pool: list[LayerLora], slots: list[int], steps: int = 3, seed: int = 2,
          step: NativeStep | None = None) -> None:
     """``steps`` decode steps of len(slots) sequences through the native step and the hooked module forward."""
-    b, width = len(slots), 6  # each sequence's block table: 6 blocks
-    blocks = max(40, b * width)
+    b = len(slots)
+    blocks = max(40, b * 6)  # each sequence's block table: 6 blocks
     a_cache, m_cache = _random_cache(model, blocks), _random_cache(model, blocks)
     lora_slots = torch.tensor(slots, dtype=torch.long)
     with torch.inference_mode():
@@ -107,21 +108,13 @@ def _run(model: Transformer, pool: list[LayerLora], slots: list[int], steps: int
             a_cache = None
         native_step.max_batch = max(native_step.max_batch, b)  # the dense limit (1) is about speed, not correctness
         module = ModuleStep(model, m_cache.layers())
-        g = torch.Generator().manual_seed(seed)
-        tables = torch.randperm(blocks, generator=g)[:b * width].view(b, width)
-        lens = torch.randint(1, (width - 1) * BLOCK, (b,), generator=g)
-        for _ in range(steps):
-            tokens = torch.randint(0, 101, (b,), generator=g)
-            pos = lens - 1
-            kv_slots = tables[torch.arange(b), pos // BLOCK] * BLOCK + pos % BLOCK
-            batch = DecodeBatch(tokens, pos, kv_slots, tables, lens, lora_slots)
+        for batch in _decode_batches(b, steps, seed, slots, blocks):
             assert native_step.supports(batch)
             got = native_step(batch)
             with _reference_hooks(model, pool, lora_slots):
-                want = module(DecodeBatch(tokens, pos, kv_slots, tables, lens))
+                want = module(dataclasses.replace(batch, lora_slots=None))
             assert got.shape == want.shape == (b, 101)
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-            lens = lens + 1
     if a_cache is not None:
         for got_kv, want_kv in ((a_cache.k, m_cache.k), (a_cache.v, m_cache.v)):
             assert (got_kv - want_kv).abs().max() <= 1e-4 * want_kv.abs().max()
