@@ -249,3 +249,18 @@ def test_adapters_on_a_quantized_base_default_to_bf16_slots(tiny, tmp_path):
     names = [[None, *NAMES][k % 5] for k in range(len(PROMPTS))]
     batched = tokens(auto.generate(PROMPTS, GREEDY, lora=names))
     assert batched[:5] == [tokens(auto.generate([p], GREEDY, lora=n))[0] for p, n in zip(PROMPTS[:5], names)]
+
+
+def test_bounded_kv_sequences_run_under_their_adapters(tiny):
+    """A KV eviction policy (StreamingLLM, budget 16) with adapters: each request's tokens equal the merged
+    model's under the same policy (its sequences run the module forward, whose hooks add the adapters)."""
+    from loom.config import KVPolicyConfig
+
+    policy = KVPolicyConfig(kind="streaming", budget=16, sink_tokens=4, prefill_chunk=8)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, kv_policy=policy)
+    names = [None, *NAMES]
+    prompts = [PROMPTS[11 + k] for k in range(5)]
+    got = tokens(served(tiny).generate(prompts, params, lora=names))
+    for prompt, name, out in zip(prompts, names, got):
+        merged_llm = LLM(tiny["base"], weights="fp32", lora=None if name is None else tiny[name])
+        assert out == tokens(merged_llm.generate([prompt], params))[0]
