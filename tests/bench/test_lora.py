@@ -51,7 +51,8 @@ def test_the_mixed_adapter_run_sits_beside_the_base_run(result):
                                                     / lora["base"]["total_tokens_per_s"])
     b1 = lora["batch1"]
     assert b1["adapter_over_base"] == pytest.approx(b1["adapter_decode_tokens_per_s"] / b1["base_decode_tokens_per_s"])
-    assert len(b1["runs"]["base"]) == len(b1["runs"]["adapter"]) == 3
+    assert len(b1["runs"]["base"]) == len(b1["runs"]["adapter"]) == 5
+    assert 0 < b1["adapter_over_base_median"]
     assert 0 < lora["adapter_flops_fraction"] < 1
 
 
@@ -66,10 +67,24 @@ def test_the_peft_peer_sweeps_its_batches_and_is_compared_at_its_best(result):
     assert result["hf_configs"] == []  # the base-model HF peer was not asked for
 
 
+def test_adapters_on_some_projections_only(tiny_folder, tmp_path):
+    from loom.bench.lora import write_random_adapters
+
+    llm = LLM(tiny_folder, weights="fp32", lora_serving=LoraServingConfig(max_lora_rank=4))
+    (name, folder), = write_random_adapters(llm.config, str(tmp_path), 1, 4, targets=("q_proj", "v_proj"))
+    assert llm.engine.add_lora(name, folder).linears == (True, False, False, False)
+    c = llm.config
+    assert adapter_flops_per_token(c, 4, ("q_proj", "v_proj")) == c.num_layers * 2 * 4 * (
+        c.q_size + c.kv_size + 2 * c.hidden_size)
+
+
 def test_bad_lora_options_are_refused(tiny_folder):
     with pytest.raises(ValueError, match="--lora-rank"):
         run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=(),
                        loras=2, lora_rank=0)
+    with pytest.raises(ValueError, match="--lora-targets takes"):
+        run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=(),
+                       loras=1, lora_targets=["lm_head"])
     with pytest.raises(ValueError, match="give --loras"):
         run_throughput(EngineConfig(model=tiny_folder), num_prompts=2, input_len=4, output_len=2, peers=("peft",))
 

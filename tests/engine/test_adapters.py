@@ -75,6 +75,9 @@ def test_served_logits_equal_peft_and_the_merged_model(tiny):
 @pytest.mark.parametrize("decode_step", ["auto", "module"])
 def test_a_mixed_batch_equals_each_request_alone_and_the_merged_models(tiny, merged, decode_step):
     llm = served(tiny, decode_step=decode_step)
+    # which linears each adapter's rows compute (the others read -1 for its rows: nothing to add)
+    assert [llm.engine.adapter(n).linears for n in NAMES] == [
+        (True, True, True, True), (True, False, False, False), (False, False, True, True), (True, True, True, False)]
     names = [[None, *NAMES][k % 5] for k in range(len(PROMPTS))]  # 16 requests: 4 adapters and the base model
     batched = tokens(llm.generate(PROMPTS, GREEDY, lora=names))
     assert batched == [merged[n][k] for k, n in enumerate(names)]

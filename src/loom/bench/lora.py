@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from typing import Any, Sequence
 
@@ -34,8 +35,10 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
             "down_proj": (c.hidden_size, c.intermediate_size)}
 
 
-def write_random_adapter(config: ModelConfig, folder: str, rank: int, seed: int, std: float = 0.02) -> str:
-    """A PEFT LoRA adapter folder on every decoder projection with random A and B (N(0, std^2)), alpha = 2r."""
+def write_random_adapter(config: ModelConfig, folder: str, rank: int, seed: int, std: float = 0.02,
+                         targets: Sequence[str] = PROJECTIONS) -> str:
+    """A PEFT LoRA adapter folder on the decoder projections ``targets`` (default: every one) with random A and
+    B (N(0, std^2)), alpha = 2r."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -43,26 +46,30 @@ def write_random_adapter(config: ModelConfig, folder: str, rank: int, seed: int,
     tensors = {}
     for layer in range(config.num_layers):
         for proj, (out, fan_in) in projection_shapes(config).items():
+            if proj not in targets:
+                continue
             owner = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{owner}.{proj}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
             tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * std
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS),
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
                    "bias": "none", "task_type": "CAUSAL_LM"}, f)
     return folder
 
 
-def write_random_adapters(config: ModelConfig, root: str, count: int, rank: int) -> tuple[tuple[str, str], ...]:
+def write_random_adapters(config: ModelConfig, root: str, count: int, rank: int,
+                          targets: Sequence[str] = PROJECTIONS) -> tuple[tuple[str, str], ...]:
     """``count`` adapters (name, folder) under ``root``: lora-0, lora-1, ..."""
-    return tuple((f"lora-{i}", write_random_adapter(config, os.path.join(root, f"lora-{i}"), rank, seed=i))
-                 for i in range(count))
+    return tuple((f"lora-{i}", write_random_adapter(config, os.path.join(root, f"lora-{i}"), rank, seed=i,
+                                                    targets=targets)) for i in range(count))
 
 
-def adapter_flops_per_token(config: ModelConfig, rank: int) -> float:
-    """Extra FLOPs per token of an adapter on every projection: 2 r (in + out) per projection per layer."""
-    return config.num_layers * sum(2 * rank * (out + fan_in) for out, fan_in in projection_shapes(config).values())
+def adapter_flops_per_token(config: ModelConfig, rank: int, targets: Sequence[str] = PROJECTIONS) -> float:
+    """Extra FLOPs per token of an adapter on ``targets``: 2 r (in + out) per projection per layer."""
+    return config.num_layers * sum(2 * rank * (out + fan_in) for proj, (out, fan_in) in
+                                   projection_shapes(config).items() if proj in targets)
 
 
 def batch1_decode(llm: Any, adapter: str, prompt_ids: list[int], gen_len: int, repeats: int) -> dict[str, Any]:
@@ -84,17 +91,18 @@ def batch1_decode(llm: Any, adapter: str, prompt_ids: list[int], gen_len: int, r
     base, with_adapter = max(runs["base"]), max(runs["adapter"])
     return {"prompt_len": len(prompt_ids), "gen_len": gen_len, "base_decode_tokens_per_s": base,
             "adapter_decode_tokens_per_s": with_adapter, "adapter_over_base": with_adapter / base,
+            "adapter_over_base_median": statistics.median(runs["adapter"]) / statistics.median(runs["base"]),
             "runs": runs, "decode_step": steps}
 
 
 def summarize(base_runs: Sequence[dict[str, Any]], mixed_runs: Sequence[dict[str, Any]], count: int, rank: int,
-              config: ModelConfig, flops_per_token: float) -> dict[str, Any]:
+              config: ModelConfig, flops_per_token: float, targets: Sequence[str] = PROJECTIONS) -> dict[str, Any]:
     """The base and mixed-adapter throughput (best runs, every run's figure), and their ratio."""
     best = {k: max(runs, key=lambda r: r["total_tokens_per_s"]) for k, runs in
             (("base", base_runs), ("mixed", mixed_runs))}
-    return {"adapters": count, "rank": rank, "targets": list(PROJECTIONS),
-            "adapter_flops_per_token": adapter_flops_per_token(config, rank),
-            "adapter_flops_fraction": adapter_flops_per_token(config, rank) / flops_per_token,
+    return {"adapters": count, "rank": rank, "targets": list(targets),
+            "adapter_flops_per_token": adapter_flops_per_token(config, rank, targets),
+            "adapter_flops_fraction": adapter_flops_per_token(config, rank, targets) / flops_per_token,
             "base": {**best["base"], "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in base_runs]},
             "mixed": {**best["mixed"], "total_tokens_per_s_runs": [r["total_tokens_per_s"] for r in mixed_runs]},
             "mixed_over_base": best["mixed"]["total_tokens_per_s"] / best["base"]["total_tokens_per_s"],

@@ -333,7 +333,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
                    output_range: tuple[int, int] = MIXED_OUTPUT_RANGE, peers: tuple[str, ...] = ("hf",),
                    hf_batch: int | Sequence[int] = HF_BATCHES, hf_dtype: Sequence[str] = HF_DTYPES, seed: int = 0,
                    repeats: int = 1, warmup: bool | None = None, peak_matmul_size: int | None = None,
-                   loras: int = 0, lora_rank: int = 16, lora_dtype: str = "auto") -> dict[str, Any]:
+                   loras: int = 0, lora_rank: int = 16, lora_dtype: str = "auto",
+                   lora_targets: Sequence[str] | None = None) -> dict[str, Any]:
     """loom (built from ``engine``: model, weights, device, cache, scheduler, KV policy, RoPE scaling, decode
     step) against HF static batching (every batch size of ``hf_batch`` x every dtype of ``hf_dtype``) on the
     same requests. ``dataset``: fixed (``input_len`` / ``output_len``) or mixed (lengths drawn within
@@ -341,7 +342,8 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     on CUDA only, where it captures loom's decode graphs and loads the GPU libraries). A KV policy bounds
     loom's requests' memory (eviction), the peers keep their full caches; a RoPE override changes loom's
     model only (the HF peer runs the file as it is). ``loras`` > 0: also the same requests spread over that
-    many random adapters of rank ``lora_rank`` on every projection (slots in ``lora_dtype``), and batch-1
+    many random adapters of rank ``lora_rank`` on ``lora_targets`` (default: every projection; slots in
+    ``lora_dtype``), and batch-1
     decode with and without one (bench/lora.py), reported under ``results["loom_lora"]``."""
     engine = engine or EngineConfig()
     batches = [hf_batch] if isinstance(hf_batch, int) else list(hf_batch)
@@ -363,10 +365,14 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     if loras:
         import tempfile
 
-        from loom.bench.lora import write_random_adapters
+        from loom.bench.lora import PROJECTIONS, write_random_adapters
 
+        targets = tuple(lora_targets or PROJECTIONS)
+        unknown = set(targets) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"--lora-targets takes {', '.join(PROJECTIONS)}; got {', '.join(sorted(unknown))}")
         adapter_dir = tempfile.TemporaryDirectory(prefix="loom-bench-lora-")
-        for name, folder in write_random_adapters(llm.config, adapter_dir.name, loras, lora_rank):
+        for name, folder in write_random_adapters(llm.config, adapter_dir.name, loras, lora_rank, targets):
             llm.add_lora(name, folder)
     memory = {"rss_before_load_mib": rss_before / 2**20, "rss_after_load_mib": resident_bytes() / 2**20,
               "weight_mib": weight_bytes(llm.model) / 2**20}
@@ -397,7 +403,7 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
     if loras:
         from loom.bench.lora import batch1_decode, summarize
 
-        results["loom_lora"] = summarize(loom_runs, lora_runs, loras, lora_rank, llm.config, per_token)
+        results["loom_lora"] = summarize(loom_runs, lora_runs, loras, lora_rank, llm.config, per_token, targets)
         results["loom_lora"]["slot_dtype"] = str(llm.engine.adapters.dtype).replace("torch.", "")
         results["loom_lora"]["peft_configs"] = peft_configs
         ok = [c for c in peft_configs if "error" not in c]
@@ -406,7 +412,7 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
             results["loom_lora"]["peft"] = best
             results["loom_lora"]["mixed_over_peft"] = (results["loom_lora"]["mixed"]["total_tokens_per_s"]
                                                        / best["total_tokens_per_s"])
-        results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 128, max(repeats, 3))
+        results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 128, max(repeats, 5))
         adapter_dir.cleanup()  # type: ignore[union-attr]
     hf_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d, per_token, peaks) for b, d in configs]
     ratio = _compare(results, hf_configs)

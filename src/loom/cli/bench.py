@@ -175,6 +175,9 @@ def _throughput_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="with --loras: the adapters' rank")
     p.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES,
                    help="with --loras: the slots' dtype (auto: bfloat16 on a quantized base, else the model's)")
+    p.add_argument("--lora-targets", default=None, metavar="PROJ,...",
+                   help="with --loras: the projections the adapters adapt (default: all of q_proj, k_proj, v_proj, "
+                   "o_proj, gate_proj, up_proj, down_proj)")
     p.add_argument("--plot", default=None, metavar="PNG", help="with --loras: plot the adapter figures here")
     p.add_argument("--json", action="store_true")
 
@@ -220,7 +223,8 @@ def _throughput(args: argparse.Namespace) -> int:
                             input_range=_length_range(args.input_range), output_range=_length_range(args.output_range),
                             peers=tuple(_peers(args.peers)), hf_batch=_ints(args.hf_batch),
                             hf_dtype=[d for d in args.hf_dtype.split(",") if d], seed=args.seed, repeats=args.repeats,
-                            loras=args.loras, lora_rank=args.lora_rank, lora_dtype=args.lora_dtype)
+                            loras=args.loras, lora_rank=args.lora_rank, lora_dtype=args.lora_dtype,
+                            lora_targets=[t for t in (args.lora_targets or "").split(",") if t] or None)
     if args.plot and args.loras:
         from loom.bench.lora import plot_lora
 

@@ -63,6 +63,7 @@ class Adapter:
     uid: int
     rank: int
     modules: tuple[str, ...]  # the HF modules it adapts
+    linears: tuple[bool, bool, bool, bool]  # whether it adapts q|k|v, o, gate|up, down (in any layer)
 
 
 class AdapterPool:
@@ -90,9 +91,10 @@ class AdapterPool:
             LayerLora(weights([c.q_size, c.kv_size, c.kv_size], c.hidden_size), weights([c.hidden_size], c.q_size),
                       weights([inter, inter], c.hidden_size), weights([c.hidden_size], inter))
             for _ in range(c.num_layers)]
-        self.hooks = LoraHooks([(module, w) for layer, lora in zip(model.layers, self.layers)
-                                for module, w in zip((layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj,
-                                                      layer.mlp.down_proj), lora)])
+        self.hooks = LoraHooks([(module, w, kind) for layer, lora in zip(model.layers, self.layers)
+                                for kind, (module, w) in enumerate(zip((layer.attn.qkv_proj, layer.attn.o_proj,
+                                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj),
+                                                                       lora))])
         self.registered: dict[str, Adapter] = {}
         self._host: OrderedDict[int, LoraPairs] = OrderedDict()  # uid -> pairs, most recent last
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # uid -> slot, most recent last
@@ -113,8 +115,9 @@ class AdapterPool:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
         path = os.fspath(path)
         pairs = pairs if pairs is not None else self.read(name, path)
+        kinds = {self._locate(m)[1] for m in pairs.pairs}  # type: ignore[index]
         adapter = Adapter(name, path, next(_uids), max(a.shape[0] for a, _ in pairs.pairs.values()),
-                          tuple(sorted(pairs.pairs)))
+                          tuple(sorted(pairs.pairs)), tuple(k in kinds for k in range(4)))  # type: ignore[arg-type]
         self.registered[name] = adapter
         self._keep_on_host(adapter.uid, pairs)
         return adapter

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,7 +89,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         starts, context_lens, sample_rows, sample_seqs, verify_rows = [0], [], [], [], []
-        lora_slots: list[int] = []
+        lora_slots: list[list[int]] = [[], [], [], []]  # per linear (q|k|v, o, gate|up, down), per row
         evicting = {}
         for i, item in enumerate(scheduled):
             seq, n, c = item.seq, item.num_tokens, item.seq.num_computed
@@ -105,21 +105,25 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             starts.append(starts[-1] + n)
             context_lens.append(c + n)
-            lora_slots += [-1 if seq.lora_slot is None else seq.lora_slot] * n
+            for kind, row in enumerate(lora_slots):  # -1 where the row's adapter leaves the linear alone
+                adapts = seq.lora_slot is not None and seq.adapter.linears[kind]  # type: ignore[union-attr]
+                row += [seq.lora_slot if adapts else -1] * n  # type: ignore[list-item]
             if c + n == len(source):
                 if seq.draft_tokens:
                     verify_rows.append((seq, starts[-2], n))
                 else:
                     sample_rows.append(starts[-1] - 1)
                     sample_seqs.append(seq)
-        adapted = any(s >= 0 for s in lora_slots)
+        adapted = any(s >= 0 for row in lora_slots for s in row)
         if not evicting and all(item.num_tokens == 1 or item.seq.draft_tokens for item in scheduled):
             # Decodes and verifications only: one row per token, each attending over the context up to
             # itself through its sequence's block table (all rows' K/V are written before any row
             # attends), so a decode step also verifies drafts, reading the weights once.
             tables = [item.seq.block_table for item in scheduled for _ in range(item.num_tokens)]
-            logits = self.decode(DecodeBatch.of(ids, positions, slots, tables, [p + 1 for p in positions],
-                                                lora_slots if adapted else None))
+            batch = DecodeBatch.of(ids, positions, slots, tables, [p + 1 for p in positions])
+            if adapted:
+                batch = replace(batch, lora_slots=torch.tensor(lora_slots))
+            logits = self.decode(batch)
             verify = [(seq, logits[s:s + n]) for seq, s, n in verify_rows]
             if len(sample_rows) < len(ids):  # drafts, or a one-token prefill chunk that does not end its prompt
                 logits = logits[sample_rows]

@@ -101,22 +101,26 @@ class LoraHooks:
     to the linear's output, for the rows ``slots`` names while a forward runs ``using`` them (prefill
     chunks, mixed batches, and decode batches no compiled step takes)."""
 
-    def __init__(self, adapted: List[Tuple[nn.Module, LoraWeights]]) -> None:
+    def __init__(self, adapted: List[Tuple[nn.Module, LoraWeights, int]]) -> None:
+        """``adapted``: (linear module, its slots, which row of a [kinds, rows] ``slots`` it reads)."""
         self.slots: Optional[torch.Tensor] = None
-        self.handles = [module.register_forward_hook(self._hook(w)) for module, w in adapted]
+        self.handles = [module.register_forward_hook(self._hook(w, k)) for module, w, k in adapted]
 
-    def _hook(self, w: LoraWeights):  # type: ignore[no-untyped-def]
+    def _hook(self, w: LoraWeights, kind: int):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> Optional[torch.Tensor]:
             if self.slots is None:
                 return None
+            slots = self.slots[kind] if self.slots.dim() == 2 else self.slots
             x = inputs[0]
             y = output.reshape(-1, output.shape[-1])
-            return add_lora(y, x.reshape(-1, x.shape[-1]), w, self.slots.to(y.device)).view_as(output)
+            return add_lora(y, x.reshape(-1, x.shape[-1]), w, slots.to(y.device)).view_as(output)
         return hook
 
     @contextlib.contextmanager
     def using(self, slots: Optional[torch.Tensor]) -> Iterator[None]:
-        """Rows of the forwards inside run under ``slots`` [rows] (None: the base model's)."""
+        """Rows of the forwards inside run under ``slots``: [rows] for every linear, or [kinds, rows] (one
+        row of slots per kind of linear, -1 where a row's adapter leaves that linear alone); None: the base
+        model throughout."""
         self.slots = slots
         try:
             yield

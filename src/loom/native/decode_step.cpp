@@ -210,7 +210,7 @@ class NativeDecoder : public torch::CustomClassHolder {
   // through block_tables [B, W].
   //
   // lora_slots: empty (no adapters this step), or [B] int64, each row's adapter slot in the pools of
-  // set_lora (-1: the base model).
+  // set_lora (-1: the base model), or [4, B]: one such row per linear (q|k|v, o, gate|up, down).
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& block_tables,
                   const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
                   const at::Tensor& lora_slots) {
@@ -241,13 +241,19 @@ class NativeDecoder : public torch::CustomClassHolder {
     for (int64_t i = 0; i < tables.numel(); ++i)
       TORCH_CHECK(tabp[i] >= 0 && (layers_.empty() || tabp[i] < blocks), "NativeDecoder: block id out of range");
 
-    // The rows grouped by adapter (an empty grouping: no LoRA this step), and the shrink's output [B, J].
-    loom_native::LoraGroups groups;
+    // Per linear (q|k|v, o, gate|up, down): the rows grouped by adapter (an empty grouping: no LoRA there this
+    // step), and the shrink's output [B, J]. lora_slots [B] applies to all four linears; [4, B] names each
+    // linear's row slots (-1 where the row's adapter does not adapt that linear: nothing to compute).
+    std::array<loom_native::LoraGroups, 4> groups;
     int64_t lora_j = 0;
     at::Tensor lora_t;
+    bool lora_on = false;
     if (lora_slots.numel() > 0) {
-      TORCH_CHECK(lora_slots.dim() == 1 && lora_slots.numel() == b && !lora_slots.is_floating_point(),
-                  "NativeDecoder: lora_slots must be empty or an integer [B] tensor");
+      const bool per_linear = lora_slots.dim() == 2;
+      TORCH_CHECK(!lora_slots.is_floating_point() &&
+                      ((lora_slots.dim() == 1 && lora_slots.numel() == b) ||
+                       (per_linear && lora_slots.size(0) == 4 && lora_slots.size(1) == b)),
+                  "NativeDecoder: lora_slots must be empty or an integer [B] or [4, B] tensor");
       int64_t num_slots = -1;
       for (const auto& l : layers_)
         for (const auto& p : l.lora)
@@ -258,14 +264,16 @@ class NativeDecoder : public torch::CustomClassHolder {
       if (num_slots > 0) {
         auto ls = lora_slots.to(at::kLong).contiguous();
         const int64_t* lsp = ls.data_ptr<int64_t>();
-        for (int64_t i = 0; i < b; ++i)
-          TORCH_CHECK(lsp[i] >= -1 && lsp[i] < num_slots, "NativeDecoder: LoRA slot ", lsp[i], " of row ", i,
+        for (int64_t i = 0; i < ls.numel(); ++i)
+          TORCH_CHECK(lsp[i] >= -1 && lsp[i] < num_slots, "NativeDecoder: LoRA slot ", lsp[i], " of row ", i % b,
                       " out of range [-1, ", num_slots, ")");
-        loom_native::lora_group_rows(lsp, b, num_slots, groups);
-        lora_t = at::empty({b, lora_j}, embed_.options());
+        for (int k = 0; k < 4; ++k) {
+          loom_native::lora_group_rows(lsp + (per_linear ? k * b : 0), b, num_slots, groups[k]);
+          lora_on = lora_on || groups[k].size() > 0;
+        }
+        if (lora_on) lora_t = at::empty({b, lora_j}, embed_.options());
       }
     }
-    const bool lora_on = groups.size() > 0;
     float* ltp = lora_on ? lora_t.data_ptr<float>() : nullptr;
 
     const int64_t f = layers_.empty() ? 0 : layers_[0].linears[2].n / 2;
@@ -291,16 +299,16 @@ class NativeDecoder : public torch::CustomClassHolder {
       };
       // LoRA: the shrink of the thread's (group, rank column) items over the linear's input x [B, k]
       // (true: it ran, and a barrier must follow), and the expand of output columns [n0, n1) into y.
-      auto lora_shrink = [&](const LoraLinear& l, const float* in) {
-        if (!lora_on || !l.on()) return false;
+      auto lora_shrink = [&](const LoraLinear& l, int k, const float* in) {
+        if (!lora_on || !l.on() || groups[k].size() == 0) return false;
         int64_t i0, i1;
-        share(groups.size() * l.j, t, nt, 1, i0, i1);
-        l.shrink(in, groups, ltp, lora_j, i0, i1);
+        share(groups[k].size() * l.j, t, nt, 1, i0, i1);
+        l.shrink(in, groups[k], ltp, lora_j, i0, i1);
         return true;
       };
-      auto lora_expand = [&](const LoraLinear& l, float* y, int64_t n0, int64_t n1) {
-        if (!lora_on || !l.on()) return;
-        l.expand(ltp, lora_j, groups, y, n0, n1);
+      auto lora_expand = [&](const LoraLinear& l, int k, float* y, int64_t n0, int64_t n1) {
+        if (!lora_on || !l.on() || groups[k].size() == 0) return;
+        l.expand(ltp, lora_j, groups[k], y, n0, n1);
       };
       for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
 #pragma omp barrier
@@ -309,12 +317,12 @@ class NativeDecoder : public torch::CustomClassHolder {
         const auto& lora = layer.lora;
         norm_rows(layer.attn_norm);
 #pragma omp barrier
-        if (lora_shrink(lora[0], xp)) {
+        if (lora_shrink(lora[0], 0, xp)) {
 #pragma omp barrier
         }
         share(qkv_n, t, nt, 16, n0, n1);
         lin[0].run(xp, b, qkvp, n0, n1, false);
-        lora_expand(lora[0], qkvp, n0, n1);
+        lora_expand(lora[0], 0, qkvp, n0, n1);
 #pragma omp barrier
         // Bias, RoPE on q and k, and the cache writes: one pass per (sequence, head).
         float* kc = layer.k_cache.data_ptr<float>();
@@ -343,32 +351,32 @@ class NativeDecoder : public torch::CustomClassHolder {
                                     scale_, layer.window, ap + r * hq_ * hd_, scratch);
         }
 #pragma omp barrier
-        if (lora_shrink(lora[1], ap)) {
+        if (lora_shrink(lora[1], 1, ap)) {
 #pragma omp barrier
         }
         share(d_, t, nt, 16, n0, n1);
         lin[1].run(ap, b, hp, n0, n1, true);  // h += attn O^T
-        lora_expand(lora[1], hp, n0, n1);     // h += attn (B A)^T
+        lora_expand(lora[1], 1, hp, n0, n1);     // h += attn (B A)^T
 #pragma omp barrier
         norm_rows(layer.mlp_norm);
 #pragma omp barrier
-        if (lora_shrink(lora[2], xp)) {
+        if (lora_shrink(lora[2], 2, xp)) {
 #pragma omp barrier
         }
         share(2 * f, t, nt, 16, n0, n1);
         lin[2].run(xp, b, gup, n0, n1, false);
-        lora_expand(lora[2], gup, n0, n1);
+        lora_expand(lora[2], 2, gup, n0, n1);
 #pragma omp barrier
         share(f, t, nt, 16, n0, n1);
         for (int64_t r = 0; r < b && n0 < n1; ++r)
           loom_native::silu_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
 #pragma omp barrier
-        if (lora_shrink(lora[3], actp)) {
+        if (lora_shrink(lora[3], 3, actp)) {
 #pragma omp barrier
         }
         share(d_, t, nt, 16, n0, n1);
         lin[3].run(actp, b, hp, n0, n1, true);  // h += act D^T
-        lora_expand(lora[3], hp, n0, n1);       // h += act (B A)^T
+        lora_expand(lora[3], 3, hp, n0, n1);       // h += act (B A)^T
 #pragma omp barrier
       }
       norm_rows(final_norm_);

@@ -236,9 +236,9 @@ def _decode_batches(b: int, steps: int, seed: int, lora_slots: list[int], blocks
 
 def _hooks(model: Transformer, pool: list[LayerLora]) -> LoraHooks:
     """The serving module path's hooks (engine/adapters.py): add_lora on every adapted linear."""
-    return LoraHooks([(module, w) for layer, lora in zip(model.layers, pool)
-                      for module, w in zip((layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj,
-                                            layer.mlp.down_proj), lora)])
+    return LoraHooks([(module, w, kind) for layer, lora in zip(model.layers, pool)
+                      for kind, (module, w) in enumerate(zip((layer.attn.qkv_proj, layer.attn.o_proj,
+                                                              layer.mlp.gate_up_proj, layer.mlp.down_proj), lora))])
 
 
 def test_a_bf16_pool_is_the_fp32_pool_of_its_values():
@@ -273,6 +273,35 @@ def test_native_step_with_a_bf16_pool_equals_the_hooked_module_forward(weights):
     finally:
         hooks.remove()
     assert (a.k - m.k).abs().max() <= 1e-4 * m.k.abs().max()
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_per_linear_slots_skip_what_an_adapter_leaves_alone(weights):
+    """lora_slots [4, B]: each linear (q|k|v, o, gate|up, down) reads its own row of slots (-1 where the row's
+    adapter does not adapt it). The native and scripted steps equal the hooked module forward reading the same
+    rows; giving every linear the first row instead changes the logits."""
+    model = _model(weights)
+    pool = _pool(model, 16)
+    per_linear = torch.tensor([[1, -1, 0, 2], [-1, -1, 0, -1], [1, 2, -1, -1], [-1, -1, -1, -1]])
+    caches = [_random_cache(model) for _ in range(4)]
+    hooks = _hooks(model, pool)
+    try:
+        with torch.inference_mode():
+            native = NativeStep(model, caches[0].k, caches[0].v, lora=pool)
+            native.max_batch = 8
+            scripted = ScriptedStep(model, caches[1].k, caches[1].v, lora=pool)
+            module = ModuleStep(model, caches[2].layers(), lora=hooks)
+            other = ModuleStep(model, caches[3].layers(), lora=hooks)  # writes its own cache
+            for batch in _decode_batches(4, 2, 7, [0, 0, 0, 0]):
+                batch = dataclasses.replace(batch, lora_slots=per_linear)
+                want = module(batch)
+                for step in (native, scripted):
+                    got = step(batch)
+                    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+                everywhere = other(dataclasses.replace(batch, lora_slots=per_linear[0]))  # row 0 for all four
+                assert (everywhere - want).abs().max() > 1e-2 * want.abs().max()  # the per-linear rows mattered
+    finally:
+        hooks.remove()
 
 
 @pytest.mark.parametrize("script", [True, False], ids=["TorchScript", "eager"])

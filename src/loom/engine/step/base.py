@@ -24,7 +24,8 @@ class DecodeBatch:
     tokens, positions, slots, context_lens: [B]; block_tables: [B, max_blocks] (padded with block 0).
     Row b's K/V is written at ``slots[b]`` before any row attends, and row b attends over the first
     ``context_lens[b]`` tokens of its block table, itself included. ``lora_slots`` [B]: each row's
-    adapter slot (layers/multi_lora.py; -1 for the base model), None when no row has an adapter.
+    adapter slot (layers/multi_lora.py; -1 for the base model), or [4, B]: one such row per linear (q|k|v, o,
+    gate|up, down; -1 also where the row's adapter leaves that linear alone); None when no row has an adapter.
     """
 
     tokens: torch.Tensor

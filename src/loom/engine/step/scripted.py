@@ -105,6 +105,8 @@ class DecodeProgram(nn.Module):
                 rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
         adapted = lora_slots.numel() > 0 and len(lora) > 0
+        # one row of slots per linear (q|k|v, o, gate|up, down), or one row for all four
+        per_linear = lora_slots if lora_slots.dim() == 2 else lora_slots.expand(4, lora_slots.shape[0])
         hq, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
         h = F.embedding(tokens, embed)
         rotated = rotation.numel() > 0
@@ -114,7 +116,7 @@ class DecodeProgram(nn.Module):
             x = self.ops.rms_norm(h, w.attn_norm, eps)
             qkv = apply_linear(x, w.qkv)
             if adapted:
-                qkv = self.ops.lora(qkv, x, lora[i].qkv, lora_slots)
+                qkv = self.ops.lora(qkv, x, lora[i].qkv, per_linear[0])
             if w.qkv_bias.numel() > 0:
                 qkv = qkv + w.qkv_bias
             qkv = qkv.view(b, hq + 2 * hkv, d)
@@ -126,16 +128,16 @@ class DecodeProgram(nn.Module):
             a = a.reshape(b, hq * d)
             o = apply_linear(a, w.o)
             if adapted:
-                o = self.ops.lora(o, a, lora[i].o, lora_slots)
+                o = self.ops.lora(o, a, lora[i].o, per_linear[1])
             h = h + o
             x = self.ops.rms_norm(h, w.mlp_norm, eps)
             gate_up = apply_linear(x, w.gate_up)
             if adapted:
-                gate_up = self.ops.lora(gate_up, x, lora[i].gate_up, lora_slots)
+                gate_up = self.ops.lora(gate_up, x, lora[i].gate_up, per_linear[2])
             act = self.ops.silu_and_mul(gate_up)
             down = apply_linear(act, w.down)
             if adapted:
-                down = self.ops.lora(down, act, lora[i].down, lora_slots)
+                down = self.ops.lora(down, act, lora[i].down, per_linear[3])
             h = h + down
         if rotated:
             h = torch.mm(h, rotation.t())
