@@ -412,7 +412,7 @@ def run_throughput(engine: EngineConfig | None = None, *, dataset: str = "fixed"
             results["loom_lora"]["peft"] = best
             results["loom_lora"]["mixed_over_peft"] = (results["loom_lora"]["mixed"]["total_tokens_per_s"]
                                                        / best["total_tokens_per_s"])
-        results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 128, max(repeats, 5))
+        results["loom_lora"]["batch1"] = batch1_decode(llm, "lora-0", work.prompts[0][:32], 256, max(repeats, 5))
         adapter_dir.cleanup()  # type: ignore[union-attr]
     hf_configs = [_with_roof(_hf_summary(b, d, hf_runs[(b, d)]), d, per_token, peaks) for b, d in configs]
     ratio = _compare(results, hf_configs)

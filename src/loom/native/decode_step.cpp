@@ -248,6 +248,10 @@ class NativeDecoder : public torch::CustomClassHolder {
     int64_t lora_j = 0;
     at::Tensor lora_t;
     bool lora_on = false;
+    // One row: each thread computes the whole (tiny) shrink into its own buffer, so no barrier separates
+    // the shrink from the GEMV and expand (the barrier and the split's imbalance cost more than the
+    // shrink's 16-48 dot products, measured at batch 1).
+    const bool lora_private = b == 1;
     if (lora_slots.numel() > 0) {
       const bool per_linear = lora_slots.dim() == 2;
       TORCH_CHECK(!lora_slots.is_floating_point() &&
@@ -271,7 +275,7 @@ class NativeDecoder : public torch::CustomClassHolder {
           loom_native::lora_group_rows(lsp + (per_linear ? k * b : 0), b, num_slots, groups[k]);
           lora_on = lora_on || groups[k].size() > 0;
         }
-        if (lora_on) lora_t = at::empty({b, lora_j}, embed_.options());
+        if (lora_on) lora_t = at::empty({lora_private ? at::get_num_threads() : 1, b, lora_j}, embed_.options());
       }
     }
     float* ltp = lora_on ? lora_t.data_ptr<float>() : nullptr;
@@ -299,8 +303,13 @@ class NativeDecoder : public torch::CustomClassHolder {
       };
       // LoRA: the shrink of the thread's (group, rank column) items over the linear's input x [B, k]
       // (true: it ran, and a barrier must follow), and the expand of output columns [n0, n1) into y.
+      float* own_t = lora_on && lora_private ? ltp + t * b * lora_j : ltp;  // this thread's shrink output
       auto lora_shrink = [&](const LoraLinear& l, int k, const float* in) {
         if (!lora_on || !l.on() || groups[k].size() == 0) return false;
+        if (lora_private) {
+          l.shrink(in, groups[k], own_t, lora_j, 0, groups[k].size() * l.j);
+          return false;
+        }
         int64_t i0, i1;
         share(groups[k].size() * l.j, t, nt, 1, i0, i1);
         l.shrink(in, groups[k], ltp, lora_j, i0, i1);
@@ -308,7 +317,7 @@ class NativeDecoder : public torch::CustomClassHolder {
       };
       auto lora_expand = [&](const LoraLinear& l, int k, float* y, int64_t n0, int64_t n1) {
         if (!lora_on || !l.on() || groups[k].size() == 0) return;
-        l.expand(ltp, lora_j, groups[k], y, n0, n1);
+        l.expand(own_t, lora_j, groups[k], y, n0, n1);
       };
       for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
 #pragma omp barrier
