@@ -16,15 +16,11 @@ def save_tiny_hf(folder: str, model_type: str = "llama", seed: int = 0, shards: 
     """Random HF model of ``model_type`` saved as safetensors (optionally sharded); returns it (fp32, eval)."""
     import transformers
 
-    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "mistral": transformers.MistralConfig}[model_type]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[model_type]
     kwargs = dict(TINY)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    config = cfg_cls(**kwargs)
-    model = model_cls(config).eval()
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # HF initializes biases and norms trivially; make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -1,13 +1,17 @@
 """Hugging Face checkpoints: config.json -> ModelConfig, and safetensors shards -> tensors.
 
-Supported ``model_type``: llama, mistral, qwen2 (all Llama-shaped decoders: RMSNorm, SwiGLU,
-rotate-half RoPE; Qwen2 adds q/k/v biases; Mistral and Qwen2 may use sliding windows).
+Each ``model_type`` loom runs is an ``HFFamily`` in ``HF_FAMILIES``: how its config.json becomes a
+ModelConfig, which stored tensors make each loom parameter, and where its layers' tensors live. The
+Llama-shaped decoders are here: llama, mistral, qwen2 (RMSNorm, SwiGLU, rotate-half RoPE; Qwen2 adds
+q/k/v biases; Mistral and Qwen2 may use sliding windows). Other families register themselves from
+their own modules (``register_family``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,7 +22,7 @@ from loom.weights.errors import WeightsError
 from loom.weights.validate import (MAX_LAYERS, MAX_ROPE_BASE, Shape, check_layer_count, check_scaled_context,
                                    check_tensor_shapes, checked_int, checked_number, layer_indices, show)
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+LLAMA_SHAPED = ("llama", "mistral", "qwen2")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "relu": "relu"}
 
@@ -113,6 +117,36 @@ def _window_layers(cfg: dict[str, Any], n_layers: int, path: str) -> tuple[bool,
     return tuple(i >= first for i in range(n_layers))
 
 
+@dataclass(frozen=True)
+class HFFamily:
+    """How loom reads one ``model_type``: ``config`` turns the (object-checked) config.json into a
+    ModelConfig (a ValueError or TypeError becomes a WeightsError naming the file), ``sources`` maps each
+    loom parameter to the stored tensors concatenated along rows to make it (``hf_tensor_sources``), and
+    ``layer_prefix`` is where the stored layers are numbered (``{prefix}N.``). ``transform`` (optional)
+    rewrites a stored tensor as it is read (e.g. GPT-2's Conv1D weights are stored transposed)."""
+
+    config: Callable[[dict[str, Any], str], ModelConfig]
+    sources: Callable[[ModelConfig], dict[str, list[str]]]
+    layer_prefix: str = "model.layers."
+    transform: Callable[[ModelConfig, str, torch.Tensor], torch.Tensor] | None = None
+
+
+HF_FAMILIES: dict[str, HFFamily] = {}
+
+
+def register_family(model_types: tuple[str, ...], family: HFFamily) -> None:
+    for t in model_types:
+        HF_FAMILIES[t] = family
+
+
+def family_of(config: ModelConfig) -> HFFamily:
+    family = HF_FAMILIES.get(config.architecture)
+    if family is None:
+        raise ValueError(f"no Hugging Face layout for architecture {config.architecture!r} "
+                         f"(supported: {', '.join(sorted(HF_FAMILIES))})")
+    return family
+
+
 def config_from_hf(cfg: Any, path: str = "config.json") -> ModelConfig:
     """The ModelConfig a config.json describes, each value checked to be a number within its bounds (the
     layer count and sizes are checked against the checkpoint's tensors by ``check_hf_checkpoint``)."""
@@ -120,62 +154,69 @@ def config_from_hf(cfg: Any, path: str = "config.json") -> ModelConfig:
         raise WeightsError(path, f"the file holds {_JSON_TYPES.get(type(cfg), type(cfg).__name__)}; "
                                  "expected an object of model settings")
     model_type = cfg.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
+    family = HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
         raise WeightsError(path, f"unsupported model_type {show(model_type)} "
-                                 f"(supported: {', '.join(HF_ARCHITECTURES)})")
+                                 f"(supported: {', '.join(sorted(HF_FAMILIES))})")
     try:
-        hidden, n_heads = _int(cfg, "hidden_size", path), _int(cfg, "num_attention_heads", path)
-        n_layers = _int(cfg, "num_hidden_layers", path, high=MAX_LAYERS)
-        max_pos = _int(cfg, "max_position_embeddings", path, 2048, high=MAX_CONTEXT)
-        theta, scaling = _rope_settings(cfg, max_pos, path)
-        max_pos, scaling = scaled_context(max_pos, scaling)
-        check_scaled_context(max_pos, "the rope scaling factor", path)
-        head_dim = _head_dim(cfg, hidden, n_heads, path)
-        act = cfg.get("hidden_act", "silu")
-        if not isinstance(act, str) or act not in _ACTIVATIONS:
-            raise WeightsError(path, f"unsupported hidden_act {show(act)}")
-        window = _int(cfg, "sliding_window", path, None, low=0) or None
-        window_layers = None
-        if model_type == "qwen2":
-            if not cfg.get("use_sliding_window", False):
-                window = None
-            elif window:
-                window_layers = _window_layers(cfg, n_layers, path)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        return ModelConfig(
-            vocab_size=_int(cfg, "vocab_size", path),
-            hidden_size=hidden,
-            num_layers=n_layers,
-            num_heads=n_heads,
-            num_kv_heads=_int(cfg, "num_key_value_heads", path, n_heads),
-            head_dim=head_dim,
-            intermediate_size=_int(cfg, "intermediate_size", path),
-            activation=_ACTIVATIONS[act],
-            norm_eps=checked_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", path, low=0),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=max_pos,
-            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-            attn_out_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            sliding_window_layers=window_layers,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            architecture=model_type,
-            name=str(cfg.get("_name_or_path", "")),
-        )
+        return family.config(cfg, path)
     except WeightsError:
         raise
     except (ValueError, TypeError) as e:
         raise WeightsError(path, str(e)) from None
 
 
+def _llama_config(cfg: dict[str, Any], path: str) -> ModelConfig:
+    """Llama, Mistral and Qwen2 configs."""
+    model_type = cfg["model_type"]
+    hidden, n_heads = _int(cfg, "hidden_size", path), _int(cfg, "num_attention_heads", path)
+    n_layers = _int(cfg, "num_hidden_layers", path, high=MAX_LAYERS)
+    max_pos = _int(cfg, "max_position_embeddings", path, 2048, high=MAX_CONTEXT)
+    theta, scaling = _rope_settings(cfg, max_pos, path)
+    max_pos, scaling = scaled_context(max_pos, scaling)
+    check_scaled_context(max_pos, "the rope scaling factor", path)
+    head_dim = _head_dim(cfg, hidden, n_heads, path)
+    act = cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
+        raise WeightsError(path, f"unsupported hidden_act {show(act)}")
+    window = _int(cfg, "sliding_window", path, None, low=0) or None
+    window_layers = None
+    if model_type == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            window = None
+        elif window:
+            window_layers = _window_layers(cfg, n_layers, path)
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return ModelConfig(
+        vocab_size=_int(cfg, "vocab_size", path),
+        hidden_size=hidden,
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=_int(cfg, "num_key_value_heads", path, n_heads),
+        head_dim=head_dim,
+        intermediate_size=_int(cfg, "intermediate_size", path),
+        activation=_ACTIVATIONS[act],
+        norm_eps=checked_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", path, low=0),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=max_pos,
+        qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        attn_out_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        sliding_window_layers=window_layers,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        architecture=model_type,
+        name=str(cfg.get("_name_or_path", "")),
+    )
+
+
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """The config.json that ``config_from_hf`` reads back as ``config`` (Llama-shaped models)."""
-    if config.architecture not in HF_ARCHITECTURES:
+    if config.architecture not in LLAMA_SHAPED:
         raise ValueError(f"cannot write a Hugging Face config for architecture {config.architecture!r}")
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[config.activation]
     cfg: dict[str, Any] = {
@@ -294,13 +335,24 @@ def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
     tensor the model is built from has the config's shape (``shape_of``: how a stored tensor's shape is
     read, by default ``ckpt.shape``)."""
     path = os.path.join(ckpt.folder, "config.json")
-    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, "model.layers."), "num_hidden_layers",
-                      "model.layers.", path)
+    prefix = family_of(config).layer_prefix
+    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, prefix), "num_hidden_layers", prefix, path)
     check_tensor_shapes(config, hf_tensor_sources(config, ckpt), shape_of or ckpt.shape, ckpt.folder)
 
 
 def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint | None = None) -> dict[str, list[str]]:
     """loom parameter name -> HF tensor names concatenated (along rows) to make it."""
+    return family_of(config).sources(config)
+
+
+def read_hf_tensor(config: ModelConfig, ckpt: SafetensorsCheckpoint, name: str) -> torch.Tensor:
+    """A stored tensor as fp32, in the layout loom's parameters take (the family's ``transform``)."""
+    t = ckpt.tensor(name).float()
+    transform = family_of(config).transform
+    return t if transform is None else transform(config, name, t)
+
+
+def _llama_sources(config: ModelConfig) -> dict[str, list[str]]:
     src: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"],
                                  "norm.weight": ["model.norm.weight"]}
     if not config.tie_word_embeddings:
@@ -321,3 +373,6 @@ def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint | N
             src[p + "mlp.gate_up_proj.bias"] = [h + "mlp.gate_proj.bias", h + "mlp.up_proj.bias"]
             src[p + "mlp.down_proj.bias"] = [h + "mlp.down_proj.bias"]
     return src
+
+
+register_family(LLAMA_SHAPED, HFFamily(_llama_config, _llama_sources))

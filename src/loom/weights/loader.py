@@ -20,7 +20,8 @@ from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, r
 from loom.weights.native import gguf_quantized
 from loom.weights.lowrank_checkpoint import load_lowrank_linears, read_lowrank
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
-from loom.weights.hf import SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config
+from loom.weights.hf import (SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config,
+                             read_hf_tensor)
 from loom.weights.lora import read_lora
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -139,7 +140,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
                                  "bf16, without a LoRA adapter (merge the adapter before factorizing)")
             sources, factored = load_lowrank_linears(model, sources, ckpt)
             filled |= factored
-        fetch = lambda n: ckpt.tensor(n).float()  # noqa: E731
+        fetch = lambda n: read_hf_tensor(config, ckpt, n)  # noqa: E731
         if adapter is not None:
             adapter.check_names({n for names in sources.values() for n in names})
             fetch = adapter.merged(fetch)
