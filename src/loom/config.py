@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 NormKind = Literal["rmsnorm", "layernorm"]
-NormPlacement = Literal["pre", "post"]
+NormPlacement = Literal["pre", "post", "sandwich"]
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 
 
@@ -150,7 +150,8 @@ class ModelConfig:
     # MLP: gated (SwiGLU / GeGLU: down(act(gate x) * up x)) or plain (down(act(up x))).
     activation: Activation = "silu"
     gated_mlp: bool = True
-    # Normalization and its placement: pre-norm x + f(norm(x)), post-norm norm(x + f(x)).
+    # Normalization and its placement: pre-norm x + f(norm(x)), post-norm norm(x + f(x)), sandwich
+    # x + norm'(f(norm(x))) (Gemma 2/3: a second norm on each block's output before the residual add).
     norm: NormKind = "rmsnorm"
     norm_eps: float = 1e-5
     norm_placement: NormPlacement = "pre"
@@ -168,6 +169,13 @@ class ModelConfig:
     norm_bias: bool | None = None  # None: LayerNorm has a bias, RMSNorm does not
     # Embeddings.
     tie_word_embeddings: bool = False
+    embedding_scale: float | None = None  # h_0 = embed(tokens) x scale (Gemma: sqrt(hidden_size)); None: 1
+    # Attention extras: RMSNorm over each head's query and key before RoPE (Gemma 3, Qwen3), the softmax
+    # scale (None: 1 / sqrt(head_dim); Gemma: query_pre_attn_scalar^-1/2), and the RoPE base of the
+    # sliding-window layers when it differs from the global layers' (Gemma 3: 10,000 against 1,000,000).
+    qk_norm: bool = False
+    attn_scale: float | None = None
+    rope_local_theta: float | None = None
     # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window
@@ -217,6 +225,13 @@ class ModelConfig:
                              f"got {self.max_position_embeddings}")
         if not _positive(self.rope_theta):
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if self.rope_local_theta is not None and not _positive(self.rope_local_theta):
+            raise ValueError(f"rope_local_theta must be a positive number, got {self.rope_local_theta}")
+        for name in ("embedding_scale", "attn_scale"):
+            if getattr(self, name) is not None and not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise ValueError("qk_norm is an RMSNorm over each head (it needs norm 'rmsnorm')")
         if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
             raise ValueError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
 
@@ -258,7 +273,9 @@ class ModelConfig:
         if self.mlp_bias:
             mlp += (2 * f if self.gated_mlp else f) + h
         norm = h * (2 if self.norm_bias else 1)
-        per_layer = attn + mlp + 2 * norm
+        per_layer = attn + mlp + (4 if self.norm_placement == "sandwich" else 2) * norm
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         total = self.num_layers * per_layer + (norm if self.final_norm else 0)
         if include_embeddings:
             total += self.vocab_size * h

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from loom import native
 from loom.config import EngineConfig, ModelConfig
-from loom.default_model import default_model_path
+from loom.default_model import resolve_model
 from loom.engine.collector import RequestCollector, timings_of
 from loom.engine.embedder import Embedder
 from loom.engine.engine import LLMEngine
@@ -59,7 +59,7 @@ class LLM:
         self.engine_config = config = EngineConfig.of(config, **options)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model_path = config.model or default_model_path()
+        self.model_path = resolve_model(config.model)
         t0, compiled0 = time.perf_counter(), native.build_seconds()
         self.engine: LLMEngine | None = None
         if is_encoder_folder(self.model_path):

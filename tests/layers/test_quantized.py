@@ -34,7 +34,8 @@ def test_int4_packing_round_trips_and_matches_the_gguf_block_layout():
     assert int(packed[2, 16 + 3]) == int(codes[2, 32 + 3]) | (int(codes[2, 32 + 19]) << 4)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (4, 256), (8, 32), (8, 256), (6, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (4, 256), (8, 16), (8, 32), (8, 256), (6, 64),
+                                        (6, 16)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17, 40])
 def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
     qt = random_quantized_tensor(48, 256, bits, group, seed=bits * 100 + group)

@@ -46,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model file or an unreadable one, reported on one line of stderr as `loom: error: ...`."""
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "model", None), str):  # a model's name (e.g. gemma-3-270m) -> its path
+            from loom.default_model import MODEL_NAMES, resolve_model
+
+            if args.model.lower() in MODEL_NAMES:
+                args.model = resolve_model(args.model)
         return COMMANDS[args.command].run(args) or 0
     except USER_ERRORS as e:
         print("loom: error: " + " ".join(str(e).split()), file=sys.stderr)

@@ -106,7 +106,7 @@ def prompted_hidden(model: Transformer, prompt: SoftPrompt, input_ids: Sequences
     hidden] and the lengths N + T_i (each sequence attends causally over its own virtual tokens and text)."""
     seqs = [torch.as_tensor(s) for s in input_ids]
     lengths = [len(s) for s in seqs]
-    tokens = model.embed_tokens(torch.cat(seqs).to(model.device))
+    tokens = model.token_embeddings(torch.cat(seqs).to(model.device))
     virtual = prompt(tokens)
     rows = []
     for piece in tokens.split(lengths):
@@ -152,7 +152,7 @@ def generate_greedy(model: Transformer, prompt: SoftPrompt, ids: Sequence[int], 
                          f"exceed the model's context of {model.config.max_position_embeddings}")
     caches = KVCache(model.config, 1, capacity, model.dtype, device=dev).layers()
     table = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    tokens = model.embed_tokens(torch.tensor(list(ids), dtype=torch.long, device=dev))
+    tokens = model.token_embeddings(torch.tensor(list(ids), dtype=torch.long, device=dev))
     embeds = torch.cat([prompt(tokens), tokens])
     positions = torch.arange(n, device=dev)
     meta = AttentionMetadata(positions, [0, n], [n], positions, table)

@@ -20,6 +20,7 @@ from loom.config import ModelConfig
 from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, sdpa_attention, write_kv
 from loom.layers.kv_quant import Int8LayerKV
 from loom.layers.linear import Linear
+from loom.layers.norm import make_head_norm
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
 
 
@@ -129,7 +130,11 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """q, k, v = x W_qkv^T; RoPE on q, k; o = softmax(q k^T / sqrt(d) + bias) v; out = o W_o^T."""
+    """q, k, v = x W_qkv^T; RoPE on q, k; o = softmax(q k^T / sqrt(d) + bias) v; out = o W_o^T.
+
+    With ``qk_norm`` each query and key head is RMS-normalized over its head_dim values before RoPE
+    (q_norm, k_norm: Gemma 3, Qwen3; Dehghani et al. 2302.05442's QK-layernorm); ``attn_scale`` replaces
+    1 / sqrt(d)."""
 
     def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding | None,
                  kernel: str = "sdpa", dtype: torch.dtype = torch.float32) -> None:
@@ -138,13 +143,15 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(config.head_dim)
         self.layer = layer
         self.window = config.layer_window(layer)
         self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
                                bias=config.qkv_bias, dtype=dtype)
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.attn_out_bias, dtype=dtype)
         self.rotary = rotary
+        self.q_norm = make_head_norm(config).to(dtype) if config.qk_norm else None
+        self.k_norm = make_head_norm(config).to(dtype) if config.qk_norm else None
         if config.position == "alibi":
             self.register_buffer("alibi", alibi_slopes(config.num_heads), persistent=False)
         else:
@@ -160,6 +167,8 @@ class Attention(nn.Module):
                 rope: RopeTables | None = None) -> torch.Tensor:
         t, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
+        if self.q_norm is not None:
+            qkv = torch.cat((self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq:hq + hkv]), qkv[:, hq + hkv:]), dim=1)
         if self.rotary is not None:
             rope = rope if rope is not None else self.rotary.prepare(meta.positions, x.dtype)
             qk = self.rotary.apply(qkv[:, : hq + hkv], rope)  # q and k heads rotated together

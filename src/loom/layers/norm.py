@@ -42,3 +42,8 @@ class LayerNorm(nn.Module):
 def make_norm(config: ModelConfig) -> nn.Module:
     cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
     return cls(config.hidden_size, config.norm_eps, bias=bool(config.norm_bias))
+
+
+def make_head_norm(config: ModelConfig) -> RMSNorm:
+    """The RMSNorm over one head's head_dim values that QK-norm applies to each query and key head."""
+    return RMSNorm(config.head_dim, config.norm_eps)

@@ -171,8 +171,15 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return pe.float()
 
 
-def make_rotary(config: ModelConfig) -> RotaryEmbedding | None:
+def make_rotary(config: ModelConfig, local: bool = False) -> RotaryEmbedding | None:
+    """The model's RoPE tables; ``local``: the sliding-window layers' own (base ``rope_local_theta``, no
+    scaling, as Gemma 3 builds them), None when they share the global ones."""
     if config.position != "rope":
         return None
+    if local:
+        if config.rope_local_theta is None:
+            return None
+        return RotaryEmbedding(config.head_dim, config.rotary_dim, config.rope_local_theta,
+                               config.max_position_embeddings)
     return RotaryEmbedding(config.head_dim, config.rotary_dim, config.rope_theta,
                            config.max_position_embeddings, config.rope_scaling)

@@ -242,8 +242,10 @@ def torch_backend_problem(qt: QuantizedTensor) -> str | None:
 def loom_backend_problem(qt: QuantizedTensor) -> str | None:
     if qt.device.type != "cpu":
         return f"loom's quantized kernels are CPU code; this weight is on {qt.device.type}"
-    if qt.group_size % 32:
-        return f"loom's kernel needs groups that are multiples of 32, got {qt.group_size}"
+    unit = 32 if qt.bits <= 4 else 16  # int8 groups may be half a 32-input chunk (GGUF Q6_K's sub-blocks)
+    if qt.group_size % unit or qt.shape[1] % 32:
+        return (f"loom's kernel needs groups that are multiples of {unit} ({qt.bits}-bit codes) and inputs a "
+                f"multiple of 32, got groups of {qt.group_size} over {qt.shape[1]} inputs")
     if not _native_available():
         return "the native kernels are not built (no compiler, or LOOM_NATIVE=0)"
     return None
@@ -276,7 +278,7 @@ class QuantizedLinear(nn.Module):
         # Codes in the loom kernel's containers (int4 pairs, or int8 = code - 128); scales and offsets
         # as given, so that ``quantized()`` returns exactly what was put in.
         # Shapes that int4 pairs cannot hold (inputs not a multiple of 32) use the int8 container.
-        self.container_bits = 4 if qt.bits <= 4 and self.in_features % 32 == 0 else 8
+        self.container_bits = 4 if qt.bits <= 4 and self.in_features % 32 == 0 and qt.group_size % 32 == 0 else 8
         if self.container_bits == 4:
             q = pack_int4(qt.codes)
         else:

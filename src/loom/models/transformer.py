@@ -3,6 +3,7 @@
     h_0 = embed(tokens) [+ position table]
     pre-norm:  h = h + attn(norm(h));  h = h + mlp(norm(h))          (Llama, Mistral, Qwen2)
     post-norm: h = norm(h + attn(h));  h = norm(h + mlp(h))          (Vaswani et al. 2017)
+    sandwich:  h = h + norm'(attn(norm(h)));  h = h + norm'(mlp(norm(h)))   (Gemma 2 / 3)
     logits = lm_head(final_norm(h))
 
 Inputs are a flat batch (see ``AttentionMetadata``); logits are computed only for the rows asked
@@ -36,14 +37,20 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, rotary: nn.Module | None, kernel: str,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.pre_norm = config.norm_placement == "pre"
+        self.pre_norm = config.norm_placement in ("pre", "sandwich")
         self.attn_norm = make_norm(config).to(dtype)
         self.attn = Attention(config, layer, rotary, kernel, dtype)
         self.mlp_norm = make_norm(config).to(dtype)
         self.mlp = make_mlp(config, dtype)
+        sandwich = config.norm_placement == "sandwich"
+        self.post_attn_norm = make_norm(config).to(dtype) if sandwich else None
+        self.post_mlp_norm = make_norm(config).to(dtype) if sandwich else None
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None, rope: RopeTables | None = None) -> torch.Tensor:
+        if self.post_attn_norm is not None:
+            h = h + self.post_attn_norm(self.attn(self.attn_norm(h), meta, kv_cache, rope))
+            return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
         if self.pre_norm:
             h = h + self.attn(self.attn_norm(h), meta, kv_cache, rope)
             return h + self.mlp(self.mlp_norm(h))
@@ -65,7 +72,11 @@ class Transformer(nn.Module):
                                                                config.hidden_size).to(dtype), persistent=False)
         rotary = make_rotary(config)  # one table shared by all layers
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, kernel, dtype) for i in range(config.num_layers))
+        # Gemma 3: the sliding-window layers rotate with their own base
+        self.local_rotary = make_rotary(config, local=True)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.local_rotary if self.local_rotary is not None and config.layer_window(i)
+                         else rotary, kernel, dtype) for i in range(config.num_layers))
         self.norm = make_norm(config).to(dtype) if config.final_norm else None
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                       dtype=dtype)
@@ -101,11 +112,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.set_kernel(name)
 
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of ``input_ids``, times ``embedding_scale`` (in the model's dtype, as Gemma's
+        scaled embedding computes it) when the model has one."""
+        h = self.embed_tokens(input_ids)
+        if self.config.embedding_scale is not None:
+            h = h * torch.tensor(self.config.embedding_scale, dtype=h.dtype)
+        return h
+
     def embed(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream's input: the tokens' embeddings (or ``inputs_embeds`` in their place), plus
         the position table, times the residual rotation."""
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         elif self.config.position == "sinusoidal":
@@ -137,8 +156,9 @@ class Transformer(nn.Module):
         if meta.positions.device != x.device:  # e.g. AttentionMetadata.uncached() for a GPU model
             meta = meta.to(x.device)
         h = self.embed(input_ids, meta.positions, inputs_embeds)
-        rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
+        ropes = {id(r): r.prepare(meta.positions, h.dtype) for r in (self.rotary, self.local_rotary) if r is not None}
         for i, layer in enumerate(self.layers):
+            rope = ropes.get(id(layer.attn.rotary))
             h = layer(h, meta, None if kv_caches is None else kv_caches[i], rope)
         if self.residual_rotation is not None:
             h = h @ self.residual_rotation.t()

@@ -60,8 +60,8 @@ struct LinearWeight {
     TORCH_CHECK(bits == 4 || bits == 8, "NativeDecoder: quantized weights must be int4 or int8, got ", bits, " bits");
     TORCH_CHECK(w.scalar_type() == at::kByte || w.scalar_type() == at::kChar, "NativeDecoder: codes must be uint8 / int8");
     k = bits == 4 ? w.size(1) * 2 : w.size(1);
-    TORCH_CHECK(group % loom_native::kChunk == 0 && k % group == 0, "NativeDecoder: group size ", group,
-                " must be a multiple of 32 dividing ", k);
+    TORCH_CHECK(loom_native::group_supported(bits, group, k), "NativeDecoder: group size ", group,
+                " must be a multiple of 32 (int4) or 16 (int8) dividing ", k);
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / group),
                 "NativeDecoder: scales must be contiguous fp32 [N, K / group]");
     const bool has_z = z.numel() > 0;
@@ -111,6 +111,11 @@ struct LoraLinear {
 struct Layer {
   at::Tensor attn_norm, mlp_norm, qkv_bias, k_cache, v_cache;  // caches [blocks, block_size, n_kv, head_dim]
   int64_t window = 0;
+  // Gemma-style extras (set_layer_extras; empty: none): per-head RMSNorm of q and k before RoPE, the
+  // sandwich norms of the attention and MLP outputs before their residual adds, and which RoPE table rotates
+  // this layer (0: the global one, 1: the sliding-window layers' own).
+  at::Tensor q_norm, k_norm, post_attn_norm, post_mlp_norm;
+  int64_t rope = 0;
   std::vector<LinearWeight> linears;  // qkv, o, gate_up, down
   std::array<LoraLinear, 4> lora{};   // the linears' adapter pools, if any
 };
@@ -152,7 +157,37 @@ class NativeDecoder : public torch::CustomClassHolder {
                     k_cache.size(3) == hd_ && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
                     k_cache.is_contiguous() && v_cache.is_contiguous(),
                 "NativeDecoder: caches must be contiguous fp32 [blocks, block_size, n_kv, head_dim]");
-    layers_.push_back(Layer{attn_norm, mlp_norm, qkv_bias, k_cache, v_cache, window, {}, {}});
+    Layer l;
+    l.attn_norm = attn_norm, l.mlp_norm = mlp_norm, l.qkv_bias = qkv_bias, l.k_cache = k_cache, l.v_cache = v_cache;
+    l.window = window;
+    layers_.push_back(std::move(l));
+  }
+
+  // The last layer's Gemma-style extras (see Layer); empty tensors leave a part out.
+  void set_layer_extras(at::Tensor q_norm, at::Tensor k_norm, at::Tensor post_attn_norm, at::Tensor post_mlp_norm,
+                        int64_t rope) {
+    TORCH_CHECK(!layers_.empty(), "NativeDecoder: set_layer_extras after add_layer");
+    TORCH_CHECK(q_norm.numel() == k_norm.numel(), "NativeDecoder: q and k norms come together");
+    if (q_norm.numel() > 0) {
+      check_vector(q_norm, hd_, "q norm");
+      check_vector(k_norm, hd_, "k norm");
+    }
+    TORCH_CHECK(post_attn_norm.numel() == post_mlp_norm.numel(), "NativeDecoder: sandwich norms come together");
+    if (post_attn_norm.numel() > 0) {
+      check_vector(post_attn_norm, d_, "post-attention norm");
+      check_vector(post_mlp_norm, d_, "post-MLP norm");
+    }
+    TORCH_CHECK(rope == 0 || rope == 1, "NativeDecoder: rope table must be 0 (global) or 1 (local)");
+    auto& l = layers_.back();
+    l.q_norm = q_norm, l.k_norm = k_norm, l.post_attn_norm = post_attn_norm, l.post_mlp_norm = post_mlp_norm;
+    l.rope = rope;
+  }
+
+  // The embedding's multiplier (Gemma: sqrt(hidden)) and the MLP's gate activation: 0 SiLU, 1 GELU (tanh).
+  void set_options(double embedding_scale, int64_t activation) {
+    TORCH_CHECK(activation == 0 || activation == 1, "NativeDecoder: activation must be 0 (silu) or 1 (gelu_tanh)");
+    embed_scale_ = static_cast<float>(embedding_scale);
+    gelu_ = activation == 1;
   }
 
   // The linears of the last layer added, in the order q|k|v, o, gate|up, down.
@@ -224,8 +259,12 @@ class NativeDecoder : public torch::CustomClassHolder {
     auto slot = slots.to(at::kLong).contiguous();
     auto tables = block_tables.to(at::kLong).contiguous();
     auto lens = context_lens.to(at::kLong).contiguous();
-    auto c = cos.to(at::kFloat).reshape({b, hd_}).contiguous();
-    auto sn = sin.to(at::kFloat).reshape({b, hd_}).contiguous();
+    // cos / sin: [B, head_dim] (one table), or [2, B, head_dim]: the global and the local layers' tables
+    auto c = cos.to(at::kFloat).reshape({-1, b, hd_}).contiguous();
+    auto sn = sin.to(at::kFloat).reshape({-1, b, hd_}).contiguous();
+    TORCH_CHECK(c.size(0) == sn.size(0) && c.size(0) <= 2, "NativeDecoder: cos/sin must be [B, D] or [2, B, D]");
+    for (const auto& l : layers_)
+      TORCH_CHECK(l.rope < c.size(0), "NativeDecoder: a layer rotates with the local table, which was not given");
     const int64_t vocab = embed_.size(0), width = tables.size(1);
     const int64_t blocks = layers_.empty() ? 0 : layers_[0].k_cache.size(0);
     const int64_t block_size = layers_.empty() ? 1 : layers_[0].k_cache.size(1);
@@ -319,7 +358,21 @@ class NativeDecoder : public torch::CustomClassHolder {
         if (!lora_on || !l.on() || groups[k].size() == 0) return;
         l.expand(own_t, lora_j, groups[k], y, n0, n1);
       };
-      for (int64_t r = t; r < b; r += nt) std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
+      std::vector<float> normed(d_);
+      // h += norm'(y) for the thread's rows: a sandwich norm's residual add (y: a block's output rows)
+      auto add_normed_rows = [&](const at::Tensor& w, const float* y) {
+        for (int64_t r = t; r < b; r += nt) {
+          loom_native::rms_norm_row(y + r * d_, w.data_ptr<float>(), normed.data(), d_, eps_);
+          float* hr = hp + r * d_;
+#pragma omp simd
+          for (int64_t j = 0; j < d_; ++j) hr[j] += normed[j];
+        }
+      };
+      for (int64_t r = t; r < b; r += nt) {
+        std::memcpy(hp + r * d_, ep + tp[r] * d_, d_ * sizeof(float));
+        if (embed_scale_ != 1.f)
+          for (int64_t j = 0; j < d_; ++j) hp[r * d_ + j] *= embed_scale_;
+      }
 #pragma omp barrier
       for (const Layer& layer : layers_) {
         const auto& lin = layer.linears;
@@ -337,6 +390,8 @@ class NativeDecoder : public torch::CustomClassHolder {
         float* kc = layer.k_cache.data_ptr<float>();
         float* vc = layer.v_cache.data_ptr<float>();
         const float* bias = layer.qkv_bias.numel() > 0 ? layer.qkv_bias.data_ptr<float>() : nullptr;
+        const bool qk_norm = layer.q_norm.numel() > 0;
+        const int64_t table = layer.rope * b * hd_;
         for (int64_t item = t; item < b * heads_total; item += nt) {
           const int64_t r = item / heads_total, head = item % heads_total;
           const float* src = qkvp + r * qkv_n + head * hd_;
@@ -344,7 +399,12 @@ class NativeDecoder : public torch::CustomClassHolder {
             for (int64_t i = 0; i < hd_; ++i) tmp[i] = src[i] + bias[head * hd_ + i];
             src = tmp.data();
           }
-          const float *cr = cp + r * hd_, *sr = sinp + r * hd_;
+          if (qk_norm && head < hq_ + hkv_) {  // in place: rms_norm_row reads each value before writing it
+            loom_native::rms_norm_row(src, (head < hq_ ? layer.q_norm : layer.k_norm).data_ptr<float>(), tmp.data(),
+                                      hd_, eps_);
+            src = tmp.data();
+          }
+          const float *cr = cp + table + r * hd_, *sr = sinp + table + r * hd_;
           if (head < hq_) {
             loom_native::rope_row(src, cr, sr, qp + (r * hq_ + head) * hd_, hd_);
           } else if (head < hq_ + hkv_) {
@@ -363,10 +423,18 @@ class NativeDecoder : public torch::CustomClassHolder {
         if (lora_shrink(lora[1], 1, ap)) {
 #pragma omp barrier
         }
+        // Pre-norm: h += attn O^T (+ attn (B A)^T) in the GEMV's stores. Sandwich: the output to x, then
+        // h += norm'(x).
+        const bool sandwich = layer.post_attn_norm.numel() > 0;
+        float* block_out = sandwich ? xp : hp;
         share(d_, t, nt, 16, n0, n1);
-        lin[1].run(ap, b, hp, n0, n1, true);  // h += attn O^T
-        lora_expand(lora[1], 1, hp, n0, n1);     // h += attn (B A)^T
+        lin[1].run(ap, b, block_out, n0, n1, !sandwich);
+        lora_expand(lora[1], 1, block_out, n0, n1);
 #pragma omp barrier
+        if (sandwich) {
+          add_normed_rows(layer.post_attn_norm, xp);
+#pragma omp barrier
+        }
         norm_rows(layer.mlp_norm);
 #pragma omp barrier
         if (lora_shrink(lora[2], 2, xp)) {
@@ -377,16 +445,24 @@ class NativeDecoder : public torch::CustomClassHolder {
         lora_expand(lora[2], 2, gup, n0, n1);
 #pragma omp barrier
         share(f, t, nt, 16, n0, n1);
-        for (int64_t r = 0; r < b && n0 < n1; ++r)
-          loom_native::silu_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
+        for (int64_t r = 0; r < b && n0 < n1; ++r) {
+          if (gelu_)
+            loom_native::gelu_tanh_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
+          else
+            loom_native::silu_and_mul_row(gup + r * 2 * f + n0, gup + r * 2 * f + f + n0, actp + r * f + n0, n1 - n0);
+        }
 #pragma omp barrier
         if (lora_shrink(lora[3], 3, actp)) {
 #pragma omp barrier
         }
         share(d_, t, nt, 16, n0, n1);
-        lin[3].run(actp, b, hp, n0, n1, true);  // h += act D^T
-        lora_expand(lora[3], 3, hp, n0, n1);       // h += act (B A)^T
+        lin[3].run(actp, b, block_out, n0, n1, !sandwich);  // h += act D^T (sandwich: into x)
+        lora_expand(lora[3], 3, block_out, n0, n1);           // h += act (B A)^T
 #pragma omp barrier
+        if (sandwich) {
+          add_normed_rows(layer.post_mlp_norm, xp);
+#pragma omp barrier
+        }
       }
       norm_rows(final_norm_);
 #pragma omp barrier
@@ -407,6 +483,8 @@ class NativeDecoder : public torch::CustomClassHolder {
   at::Tensor embed_, final_norm_;
   int64_t hq_, hkv_, hd_, d_ = 0;
   float eps_, scale_;
+  float embed_scale_ = 1.f;
+  bool gelu_ = false;
   LinearWeight head_;
   std::vector<Layer> layers_;
 };
@@ -419,6 +497,8 @@ TORCH_LIBRARY_FRAGMENT(loom, m) {
       .def("set_head", &NativeDecoder::set_head)
       .def("add_layer", &NativeDecoder::add_layer)
       .def("add_linear", &NativeDecoder::add_linear)
+      .def("set_layer_extras", &NativeDecoder::set_layer_extras)
+      .def("set_options", &NativeDecoder::set_options)
       .def("set_lora", &NativeDecoder::set_lora)
       .def("step", &NativeDecoder::step);
 }

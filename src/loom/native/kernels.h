@@ -47,8 +47,11 @@ struct QuantWeight {
 // values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
 // the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
 // two int->float conversions and two FMAs per chunk.
+// int8 codes may change group at the chunk's middle (groups of 16: GGUF's Q6_K sub-blocks), so the second
+// half takes its own scale and offset; int4 groups are whole chunks (the table is built once).
 template <int BITS>
-[[gnu::always_inline]] inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, __m512& w0, __m512& w1) {
+[[gnu::always_inline]] inline void load_chunk(const uint8_t* row, int64_t c, float scale, float offset, float scale1,
+                                              float offset1, __m512& w0, __m512& w1) {
   if constexpr (BITS == 4) {
     const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_ps(scale), _mm512_set1_ps(offset));
@@ -59,13 +62,13 @@ template <int BITS>
     const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32)));
     const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32 + 16)));
     w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
-    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(scale1), _mm512_set1_ps(offset1));
   }
 }
 
 template <int BITS, int ROWS, bool ACC>
 void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                        int64_t n1, const int32_t* group_of_chunk) {
+                        int64_t n1, const int32_t* group_of_half) {
   // Two chunks per iteration, each with its own accumulators (4 independent FMA chains per row):
   // with one chain, a GEMV waits on FMA latency instead of streaming weights.
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
@@ -78,10 +81,14 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; c += 2) {
       const bool pair = c + 1 < chunks;
-      const int32_t ga = group_of_chunk[c], gb = group_of_chunk[pair ? c + 1 : c];
+      const int32_t* ga = group_of_half + 2 * c;
+      const int32_t* gb = group_of_half + 2 * (pair ? c + 1 : c);
       __m512 a0, a1, b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      load_chunk<BITS>(row, c, sn[ga], zn != nullptr ? zn[ga] : 0.f, a0, a1);
-      if (pair) load_chunk<BITS>(row, c + 1, sn[gb], zn != nullptr ? zn[gb] : 0.f, b0, b1);
+      load_chunk<BITS>(row, c, sn[ga[0]], zn != nullptr ? zn[ga[0]] : 0.f, sn[ga[1]], zn != nullptr ? zn[ga[1]] : 0.f,
+                       a0, a1);
+      if (pair)
+        load_chunk<BITS>(row, c + 1, sn[gb[0]], zn != nullptr ? zn[gb[0]] : 0.f, sn[gb[1]],
+                         zn != nullptr ? zn[gb[1]] : 0.f, b0, b1);
       const float* xc = x + c * kChunk;
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
@@ -106,7 +113,7 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
 // 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
 template <int BITS, int ROWS, bool ACC>
 void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
-                             int64_t n1, const int32_t* group_of_chunk) {
+                             int64_t n1, const int32_t* group_of_half) {
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
@@ -115,9 +122,10 @@ void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, 
     __m512 acc[ROWS][2];
     for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t g = group_of_chunk[c];
+      const int32_t* g = group_of_half + 2 * c;
       __m512 a0, a1;
-      load_chunk<BITS>(row, c, sn[g], zn != nullptr ? zn[g] : 0.f, a0, a1);
+      load_chunk<BITS>(row, c, sn[g[0]], zn != nullptr ? zn[g[0]] : 0.f, sn[g[1]], zn != nullptr ? zn[g[1]] : 0.f,
+                       a0, a1);
       const float* xc = x + c * kChunk;
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
@@ -199,11 +207,18 @@ inline void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y
   }
 }
 
-// The group of each 32-input chunk (the kernels index scales by chunk).
+// The group of each half (16 inputs) of each 32-input chunk: entries 2c and 2c + 1 are chunk c's (the kernels
+// index scales by them; they differ only for int8 groups of 16).
 inline std::vector<int32_t> group_of_chunks(int64_t k, int64_t group) {
-  std::vector<int32_t> g(k / kChunk);
-  for (size_t c = 0; c < g.size(); ++c) g[c] = static_cast<int32_t>(static_cast<int64_t>(c) * kChunk / group);
+  std::vector<int32_t> g(2 * (k / kChunk));
+  for (size_t h = 0; h < g.size(); ++h) g[h] = static_cast<int32_t>(static_cast<int64_t>(h) * (kChunk / 2) / group);
   return g;
+}
+
+// Whether the kernels take a group size: int4 groups are whole 32-input chunks, int8 groups halves of one.
+inline bool group_supported(int64_t bits, int64_t group, int64_t k) {
+  const int64_t unit = bits == 4 ? kChunk : kChunk / 2;
+  return group > 0 && group % unit == 0 && k % group == 0 && k % kChunk == 0;
 }
 
 // y[r, n] (+)= x[r] . W[n] for a dense fp32 W [N, K] (row-major), rows r < m, outputs n in [n0, n1).
@@ -267,6 +282,17 @@ inline void rms_norm_row(const float* x, const float* w, float* y, int64_t h, fl
 inline void silu_and_mul_row(const float* g, const float* u, float* o, int64_t f) {
 #pragma omp simd
   for (int64_t j = 0; j < f; ++j) o[j] = g[j] * (1.f / (1.f + exp_vec(-g[j]))) * u[j];
+}
+
+// o = gelu_tanh(g) * u over f features (GeGLU with GELU's tanh approximation, Gemma's MLP):
+// gelu_tanh(g) = g / 2 (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(z) = 1 - 2 / (exp(2 z) + 1).
+inline void gelu_tanh_and_mul_row(const float* g, const float* u, float* o, int64_t f) {
+  constexpr float kRoot2OverPi = 0.7978845608028654f;
+#pragma omp simd
+  for (int64_t j = 0; j < f; ++j) {
+    const float x = g[j], z = kRoot2OverPi * (x + 0.044715f * x * x * x);
+    o[j] = 0.5f * x * (2.f - 2.f / (exp_vec(2.f * z) + 1.f)) * u[j];
+  }
 }
 
 // o = x cos + roll(x, d/2) sin for one head (sin carries rotate-half's sign).

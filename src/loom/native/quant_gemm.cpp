@@ -45,8 +45,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
               "quant_linear: codes must be uint8 (int4 pairs) or int8");
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "quant_linear: codes must be a contiguous [N, bytes]");
   const int64_t n = qweight.size(0), k = x.size(-1);
-  TORCH_CHECK(group % kChunk == 0 && k % group == 0, "quant_linear: group size ", group,
-              " must be a multiple of 32 dividing the input size ", k);
+  TORCH_CHECK(loom_native::group_supported(bits, group, k), "quant_linear: group size ", group,
+              " must be a multiple of 32 (int4) or 16 (int8) dividing the input size ", k, " (a multiple of 32)");
   TORCH_CHECK(qweight.size(1) == (bits == 4 ? k / 2 : k), "quant_linear: codes have ", qweight.size(1),
               " bytes per row; expected ", bits == 4 ? k / 2 : k);
   auto s = scales.to(at::kFloat).contiguous();

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
 from loom.errors import InvalidPromptError
-from loom.tokenizer.chat_template import ChatTemplateError, render_chat
+from loom.tokenizer.chat_template import BUILTIN_TEMPLATES, END_OF_TURN_TOKENS, ChatTemplateError, render_chat
 from loom.tokenizer.detokenizer import IncrementalDetokenizer
 from loom.tokenizer.gguf_vocab import tokenizer_from_gguf
 
@@ -107,15 +107,26 @@ class Tokenizer:
         return IncrementalDetokenizer(self.decode, prompt_ids)
 
 
+def gguf_stop_ids(meta: dict[str, Any]) -> list[int]:
+    """The token ids that end generation: EOS, EOT, and the end-of-turn control tokens the vocabulary holds
+    (``END_OF_TURN_TOKENS``; Gemma's <end_of_turn> is neither its EOS nor recorded as EOT)."""
+    stop = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and eot not in stop:
+        stop.append(eot)
+    tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
+    if len(types) == len(tokens):
+        wanted = set(END_OF_TURN_TOKENS)
+        stop += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3 and t in wanted and i not in stop]
+    return stop
+
+
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     backend = tokenizer_from_gguf(meta)
-    eos = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and eot not in eos:
-        eos.append(eot)
     add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
-    return Tokenizer(backend, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos,
-                     add_bos=bool(add_bos), chat_template=meta.get("tokenizer.chat_template"))
+    template = meta.get("tokenizer.chat_template") or BUILTIN_TEMPLATES.get(meta.get("general.architecture"))
+    return Tokenizer(backend, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=gguf_stop_ids(meta),
+                     add_bos=bool(add_bos), chat_template=template)
 
 
 def _token_text(x: Any) -> str | None:

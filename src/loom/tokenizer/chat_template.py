@@ -47,6 +47,40 @@ def _compile(source: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template does not parse: {e}") from None
 
 
+# Gemma's turn format, for Gemma GGUF files that carry no template (as the Q4_K_M 270M file on PyPI):
+#   <bos><start_of_turn>user\n{system}\n\n{text}<end_of_turn>\n<start_of_turn>model\n{text}<end_of_turn>\n ...
+# A system message has no turn of its own: it opens the first user turn. Content is a string or a list of
+# text parts; the assistant's role is "model".
+GEMMA_TEMPLATE = """{{- bos_token -}}
+{%- set ns = namespace(prefix='') -%}
+{%- if messages[0]['role'] == 'system' -%}
+{%- set ns.prefix = (messages[0]['content'] if messages[0]['content'] is string else
+    messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n\n')) + '\n\n' -%}
+{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{- raise_exception('Gemma turns must alternate user / assistant (after an optional system message)') -}}
+{%- endif -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{%- set text = message['content'] if message['content'] is string else
+    message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}
+{{- '<start_of_turn>' + role + '\n' + (ns.prefix if loop.first else '') + text | trim + '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<start_of_turn>model\n' -}}
+{%- endif -%}"""
+
+# Templates for architectures whose files may ship none, by GGUF general.architecture.
+BUILTIN_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
+
+# Control tokens that end a turn in the chat formats loom knows: a GGUF's vocabulary holding one as a
+# control token stops generation there too (llama.cpp treats them as end of generation the same way).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
 def render_chat(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
     if not messages:

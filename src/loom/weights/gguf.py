@@ -227,7 +227,13 @@ GGUF_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"permuted": True},
     "mistral": {"permuted": True},
     "qwen2": {"permuted": False},
+    "gemma3": {"permuted": False},  # llama.cpp rotates Gemma's halves (NEOX): its rows are stored as in HF
 }
+
+# llama.cpp's Gemma 3 constants, which its GGUF files do not store: the local layers' RoPE base and
+# that every sixth layer is global (unless {arch}.attention.sliding_window_pattern says otherwise)
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+GEMMA3_SLIDING_PATTERN = 6
 
 
 def _scalar(value: Any, key: str, path: str) -> Any:
@@ -350,12 +356,41 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(eos_ids), architecture=arch,
         name=str(meta.get("general.name", "")),
     )
+    if arch == "gemma3":
+        settings.update(_gemma3_settings(m, n_layers, hidden, head_dim, settings["sliding_window"]))
     try:
         config = ModelConfig(**settings)
     except (ValueError, TypeError) as e:
         raise WeightsError(g.path, str(e)) from None
     check_tensor_shapes(config, gguf_tensor_sources(config), lambda name: g.info(name).shape, g.path)
     return config
+
+
+def _gemma3_settings(m: _ArchMetadata, n_layers: int, hidden: int, head_dim: int,
+                     window: int | None) -> dict[str, Any]:
+    """What a Gemma 3 GGUF implies beyond the Llama keys (weights/hf_gemma.py describes the model). Its norm
+    weights are stored with Gemma's 1 already added (llama.cpp's converter does it), so they load as they are.
+    The softmax scale is 1 / sqrt(head_dim), as llama.cpp takes it for every size but 27B (whose
+    query_pre_attn_scalar is hidden / heads; a file of that shape is refused rather than guessed)."""
+    softcap = m.number("final_logit_softcapping", None)
+    if softcap:
+        raise WeightsError(m.g.path, f"{m.key('final_logit_softcapping')} = {softcap}: logit soft-capping "
+                                     "(Gemma 2) is not supported")
+    if hidden == 5376:
+        raise WeightsError(m.g.path, "Gemma 3 27B scales queries by (hidden / heads)^-1/2, which its GGUF does not "
+                                     "record; loom runs the other Gemma 3 sizes")
+    per_layer = m.g.metadata.get(m.key("attention.sliding_window_pattern"))
+    if isinstance(per_layer, list):  # one flag per layer (true: sliding)
+        if len(per_layer) != n_layers:
+            raise WeightsError(m.g.path, f"{m.key('attention.sliding_window_pattern')} has {len(per_layer)} entries "
+                                         f"for {n_layers} layers")
+        sliding = tuple(bool(x) for x in per_layer)
+    else:
+        pattern = m.integer("attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+        sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+    return dict(activation="gelu_tanh", norm_placement="sandwich", qk_norm=True, embedding_scale=math.sqrt(hidden),
+                attn_scale=head_dim ** -0.5, rope_local_theta=GEMMA3_LOCAL_ROPE_BASE,
+                sliding_window_layers=sliding if window else None)
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -385,6 +420,12 @@ def gguf_tensor_sources(config: ModelConfig) -> dict[str, list[str]]:
         src[p + "mlp_norm.weight"] = [b + "ffn_norm.weight"]
         src[p + "mlp.gate_up_proj.weight"] = [b + "ffn_gate.weight", b + "ffn_up.weight"]
         src[p + "mlp.down_proj.weight"] = [b + "ffn_down.weight"]
+        if config.qk_norm:
+            src[p + "attn.q_norm.weight"] = [b + "attn_q_norm.weight"]
+            src[p + "attn.k_norm.weight"] = [b + "attn_k_norm.weight"]
+        if config.norm_placement == "sandwich":
+            src[p + "post_attn_norm.weight"] = [b + "post_attention_norm.weight"]
+            src[p + "post_mlp_norm.weight"] = [b + "post_ffw_norm.weight"]
     return src
 
 

@@ -376,3 +376,6 @@ def _llama_sources(config: ModelConfig) -> dict[str, list[str]]:
 
 
 register_family(LLAMA_SHAPED, HFFamily(_llama_config, _llama_sources))
+
+# Families in their own modules register themselves on import (they import the helpers above).
+import loom.weights.hf_gemma  # noqa: E402,F401

@@ -217,7 +217,8 @@ def release_freed_memory() -> None:
 
 def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]],
                         device: torch.device | None = None) -> tuple[dict[str, list[str]], set[str]]:
-    """Replace the linears whose GGUF parts are all Q4_0 / Q4_1 / Q8_0 (one type) by quantized ones, built
+    """Replace the linears whose GGUF parts all have a native form (weights/native.py) with the same bits and
+    group size by quantized ones, built
     on ``device`` (so that their kernels are chosen for it); return the sources still to fill densely
     and the parameters already filled. A tied output layer gets its own quantized copy of the
     embedding (the lookup table stays dense: it reads one row per token)."""
@@ -230,9 +231,9 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
         sources["lm_head.weight"] = sources["embed_tokens.weight"]
     for target in targets:
         parts = sources[target + ".weight"]
-        types = {g.info(p).qtype for p in parts}
-        qts = [gguf_quantized(g, model.config, p) for p in parts] if len(types) == 1 else [None]
-        if any(q is None for q in qts):
+        qts = [gguf_quantized(g, model.config, p) for p in parts]
+        # parts fuse when their portable forms agree (e.g. Q5_0 q, k and a Q8_0 v: all 8-bit, groups of 32)
+        if any(q is None for q in qts) or len({(q.bits, q.group_size) for q in qts}) != 1:  # type: ignore[union-attr]
             continue
         bias = None
         if target + ".bias" in sources:

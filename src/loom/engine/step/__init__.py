@@ -1,8 +1,8 @@
 """Decode steps: the ways loom runs one new token for each sequence of a batch, and how one is chosen.
 
     step          where it runs                      what it takes
-    native        C++, one OpenMP region per step    Llama-shaped fp32 CPU models with dense or loom int4/int8
-                  (native.py, native/decode_step.cpp) linears; batches of <= 32 (quantized) or 1 (dense)
+    native        C++, one OpenMP region per step    Llama- or Gemma-3-shaped fp32 CPU models with dense or loom
+                  (native.py, native/decode_step.cpp) int4/int8 linears; batches of <= 32 (quantized) or 1 (dense)
     scripted      TorchScript program (scripted.py)  Llama-shaped fp32 or bf16 CPU models, any weight-only linear,
                                                      any batch (bf16: oneDNN-packed weights, AMX GEMMs)
     cuda_graph    CUDA graph replay (cuda_graph.py)  pre-norm models without ALiBi on a GPU
@@ -22,7 +22,7 @@ from loom.engine.step.base import DecodeBatch, DecodeStep, pad_tables
 from loom.engine.step.module import ModuleStep
 from loom.engine.step.native import NativeStep, native_problem
 from loom.engine.step.scripted import ScriptedStep
-from loom.engine.step.weights import DecoderWeights, llama_shaped
+from loom.engine.step.weights import DecoderWeights, decoder_shaped, llama_shaped
 from loom.layers.multi_lora import LayerLora, LoraHooks
 from loom.models.transformer import KVCaches, Transformer
 
@@ -69,9 +69,14 @@ def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str
         from loom.engine.step.cuda_graph import CudaGraphStep
 
         return None if CudaGraphStep.takes(model) else "it needs a pre-norm model without ALiBi on a CUDA device"
+    if name == "native":
+        if not decoder_shaped(model):
+            return ("it needs a Llama- or Gemma-shaped fp32 CPU model with weight-only linears "
+                    "(weights.py: decoder_shaped)")
+        return native_problem(DecoderWeights.of(model))
     if not llama_shaped(model):
         return "it needs a Llama-shaped fp32 or bf16 CPU model with weight-only linears (weights.py: llama_shaped)"
-    return native_problem(DecoderWeights.of(model)) if name == "native" else None
+    return None
 
 
 def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int,

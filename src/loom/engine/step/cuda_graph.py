@@ -96,7 +96,8 @@ class CudaGraphStep(DecodeStep):
     @staticmethod
     def takes(model: Transformer) -> bool:
         c = model.config
-        return model.device.type == "cuda" and c.norm_placement == "pre" and c.position != "alibi"
+        return (model.device.type == "cuda" and c.norm_placement == "pre" and c.position != "alibi"
+                and not c.qk_norm and c.rope_local_theta is None)
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         """Returns fp32 logits [B, V] (a fresh tensor, not the graph's buffer); the batch's tensors may be

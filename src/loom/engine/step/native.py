@@ -58,6 +58,7 @@ class NativeStep(DecodeStep):
             raise ValueError(f"the native decode step cannot run this model: {problem}")
         self.plain_weights = weights
         self.rotary = model.rotary
+        self.local_rotary = model.local_rotary if weights.extras is not None else None
         self.dtype = model.dtype
         self.max_batch = MAX_BATCH_DENSE if weights.dense_layers else MAX_BATCH_QUANTIZED
         s = weights.shape
@@ -67,8 +68,11 @@ class NativeStep(DecodeStep):
         for i, layer in enumerate(weights.layers):
             self.decoder.add_layer(layer.attn_norm, layer.mlp_norm, layer.qkv_bias, k_cache[i], v_cache[i],
                                    s.windows[i])
+            if weights.extras is not None:
+                self.decoder.set_layer_extras(*weights.extras[i])
             for spec in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 _add_linear(self.decoder.add_linear, spec)
+        self.decoder.set_options(weights.embedding_scale, 1 if weights.activation == "gelu_tanh" else 0)
         self.lora = lora
         if lora is not None:
             if len(lora) != len(weights.layers):
@@ -85,6 +89,9 @@ class NativeStep(DecodeStep):
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
+        if self.local_rotary is not None:  # [2, B, D]: the global table, then the sliding-window layers'
+            local_cos, local_sin = self.local_rotary.prepare(batch.positions, self.dtype)
+            cos, sin = torch.stack((cos, local_cos)), torch.stack((sin, local_sin))
         lora_slots = self._no_lora if batch.lora_slots is None else batch.lora_slots
         return self.decoder.step(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin,
                                  lora_slots)

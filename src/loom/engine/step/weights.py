@@ -37,12 +37,45 @@ class AttentionShape(NamedTuple):
     windows: List[int]  # per layer: sliding window (0: none)
 
 
+class LayerExtras(NamedTuple):
+    """A Gemma-shaped layer's parts beyond LayerWeights (empty tensors where the model has none): per-head
+    q / k RMSNorm weights, the sandwich norms of the attention and MLP outputs, and its RoPE table (0: the
+    global one, 1: the sliding-window layers' own)."""
+
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    post_mlp_norm: torch.Tensor
+    rope: int
+
+
+def has_extras(model: Transformer) -> bool:
+    """Whether the model has any of Gemma 3's additions (QK-norm, sandwich norms, a scaled embedding, a
+    local RoPE base, GELU-tanh gating): the native step computes them, the scripted step does not."""
+    c = model.config
+    return (c.qk_norm or c.norm_placement == "sandwich" or c.embedding_scale is not None
+            or c.rope_local_theta is not None or c.activation != "silu")
+
+
+def decoder_shaped(model: Transformer) -> bool:
+    """Whether ``DecoderWeights.of`` takes this model: ``llama_shaped``, or Llama-shaped but for Gemma 3's
+    additions (``has_extras``; only the native step runs those)."""
+    c = model.config
+    plain = c.norm_placement == "pre" and c.activation == "silu"
+    gemma = c.norm_placement in ("pre", "sandwich") and c.activation in ("silu", "gelu_tanh")
+    return (plain or gemma) and _llama_core(model)
+
+
 def llama_shaped(model: Transformer) -> bool:
     """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU, full rotate-half
     RoPE, no biases but q|k|v's, fp32 or bf16 on the CPU, linears of loom's own kinds."""
+    return _llama_core(model) and model.config.norm_placement == "pre" and not has_extras(model)
+
+
+def _llama_core(model: Transformer) -> bool:
     c = model.config
-    if not (c.norm == "rmsnorm" and c.norm_placement == "pre" and c.final_norm and not c.norm_bias
-            and c.gated_mlp and c.activation == "silu" and not c.mlp_bias and not c.attn_out_bias
+    if not (c.norm == "rmsnorm" and c.final_norm and not c.norm_bias
+            and c.gated_mlp and not c.mlp_bias and not c.attn_out_bias
             and c.position == "rope" and c.rotary_dim == c.head_dim
             and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
@@ -59,10 +92,13 @@ class DecoderWeights:
     head: LinearSpec  # the output layer (the embedding when tied)
     shape: AttentionShape
     rotation: torch.Tensor  # the residual stream's rotation (models/rotation.py), or an empty tensor
+    extras: "list[LayerExtras] | None" = None  # Gemma-shaped models' extra parts (None: none)
+    embedding_scale: float = 1.0
+    activation: str = "silu"
 
     @classmethod
     def of(cls, model: Transformer) -> "DecoderWeights":
-        if not llama_shaped(model):
+        if not decoder_shaped(model):
             raise ValueError("the compiled decode steps need a Llama-shaped fp32 or bf16 CPU model with dense or "
                              "weight-only quantized linears (see engine/step/weights.py: llama_shaped)")
         c = model.config
@@ -79,7 +115,16 @@ class DecoderWeights:
         shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
                                model.layers[0].attn.scale, [l.attn.window or 0 for l in model.layers])
         rotation = model.residual_rotation if model.residual_rotation is not None else empty
-        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation)
+        extras = None
+        if has_extras(model):
+            def weight(norm: "torch.nn.Module | None") -> torch.Tensor:
+                return norm.weight if norm is not None else empty
+
+            extras = [LayerExtras(weight(l.attn.q_norm), weight(l.attn.k_norm), weight(l.post_attn_norm),
+                                  weight(l.post_mlp_norm), int(l.attn.rotary is model.local_rotary))
+                      for l in model.layers]
+        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation, extras,
+                   c.embedding_scale or 1.0, c.activation)
 
     def linears(self) -> Iterator[LinearSpec]:
         """Every linear of the step, the output layer last."""
