@@ -1,0 +1,199 @@
+"""GPT-2, OPT and BLOOM Hugging Face checkpoints (weights/hf_classic.py): logits equal transformers' on tiny
+random checkpoints that transformers itself saved (Conv1D weights transposed, BLOOM's per-head q|k|v
+interleave undone, OPT's position offset and embedding projections, ALiBi with any head count), also
+from bare base-model checkpoints as the original uploads are; options loom does not compute are refused
+naming config.json and the key."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loom.config import ModelConfig
+from loom.layers.position import alibi_slopes
+from loom.models.transformer import Transformer
+from loom.weights.errors import WeightsError
+from loom.weights.hf import config_from_hf, hf_tensor_sources
+from loom.weights.loader import load_model
+from loom.weights.validate import parameter_part_shapes
+from tests.helpers import hf_logits, save_tiny_hf
+
+IDS = list(range(3, 240, 7))  # 34 tokens
+
+CASES = {
+    "gpt2": ("gpt2", dict()),
+    "gpt2-untied-relu-inner": ("gpt2", dict(tie_word_embeddings=False, activation_function="relu", n_inner=96)),
+    "opt-pre-norm": ("opt", dict(ffn_dim=128)),
+    "opt-350m-post-norm-projected": ("opt", dict(ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
+    "opt-no-bias-untied": ("opt", dict(ffn_dim=128, enable_bias=False, tie_word_embeddings=False)),
+    "bloom": ("bloom", dict()),
+    # ALiBi for head counts not a power of two (num_attention_heads: the helper's TINY spells it so)
+    "bloom-6-heads": ("bloom", dict(num_attention_heads=6, hidden_size=72)),
+    "bloom-12-heads": ("bloom", dict(num_attention_heads=12, hidden_size=96)),
+}
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Max abs difference within ``tol`` of the logits' scale."""
+    return float((got.float() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    model_type, overrides = CASES[case]
+    hf = save_tiny_hf(str(tmp_path), model_type, **overrides)
+    loaded = load_model(str(tmp_path))
+    assert loaded.format == "hf" and loaded.config.architecture == model_type
+    assert loaded.config.num_heads == hf.config.num_attention_heads == overrides.get("num_attention_heads", 4)
+    assert loaded.config.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ref = hf_logits(hf, IDS)
+    assert close(loaded.model.logits(torch.tensor(IDS)), ref)
+
+
+def test_the_layouts_matter(tmp_path):
+    """The parity above is not vacuous: OPT without its position offset, or BLOOM's q|k|v rows left as
+    stored, give other logits."""
+    hf = save_tiny_hf(str(tmp_path / "opt"), "opt", ffn_dim=128)
+    opt = load_model(str(tmp_path / "opt")).model
+    opt.config.position_offset = 0
+    assert not close(opt.logits(torch.tensor(IDS)), hf_logits(hf, IDS), 1e-2)
+
+    hf = save_tiny_hf(str(tmp_path / "bloom"), "bloom")
+    bloom = load_model(str(tmp_path / "bloom")).model
+    stored = load_file(str(tmp_path / "bloom" / "model.safetensors"))
+    bloom.layers[0].attn.qkv_proj.weight.data = stored["transformer.h.0.self_attention.query_key_value.weight"]
+    assert not close(bloom.logits(torch.tensor(IDS)), hf_logits(hf, IDS), 1e-2)
+
+
+@pytest.mark.parametrize("heads", list(range(1, 41)))
+def test_alibi_slopes_are_blooms(heads):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    assert torch.allclose(alibi_slopes(heads).float(), _get_alibi_slopes(heads, torch.device("cpu")), rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_type,overrides,base", [
+    ("gpt2", dict(), "transformer"), ("opt", dict(ffn_dim=128), "model"), ("bloom", dict(num_attention_heads=6, hidden_size=72),
+                                                                           "transformer")])
+def test_bare_base_model_checkpoints(tmp_path, model_type, overrides, base):
+    """openai-community/gpt2, facebook/opt-* and bigscience/bloom-* store the base model's tensors without the
+    causal LM's prefix (h.0.attn.c_attn.weight, decoder.layers.0..., word_embeddings.weight)."""
+    hf = save_tiny_hf(str(tmp_path / "full"), model_type, **overrides)
+    getattr(hf, base).save_pretrained(str(tmp_path / "bare"))
+    names = load_file(str(tmp_path / "bare" / "model.safetensors"))
+    assert not any(n.startswith(base + ".") for n in names)
+    loaded = load_model(str(tmp_path / "bare"))
+    assert close(loaded.model.logits(torch.tensor(IDS)), hf_logits(hf, IDS))
+
+
+def test_sharded_gpt2(tmp_path):
+    hf = save_tiny_hf(str(tmp_path), "gpt2", shards=3)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert close(load_model(str(tmp_path)).model.logits(torch.tensor(IDS)), hf_logits(hf, IDS))
+
+
+@pytest.mark.parametrize("case", ["gpt2", "opt-350m-post-norm-projected", "bloom-6-heads"])
+def test_bfloat16_load(tmp_path, case):
+    model_type, overrides = CASES[case]
+    hf = save_tiny_hf(str(tmp_path), model_type, **overrides)
+    loaded = load_model(str(tmp_path), dtype="bfloat16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = hf_logits(hf, IDS)
+    assert close(loaded.model.logits(torch.tensor(IDS)), ref, 0.05)
+
+
+def _edit_config(folder, **changes) -> str:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.mark.parametrize("model_type,overrides,key,value", [
+    ("gpt2", dict(), "scale_attn_by_inverse_layer_idx", True),
+    ("gpt2", dict(), "scale_attn_weights", False),
+    ("gpt2", dict(), "activation_function", "tanh"),
+    ("opt", dict(ffn_dim=128), "layer_norm_elementwise_affine", False),
+    ("opt", dict(ffn_dim=128), "activation_function", "quick_gelu"),
+    ("bloom", dict(), "apply_residual_connection_post_layernorm", True),
+])
+def test_options_loom_does_not_compute_are_refused(tmp_path, model_type, overrides, key, value):
+    save_tiny_hf(str(tmp_path), model_type, **overrides)
+    path = _edit_config(tmp_path, **{key: value})
+    with pytest.raises(WeightsError) as e:
+        load_model(str(tmp_path))
+    assert path in str(e.value) and key in str(e.value)
+
+
+def test_accepted_options_that_keep_the_arithmetic(tmp_path):
+    """reorder_and_upcast_attn (fp32 q k^T, which loom's fp32 model computes anyway) and BLOOM's
+    pretraining_tp (bigscience/bloom says 4) load and match. (transformers' slow_but_exact path, which
+    slices the dense sums by pretraining_tp, also drops the dense biases: loom keeps them.)"""
+    hf = save_tiny_hf(str(tmp_path / "gpt2"), "gpt2", reorder_and_upcast_attn=True)
+    assert close(load_model(str(tmp_path / "gpt2")).model.logits(torch.tensor(IDS)), hf_logits(hf, IDS))
+    hf = save_tiny_hf(str(tmp_path / "bloom"), "bloom", pretraining_tp=4)
+    assert close(load_model(str(tmp_path / "bloom")).model.logits(torch.tensor(IDS)), hf_logits(hf, IDS))
+
+
+def test_layer_count_and_shape_mismatches_name_the_key_and_tensor(tmp_path):
+    save_tiny_hf(str(tmp_path), "gpt2")
+    path = _edit_config(tmp_path, n_layer=3)
+    with pytest.raises(WeightsError, match=r"n_layer is 3, but the file holds tensors for 2 layers"):
+        load_model(str(tmp_path))
+    _edit_config(tmp_path, n_layer=2)
+    weights = str(tmp_path / "model.safetensors")
+    tensors = load_file(weights)
+    name = "transformer.h.1.attn.c_attn.weight"
+    tensors[name] = tensors[name][:, :-4].contiguous()  # stored [in, out]: 4 output columns short
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"shape \(188, 64\) does not match the config's \(192, 64\)") as e:
+        load_model(str(tmp_path))
+    assert e.value.tensor == name and path.rpartition("/")[0] in str(e.value)
+
+
+def test_bloom_fused_qkv_of_the_wrong_size_is_named(tmp_path):
+    save_tiny_hf(str(tmp_path), "bloom")
+    weights = str(tmp_path / "model.safetensors")
+    tensors = load_file(weights)
+    name = "transformer.h.0.self_attention.query_key_value.bias"
+    tensors[name] = tensors[name][:-3].contiguous()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"shape \(189,\) does not match the config's \(192,\)") as e:
+        load_model(str(tmp_path))
+    assert e.value.tensor == name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_expected_shapes_are_the_models(case):
+    """Every parameter has a source, and the shapes files are checked against are the model's own."""
+    import transformers
+
+    model_type, overrides = CASES[case]
+    kwargs = dict(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    hf_config = transformers.AutoConfig.for_model(model_type, **{**kwargs, **overrides})
+    cfg = config_from_hf(hf_config.to_dict())
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    sources = hf_tensor_sources(cfg, None)
+    assert set(sources) == set(params)
+    for name, param in params.items():
+        parts = parameter_part_shapes(cfg, name)
+        assert parts is not None, name
+        assert sum(p[0] for p in parts) == param.shape[0] and all(p[1:] == param.shape[1:] for p in parts), name
+
+
+def test_new_config_fields_are_validated():
+    with pytest.raises(ValueError, match="position_offset needs learned positions"):
+        ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, position_offset=2)
+    with pytest.raises(ValueError, match="embedding_size must be positive"):
+        ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, embedding_size=0)
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2)
+    assert (cfg.position_offset, cfg.embedding_norm, cfg.embedding_size) == (0, False, 8)
