@@ -197,3 +197,29 @@ def test_new_config_fields_are_validated():
         ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, embedding_size=0)
     cfg = ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2)
     assert (cfg.position_offset, cfg.embedding_norm, cfg.embedding_size) == (0, False, 8)
+
+
+@pytest.mark.parametrize("case", ["opt-350m-post-norm-projected", "bloom-6-heads"])
+def test_lora_adapters_merge_as_peft_computes_them(tmp_path, case):
+    """A PEFT adapter on every linear (BLOOM's fused query_key_value included: its delta is merged in the
+    stored per-head layout, then re-laid-out with the weight) equals PEFT + transformers."""
+    from tests.helpers import peft_adapter
+
+    model_type, overrides = CASES[case]
+    hf = save_tiny_hf(str(tmp_path / "base"), model_type, **overrides)
+    peft = peft_adapter(hf, tmp_path / "adapter")
+    with torch.no_grad():
+        ref = peft(torch.tensor([IDS])).logits[0].float()
+    merged = load_model(str(tmp_path / "base"), weights="fp32", lora=str(tmp_path / "adapter")).model
+    assert close(merged.logits(torch.tensor(IDS)), ref)
+    assert not close(load_model(str(tmp_path / "base")).model.logits(torch.tensor(IDS)), ref, 1e-2)
+
+
+def test_gpt2_conv1d_adapters_are_refused(tmp_path):
+    """PEFT adapts GPT-2's Conv1D with fan_in_fan_out (B A stored transposed): refused by name."""
+    from tests.helpers import peft_adapter
+
+    hf = save_tiny_hf(str(tmp_path / "base"), "gpt2")
+    peft_adapter(hf, tmp_path / "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    with pytest.raises(WeightsError, match="fan_in_fan_out"):
+        load_model(str(tmp_path / "base"), weights="fp32", lora=str(tmp_path / "adapter"))
