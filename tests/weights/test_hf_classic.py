@@ -223,3 +223,16 @@ def test_gpt2_conv1d_adapters_are_refused(tmp_path):
     peft_adapter(hf, tmp_path / "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
     with pytest.raises(WeightsError, match="fan_in_fan_out"):
         load_model(str(tmp_path / "base"), weights="fp32", lora=str(tmp_path / "adapter"))
+
+
+def test_writing_these_layouts_back_is_refused_before_any_file(tmp_path):
+    """loom writes Llama-shaped HF folders only (merge, quantize, prune save through save_checkpoint): a GPT-2,
+    OPT or BLOOM model is refused up front, leaving no half-written folder."""
+    from loom.weights.merge import merge_lora
+    from tests.helpers import peft_adapter
+
+    hf = save_tiny_hf(str(tmp_path / "base"), "opt", ffn_dim=128)
+    peft_adapter(hf, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="cannot write a Hugging Face config for architecture 'opt'"):
+        merge_lora(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), with_tokenizer=False)
+    assert not os.path.exists(tmp_path / "merged")
