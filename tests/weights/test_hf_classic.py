@@ -236,3 +236,37 @@ def test_writing_these_layouts_back_is_refused_before_any_file(tmp_path):
     with pytest.raises(ValueError, match="cannot write a Hugging Face config for architecture 'opt'"):
         merge_lora(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), with_tokenizer=False)
     assert not os.path.exists(tmp_path / "merged")
+
+
+HUB_CONFIGS = {  # the config.json of the original uploads (trimmed of training-only keys)
+    "openai-community/gpt2": dict(
+        model_type="gpt2", activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256,
+        layer_norm_epsilon=1e-05, n_ctx=1024, n_embd=768, n_head=12, n_layer=12, n_positions=1024, vocab_size=50257),
+    "facebook/opt-350m": dict(
+        model_type="opt", activation_function="relu", bos_token_id=2, do_layer_norm_before=False, eos_token_id=2,
+        ffn_dim=4096, hidden_size=1024, max_position_embeddings=2048, num_attention_heads=16, num_hidden_layers=24,
+        pad_token_id=1, vocab_size=50272, word_embed_proj_dim=512),
+    "facebook/opt-125m": dict(
+        model_type="opt", activation_function="relu", bos_token_id=2, do_layer_norm_before=True, eos_token_id=2,
+        ffn_dim=3072, hidden_size=768, max_position_embeddings=2048, num_attention_heads=12, num_hidden_layers=12,
+        pad_token_id=1, vocab_size=50272, word_embed_proj_dim=768),
+    "bigscience/bloom-560m": dict(
+        model_type="bloom", apply_residual_connection_post_layernorm=False, bos_token_id=1, eos_token_id=2,
+        layer_norm_epsilon=1e-05, n_embed=1024, n_head=16, n_inner=None, n_layer=24, pad_token_id=3,
+        pretraining_tp=1, slow_but_exact=False, vocab_size=250880),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_hub_configs_read_as_transformers_reads_them(name):
+    """The real models' configs: loom's parameter count is transformers' model's (built on the meta device)."""
+    import transformers
+
+    cfg = config_from_hf(dict(HUB_CONFIGS[name]))
+    hf_config = transformers.AutoConfig.for_model(**HUB_CONFIGS[name])
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+        ours = Transformer(cfg)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == (hf_config.num_hidden_layers, hf_config.hidden_size,
+                                                                 hf_config.num_attention_heads)

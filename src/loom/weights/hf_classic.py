@@ -195,7 +195,7 @@ def _bloom_config(cfg: dict[str, Any], path: str) -> ModelConfig:
             "residuals taken after the layer norms")
     # pretraining_tp / slow_but_exact only split the dense sums into slices, the same arithmetic: accepted.
     # (transformers' slow_but_exact path also drops the dense layers' biases; loom keeps them, as trained.)
-    hidden = _size(cfg, ("hidden_size", "n_embed"), path)
+    hidden = _size(cfg, ("n_embed", "hidden_size"), path)  # transformers: n_embed, when given, wins
     heads_key = _first_key(cfg, ("n_head", "num_attention_heads"))
     n_heads = _int(cfg, heads_key, path)
     # ALiBi has no position table: the context is the one trained (seq_length), else 2048
