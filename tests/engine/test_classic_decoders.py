@@ -93,3 +93,12 @@ def test_a_batch_of_different_lengths_equals_each_prompt_alone(served):
     together = [o.token_ids for o in llm.generate(batch, GREEDY)]
     assert together == alone
     assert all(len(t) == NEW_TOKENS for t in together)
+
+
+def test_the_int8_kv_cache_calibrates_within_the_context(served):
+    """The int8 cache's key scales come from up to 1,024 calibration tokens: a model with a shorter learned
+    position table (512 here) calibrates on as many as it has positions, and serves."""
+    _, llm = served
+    assert llm.model.config.max_position_embeddings < 1024
+    q = LLM(llm.model_path, weights="fp32", cache=CacheConfig(block_size=4, num_blocks=256, kv_dtype="int8"))
+    assert len(q.generate(prompts(1, seed=3)[0], GREEDY)[0].token_ids) == NEW_TOKENS
