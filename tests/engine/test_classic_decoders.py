@@ -86,8 +86,13 @@ def test_greedy_tokens_equal_transformers_generate(served):
     assert len(seen) >= 6, seen  # not one token over and over: the continuations depend on their context
 
 
-def test_a_batch_of_different_lengths_equals_each_prompt_alone(served):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(served, prefix_caching):
     _, llm = served
+    if not prefix_caching:  # every prompt token computed again in the batch, in 16-token chunks
+        llm = LLM(llm.model_path, weights="fp32", cache=CacheConfig(block_size=4, num_blocks=256,
+                                                                    enable_prefix_caching=False),
+                  scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8))
     batch = prompts(6, seed=2)
     alone = [llm.generate(ids, GREEDY)[0].token_ids for ids in batch]
     together = [o.token_ids for o in llm.generate(batch, GREEDY)]
