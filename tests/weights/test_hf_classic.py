@@ -77,8 +77,8 @@ def test_alibi_slopes_are_blooms(heads):
 
 
 @pytest.mark.parametrize("model_type,overrides,base", [
-    ("gpt2", dict(), "transformer"), ("opt", dict(ffn_dim=128), "model"), ("bloom", dict(num_attention_heads=6, hidden_size=72),
-                                                                           "transformer")])
+    ("gpt2", dict(), "transformer"), ("opt", dict(ffn_dim=128), "model"),
+    ("bloom", dict(num_attention_heads=6, hidden_size=72), "transformer")])
 def test_bare_base_model_checkpoints(tmp_path, model_type, overrides, base):
     """openai-community/gpt2, facebook/opt-* and bigscience/bloom-* store the base model's tensors without the
     causal LM's prefix (h.0.attn.c_attn.weight, decoder.layers.0..., word_embeddings.weight)."""
