@@ -162,6 +162,9 @@ class ModelConfig:
     rotary_dim: int | None = None  # None: the whole head_dim; fewer rotates only the first dims
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
+    # Learned positions: position p reads row p + position_offset of the table, which has
+    # max_position_embeddings + position_offset rows (OPT's table starts at row 2).
+    position_offset: int = 0
     # Biases.
     qkv_bias: bool = False
     attn_out_bias: bool = False
@@ -176,6 +179,13 @@ class ModelConfig:
     qk_norm: bool = False
     attn_scale: float | None = None
     rope_local_theta: float | None = None
+    # A norm (``norm``'s kind) of the embedding's output before the first layer (BLOOM's
+    # word_embeddings_layernorm).
+    embedding_norm: bool = False
+    # Width of the token embedding and of the (tied) output layer; None: hidden_size. Otherwise
+    # linears without bias project the embedding into the residual stream and the final hidden state
+    # out of it (OPT-350m's word_embed_proj_dim: project_in, project_out).
+    embedding_size: int | None = None
     # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window
@@ -197,6 +207,8 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
         if self.norm_bias is None:
@@ -207,7 +219,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "embedding_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -234,6 +247,10 @@ class ModelConfig:
             raise ValueError("qk_norm is an RMSNorm over each head (it needs norm 'rmsnorm')")
         if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
             raise ValueError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
+        if self.position_offset and self.position != "learned":
+            raise ValueError(f"position_offset needs learned positions, got position {self.position!r}")
+        if not 0 <= self.position_offset <= MAX_CONTEXT:
+            raise ValueError(f"position_offset must be between 0 and {MAX_CONTEXT}, got {self.position_offset}")
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -276,13 +293,16 @@ class ModelConfig:
         per_layer = attn + mlp + (4 if self.norm_placement == "sandwich" else 2) * norm
         if self.qk_norm:
             per_layer += 2 * self.head_dim
-        total = self.num_layers * per_layer + (norm if self.final_norm else 0)
+        total = self.num_layers * per_layer + (norm if self.final_norm else 0) + (norm if self.embedding_norm else 0)
+        e = self.embedding_size
+        if e != h:
+            total += 2 * e * h  # project_in, project_out
         if include_embeddings:
-            total += self.vocab_size * h
+            total += self.vocab_size * e
             if not self.tie_word_embeddings:
-                total += self.vocab_size * h
+                total += self.vocab_size * e
             if self.position == "learned":
-                total += self.max_position_embeddings * h
+                total += (self.max_position_embeddings + self.position_offset) * h
         return total
 
     # Serialization --------------------------------------------------------------------------

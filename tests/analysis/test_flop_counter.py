@@ -32,6 +32,12 @@ CONFIGS = {
     "mha-biases": dict(qkv_bias=True, attn_out_bias=True, mlp_bias=True),
     "gpt-style": dict(norm="layernorm", activation="gelu", gated_mlp=False, position="learned", mlp_bias=True),
     "head-dim-16": dict(num_kv_heads=2, head_dim=16),  # q_size 64 != hidden 32
+    # OPT-350m: post-norm, positions at p + 2, an embedding of 16 projected in and out of the 32-wide stream
+    "opt-350m-style": dict(norm="layernorm", activation="relu", gated_mlp=False, position="learned", position_offset=2,
+                           norm_placement="post", final_norm=False, embedding_size=16, qkv_bias=True,
+                           tie_word_embeddings=True),
+    "bloom-style": dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, position="alibi",
+                        embedding_norm=True, mlp_bias=True, tie_word_embeddings=True),
 }
 
 

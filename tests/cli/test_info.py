@@ -15,3 +15,17 @@ def test_info(capsys):
     assert info["tensor_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     code, out, _ = run(capsys, "info")
     assert "GiB" in out and "KV per token" in out
+
+
+def test_info_on_classic_layouts(capsys, tmp_path):
+    """GPT-2 / OPT / BLOOM folders: the parameter count is transformers' and the layout's specifics are named."""
+    from tests.helpers import save_tiny_hf
+
+    hf = save_tiny_hf(str(tmp_path / "opt"), "opt", ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)
+    code, out, _ = run(capsys, "info", str(tmp_path / "opt"), "--json")
+    assert code == 0 and json.loads(out)["parameters"] == sum(p.numel() for p in hf.parameters())
+    code, out, _ = run(capsys, "info", str(tmp_path / "opt"))
+    assert "(table rows p + 2)" in out and "post-norm, no final norm" in out and "embedding width 32" in out
+    save_tiny_hf(str(tmp_path / "bloom"), "bloom")
+    code, out, _ = run(capsys, "info", str(tmp_path / "bloom"))
+    assert code == 0 and "positions     alibi" in out and "embedding normed" in out

@@ -162,12 +162,17 @@ def forward_ops(config: ModelConfig, phase: Phase = "prefill", n: int = 1, l: in
     t, d, f, hd = n, c.hidden_size, c.intermediate_size, c.head_dim
     nl = c.num_layers
     g = c.queries_per_kv
-    ops: list[OpCost] = [elementwise("embedding", "other", f"{t:g} rows of [{c.vocab_size} x {d}]", 0,
-                                     [Operand(t), Operand(t * d, "weight")], [Operand(t * d)])]
+    e = c.embedding_size  # the embedding's width (OPT-350m: narrower, projected in and out)
+    ops: list[OpCost] = [elementwise("embedding", "other", f"{t:g} rows of [{c.vocab_size} x {e}]", 0,
+                                     [Operand(t), Operand(t * e, "weight")], [Operand(t * e)])]
+    if e != d:
+        ops.append(matmul(t, e, d, "project_in", "other"))
     if c.position in ("learned", "sinusoidal"):
         kind: Kind = "weight" if c.position == "learned" else "act"
         ops.append(elementwise("position add", "other", f"[{t:g} x {d}]", t * d,
                                [Operand(t * d), Operand(t * d, kind)], [Operand(t * d)]))
+    if c.embedding_norm:
+        ops.append(_norm(c, "embed_norm", t, 1))
     ops.append(_norm(c, "attn_norm", t, nl))
     ops.append(matmul(t, d, c.q_size, "attn.q_proj", "attn_proj", count=nl, bias=c.qkv_bias))
     ops.append(matmul(t, d, c.kv_size, "attn.k_proj", "attn_proj", count=nl, bias=c.qkv_bias))
@@ -207,7 +212,9 @@ def forward_ops(config: ModelConfig, phase: Phase = "prefill", n: int = 1, l: in
     if c.final_norm:
         ops.append(_norm(c, "final_norm", t, 1))
     if logit_rows:
-        ops.append(matmul(logit_rows, d, c.vocab_size, "lm_head", "lm_head"))
+        if e != d:
+            ops.append(matmul(logit_rows, d, e, "project_out", "other"))
+        ops.append(matmul(logit_rows, e, c.vocab_size, "lm_head", "lm_head"))
     return ops
 
 

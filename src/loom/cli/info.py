@@ -70,9 +70,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"  layers {c['num_layers']}, hidden {c['hidden_size']}, FFN {c['intermediate_size']} "
           f"({'gated ' if c['gated_mlp'] else ''}{c['activation']}), heads {c['num_heads']} "
           f"(kv {c['num_kv_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}")
+    offset = c.get("position_offset", 0)
     print(f"  positions     {c['position']}" + (f" theta {c['rope_theta']:g}" if c["position"] == "rope" else "")
-          + f", context {c['max_position_embeddings']}, norm {c['norm']} eps {c['norm_eps']:g}, "
+          + (f" (table rows p + {offset})" if offset else "")
+          + f", context {c['max_position_embeddings']}, norm {c['norm']} eps {c['norm_eps']:g} "
+          f"({c['norm_placement']}-norm{'' if c['final_norm'] else ', no final norm'}), "
           f"tied embeddings {c['tie_word_embeddings']}")
+    biases = [name for name, on in (("q|k|v", c["qkv_bias"]), ("o", c["attn_out_bias"]), ("mlp", c["mlp_bias"]),
+                                    ("norms", c["norm_bias"])) if on]
+    embedding = c.get("embedding_size") or c["hidden_size"]
+    extras = [f"biases {', '.join(biases) if biases else 'none'}"]
+    if embedding != c["hidden_size"]:
+        extras.append(f"embedding width {embedding} (projected in and out of the residual stream)")
+    if c.get("embedding_norm"):
+        extras.append("embedding normed")
+    print("  details       " + "; ".join(extras))
     if c.get("rope_scaling"):
         r = c["rope_scaling"]
         print(f"  rope scaling  {r['kind']} x{r['factor']:g} (trained context {r['original_max_position']})")

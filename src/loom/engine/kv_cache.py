@@ -102,9 +102,11 @@ class KVCache:
 
     @torch.inference_mode()
     def calibrate_key_scales(self, model: torch.nn.Module, token_ids: list[int]) -> None:
-        """Fix the int8 keys' per-channel scales from the keys ``model`` computes on ``token_ids``."""
+        """Fix the int8 keys' per-channel scales from the keys ``model`` computes on ``token_ids`` (at most
+        the model's context of them: a learned position table has no rows past it)."""
         from loom.layers.attention import AttentionMetadata
 
+        token_ids = token_ids[: model.config.max_position_embeddings]  # type: ignore[attr-defined]
         n, dev = len(token_ids), self.device
         # a cache in the model's own dtype (attention reads it with the model's queries)
         fp = KVCache(model.config, 1, n, model.dtype, device=dev)  # type: ignore[attr-defined]

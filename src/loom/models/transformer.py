@@ -1,10 +1,10 @@
 """The decoder-only Transformer, assembled from layers by a ModelConfig.
 
-    h_0 = embed(tokens) [+ position table]
+    h_0 = embed(tokens) [projected in] [+ position table] [normed]
     pre-norm:  h = h + attn(norm(h));  h = h + mlp(norm(h))          (Llama, Mistral, Qwen2)
     post-norm: h = norm(h + attn(h));  h = norm(h + mlp(h))          (Vaswani et al. 2017)
     sandwich:  h = h + norm'(attn(norm(h)));  h = h + norm'(mlp(norm(h)))   (Gemma 2 / 3)
-    logits = lm_head(final_norm(h))
+    logits = lm_head([project out] final_norm(h))
 
 Inputs are a flat batch (see ``AttentionMetadata``); logits are computed only for the rows asked
 for, because decoding needs just the last position of each sequence.
@@ -63,13 +63,20 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = _embedding(config.vocab_size, config.embedding_size, dtype)
+        # OPT-350m: the embedding (and tied output layer) is narrower than the residual stream
+        self.project_in = self.project_out = None
+        if config.embedding_size != config.hidden_size:
+            self.project_in = Linear(config.embedding_size, config.hidden_size, dtype=dtype)
+            self.project_out = Linear(config.hidden_size, config.embedding_size, dtype=dtype)
         self.pos_embed: nn.Embedding | None = None
         if config.position == "learned":
-            self.pos_embed = _embedding(config.max_position_embeddings, config.hidden_size, dtype)
+            self.pos_embed = _embedding(config.max_position_embeddings + config.position_offset, config.hidden_size,
+                                        dtype)
         elif config.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(config.max_position_embeddings,
                                                                config.hidden_size).to(dtype), persistent=False)
+        self.embed_norm = make_norm(config).to(dtype) if config.embedding_norm else None  # BLOOM
         rotary = make_rotary(config)  # one table shared by all layers
         self.rotary = rotary
         # Gemma 3: the sliding-window layers rotate with their own base
@@ -78,7 +85,7 @@ class Transformer(nn.Module):
             DecoderLayer(config, i, self.local_rotary if self.local_rotary is not None and config.layer_window(i)
                          else rotary, kernel, dtype) for i in range(config.num_layers))
         self.norm = make_norm(config).to(dtype) if config.final_norm else None
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.embedding_size, config.vocab_size,
                                                                       dtype=dtype)
         # An orthogonal Q of the residual stream (models/rotation.py): the embedding's output is multiplied by
         # it and the last hidden state by Q^T before the final norm. None: no rotation.
@@ -122,13 +129,20 @@ class Transformer(nn.Module):
 
     def embed(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The residual stream's input: the tokens' embeddings (or ``inputs_embeds`` in their place), plus
-        the position table, times the residual rotation."""
+        """The residual stream's input: the tokens' embeddings (or ``inputs_embeds`` in their place),
+        projected into the residual stream (``project_in``, OPT-350m), plus the position table (a learned
+        one read at ``positions + position_offset``), normalized (``embed_norm``, BLOOM), times the residual
+        rotation."""
         h = self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.project_in is not None:
+            h = self.project_in(h)
         if self.pos_embed is not None:
-            h = h + self.pos_embed(positions)
+            offset = self.config.position_offset
+            h = h + self.pos_embed(positions + offset if offset else positions)
         elif self.config.position == "sinusoidal":
             h = h + self.pos_table[positions]
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
         return h if self.residual_rotation is None else h @ self.residual_rotation
 
     def cast_parameters(self, dtype: torch.dtype) -> None:
@@ -165,6 +179,10 @@ class Transformer(nn.Module):
         return h if self.norm is None else self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states after the final norm (projected out of the residual stream first when
+        the embedding is narrower, OPT-350m)."""
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
         if self.lm_head is None:
             return linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)

@@ -123,12 +123,19 @@ class HFFamily:
     ModelConfig (a ValueError or TypeError becomes a WeightsError naming the file), ``sources`` maps each
     loom parameter to the stored tensors concatenated along rows to make it (``hf_tensor_sources``), and
     ``layer_prefix`` is where the stored layers are numbered (``{prefix}N.``). ``transform`` (optional)
-    rewrites a stored tensor as it is read (e.g. GPT-2's Conv1D weights are stored transposed)."""
+    rewrites a stored tensor as it is read (e.g. GPT-2's Conv1D weights are stored transposed); it must
+    work on meta tensors (shapes are checked through it) and leave a tensor of an unexpected shape as it
+    is (the shape check then names it). ``base_prefix``: the causal-LM wrapper's name for its base model
+    (GPT-2's "transformer."); a checkpoint saved from the base model alone, as the original GPT-2, OPT
+    and BLOOM uploads are, stores those tensors without it, and its names resolve either way.
+    ``layers_key``: config.json's name for the layer count (in messages)."""
 
     config: Callable[[dict[str, Any], str], ModelConfig]
     sources: Callable[[ModelConfig], dict[str, list[str]]]
     layer_prefix: str = "model.layers."
     transform: Callable[[ModelConfig, str, torch.Tensor], torch.Tensor] | None = None
+    base_prefix: str = ""
+    layers_key: str = "num_hidden_layers"
 
 
 HF_FAMILIES: dict[str, HFFamily] = {}
@@ -277,9 +284,13 @@ def _read_index(path: str) -> dict[str, str]:
 
 
 class SafetensorsCheckpoint:
-    """Tensors of one or many safetensors shards (with model.safetensors.index.json)."""
+    """Tensors of one or many safetensors shards (with model.safetensors.index.json).
 
-    def __init__(self, folder: str) -> None:
+    ``base_prefix`` (a family's, see ``HFFamily``): when no stored name starts with it, the checkpoint
+    holds a bare base model, and a name ``{base_prefix}X`` is read as the stored ``X`` (``stripped`` is
+    then the prefix)."""
+
+    def __init__(self, folder: str, base_prefix: str = "") -> None:
         self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
@@ -303,30 +314,40 @@ class SafetensorsCheckpoint:
                 for key in self._handles[fname].keys():
                     weight_map[key] = fname
         self.weight_map = weight_map
+        self.stripped = ""
+        if base_prefix and weight_map and not any(n.startswith(base_prefix) for n in weight_map):
+            self.stripped = base_prefix
+
+    def stored_name(self, name: str) -> str:
+        """The name ``name`` is stored under (without the base prefix in a bare base-model checkpoint)."""
+        if self.stripped and name.startswith(self.stripped) and name not in self.weight_map:
+            return name[len(self.stripped):]
+        return name
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return self.stored_name(name) in self.weight_map
 
-    def _fname(self, name: str) -> str:
-        fname = self.weight_map.get(name)
+    def _fname(self, name: str) -> tuple[str, str]:
+        stored = self.stored_name(name)
+        fname = self.weight_map.get(stored)
         if fname is None:
-            raise WeightsError(self.folder, "tensor is missing from the checkpoint", name)
-        return fname
+            raise WeightsError(self.folder, "tensor is missing from the checkpoint", stored)
+        return fname, stored
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, read from its shard's header (no data is read)."""
-        fname = self._fname(name)
+        fname, stored = self._fname(name)
         try:
-            return tuple(self._handles[fname].get_slice(name).get_shape())
+            return tuple(self._handles[fname].get_slice(stored).get_shape())
         except Exception as e:
-            raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", name) from None
+            raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", stored) from None
 
     def tensor(self, name: str) -> torch.Tensor:
-        fname = self._fname(name)
+        fname, stored = self._fname(name)
         try:
-            return self._handles[fname].get_tensor(name)
+            return self._handles[fname].get_tensor(stored)
         except Exception as e:
-            raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", name) from None
+            raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", stored) from None
 
 
 def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
@@ -335,19 +356,35 @@ def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
     tensor the model is built from has the config's shape (``shape_of``: how a stored tensor's shape is
     read, by default ``ckpt.shape``)."""
     path = os.path.join(ckpt.folder, "config.json")
-    prefix = family_of(config).layer_prefix
-    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, prefix), "num_hidden_layers", prefix, path)
-    check_tensor_shapes(config, hf_tensor_sources(config, ckpt), shape_of or ckpt.shape, ckpt.folder)
+    family = family_of(config)
+    prefix = family.layer_prefix
+    if ckpt.stripped and prefix.startswith(ckpt.stripped):
+        prefix = prefix[len(ckpt.stripped):]
+    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, prefix), family.layers_key, prefix, path)
+    shape_of = shape_of or ckpt.shape
+    if family.transform is not None:
+        stored_shape_of = shape_of
+
+        def shape_of(name: str) -> Shape:  # the shape the tensor has once read (the transform on a meta tensor)
+            shape = tuple(stored_shape_of(name))
+            if any(s is None for s in shape):
+                return shape
+            return tuple(family.transform(config, name, torch.empty(shape, device="meta")).shape)
+    check_tensor_shapes(config, hf_tensor_sources(config, ckpt), shape_of, ckpt.folder)
 
 
 def hf_tensor_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint | None = None) -> dict[str, list[str]]:
-    """loom parameter name -> HF tensor names concatenated (along rows) to make it."""
+    """loom parameter name -> HF tensor names concatenated (along rows) to make it. One name for a fused
+    parameter (q|k|v) is a tensor stored fused (GPT-2's c_attn, BLOOM's query_key_value)."""
     return family_of(config).sources(config)
 
 
-def read_hf_tensor(config: ModelConfig, ckpt: SafetensorsCheckpoint, name: str) -> torch.Tensor:
-    """A stored tensor as fp32, in the layout loom's parameters take (the family's ``transform``)."""
-    t = ckpt.tensor(name).float()
+def read_hf_tensor(config: ModelConfig, ckpt: SafetensorsCheckpoint, name: str,
+                   stored: Callable[[str], torch.Tensor] | None = None) -> torch.Tensor:
+    """A stored tensor as fp32, in the layout loom's parameters take (the family's ``transform``).
+    ``stored``: how the stored tensor is read, by default ``ckpt.tensor`` (a LoRA adapter's deltas are
+    merged there, in the stored layout)."""
+    t = (stored or ckpt.tensor)(name).float()
     transform = family_of(config).transform
     return t if transform is None else transform(config, name, t)
 
@@ -379,3 +416,4 @@ register_family(LLAMA_SHAPED, HFFamily(_llama_config, _llama_sources))
 
 # Families in their own modules register themselves on import (they import the helpers above).
 import loom.weights.hf_gemma  # noqa: E402,F401
+from loom.weights import hf_classic  # noqa: E402,F401  (GPT-2, OPT, BLOOM)

@@ -20,8 +20,8 @@ from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, r
 from loom.weights.native import gguf_quantized
 from loom.weights.lowrank_checkpoint import load_lowrank_linears, read_lowrank
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
-from loom.weights.hf import (SafetensorsCheckpoint, check_hf_checkpoint, hf_tensor_sources, read_hf_config,
-                             read_hf_tensor)
+from loom.weights.hf import (SafetensorsCheckpoint, check_hf_checkpoint, family_of, hf_tensor_sources,
+                             read_hf_config, read_hf_tensor)
 from loom.weights.lora import read_lora
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,7 +61,8 @@ def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Ca
     splits = model.fused_row_splits()
     for name, names in sources.items():
         param = params[name]
-        rows = splits.get(name, [param.shape[0]])
+        # one source for a fused parameter: stored fused (GPT-2's c_attn, BLOOM's query_key_value)
+        rows = splits.get(name, [param.shape[0]]) if len(names) > 1 else [param.shape[0]]
         parts = []
         for src, n in zip(names, rows):
             t = fetch(src)
@@ -140,10 +141,11 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
                                  "bf16, without a LoRA adapter (merge the adapter before factorizing)")
             sources, factored = load_lowrank_linears(model, sources, ckpt)
             filled |= factored
-        fetch = lambda n: read_hf_tensor(config, ckpt, n)  # noqa: E731
-        if adapter is not None:
+        stored = None
+        if adapter is not None:  # PEFT's deltas are in the stored layout: merged before the family's transform
             adapter.check_names({n for names in sources.values() for n in names})
-            fetch = adapter.merged(fetch)
+            stored = adapter.merged(lambda n: ckpt.tensor(n).float())
+        fetch = lambda n: read_hf_tensor(config, ckpt, n, stored)  # noqa: E731
         fill_parameters(model, sources, fetch, path, filled)
         fmt, metadata = "hf", None
     elif os.path.isfile(path):
@@ -181,7 +183,7 @@ def open_hf_checkpoint(folder: str) -> tuple[ModelConfig, SafetensorsCheckpoint]
     """An HF folder's config and checkpoint, checked against each other before anything is built from them:
     the layer count and every tensor's shape (a quantized linear's by its stored rows)."""
     config = read_hf_config(folder)
-    ckpt = SafetensorsCheckpoint(folder)
+    ckpt = SafetensorsCheckpoint(folder, family_of(config).base_prefix)
     check_hf_checkpoint(config, ckpt, lambda name: stored_shape(ckpt, name))
     return config, ckpt
 

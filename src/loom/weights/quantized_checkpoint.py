@@ -46,8 +46,9 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
     """Write ``model`` (dense, with quantized linears or with low-rank ones) as a folder that ``load_model``
     reads; ``quantization``, ``pruning`` and ``lowrank`` are recorded in its config.json (readers of the
     weights ignore "pruning": a pruned weight is an ordinary tensor with zeros)."""
-    os.makedirs(folder, exist_ok=True)
     config = model.config
+    cfg = hf_config_dict(config)  # first: a layout loom cannot write (gpt2, opt, bloom) is refused before any file
+    os.makedirs(folder, exist_ok=True)
     sources = hf_tensor_sources(config, None)  # type: ignore[arg-type]
     if model.lm_head is not None and "lm_head.weight" not in sources:
         sources["lm_head.weight"] = ["lm_head.weight"]
@@ -85,7 +86,6 @@ def save_checkpoint(model: Transformer, folder: str, quantization: dict[str, Any
         for hf, (a, b) in zip(parts, starts):
             tensors[hf] = tensor[a:b].float().contiguous()
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    cfg = hf_config_dict(config)
     if quantization is not None:
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quantization}
     if pruning is not None:

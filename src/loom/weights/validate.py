@@ -104,18 +104,22 @@ def check_layer_count(count: int, present: set[int], what: str, prefix: str, pat
 
 def parameter_part_shapes(config: ModelConfig, parameter: str) -> list[tuple[int, ...]] | None:
     """The shapes of the stored parts (q, k, v; gate, up; or the one tensor) that make loom's
-    ``parameter`` of a Llama-shaped model, in [out, in] order; None for a parameter not listed here."""
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
+    ``parameter``, in [out, in] order; None for a parameter not listed here."""
+    h, v, f, e = config.hidden_size, config.vocab_size, config.intermediate_size, config.embedding_size
     q, kv = config.q_size, config.kv_size
     name = parameter.split(".", 2)[2] if parameter.startswith("layers.") else parameter
     shapes: dict[str, list[tuple[int, ...]]] = {
-        "embed_tokens.weight": [(v, h)], "lm_head.weight": [(v, h)], "norm.weight": [(h,)],
-        "attn_norm.weight": [(h,)], "mlp_norm.weight": [(h,)],
+        "embed_tokens.weight": [(v, e)], "lm_head.weight": [(v, e)],
+        "pos_embed.weight": [(config.max_position_embeddings + config.position_offset, h)],
+        "project_in.weight": [(h, e)], "project_out.weight": [(e, h)],
         "attn.qkv_proj.weight": [(q, h), (kv, h), (kv, h)], "attn.qkv_proj.bias": [(q,), (kv,), (kv,)],
         "attn.o_proj.weight": [(h, q)], "attn.o_proj.bias": [(h,)],
         "mlp.gate_up_proj.weight": [(f, h), (f, h)], "mlp.gate_up_proj.bias": [(f,), (f,)],
+        "mlp.up_proj.weight": [(f, h)], "mlp.up_proj.bias": [(f,)],
         "mlp.down_proj.weight": [(h, f)], "mlp.down_proj.bias": [(h,)],
     }
+    for norm in ("norm", "attn_norm", "mlp_norm", "embed_norm"):
+        shapes[f"{norm}.weight"] = shapes[f"{norm}.bias"] = [(h,)]
     return shapes.get(name)
 
 
@@ -128,6 +132,8 @@ def check_tensor_shapes(config: ModelConfig, sources: dict[str, list[str]], shap
         wanted = parameter_part_shapes(config, parameter)
         if wanted is None:
             continue
+        if len(parts) == 1 and len(wanted) > 1:  # stored fused (GPT-2's c_attn, BLOOM's query_key_value)
+            wanted = [(sum(w[0] for w in wanted), *wanted[0][1:])]
         for name, want in zip(parts, wanted):
             stored = tuple(shape_of(name))
             if len(stored) != len(want) or any(s is not None and s != w for s, w in zip(stored, want)):

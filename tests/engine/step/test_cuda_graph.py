@@ -55,7 +55,11 @@ def _paged_decode(model: Transformer, seqs: list[list[int]], prompt: list[int], 
 @pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True),
                                    dict(num_kv_heads=4, qkv_bias=True), dict(num_kv_heads=2, sliding_window=6),
                                    dict(num_kv_heads=2, gated_mlp=False, activation="gelu", mlp_bias=True),
-                                   dict(num_kv_heads=2, rotary_dim=8), dict(num_kv_heads=2, position="learned")])
+                                   dict(num_kv_heads=2, rotary_dim=8), dict(num_kv_heads=2, position="learned"),
+                                   # OPT-350m-like (pre-norm here): table read at p + 2, a narrower embedding
+                                   dict(position="learned", position_offset=2, embedding_size=32, norm="layernorm",
+                                        gated_mlp=False, activation="relu", qkv_bias=True, attn_out_bias=True,
+                                        mlp_bias=True, embedding_norm=True, tie_word_embeddings=True)])
 def test_decode_forward_equals_each_sequence_alone(extra):
     model = Transformer(ModelConfig(**BASE, **extra)).init_random(5, std=0.2)
     g = torch.Generator().manual_seed(7)

@@ -49,7 +49,8 @@ def test_compiled_steps_equal_module_steps(extra, step_class):
 
 
 @pytest.mark.parametrize("extra", [dict(norm_placement="post"), dict(position="alibi"), dict(gated_mlp=False),
-                                   dict(activation="gelu"), dict(rotary_dim=4), dict(mlp_bias=True)])
+                                   dict(activation="gelu"), dict(rotary_dim=4), dict(mlp_bias=True),
+                                   dict(embedding_norm=True), dict(embedding_size=16)])
 def test_other_shapes_use_the_module_path(extra):
     model = Transformer(ModelConfig(**BASE, **extra))
     assert not llama_shaped(model)
