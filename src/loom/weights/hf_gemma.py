@@ -21,7 +21,8 @@ import torch
 
 from loom.config import MAX_CONTEXT, ModelConfig, scaled_context
 from loom.weights.errors import WeightsError
-from loom.weights.hf import (HFFamily, _ACTIVATIONS, _head_dim, _int, _object, _rope_settings, register_family)
+from loom.weights.hf import (HFFamily, _ACTIVATIONS, _head_dim, _int, _llama_sources, _object, _rope_settings,
+                             register_family)
 from loom.weights.validate import MAX_LAYERS, MAX_ROPE_BASE, check_scaled_context, checked_number, show
 
 GEMMA_TYPES = ("gemma3_text",)
@@ -102,25 +103,16 @@ def _gemma_config(cfg: dict[str, Any], path: str) -> ModelConfig:
 
 
 def _gemma_sources(config: ModelConfig) -> dict[str, list[str]]:
-    src: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"],
-                                 "norm.weight": ["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        src["lm_head.weight"] = ["lm_head.weight"]
+    """Llama's layout, but Gemma's post_attention_layernorm is the attention's sandwich norm: the MLP's input
+    norm is pre_feedforward_layernorm, and the q / k and post-MLP norms are added."""
+    src = _llama_sources(config)
     for i in range(config.num_layers):
         h, p = f"model.layers.{i}.", f"layers.{i}."
-        src[p + "attn_norm.weight"] = [h + "input_layernorm.weight"]
         src[p + "post_attn_norm.weight"] = [h + "post_attention_layernorm.weight"]
         src[p + "mlp_norm.weight"] = [h + "pre_feedforward_layernorm.weight"]
         src[p + "post_mlp_norm.weight"] = [h + "post_feedforward_layernorm.weight"]
         src[p + "attn.q_norm.weight"] = [h + "self_attn.q_norm.weight"]
         src[p + "attn.k_norm.weight"] = [h + "self_attn.k_norm.weight"]
-        src[p + "attn.qkv_proj.weight"] = [h + f"self_attn.{x}_proj.weight" for x in "qkv"]
-        src[p + "attn.o_proj.weight"] = [h + "self_attn.o_proj.weight"]
-        if config.qkv_bias:
-            src[p + "attn.qkv_proj.bias"] = [h + f"self_attn.{x}_proj.bias" for x in "qkv"]
-            src[p + "attn.o_proj.bias"] = [h + "self_attn.o_proj.bias"]
-        src[p + "mlp.gate_up_proj.weight"] = [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"]
-        src[p + "mlp.down_proj.weight"] = [h + "mlp.down_proj.weight"]
     return src
 
 
