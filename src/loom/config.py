@@ -186,6 +186,18 @@ class ModelConfig:
     # linears without bias project the embedding into the residual stream and the final hidden state
     # out of it (OPT-350m's word_embed_proj_dim: project_in, project_out).
     embedding_size: int | None = None
+    # QK-norm over whole projections (OLMoE): RMSNorm of the q projection over its q_size outputs and of
+    # the k projection over its kv_size outputs, before RoPE (layers/attention.py: FullQKNorm).
+    qk_norm_full: bool = False
+    # Mixture of experts (layers/moe.py; Shazeer et al. 1701.06538, Mixtral 2401.04088): an MoE layer's MLP
+    # is ``num_experts`` SwiGLU experts of ``moe_intermediate_size``, of which a softmax router picks
+    # ``num_experts_per_tok`` per token. 0 experts: every MLP is dense (the default).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    norm_topk_prob: bool = True  # renormalize the k chosen weights to sum to 1 (Mixtral: always)
+    shared_expert_intermediate_size: int = 0  # > 0: a sigmoid-gated shared SwiGLU expert (Qwen2-MoE)
+    moe_layers: tuple[bool, ...] | None = None  # which layers are MoE (None: all, when num_experts > 0)
     # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window
@@ -216,6 +228,10 @@ class ModelConfig:
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         if self.sliding_window_layers is not None:
             self.sliding_window_layers = tuple(bool(b) for b in self.sliding_window_layers)
+        if self.moe_intermediate_size is None and self.num_experts > 0:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.moe_layers is not None:
+            self.moe_layers = tuple(bool(b) for b in self.moe_layers)
         self.validate()
 
     def validate(self) -> None:
@@ -251,6 +267,25 @@ class ModelConfig:
             raise ValueError(f"position_offset needs learned positions, got position {self.position!r}")
         if not 0 <= self.position_offset <= MAX_CONTEXT:
             raise ValueError(f"position_offset must be between 0 and {MAX_CONTEXT}, got {self.position_offset}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        e, k = self.num_experts, self.num_experts_per_tok
+        if e < 0 or k < 0 or self.shared_expert_intermediate_size < 0:
+            raise ValueError("num_experts, num_experts_per_tok and shared_expert_intermediate_size must be >= 0, "
+                             f"got {e}, {k}, {self.shared_expert_intermediate_size}")
+        if e == 0:
+            if k or self.moe_layers is not None or self.shared_expert_intermediate_size:
+                raise ValueError("num_experts_per_tok, moe_layers and a shared expert need num_experts > 0")
+            return
+        if not 1 <= k <= e:
+            raise ValueError(f"num_experts_per_tok must be between 1 and num_experts ({e}), got {k}")
+        if self.moe_intermediate_size is None or self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if not self.gated_mlp or self.mlp_bias:
+            raise ValueError("experts are gated MLPs without biases: MoE needs gated_mlp=True and mlp_bias=False")
+        if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+            raise ValueError("moe_layers needs one entry per layer")
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -274,26 +309,36 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
+
     def kv_bytes_per_token(self, bytes_per_element: float = 4) -> float:
         """KV cache bytes per token: layers x kv_heads x head_dim x 2 (K and V) x element size."""
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * bytes_per_element
 
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameter count of the model this config describes (tied embeddings counted once)."""
+    def num_parameters(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count of the model this config describes (tied embeddings counted once). ``active``:
+        the parameters one token runs through, i.e. an MoE layer's router, its ``num_experts_per_tok``
+        experts and its shared expert, not all ``num_experts`` (the same as the total for a dense model)."""
         h, f = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
         if self.attn_out_bias:
             attn += h
+        if self.qk_norm_full:
+            attn += self.q_size + self.kv_size
         mlp = (3 if self.gated_mlp else 2) * h * f
         if self.mlp_bias:
             mlp += (2 * f if self.gated_mlp else f) + h
         norm = h * (2 if self.norm_bias else 1)
-        per_layer = attn + mlp + (4 if self.norm_placement == "sandwich" else 2) * norm
+        per_layer = attn + (4 if self.norm_placement == "sandwich" else 2) * norm
         if self.qk_norm:
             per_layer += 2 * self.head_dim
-        total = self.num_layers * per_layer + (norm if self.final_norm else 0) + (norm if self.embedding_norm else 0)
+        total = (norm if self.final_norm else 0) + (norm if self.embedding_norm else 0)
+        for layer in range(self.num_layers):
+            total += per_layer + (self._moe_parameters(active) if self.is_moe_layer(layer) else mlp)
         e = self.embedding_size
         if e != h:
             total += 2 * e * h  # project_in, project_out
@@ -305,12 +350,23 @@ class ModelConfig:
                 total += (self.max_position_embeddings + self.position_offset) * h
         return total
 
+    def _moe_parameters(self, active: bool) -> int:
+        """One MoE layer's MLP: router [E, h], experts of 3 h f_moe each (k of them when ``active``), and the
+        shared expert (3 h f_shared) with its gate [1, h]."""
+        h, experts = self.hidden_size, self.num_experts_per_tok if active else self.num_experts
+        n = self.num_experts * h + experts * 3 * h * self.moe_intermediate_size  # type: ignore[operator]
+        if self.shared_expert_intermediate_size:
+            n += 3 * h * self.shared_expert_intermediate_size + h
+        return n
+
     # Serialization --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if self.sliding_window_layers is not None:
             d["sliding_window_layers"] = list(self.sliding_window_layers)
+        if self.moe_layers is not None:
+            d["moe_layers"] = list(self.moe_layers)
         d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 

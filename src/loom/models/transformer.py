@@ -19,6 +19,7 @@ from loom.config import ModelConfig
 from loom.layers.attention import Attention, AttentionMetadata
 from loom.layers.linear import Linear, linear
 from loom.layers.mlp import make_mlp
+from loom.layers.moe import MoE, make_moe, moe_row_splits
 from loom.layers.norm import make_norm
 from loom.layers.position import RopeTables, make_rotary, sinusoidal_table
 from loom.models.random_init import fill_random
@@ -41,7 +42,7 @@ class DecoderLayer(nn.Module):
         self.attn_norm = make_norm(config).to(dtype)
         self.attn = Attention(config, layer, rotary, kernel, dtype)
         self.mlp_norm = make_norm(config).to(dtype)
-        self.mlp = make_mlp(config, dtype)
+        self.mlp = make_moe(config, dtype) if config.is_moe_layer(layer) else make_mlp(config, dtype)
         sandwich = config.norm_placement == "sandwich"
         self.post_attn_norm = make_norm(config).to(dtype) if sandwich else None
         self.post_mlp_norm = make_norm(config).to(dtype) if sandwich else None
@@ -107,6 +108,9 @@ class Transformer(nn.Module):
                 splits[f"layers.{i}.attn.qkv_proj.{suffix}"] = [c.q_size, c.kv_size, c.kv_size]
                 if c.gated_mlp:
                     splits[f"layers.{i}.mlp.gate_up_proj.{suffix}"] = [c.intermediate_size] * 2
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                splits.update(moe_row_splits(f"layers.{i}.mlp", layer.mlp))
         return splits
 
     def replace_module(self, name: str, module: nn.Module) -> None:
