@@ -198,3 +198,30 @@ def tiny_base_with_adapters(root, adapters: dict[str, tuple[Any, int]]) -> dict[
         paths[name] = str(root / name)
         peft_adapter(hf, paths[name], seed=i, r=r, lora_alpha=2 * r, target_modules=targets)
     return paths
+
+
+# Tiny MoE models per model type: top-2 of 4 experts (the shared expert and the expert sizes as each type names them).
+TINY_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_key_value_heads=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
+}
+
+
+def save_tiny_moe(folder: str, model_type: str, seed: int = 0, router_std: float = 1.0, shards: int = 1,
+                  **overrides: Any):
+    """``save_tiny_hf`` for an MoE type with ``TINY_MOE``'s experts (``overrides`` win), its routers drawn with
+    ``router_std`` so that routing depends on the token (HF's 0.02 makes every router nearly uniform)."""
+    model = save_tiny_hf(folder, model_type, seed, shards, **(TINY_MOE[model_type] | overrides))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # the router (Mixtral's block_sparse_moe.gate, loaded as mlp.gate)
+                p.copy_(torch.randn(p.shape, generator=gen) * router_std)
+    for name in os.listdir(folder):  # saved again, sharded as before
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".index.json")):
+            os.remove(os.path.join(folder, name))
+    size = f"{max(1, sum(p.numel() * 4 for p in model.parameters()) // shards // 1000)}KB" if shards > 1 else None
+    model.save_pretrained(folder, max_shard_size=size) if size else model.save_pretrained(folder)
+    return model

@@ -20,7 +20,7 @@ from loom.config import ModelConfig
 from loom.layers.kernels import SlotWrites, gather_kv, get_kernel, paged_decode_attention, sdpa_attention, write_kv
 from loom.layers.kv_quant import Int8LayerKV
 from loom.layers.linear import Linear
-from loom.layers.norm import make_head_norm
+from loom.layers.norm import RMSNorm, make_head_norm
 from loom.layers.position import RopeTables, RotaryEmbedding, alibi_bias, alibi_slopes
 
 
@@ -129,6 +129,23 @@ class AttentionMetadata:
         return cls(positions=positions, query_start=starts, context_lens=list(lengths))
 
 
+class FullQKNorm(nn.Module):
+    """QK-norm over whole projections (OLMoE, ``ModelConfig.qk_norm_full``): q <- RMSNorm(q) over all q_size
+    outputs of the q projection and k <- RMSNorm(k) over all kv_size outputs of k, before RoPE; v unchanged.
+    (Per-head QK-norm, as in Qwen3 and Gemma 3, normalizes each head_dim slice instead.)"""
+
+    def __init__(self, q_size: int, kv_size: int, eps: float) -> None:
+        super().__init__()
+        self.q_size, self.kv_size = q_size, kv_size
+        self.q = RMSNorm(q_size, eps)
+        self.k = RMSNorm(kv_size, eps)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, q_size + 2 kv_size] -> the same with its q and k parts normalized."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return torch.cat([self.q(q), self.k(k), v], dim=-1)
+
+
 class Attention(nn.Module):
     """q, k, v = x W_qkv^T; RoPE on q, k; o = softmax(q k^T / sqrt(d) + bias) v; out = o W_o^T.
 
@@ -149,6 +166,8 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
                                bias=config.qkv_bias, dtype=dtype)
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.attn_out_bias, dtype=dtype)
+        self.qk_norm_full = FullQKNorm(config.q_size, config.kv_size, config.norm_eps).to(dtype) \
+            if config.qk_norm_full else None
         self.rotary = rotary
         self.q_norm = make_head_norm(config).to(dtype) if config.qk_norm else None
         self.k_norm = make_head_norm(config).to(dtype) if config.qk_norm else None
@@ -166,7 +185,10 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 rope: RopeTables | None = None) -> torch.Tensor:
         t, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if self.qk_norm_full is not None:
+            qkv = self.qk_norm_full(qkv)
+        qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
         if self.q_norm is not None:
             qkv = torch.cat((self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq:hq + hkv]), qkv[:, hq + hkv:]), dim=1)
         if self.rotary is not None:

@@ -104,7 +104,8 @@ def check_layer_count(count: int, present: set[int], what: str, prefix: str, pat
 
 def parameter_part_shapes(config: ModelConfig, parameter: str) -> list[tuple[int, ...]] | None:
     """The shapes of the stored parts (q, k, v; gate, up; or the one tensor) that make loom's
-    ``parameter``, in [out, in] order; None for a parameter not listed here."""
+    ``parameter`` (or an MoE layer's router, experts and shared expert), in [out, in] order; None for a parameter
+    not listed here."""
     h, v, f, e = config.hidden_size, config.vocab_size, config.intermediate_size, config.embedding_size
     q, kv = config.q_size, config.kv_size
     name = parameter.split(".", 2)[2] if parameter.startswith("layers.") else parameter
@@ -120,6 +121,15 @@ def parameter_part_shapes(config: ModelConfig, parameter: str) -> list[tuple[int
     }
     for norm in ("norm", "attn_norm", "mlp_norm", "embed_norm"):
         shapes[f"{norm}.weight"] = shapes[f"{norm}.bias"] = [(h,)]
+    if config.num_experts:  # an MoE layer's MLP (layers/moe.py), every expert alike
+        n, fm, fs = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
+        shapes.update({
+            "mlp.router.weight": [(n, h)], "mlp.experts.*.gate_up_proj.weight": [(fm, h), (fm, h)],
+            "mlp.experts.*.down_proj.weight": [(h, fm)], "mlp.shared_expert.gate_up_proj.weight": [(fs, h), (fs, h)],
+            "mlp.shared_expert.down_proj.weight": [(h, fs)], "mlp.shared_expert_gate.weight": [(1, h)]})
+        name = re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.*.", name)
+    if config.qk_norm_full:
+        shapes.update({"attn.qk_norm_full.q.weight": [(q,)], "attn.qk_norm_full.k.weight": [(kv,)]})
     return shapes.get(name)
 
 
