@@ -75,6 +75,9 @@ class AdapterPool:
         c = model.config
         if not c.gated_mlp:
             raise ValueError("per-request LoRA adapters need a model with a gated MLP (q|k|v, o, gate|up, down)")
+        if c.num_experts:
+            raise ValueError("per-request LoRA adapters are not served for mixture-of-experts models (their MLPs are "
+                             "experts, not one gate|up and down)")
         self.rank = config.max_lora_rank
         self.dtype = lora_dtype(model, config.dtype)
         n, dt, dev = config.max_loras, self.dtype, model.device

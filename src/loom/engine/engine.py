@@ -34,6 +34,7 @@ from loom.engine.speculative import SpeculativeStats, Speculator
 from loom.engine.structured import GrammarBackend
 from loom.engine.text_output import TextOutput, accept_token
 from loom.errors import InvalidPromptError, InvalidRequestError, QueueFullError, check_context
+from loom.layers.moe import expert_token_counts
 from loom.models.transformer import Transformer
 from loom.outputs import Logprob, PositionLogprobs, StreamDelta
 from loom.sampling_params import SamplingParams
@@ -58,6 +59,9 @@ class EngineStats:
     generation_tokens: int
     steps: int
     speculative: SpeculativeStats | None = None  # acceptance and tokens per pass, when speculating
+    # MoE models: per MoE layer (layer index -> one count per expert), the tokens its router sent to each expert
+    # since the model was loaded, every forward counted (prompt chunks, decodes, speculative verification)
+    expert_tokens: dict[int, list[int]] | None = None
 
 
 class LLMEngine:
@@ -471,7 +475,8 @@ class LLMEngine:
             prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_computed=self.prompt_tokens_computed, prompt_tokens_cached=self.prompt_tokens_cached,
             generation_tokens=self.generation_tokens, steps=self.steps,
-            speculative=None if self.speculator is None else self.speculator.stats)
+            speculative=None if self.speculator is None else self.speculator.stats,
+            expert_tokens=expert_token_counts(self.model) if self.model.config.num_experts else None)
 
     def live_sequences(self) -> list[Sequence]:
         return [s for r in self.requests.values() for s in r.seqs if not s.is_finished]

@@ -67,8 +67,8 @@ def decoder_shaped(model: Transformer) -> bool:
 
 
 def llama_shaped(model: Transformer) -> bool:
-    """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU, full rotate-half
-    RoPE, no biases but q|k|v's, a plain embedding (no norm, no projections), fp32 or bf16 on the CPU,
+    """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU (no experts), full
+    rotate-half RoPE, no biases but q|k|v's, a plain embedding (no norm, no projections), fp32 or bf16 on the CPU,
     linears of loom's own kinds."""
     return _llama_core(model) and model.config.norm_placement == "pre" and not has_extras(model)
 
@@ -78,7 +78,7 @@ def _llama_core(model: Transformer) -> bool:
     if not (c.norm == "rmsnorm" and c.final_norm and not c.norm_bias
             and not c.embedding_norm and c.embedding_size == c.hidden_size
             and c.gated_mlp and not c.mlp_bias and not c.attn_out_bias
-            and c.position == "rope" and c.rotary_dim == c.head_dim
+            and c.position == "rope" and c.rotary_dim == c.head_dim and not c.qk_norm_full and not c.num_experts
             and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
     linears = [m for l in model.layers for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)]
