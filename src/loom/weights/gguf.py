@@ -228,6 +228,7 @@ GGUF_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mistral": {"permuted": True},
     "qwen2": {"permuted": False},
     "gemma3": {"permuted": False},  # llama.cpp rotates Gemma's halves (NEOX): its rows are stored as in HF
+    "qwen2moe": {"permuted": False},
 }
 
 # llama.cpp's Gemma 3 constants, which its GGUF files do not store: the local layers' RoPE base and
@@ -354,7 +355,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         attn_out_bias="blk.0.attn_output.bias" in g, tie_word_embeddings="output.weight" not in g,
         sliding_window=m.integer("attention.sliding_window", None, low=0) or None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(eos_ids), architecture=arch,
-        name=str(meta.get("general.name", "")),
+        name=str(meta.get("general.name", "")), **_moe_settings(m),
     )
     if arch == "gemma3":
         settings.update(_gemma3_settings(m, n_layers, hidden, head_dim, settings["sliding_window"]))
@@ -362,7 +363,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         config = ModelConfig(**settings)
     except (ValueError, TypeError) as e:
         raise WeightsError(g.path, str(e)) from None
-    check_tensor_shapes(config, gguf_tensor_sources(config), lambda name: g.info(name).shape, g.path)
+    check_tensor_shapes(config, gguf_tensor_sources(config), lambda name: _stored_shape(g, name), g.path)
     return config
 
 
@@ -426,15 +427,107 @@ def gguf_tensor_sources(config: ModelConfig) -> dict[str, list[str]]:
         if config.norm_placement == "sandwich":
             src[p + "post_attn_norm.weight"] = [b + "post_attention_norm.weight"]
             src[p + "post_mlp_norm.weight"] = [b + "post_ffw_norm.weight"]
-    return src
+    return _with_experts(config, src)
 
 
 def read_gguf_tensor(g: GGUFFile, config: ModelConfig, name: str) -> torch.Tensor:
     """A GGUF tensor as float32 in HF layout (Q/K un-permuted for Llama-style files)."""
-    t = g.tensor(name)
+    t = _read_source(g, name)
     if GGUF_ARCHITECTURES[config.architecture]["permuted"]:
         if name.endswith(("attn_q.weight", "attn_q.bias")):
             t = unpermute_rope(t, config.num_heads)
         elif name.endswith(("attn_k.weight", "attn_k.bias")):
             t = unpermute_rope(t, config.num_kv_heads)
     return t
+
+
+# Mixture of experts (llama.cpp's layout) ---------------------------------------------------------------
+#
+# A layer's experts are stacked, one tensor per projection: blk.N.ffn_{gate,up,down}_exps.weight [E, rows, cols]
+# (torch order), the router blk.N.ffn_gate_inp.weight [E, hidden]; Qwen2-MoE's shared expert is
+# ffn_{gate,up,down}_shexp with its gate ffn_gate_inp_shexp [hidden]. A source named "NAME[e]" is expert e's
+# [rows, cols] slice of NAME: it is read (and dequantized) alone, from its own bytes.
+
+_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False}  # llama.cpp's norm_w for each architecture
+_SOFTMAX_GATING = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+
+
+def _moe_settings(m: _ArchMetadata) -> dict[str, Any]:
+    """The ModelConfig fields of ``{arch}.expert_*`` ({} for a dense model)."""
+    n = m.integer("expert_count", 0, low=0)
+    if not n:
+        return {}
+    gating = m.integer("expert_gating_func", _SOFTMAX_GATING, low=0)
+    if gating != _SOFTMAX_GATING:
+        raise WeightsError(m.g.path, f"{m.key('expert_gating_func')} is {gating}: loom's router is a softmax "
+                                     f"({_SOFTMAX_GATING})")
+    if "blk.0.ffn_gate_exps.weight" not in m.g and "blk.0.ffn_gate.0.weight" in m.g:
+        raise WeightsError(m.g.path, "experts are stored one tensor each (blk.N.ffn_gate.E.weight, an old llama.cpp "
+                                     "layout); loom reads them stacked (blk.N.ffn_gate_exps.weight): convert the "
+                                     "file again with a current llama.cpp")
+    norm = m.raw("expert_weights_norm", _DEFAULT_NORM_TOPK.get(m.arch, True))
+    if not isinstance(norm, bool):
+        raise WeightsError(m.g.path, f"{m.key('expert_weights_norm')} is {show(norm)}; expected a boolean")
+    return dict(num_experts=n, num_experts_per_tok=m.integer("expert_used_count", high=n),
+                moe_intermediate_size=m.integer("expert_feed_forward_length", None) or m.integer("feed_forward_length"),
+                shared_expert_intermediate_size=m.integer("expert_shared_feed_forward_length", 0, low=0),
+                norm_topk_prob=norm)
+
+
+def _with_experts(config: ModelConfig, src: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``src`` with each MoE layer's dense MLP sources replaced by its router's, experts' and shared expert's."""
+    for i in range(config.num_layers):
+        if not config.is_moe_layer(i):
+            continue
+        b, p = f"blk.{i}.", f"layers.{i}.mlp."
+        del src[p + "gate_up_proj.weight"], src[p + "down_proj.weight"]
+        src[p + "router.weight"] = [b + "ffn_gate_inp.weight"]
+        for e in range(config.num_experts):
+            src[p + f"experts.{e}.gate_up_proj.weight"] = [b + f"ffn_gate_exps.weight[{e}]", b + f"ffn_up_exps.weight[{e}]"]
+            src[p + f"experts.{e}.down_proj.weight"] = [b + f"ffn_down_exps.weight[{e}]"]
+        if config.shared_expert_intermediate_size:
+            src[p + "shared_expert.gate_up_proj.weight"] = [b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"]
+            src[p + "shared_expert.down_proj.weight"] = [b + "ffn_down_shexp.weight"]
+            src[p + "shared_expert_gate.weight"] = [b + "ffn_gate_inp_shexp.weight"]
+    return src
+
+
+def _expert_slice(g: GGUFFile, name: str) -> tuple[TensorInfo, int] | None:
+    """(the stacked tensor, e) for a source named "NAME[e]" (None for a plain name), e checked against the stack."""
+    if not name.endswith("]"):
+        return None
+    base, _, index = name[:-1].rpartition("[")
+    info = g.info(base)
+    e = int(index)
+    if len(info.shape) != 3 or e >= info.shape[0]:
+        raise WeightsError(g.path, f"shape {info.shape} holds no expert {e}: expected a stack [experts, rows, cols] "
+                                   "with as many experts as the expert_count metadata", base)
+    return info, e
+
+
+def _stored_shape(g: GGUFFile, name: str) -> tuple[int, ...]:
+    """A source's shape in torch order: an expert's slice of its stack; a shared-expert gate [hidden] as [1, hidden]."""
+    part = _expert_slice(g, name)
+    if part is not None:
+        return part[0].shape[1:]
+    shape = g.info(name).shape
+    return (1, *shape) if name.endswith("ffn_gate_inp_shexp.weight") and len(shape) == 1 else shape
+
+
+def _read_source(g: GGUFFile, name: str) -> torch.Tensor:
+    """A source as float32: expert e of a stack dequantized from its own bytes (a whole number of blocks)."""
+    part = _expert_slice(g, name)
+    if part is None:
+        t = g.tensor(name)
+        return t.reshape(1, -1) if name.endswith("ffn_gate_inp_shexp.weight") and t.dim() == 1 else t
+    info, e = part
+    if info.qtype not in DEQUANTIZERS:
+        raise WeightsError(g.path, f"unsupported quantization type {info.qtype.name} "
+                                   f"(supported: {', '.join(t.name for t in DEQUANTIZERS)})", info.name)
+    per = info.nbytes // info.shape[0]
+    block_elems, _ = GGML_QUANT_SIZES[info.qtype]
+    if math.prod(info.shape[1:]) % block_elems:
+        raise WeightsError(g.path, f"an expert's {math.prod(info.shape[1:])} elements are not whole "
+                                   f"{info.qtype.name} blocks", info.name)
+    arr = np.frombuffer(g._mmap, dtype=np.uint8, count=per, offset=info.offset + e * per)
+    return dequantize(torch.from_numpy(arr.copy()), info.qtype, info.shape[1:])

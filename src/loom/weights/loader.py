@@ -233,6 +233,8 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
         sources["lm_head.weight"] = sources["embed_tokens.weight"]
     for target in targets:
         parts = sources[target + ".weight"]
+        if any(p.endswith("]") for p in parts):  # an expert's slice of a stacked MoE tensor: dequantized
+            continue
         qts = [gguf_quantized(g, model.config, p) for p in parts]
         # parts fuse when their portable forms agree (e.g. Q5_0 q, k and a Q8_0 v: all 8-bit, groups of 32)
         if any(q is None for q in qts) or len({(q.bits, q.group_size) for q in qts}) != 1:  # type: ignore[union-attr]
