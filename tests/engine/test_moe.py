@@ -29,15 +29,24 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe"])
-def test_greedy_generation_equals_transformers(tmp_path, model_type):
+@pytest.mark.parametrize("model_type,decode_step", [("mixtral", "scripted"), ("qwen2_moe", "scripted"),
+                                                     ("olmoe", "module")])  # OLMoE's QK-norm: the module step
+def test_greedy_generation_equals_transformers(tmp_path, model_type, decode_step):
     hf, llm = tiny_llm(tmp_path, model_type)
-    assert "module" in llm.engine.describe()
+    runner = llm.engine.runner
     outs = llm.generate(PROMPTS, GREEDY)
+    assert runner.last_decode_step == decode_step
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 32)
     for prompt, out in zip(PROMPTS, outs):  # each alone equals its row of the batch
         assert llm.generate([prompt], GREEDY)[0].token_ids == out.token_ids
+    if decode_step == "scripted":  # and the module step decodes the same tokens
+        runner.prefer("module")
+        try:
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == [o.token_ids for o in outs]
+            assert runner.last_decode_step == "module"
+        finally:
+            runner.prefer(None)
 
 
 def test_chunked_prefill_and_expert_counts(tmp_path):

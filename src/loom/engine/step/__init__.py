@@ -4,7 +4,8 @@
     native        C++, one OpenMP region per step    Llama- or Gemma-3-shaped fp32 CPU models with dense or loom
                   (native.py, native/decode_step.cpp) int4/int8 linears; batches of <= 32 (quantized) or 1 (dense)
     scripted      TorchScript program (scripted.py)  Llama-shaped fp32 or bf16 CPU models, any weight-only linear,
-                                                     any batch (bf16: oneDNN-packed weights, AMX GEMMs)
+                                                     any batch (bf16: oneDNN-packed weights, AMX GEMMs);
+                                                     MoE layers too (Mixtral, Qwen2-MoE shapes)
     cuda_graph    CUDA graph replay (cuda_graph.py)  pre-norm models without ALiBi on a GPU
     module        the nn.Module forward (module.py)  everything (and every prefill)
 

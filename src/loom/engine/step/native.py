@@ -35,6 +35,8 @@ def native_problem(weights: DecoderWeights) -> str | None:
         return "loom's native kernels are not built (LOOM_NATIVE=0, or no compiler)"
     if weights.dtype != torch.float32:
         return f"it runs fp32 models, not {str(weights.dtype).replace('torch.', '')}"
+    if weights.moe:
+        return "it has no mixture-of-experts layers (the scripted step runs them)"
     kinds = {spec.kind for spec in weights.linears()}
     if not kinds <= {LinearKind.DENSE, LinearKind.LOOM}:
         return f"it takes dense fp32 or loom int4 / int8 linears, not {sorted(k.name for k in kinds)}"

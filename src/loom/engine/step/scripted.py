@@ -9,8 +9,10 @@ interpreter; decode then spends ~7 ms outside matmuls. It is the CPU analogue of
 graph for the decode step (vLLM, gpt-fast).
 
 The program computes exactly what ``Transformer.forward`` computes for a Llama-shaped model
-(pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias and sliding window); tests hold
-the two to the same logits. Its elementwise kernels are a submodule chosen when the program is built:
+(pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, optional q/k/v bias and sliding window), and for its
+mixture-of-experts variants (Mixtral, Qwen2-MoE: ``DecodeProgram.experts`` routes and dispatches with the
+same tensor ops as layers/moe.py, the loop over experts with rows inside TorchScript); tests hold the two
+to the same logits. Its elementwise kernels are a submodule chosen when the program is built:
 loom's native ops where they compiled, their PyTorch twins otherwise.
 
 Dense fp32 weights can also be held MKL-packed for the engine's decode batch (``pack_rows``; the runner asks
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.step.base import DecodeBatch, DecodeStep
-from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights
+from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights, MoEWeights
 from loom.layers import fused, kernels
 from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.multi_lora import LayerLora, LoraWeights, add_lora_torch
@@ -102,7 +104,8 @@ class DecodeProgram(nn.Module):
                 context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, embed: torch.Tensor,
                 layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
                 k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape,
-                rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor) -> torch.Tensor:
+                rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor,
+                moe: List[MoEWeights]) -> torch.Tensor:
         b = tokens.shape[0]
         adapted = lora_slots.numel() > 0 and len(lora) > 0
         # one row of slots per linear (q|k|v, o, gate|up, down), or one row for all four
@@ -131,6 +134,9 @@ class DecodeProgram(nn.Module):
                 o = self.ops.lora(o, a, lora[i].o, per_linear[1])
             h = h + o
             x = self.ops.rms_norm(h, w.mlp_norm, eps)
+            if len(moe) > 0 and moe[i].top_k > 0:
+                h = h + self.experts(x, moe[i])
+                continue
             gate_up = apply_linear(x, w.gate_up)
             if adapted:
                 gate_up = self.ops.lora(gate_up, x, lora[i].gate_up, per_linear[2])
@@ -148,6 +154,34 @@ class DecodeProgram(nn.Module):
             # logits come out column-major; the sampler's argmax reads them in place.
             return torch.mm(head.tensors[0], x.t()).t()
         return apply_linear(x, head)
+
+    def experts(self, x: torch.Tensor, m: MoEWeights) -> torch.Tensor:
+        """A mixture-of-experts MLP (layers/moe.py: MoE.forward, the same ops): route, sort the (row, expert)
+        pairs by expert, one gate|up and down per expert with rows, scale and add back; the shared expert."""
+        probs = torch.softmax(apply_linear(x, m.router).float(), dim=-1)
+        weights, chosen = torch.topk(probs, m.top_k, dim=-1)
+        if m.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.reshape(-1)
+        counts = torch.bincount(flat, minlength=len(m.gate_up))
+        m.counts.add_(counts)
+        order = torch.argsort(flat, stable=True)
+        rows = torch.div(order, m.top_k, rounding_mode="floor")
+        xs = x.index_select(0, rows)
+        ys = torch.empty_like(xs)
+        ends: List[int] = counts.cumsum(0).tolist()
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                ys[start:end] = apply_linear(self.ops.silu_and_mul(apply_linear(xs[start:end], m.gate_up[e])),
+                                             m.down[e])
+            start = end
+        ys = ys * weights.reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(1)
+        y = torch.zeros_like(x).index_add_(0, rows, ys)
+        if len(m.shared) > 0:
+            shared = apply_linear(self.ops.silu_and_mul(apply_linear(x, m.shared[0])), m.shared[1])
+            y = y + torch.sigmoid(apply_linear(x, m.shared[2])) * shared
+        return y
 
 
 @functools.lru_cache(maxsize=4)
@@ -207,7 +241,8 @@ class ScriptedStep(DecodeStep):
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
         slots = self._no_slots if batch.lora_slots is None else batch.lora_slots
         return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
-                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots)
+                            w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots,
+                            w.moe)
 
     def describe(self) -> str:
         if any(spec.kind == LinearKind.ONEDNN_W8A8 for spec in self.weights.linears()):

@@ -5,13 +5,14 @@ The compiled steps do not walk ``nn.Module`` trees; they take each layer's norms
 NamedTuples below, so this module has no ``from __future__ import annotations`` (see linear_spec.py).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, List, NamedTuple
 
 import torch
 
 from loom.layers.linear import Linear, PackedLinear
 from loom.layers.linear_spec import LinearKind, LinearSpec
+from loom.layers.moe import MoE
 from loom.layers.quantized import PackedW8A8Linear, QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
 from loom.models.transformer import Transformer
 
@@ -26,6 +27,43 @@ class LayerWeights(NamedTuple):
     mlp_norm: torch.Tensor
     gate_up: LinearSpec
     down: LinearSpec
+
+
+class MoEWeights(NamedTuple):
+    """One layer's mixture of experts (layers/moe.py); ``top_k`` 0 marks a dense layer (every list empty).
+    ``counts`` is the module's ``expert_tokens`` buffer: the step adds its tokens to it."""
+
+    router: LinearSpec
+    gate_up: List[LinearSpec]  # one per expert
+    down: List[LinearSpec]
+    top_k: int
+    normalize: bool
+    shared: List[LinearSpec]  # [gate|up, down, gate] of the shared expert, or []
+    counts: torch.Tensor
+
+
+# An MoE layer's dense MLP slots (LayerWeights.gate_up / down) hold this empty spec.
+NO_LINEAR = LinearSpec(LinearKind.DENSE, [torch.empty(0, 0)], 0, 0, 0)
+
+
+def moe_weights(mlp: torch.nn.Module) -> MoEWeights:
+    """The decode-time weights of a layer's MLP: an MoE's, or the dense layer's marker (top_k 0)."""
+    if not isinstance(mlp, MoE):
+        return MoEWeights(NO_LINEAR, [], [], 0, False, [], torch.empty(0, dtype=torch.long))
+    shared = [] if mlp.shared_expert is None else [linear_spec(m) for m in (
+        mlp.shared_expert.gate_up_proj, mlp.shared_expert.down_proj, mlp.shared_expert_gate)]
+    return MoEWeights(linear_spec(mlp.router), [linear_spec(e.gate_up_proj) for e in mlp.experts],
+                      [linear_spec(e.down_proj) for e in mlp.experts], mlp.top_k, mlp.normalize, shared,
+                      mlp.expert_tokens)
+
+
+def _mlp_linears(mlp: torch.nn.Module) -> list:
+    """The linears of a layer's MLP: gate|up and down, or an MoE's router, experts and shared expert."""
+    if not isinstance(mlp, MoE):
+        return [mlp.gate_up_proj, mlp.down_proj]
+    shared = [] if mlp.shared_expert is None else [mlp.shared_expert.gate_up_proj, mlp.shared_expert.down_proj,
+                                                   mlp.shared_expert_gate]
+    return [mlp.router] + [m for e in mlp.experts for m in (e.gate_up_proj, e.down_proj)] + shared
 
 
 class AttentionShape(NamedTuple):
@@ -67,8 +105,8 @@ def decoder_shaped(model: Transformer) -> bool:
 
 
 def llama_shaped(model: Transformer) -> bool:
-    """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU (no experts), full
-    rotate-half RoPE, no biases but q|k|v's, a plain embedding (no norm, no projections), fp32 or bf16 on the CPU,
+    """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU (or a mixture of SwiGLU
+    experts: the scripted step only), full rotate-half RoPE, no biases but q|k|v's, a plain embedding (no norm, no projections), fp32 or bf16 on the CPU,
     linears of loom's own kinds."""
     return _llama_core(model) and model.config.norm_placement == "pre" and not has_extras(model)
 
@@ -78,10 +116,10 @@ def _llama_core(model: Transformer) -> bool:
     if not (c.norm == "rmsnorm" and c.final_norm and not c.norm_bias
             and not c.embedding_norm and c.embedding_size == c.hidden_size
             and c.gated_mlp and not c.mlp_bias and not c.attn_out_bias
-            and c.position == "rope" and c.rotary_dim == c.head_dim and not c.qk_norm_full and not c.num_experts
+            and c.position == "rope" and c.rotary_dim == c.head_dim and not c.qk_norm_full
             and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
-    linears = [m for l in model.layers for m in (l.attn.qkv_proj, l.attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)]
+    linears = [m for l in model.layers for m in [l.attn.qkv_proj, l.attn.o_proj] + _mlp_linears(l.mlp)]
     kinds = (Linear, PackedLinear, QuantizedLinear, W8A8Linear, PackedW8A8Linear)
     return all(type(m) in kinds for m in linears + [model.lm_head or Linear(1, 1)])
 
@@ -97,6 +135,7 @@ class DecoderWeights:
     extras: "list[LayerExtras] | None" = None  # Gemma-shaped models' extra parts (None: none)
     embedding_scale: float = 1.0
     activation: str = "silu"
+    moe: list[MoEWeights] = field(default_factory=list)  # one per layer for an MoE model, [] for a dense one
 
     @classmethod
     def of(cls, model: Transformer) -> "DecoderWeights":
@@ -109,9 +148,12 @@ class DecoderWeights:
             inside = isinstance(proj, (PackedLinear, PackedW8A8Linear))
             return proj.bias if proj.bias is not None and not inside else empty
 
+        def mlp(l: torch.nn.Module) -> tuple[LinearSpec, LinearSpec]:
+            return (NO_LINEAR, NO_LINEAR) if isinstance(l.mlp, MoE) else \
+                (linear_spec(l.mlp.gate_up_proj), linear_spec(l.mlp.down_proj))
+
         layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj), qkv_bias(l.attn.qkv_proj),
-                               linear_spec(l.attn.o_proj), l.mlp_norm.weight, linear_spec(l.mlp.gate_up_proj),
-                               linear_spec(l.mlp.down_proj)) for l in model.layers]
+                               linear_spec(l.attn.o_proj), l.mlp_norm.weight, *mlp(l)) for l in model.layers]
         head = linear_spec(model.lm_head) if model.lm_head is not None else \
             LinearSpec(LinearKind.DENSE, [model.embed_tokens.weight], 0, 0, 0)
         shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
@@ -125,13 +167,19 @@ class DecoderWeights:
             extras = [LayerExtras(weight(l.attn.q_norm), weight(l.attn.k_norm), weight(l.post_attn_norm),
                                   weight(l.post_mlp_norm), int(l.attn.rotary is model.local_rotary))
                       for l in model.layers]
+        moe = [moe_weights(l.mlp) for l in model.layers] if c.num_experts else []
         return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation, extras,
-                   c.embedding_scale or 1.0, c.activation)
+                   c.embedding_scale or 1.0, c.activation, moe)
 
     def linears(self) -> Iterator[LinearSpec]:
-        """Every linear of the step, the output layer last."""
-        for layer in self.layers:
-            yield from (layer.qkv, layer.o, layer.gate_up, layer.down)
+        """Every linear of the step (experts included), the output layer last."""
+        for i, layer in enumerate(self.layers):
+            yield from (layer.qkv, layer.o)
+            if self.moe and self.moe[i].top_k:
+                m = self.moe[i]
+                yield from [m.router] + m.gate_up + m.down + m.shared
+            else:
+                yield from (layer.gate_up, layer.down)
         yield self.head
 
     @property
@@ -151,9 +199,10 @@ class DecoderWeights:
     def packed(self, rows: int) -> "DecoderWeights":
         """The same weights with every dense linear also held MKL-packed for products of ``rows`` rows
         (``packed_dense_spec``); quantized linears stay as they are."""
-        def pack(spec: LinearSpec) -> LinearSpec:  # MKL packs fp32 weights only
+        def pack(spec: LinearSpec) -> LinearSpec:  # MKL packs fp32 weights only (not NO_LINEAR; experts stay as
+            # they are: each sees a few of the batch's rows)
             dense_fp32 = spec.kind == LinearKind.DENSE and spec.tensors[0].dtype == torch.float32
-            return packed_dense_spec(spec.tensors[0], rows) if dense_fp32 else spec
+            return packed_dense_spec(spec.tensors[0], rows) if dense_fp32 and spec.tensors[0].numel() else spec
 
         layers = [l._replace(qkv=pack(l.qkv), o=pack(l.o), gate_up=pack(l.gate_up), down=pack(l.down))
                   for l in self.layers]
