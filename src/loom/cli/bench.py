@@ -488,6 +488,42 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# mixture of experts ---------------------------------------------------------------------------------
+
+def _moe_options(p: argparse.ArgumentParser) -> None:
+    for flag, default, what in (("--hidden", 512, "hidden size"), ("--layers", 4, "decoder layers"),
+                                ("--heads", 8, "query heads"), ("--kv-heads", 2, "key/value heads"),
+                                ("--experts", 8, "experts per MoE layer"), ("--top-k", 2, "experts per token"),
+                                ("--moe-ff", 512, "each expert's intermediate size"),
+                                ("--shared-ff", 0, "a shared expert's intermediate size (0: none)"),
+                                ("--vocab", 1024, "vocabulary (>= 256)"), ("--batch", 4, "prompts at once"),
+                                ("--prompt-len", 128, "tokens per prompt"), ("--gen-len", 32, "tokens generated"),
+                                ("--repeats", 3, "timed runs (the best is kept)"), ("--seed", 0, "random weights")):
+        p.add_argument(flag, type=int, default=default, help=what)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--json", action="store_true")
+
+
+def _moe(args: argparse.Namespace) -> int:
+    from loom.bench.moe import run_moe_bench
+
+    use_threads(args)
+    result = run_moe_bench(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                           experts=args.experts, top_k=args.top_k, moe_ff=args.moe_ff, shared_ff=args.shared_ff,
+                           vocab=args.vocab, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                           repeats=args.repeats, dtype=args.dtype, seed=args.seed)
+    if not _emit(args, result):
+        for name, r in result["engine"].items():
+            print(f"{name:5s} prefill {r['prefill_tokens_per_s']:9.0f} tok/s  decode {r['decode_tokens_per_s']:8.1f} "
+                  f"tok/s ({r['decode_step']})")
+        for tokens, d in result["dispatch_ms"].items():
+            print(f"{tokens:>5} tokens: MoE layer {d['moe_layer']:.3f} ms (dispatch {d['dispatch']:.3f}, experts "
+                  f"{d['experts']:.3f}), dense MLP {d['dense_mlp']:.3f} ms")
+    return 0
+
+
 BENCHES = {
     "latency": Subcommand("batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit",
                           _latency_options, _latency),
@@ -508,6 +544,8 @@ BENCHES = {
                            _finetune_options, _finetune),
     "lowrank": Subcommand("perplexity vs parameters kept of low-rank factorization (SVD, ASVD)",
                           _lowrank_options, _lowrank),
+    "moe": Subcommand("a random mixture-of-experts model vs the dense one of equal active parameters, and its "
+                      "dispatch overhead", _moe_options, _moe),
 }
 
 

@@ -70,6 +70,8 @@ def rotation_problem(model: Transformer) -> str | None:
         return "it needs pre-norm RMSNorm without a bias and a final norm (the norms must commute with Q)"
     if not c.gated_mlp:
         return "it needs a gated MLP (gate|up, down)"
+    if c.num_experts:
+        return "it does not rotate mixture-of-experts layers (router, experts) yet"
     return None
 
 
