@@ -29,3 +29,15 @@ def test_info_on_classic_layouts(capsys, tmp_path):
     save_tiny_hf(str(tmp_path / "bloom"), "bloom")
     code, out, _ = run(capsys, "info", str(tmp_path / "bloom"))
     assert code == 0 and "positions     alibi" in out and "embedding normed" in out
+
+
+def test_info_counts_an_moe_models_active_parameters(capsys, tmp_path):
+    from tests.helpers import save_tiny_moe
+
+    hf = save_tiny_moe(str(tmp_path), "mixtral")
+    code, out, _ = run(capsys, "info", str(tmp_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["parameters"] == sum(p.numel() for p in hf.parameters())
+    expert = 3 * 64 * 128  # two of the four experts of each of the 2 layers are not run by a token
+    assert info["parameters"] - info["active_parameters"] == 2 * 2 * expert
+    assert "2 per token" in run(capsys, "info", str(tmp_path))[1]

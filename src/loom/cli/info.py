@@ -48,6 +48,8 @@ def model_info(path: str | None) -> dict[str, Any]:
     info["config"] = config.to_dict()
     info["parameters"] = params
     info["parameters_without_embeddings"] = config.num_parameters(include_embeddings=False)
+    if config.num_experts:  # a token runs through its k experts, not all of them
+        info["active_parameters"] = config.num_parameters(active=True)
     info["bytes_by_dtype"] = {k: int(params * b) for k, b in
                               (("fp32", 4), ("bf16", 2), ("fp16", 2), ("int8", 1), ("int4", 0.5))}
     info["kv_bytes_per_token"] = {"fp32": config.kv_bytes_per_token(4), "bf16": config.kv_bytes_per_token(2),
@@ -89,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         r = c["rope_scaling"]
         print(f"  rope scaling  {r['kind']} x{r['factor']:g} (trained context {r['original_max_position']})")
     print(f"  parameters    {info['parameters']:,} ({info['parameters_without_embeddings']:,} without embeddings)")
+    if "active_parameters" in info:
+        print(f"  experts       {c['num_experts']} per MoE layer, {c['num_experts_per_tok']} per token: "
+              f"{info['active_parameters']:,} parameters active per token")
     print("  weight bytes  " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in info["bytes_by_dtype"].items()))
     print("  KV per token  " + ", ".join(f"{k} {v:,.0f} B" for k, v in info["kv_bytes_per_token"].items()))
     return 0
