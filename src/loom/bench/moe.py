@@ -8,7 +8,7 @@ paged KV cache, the scheduler and the decode step the engine picks: the scripted
     prefill tokens/s   ``batch`` prompts of ``prompt_len`` random tokens, prefilled in one engine step
     decode tokens/s    then ``gen_len - 1`` decode steps of ``batch`` rows
 
-Decoding reads weights: a batch of B rows reads the experts its B k (row, expert) pairs chose, up to all
+The two engines take turns, run after run; the best run of each is kept. Decoding reads weights: a batch of B rows reads the experts its B k (row, expert) pairs chose, up to all
 E of them, where the dense model reads one MLP. Prefill is compute: both do the same FLOPs in matmuls, the
 MoE's split into E smaller ones, plus its dispatch.
 
@@ -69,15 +69,20 @@ def bench_configs(hidden: int, layers: int, heads: int, kv_heads: int, experts: 
     return moe, dense
 
 
-def _best_seconds(fn: Callable[[], Any], budget: float = 0.3, min_runs: int = 5) -> float:
-    """The fastest of as many calls of ``fn`` as fit in ``budget`` seconds (at least ``min_runs``)."""
-    fn()  # warm-up
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < min_runs or spent < budget:
-        t0 = time.perf_counter()
+def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 1.0, min_rounds: int = 5) -> dict[str, float]:
+    """The fastest call of each of ``fns``, timed in rounds (each function once per round, for as many rounds as
+    fit in ``budget`` seconds, at least ``min_rounds``), so that a busy spell of the machine slows all alike."""
+    for fn in fns.values():  # warm-up
         fn()
-        dt = time.perf_counter() - t0
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    best = {name: float("inf") for name in fns}
+    spent, rounds = 0.0, 0
+    while rounds < min_rounds or spent < budget:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            best[name], spent = min(best[name], dt), spent + dt
+        rounds += 1
     return best
 
 
@@ -112,16 +117,11 @@ def dispatch_breakdown(moe: MoE, dense: GatedMLP, tokens: int, seed: int = 0) ->
         torch.div(o, moe.top_k, rounding_mode="floor")
         c.cumsum(0).tolist()
 
-    ms = {
-        "router": _best_seconds(lambda: route(moe.router(x), moe.top_k, moe.normalize)),
-        "plan": _best_seconds(plan),
-        "gather": _best_seconds(lambda: x.index_select(0, rows)),
-        "experts": _best_seconds(experts),
-        "combine": _best_seconds(combine),
-        "moe_layer": _best_seconds(lambda: moe(x)),
-        "dense_mlp": _best_seconds(lambda: dense(x)),
-    }
-    ms = {k: v * 1e3 for k, v in ms.items()}
+    seconds = _best_seconds({
+        "router": lambda: route(moe.router(x), moe.top_k, moe.normalize), "plan": plan,
+        "gather": lambda: x.index_select(0, rows), "experts": experts, "combine": combine,
+        "moe_layer": lambda: moe(x), "dense_mlp": lambda: dense(x)})
+    ms: dict[str, float] = {k: v * 1e3 for k, v in seconds.items()}
     ms["dispatch"] = ms["router"] + ms["plan"] + ms["gather"] + ms["combine"]
     ms["other"] = ms["moe_layer"] - ms["dispatch"] - ms["experts"]  # what the parts timed alone do not show
     ms["dispatch_fraction_of_moe_layer"] = ms["dispatch"] / ms["moe_layer"]
@@ -130,34 +130,38 @@ def dispatch_breakdown(moe: MoE, dense: GatedMLP, tokens: int, seed: int = 0) ->
     return ms
 
 
-def engine_speed(model: Transformer, tokenizer: Tokenizer, batch: int, prompt_len: int, gen_len: int,
-                 repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Best prefill and decode tokens/s of ``repeats`` runs of ``batch`` random prompts through the engine."""
+def engine_speeds(models: dict[str, Transformer], tokenizer: Tokenizer, batch: int, prompt_len: int, gen_len: int,
+                  repeats: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Best prefill and decode tokens/s of ``repeats`` runs of ``batch`` random prompts through each model's engine,
+    the models taking turns (a run of one, then of the next), so that a busy spell of the machine slows all alike."""
     blocks = batch * (-(-(prompt_len + gen_len) // 16) + 1)
     config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=blocks, enable_prefix_caching=False),
                           scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len))
-    engine = LLMEngine(model, tokenizer, config)
+    engines = {name: LLMEngine(m, tokenizer, config) for name, m in models.items()}
     gen = torch.Generator().manual_seed(seed)
-    prefill, decode = [], []
+    prefill: dict[str, list[float]] = {name: [] for name in models}
+    decode: dict[str, list[float]] = {name: [] for name in models}
     params = SamplingParams(temperature=0, max_tokens=gen_len, min_tokens=gen_len, ignore_eos=True)
+    vocab = min(m.config.vocab_size for m in models.values())
     for r in range(repeats + 1):  # the first run warms up
-        for b in range(batch):
-            ids = torch.randint(256, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
-            engine.add_request(f"{r}-{b}", ids, params)
-        t0 = time.perf_counter()
-        engine.step()  # every prompt, in one step
-        t1 = time.perf_counter()
-        steps = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        t2 = time.perf_counter()
-        if r:
-            prefill.append(batch * prompt_len / (t1 - t0))
-            decode.append(batch * steps / (t2 - t1))
-    return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode),
-            "decode_tokens_per_s_runs": decode, "decode_step": engine.runner.last_decode_step,
-            "decode_steps": engine.runner.describe_steps()}
+        prompts = [torch.randint(256, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+        for name, engine in engines.items():
+            for b, ids in enumerate(prompts):
+                engine.add_request(f"{r}-{b}", ids, params)
+            t0 = time.perf_counter()
+            engine.step()  # every prompt, in one step
+            t1 = time.perf_counter()
+            steps = 0
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            t2 = time.perf_counter()
+            if r:
+                prefill[name].append(batch * prompt_len / (t1 - t0))
+                decode[name].append(batch * steps / (t2 - t1))
+    return {name: {"prefill_tokens_per_s": max(prefill[name]), "decode_tokens_per_s": max(decode[name]),
+                   "decode_tokens_per_s_runs": decode[name], "decode_step": e.runner.last_decode_step,
+                   "decode_steps": e.runner.describe_steps()} for name, e in engines.items()}
 
 
 def run_moe_bench(hidden: int = 512, layers: int = 4, heads: int = 8, kv_heads: int = 2, experts: int = 8,
@@ -186,8 +190,7 @@ def run_moe_bench(hidden: int = 512, layers: int = 4, heads: int = 8, kv_heads: 
         "parameters": {"moe_total": moe_cfg.num_parameters(), "moe_active": moe_cfg.num_parameters(active=True),
                        "dense": dense_cfg.num_parameters()},
     }
-    result["engine"] = {name: engine_speed(m, tokenizer, batch, prompt_len, gen_len, repeats, seed)
-                        for name, m in models.items()}
+    result["engine"] = engine_speeds(models, tokenizer, batch, prompt_len, gen_len, repeats, seed)
     e = result["engine"]
     result["moe_over_dense"] = {k: e["moe"][k] / e["dense"][k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
     moe_layer, dense_mlp = models["moe"].layers[0].mlp, models["dense"].layers[0].mlp
