@@ -129,6 +129,15 @@ def moe_row_splits(prefix: str, moe: MoE) -> dict[str, list[int]]:
     return splits
 
 
+def expert_linears(moe: MoE) -> list[tuple[str, nn.Module]]:
+    """(name under the MoE module, linear) of every expert's gate|up and down, the shared expert's included: what
+    weight-only quantization replaces (the router and the shared expert's gate stay as they are)."""
+    mlps = [(f"experts.{e}", m) for e, m in enumerate(moe.experts)]
+    if moe.shared_expert is not None:
+        mlps.append(("shared_expert", moe.shared_expert))
+    return [(f"{name}.{proj}", getattr(m, proj)) for name, m in mlps for proj in ("gate_up_proj", "down_proj")]
+
+
 def expert_token_counts(model: nn.Module) -> dict[int, list[int]]:
     """Tokens routed to each expert, per MoE layer (layer index -> counts), of a Transformer."""
     return {i: layer.mlp.expert_tokens.tolist() for i, layer in enumerate(model.layers)  # type: ignore[union-attr]

@@ -96,6 +96,8 @@ def prune(model: Transformer, recipe: PruneRecipe, calibration: torch.Tensor | N
 
 def _check_model(model: Transformer, recipe: PruneRecipe) -> None:
     """Every problem with the target or the grid, before any work is done."""
+    if model.config.num_experts:
+        raise PruningError("pruning does not reach mixture-of-experts layers yet (their experts would stay dense)")
     for i in range(model.config.num_layers):
         for name, layer in layer_linears(model, i):
             if type(layer) is not Linear:

@@ -24,6 +24,7 @@ from loom.compress.quantize.gptq import GPTQConfig, Hessian, gptq_quantize
 from loom.compress.quantize.rtn import QuantConfig, rtn_quantize
 from loom.compress.quantize.smoothquant import smoothing_scales
 from loom.layers.linear import Linear
+from loom.layers.moe import MoE, expert_linears as moe_expert_linears
 from loom.layers.quantized import QuantizationError, QuantizedLinear, QuantizedTensor, W8A8Linear
 from loom.models.transformer import Transformer
 
@@ -38,6 +39,12 @@ def layer_linears(model: Transformer, i: int) -> list[tuple[str, nn.Module]]:
     block = model.layers[i]
     names = dict(block.named_modules())
     return [(name, names[name]) for name in LAYER_LINEARS if name in names]
+
+
+def expert_linears(model: Transformer, i: int) -> list[tuple[str, nn.Module]]:
+    """(name relative to the layer, module) of layer i's experts' linears (layers/moe.py), [] for a dense MLP."""
+    mlp = model.layers[i].mlp
+    return [(f"mlp.{name}", m) for name, m in moe_expert_linears(mlp)] if isinstance(mlp, MoE) else []
 
 
 @dataclass
@@ -68,6 +75,8 @@ def _check_shape(model: Transformer) -> None:
     if not (c.norm == "rmsnorm" and c.norm_placement == "pre" and c.gated_mlp):
         raise QuantizationError("data-driven methods fold scales into pre-norm RMSNorm weights and need a gated "
                                 "MLP (Llama-shaped models); use rtn for other shapes")
+    if c.num_experts:
+        raise QuantizationError("data-driven methods do not calibrate mixture-of-experts layers yet; use rtn")
 
 
 def _set(model: Transformer, i: int, name: str, module: nn.Module) -> None:
@@ -85,7 +94,7 @@ def quantize(model: Transformer, recipe: QuantizeRecipe, calibration: torch.Tens
         raise QuantizationError(f"unknown method {recipe.method!r}; choose one of {METHODS}")
     if recipe.method == "rtn":  # no data: every linear on its own
         for i in range(model.config.num_layers):
-            for name, layer in layer_linears(model, i):
+            for name, layer in layer_linears(model, i) + expert_linears(model, i):  # experts too: each on its own
                 if type(layer) is Linear:
                     _set(model, i, name, _weight_only(layer, rtn_quantize(layer.weight.float(), recipe.quant), recipe))
         return model
