@@ -205,6 +205,7 @@ TINY_MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48, num_key_value_heads=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_key_value_heads=2),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
 }
 

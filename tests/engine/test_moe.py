@@ -30,7 +30,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("model_type,decode_step", [("mixtral", "scripted"), ("qwen2_moe", "scripted"),
-                                                     ("olmoe", "module")])  # OLMoE's QK-norm: the module step
+                                                     ("qwen3_moe", "module"), ("olmoe", "module")])  # QK-norms
 def test_greedy_generation_equals_transformers(tmp_path, model_type, decode_step):
     hf, llm = tiny_llm(tmp_path, model_type)
     runner = llm.engine.runner

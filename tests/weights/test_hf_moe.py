@@ -1,5 +1,5 @@
-"""Hugging Face MoE checkpoints (mixtral, qwen2_moe with its shared expert and dense layers, olmoe with its
-QK-norm), saved by transformers itself: logits equal transformers' on the same weights, with routing that
+"""Hugging Face MoE checkpoints (mixtral, qwen2_moe with its shared expert and dense layers, qwen3_moe with its
+per-head QK-norm, olmoe with its whole-projection QK-norm), saved by transformers itself: logits equal transformers' on the same weights, with routing that
 depends on the token; options loom does not implement and broken files fail with the file and key named."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ CASES = {
                                                         decoder_sparse_step=2, mlp_only_layers=[3])),
     "qwen2_moe-no-shared": ("qwen2_moe", dict(shared_expert_intermediate_size=0)),
     "qwen2_moe-window": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=6, max_window_layers=2)),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe-renorm-dense-layers-window": ("qwen3_moe", dict(num_hidden_layers=3, norm_topk_prob=True,
+                                                               mlp_only_layers=[1], use_sliding_window=True,
+                                                               sliding_window=8)),
     "olmoe": ("olmoe", {}),
     "olmoe-renorm-top3-of-8": ("olmoe", dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
                                              num_key_value_heads=4)),
@@ -47,7 +51,9 @@ def test_logits_match_transformers(tmp_path, case):
         assert sorted(counts) == [1] and c.moe_layers == (False, True, False, False)
     if model_type == "qwen2_moe" and c.shared_expert_intermediate_size:
         assert loaded.model.layers[1].mlp.shared_expert is not None
-    assert c.qk_norm_full == (model_type == "olmoe")
+    assert c.qk_norm_full == (model_type == "olmoe") and c.qk_norm == (model_type == "qwen3_moe")
+    if case == "qwen3_moe-renorm-dense-layers-window":
+        assert sorted(counts) == [0, 2] and c.sliding_window == 8
 
 
 def test_routing_is_what_makes_them_equal(tmp_path):

@@ -417,4 +417,4 @@ register_family(LLAMA_SHAPED, HFFamily(_llama_config, _llama_sources))
 # Families in their own modules register themselves on import (they import the helpers above).
 import loom.weights.hf_gemma  # noqa: E402,F401
 from loom.weights import hf_classic  # noqa: E402,F401  (GPT-2, OPT, BLOOM)
-from loom.weights import hf_moe  # noqa: E402,F401  (mixtral, qwen2_moe, olmoe)
+from loom.weights import hf_moe  # noqa: E402,F401  (mixtral, qwen2_moe, qwen3_moe, olmoe)

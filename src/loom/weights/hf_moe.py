@@ -1,4 +1,4 @@
-"""Hugging Face mixture-of-experts checkpoints: mixtral, qwen2_moe and olmoe (layers/moe.py).
+"""Hugging Face mixture-of-experts checkpoints: mixtral, qwen2_moe, qwen3_moe and olmoe (layers/moe.py).
 
 Their attention and norms are Llama's (``_llama_config`` reads those keys); what differs:
 
@@ -10,6 +10,9 @@ Their attention and norms are Llama's (``_llama_config`` reads those keys); what
                it is not in ``mlp_only_layers`` and (i + 1) % ``decoder_sparse_step`` == 0, else a dense MLP of
                ``intermediate_size``; q/k/v biases (``qkv_bias``); tensors under ``mlp.``: ``gate``,
                ``experts.E.{gate,up,down}_proj``, ``shared_expert.*``, ``shared_expert_gate``
+    qwen3_moe  Qwen2-MoE's experts and layer selection (``num_experts``, or ``num_local_experts`` as
+               transformers 5 saves it) without a shared expert; per-head QK-norm (``ModelConfig.qk_norm``);
+               a sliding window on every layer when ``use_sliding_window``
     olmoe      ``num_experts`` of ``intermediate_size``, ``norm_topk_prob``; QK-norm over the whole q and k
                projections (``self_attn.q_norm``, ``k_norm``: ``ModelConfig.qk_norm_full``)
 
@@ -60,15 +63,21 @@ def _mixtral_config(cfg: dict[str, Any], path: str) -> ModelConfig:
                                moe_intermediate_size=base.intermediate_size, norm_topk_prob=True)
 
 
-def _qwen2_moe_config(cfg: dict[str, Any], path: str) -> ModelConfig:
-    base = _llama_config(cfg, path)
-    n_layers = base.num_layers
-    n, k = _experts(cfg, path, "num_experts")
+def _sparse_layers(cfg: dict[str, Any], n_layers: int, path: str) -> tuple[bool, ...] | None:
+    """Qwen-MoE's MoE layers: those not in ``mlp_only_layers`` with (i + 1) % ``decoder_sparse_step`` == 0 (None:
+    all of them)."""
     step = _int(cfg, "decoder_sparse_step", path, 1)
     dense = cfg.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
         raise WeightsError(path, f"mlp_only_layers is {show(dense)}; expected a list of layer numbers")
     moe_layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers))
+    return None if all(moe_layers) else moe_layers
+
+
+def _qwen2_moe_config(cfg: dict[str, Any], path: str) -> ModelConfig:
+    base = _llama_config(cfg, path)
+    n_layers = base.num_layers
+    n, k = _experts(cfg, path, "num_experts")
     window, window_layers = None, None
     if _bool(cfg, "use_sliding_window", path, False):
         window = _int(cfg, "sliding_window", path, None, low=0) or None
@@ -83,7 +92,21 @@ def _qwen2_moe_config(cfg: dict[str, Any], path: str) -> ModelConfig:
         sliding_window=window, sliding_window_layers=window_layers,
         num_experts=n, num_experts_per_tok=k, moe_intermediate_size=_int(cfg, "moe_intermediate_size", path),
         norm_topk_prob=_bool(cfg, "norm_topk_prob", path, False), shared_expert_intermediate_size=shared,
-        moe_layers=None if all(moe_layers) else moe_layers)
+        moe_layers=_sparse_layers(cfg, n_layers, path))
+
+
+def _qwen3_moe_config(cfg: dict[str, Any], path: str) -> ModelConfig:
+    """Qwen3-MoE: Qwen2-MoE's experts and layer selection without a shared expert, per-head QK-norm, a sliding
+    window on every layer when ``use_sliding_window``."""
+    base = _llama_config(cfg, path)
+    n, k = _experts(cfg, path, "num_experts" if cfg.get("num_experts") is not None else "num_local_experts")
+    window = None
+    if _bool(cfg, "use_sliding_window", path, False):
+        window = _int(cfg, "sliding_window", path, None, low=0) or None
+    return dataclasses.replace(
+        base, qk_norm=True, sliding_window=window, sliding_window_layers=None, num_experts=n, num_experts_per_tok=k,
+        moe_intermediate_size=_int(cfg, "moe_intermediate_size", path),
+        norm_topk_prob=_bool(cfg, "norm_topk_prob", path, False), moe_layers=_sparse_layers(cfg, base.num_layers, path))
 
 
 def _olmoe_config(cfg: dict[str, Any], path: str) -> ModelConfig:
@@ -135,6 +158,14 @@ def _qwen2_moe_sources(config: ModelConfig) -> dict[str, list[str]]:
     return _moe_sources(config, "mlp", _QWEN_NAMES)
 
 
+def _qwen3_moe_sources(config: ModelConfig) -> dict[str, list[str]]:
+    src = _moe_sources(config, "mlp", _QWEN_NAMES)
+    for i in range(config.num_layers):
+        for x in "qk":
+            src[f"layers.{i}.attn.{x}_norm.weight"] = [f"model.layers.{i}.self_attn.{x}_norm.weight"]
+    return src
+
+
 def _olmoe_sources(config: ModelConfig) -> dict[str, list[str]]:
     src = _moe_sources(config, "mlp", _QWEN_NAMES)
     for i in range(config.num_layers):
@@ -145,4 +176,5 @@ def _olmoe_sources(config: ModelConfig) -> dict[str, list[str]]:
 
 register_family(("mixtral",), HFFamily(_mixtral_config, _mixtral_sources))
 register_family(("qwen2_moe",), HFFamily(_qwen2_moe_config, _qwen2_moe_sources))
+register_family(("qwen3_moe",), HFFamily(_qwen3_moe_config, _qwen3_moe_sources))
 register_family(("olmoe",), HFFamily(_olmoe_config, _olmoe_sources))
