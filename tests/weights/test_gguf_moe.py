@@ -18,7 +18,8 @@ IDS = list(range(3, 240, 7))
 
 def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str, ...] = (),
                    extra: dict | None = None, expert_count: int | None = None) -> None:
-    """An HF mixtral (as llama.cpp's "llama" arch, Q/K permuted) or qwen2_moe ("qwen2moe") model as a GGUF
+    """An HF mixtral (as llama.cpp's "llama" arch, Q/K permuted), qwen2_moe ("qwen2moe") or qwen3_moe ("qwen3moe")
+    model as a GGUF
     (``expert_count``: what the metadata claims, by default the truth)."""
     import gguf
 
@@ -37,8 +38,9 @@ def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str
     n_experts = cfg.num_local_experts if arch == "llama" else cfg.num_experts
     w.add_expert_count(expert_count or n_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    if arch == "qwen2moe":
+    if arch != "llama":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     for key, value in (extra or {}).items():
         getattr(w, key)(*value) if isinstance(value, tuple) else getattr(w, key)(value)
@@ -72,6 +74,9 @@ def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str
         for x in "qkv":
             if p + f"self_attn.{x}_proj.bias" in sd:
                 add(b + f"attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"])
+        for x in "qk":  # Qwen3-MoE's per-head norms
+            if p + f"self_attn.{x}_norm.weight" in sd:
+                add(b + f"attn_{x}_norm.weight", sd[p + f"self_attn.{x}_norm.weight"])
         add(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
         add(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         # transformers holds experts stacked: gate_up [E, 2 f, h] (gate rows first), down [E, h, f]
@@ -93,16 +98,18 @@ def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str
 
 @pytest.mark.parametrize("model_type,arch,qtype,tol", [
     ("mixtral", "llama", "F32", 1e-4), ("mixtral", "llama", "F16", 2e-2), ("mixtral", "llama", "Q8_0", 5e-2),
-    ("qwen2_moe", "qwen2moe", "F32", 1e-4)])
+    ("qwen2_moe", "qwen2moe", "F32", 1e-4), ("qwen3_moe", "qwen3moe", "F32", 1e-4)])
 def test_moe_gguf_loads_and_equals_the_hf_model(tmp_path, model_type, arch, qtype, tol):
-    hf = save_tiny_moe(str(tmp_path / "hf"), model_type)
+    # Qwen3-MoE checkpoints renormalize (norm_topk_prob), as llama.cpp's qwen3moe always does
+    hf = save_tiny_moe(str(tmp_path / "hf"), model_type, **({"norm_topk_prob": True} if arch == "qwen3moe" else {}))
     path = str(tmp_path / "moe.gguf")
     write_moe_gguf(path, hf, arch, qtype)
     for weights in ("fp32", "native"):  # native: expert slices are dequantized, whatever their type
         loaded = load_model(path, weights=weights)
         c = loaded.config
         assert c.num_experts == 4 and c.num_experts_per_tok == 2
-        assert c.norm_topk_prob == (model_type == "mixtral")  # llama.cpp's default for each architecture
+        assert c.norm_topk_prob == (model_type != "qwen2_moe")  # llama.cpp's default for each architecture
+        assert c.qk_norm == (arch == "qwen3moe")
         want = hf_logits(hf, IDS)
         got = loaded.model.logits(torch.tensor(IDS)).float()
         assert (got - want).abs().max() < tol * want.abs().max()

@@ -229,6 +229,7 @@ GGUF_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen2": {"permuted": False},
     "gemma3": {"permuted": False},  # llama.cpp rotates Gemma's halves (NEOX): its rows are stored as in HF
     "qwen2moe": {"permuted": False},
+    "qwen3moe": {"permuted": False},  # with per-head QK-norm (attn_q_norm, attn_k_norm)
 }
 
 # llama.cpp's Gemma 3 constants, which its GGUF files do not store: the local layers' RoPE base and
@@ -448,12 +449,12 @@ def read_gguf_tensor(g: GGUFFile, config: ModelConfig, name: str) -> torch.Tenso
 # ffn_{gate,up,down}_shexp with its gate ffn_gate_inp_shexp [hidden]. A source named "NAME[e]" is expert e's
 # [rows, cols] slice of NAME: it is read (and dequantized) alone, from its own bytes.
 
-_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False}  # llama.cpp's norm_w for each architecture
+_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}  # llama.cpp's norm_w for each architecture
 _SOFTMAX_GATING = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
 
 
 def _moe_settings(m: _ArchMetadata) -> dict[str, Any]:
-    """The ModelConfig fields of ``{arch}.expert_*`` ({} for a dense model)."""
+    """The ModelConfig fields of ``{arch}.expert_*`` ({} for a dense model), and Qwen3-MoE's QK-norm."""
     n = m.integer("expert_count", 0, low=0)
     if not n:
         return {}
@@ -471,7 +472,7 @@ def _moe_settings(m: _ArchMetadata) -> dict[str, Any]:
     return dict(num_experts=n, num_experts_per_tok=m.integer("expert_used_count", high=n),
                 moe_intermediate_size=m.integer("expert_feed_forward_length", None) or m.integer("feed_forward_length"),
                 shared_expert_intermediate_size=m.integer("expert_shared_feed_forward_length", 0, low=0),
-                norm_topk_prob=norm)
+                norm_topk_prob=norm, **({"qk_norm": True} if m.arch == "qwen3moe" else {}))
 
 
 def _with_experts(config: ModelConfig, src: dict[str, list[str]]) -> dict[str, list[str]]:
