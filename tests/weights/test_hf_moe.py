@@ -1,6 +1,7 @@
 """Hugging Face MoE checkpoints (mixtral, qwen2_moe with its shared expert and dense layers, qwen3_moe with its
-per-head QK-norm, olmoe with its whole-projection QK-norm), saved by transformers itself: logits equal transformers' on the same weights, with routing that
-depends on the token; options loom does not implement and broken files fail with the file and key named."""
+per-head QK-norm, olmoe with its whole-projection QK-norm), saved by transformers itself: logits equal
+transformers' on the same weights, with routing that depends on the token; options loom does not implement and
+broken files fail with the file and key named."""
 
 from __future__ import annotations
 
@@ -116,5 +117,6 @@ def test_missing_expert_and_wrong_expert_shape_name_the_tensor(tmp_path):
     sd[name] = torch.zeros(32, 64)
     sd["model.layers.0.mlp.shared_expert_gate.weight"] = torch.zeros(2, 64)
     save_file(sd, str(path))
-    with pytest.raises(WeightsError, match=r"shared_expert_gate\.weight.*\(2, 64\) does not match the config's \(1, 64\)"):
+    with pytest.raises(WeightsError,
+                       match=r"shared_expert_gate\.weight.*\(2, 64\) does not match the config's \(1, 64\)"):
         load_model(str(tmp_path))

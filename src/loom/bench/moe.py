@@ -8,9 +8,10 @@ paged KV cache, the scheduler and the decode step the engine picks: the scripted
     prefill tokens/s   ``batch`` prompts of ``prompt_len`` random tokens, prefilled in one engine step
     decode tokens/s    then ``gen_len - 1`` decode steps of ``batch`` rows
 
-The two engines take turns, run after run; the best run of each is kept. Decoding reads weights: a batch of B rows reads the experts its B k (row, expert) pairs chose, up to all
-E of them, where the dense model reads one MLP. Prefill is compute: both do the same FLOPs in matmuls, the
-MoE's split into E smaller ones, plus its dispatch.
+The two engines take turns, run after run; the best run of each is kept. Decoding reads weights: a batch of
+B rows reads the experts its B k (row, expert) pairs chose, up to all E of them, where the dense model reads
+one MLP. Prefill is compute: both do the same FLOPs in matmuls, the MoE's split into E smaller ones, plus
+its dispatch.
 
 The dispatch overhead is named on one MoE layer (layers/moe.py: MoE.forward, step by step) for 1 token
 (a decode), ``batch`` tokens and ``batch * prompt_len`` tokens (a prefill): the router (its matmul,

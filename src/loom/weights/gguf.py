@@ -484,7 +484,8 @@ def _with_experts(config: ModelConfig, src: dict[str, list[str]]) -> dict[str, l
         del src[p + "gate_up_proj.weight"], src[p + "down_proj.weight"]
         src[p + "router.weight"] = [b + "ffn_gate_inp.weight"]
         for e in range(config.num_experts):
-            src[p + f"experts.{e}.gate_up_proj.weight"] = [b + f"ffn_gate_exps.weight[{e}]", b + f"ffn_up_exps.weight[{e}]"]
+            src[p + f"experts.{e}.gate_up_proj.weight"] = [b + f"ffn_gate_exps.weight[{e}]",
+                                                           b + f"ffn_up_exps.weight[{e}]"]
             src[p + f"experts.{e}.down_proj.weight"] = [b + f"ffn_down_exps.weight[{e}]"]
         if config.shared_expert_intermediate_size:
             src[p + "shared_expert.gate_up_proj.weight"] = [b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"]

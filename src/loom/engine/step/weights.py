@@ -106,8 +106,8 @@ def decoder_shaped(model: Transformer) -> bool:
 
 def llama_shaped(model: Transformer) -> bool:
     """Whether the compiled CPU steps compute this model: pre-norm RMSNorm, SwiGLU (or a mixture of SwiGLU
-    experts: the scripted step only), full rotate-half RoPE, no biases but q|k|v's, a plain embedding (no norm, no projections), fp32 or bf16 on the CPU,
-    linears of loom's own kinds."""
+    experts: the scripted step only), full rotate-half RoPE, no biases but q|k|v's, a plain embedding (no
+    norm, no projections), fp32 or bf16 on the CPU, linears of loom's own kinds."""
     return _llama_core(model) and model.config.norm_placement == "pre" and not has_extras(model)
 
 
