@@ -82,9 +82,12 @@ class Transformer(nn.Module):
         self.rotary = rotary
         # Gemma 3: the sliding-window layers rotate with their own base
         self.local_rotary = make_rotary(config, local=True)
+        # which layers rotate with the local table (kept here: training may wrap the layers)
+        self.local_layers = [self.local_rotary is not None and config.layer_window(i) is not None
+                             for i in range(config.num_layers)]
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, self.local_rotary if self.local_rotary is not None and config.layer_window(i)
-                         else rotary, kernel, dtype) for i in range(config.num_layers))
+            DecoderLayer(config, i, self.local_rotary if self.local_layers[i] else rotary, kernel, dtype)
+            for i in range(config.num_layers))
         self.norm = make_norm(config).to(dtype) if config.final_norm else None
         self.lm_head = None if config.tie_word_embeddings else Linear(config.embedding_size, config.vocab_size,
                                                                       dtype=dtype)
@@ -174,10 +177,10 @@ class Transformer(nn.Module):
         if meta.positions.device != x.device:  # e.g. AttentionMetadata.uncached() for a GPU model
             meta = meta.to(x.device)
         h = self.embed(input_ids, meta.positions, inputs_embeds)
-        ropes = {id(r): r.prepare(meta.positions, h.dtype) for r in (self.rotary, self.local_rotary) if r is not None}
+        rope = self.rotary.prepare(meta.positions, h.dtype) if self.rotary is not None else None
+        local = self.local_rotary.prepare(meta.positions, h.dtype) if self.local_rotary is not None else None
         for i, layer in enumerate(self.layers):
-            rope = ropes.get(id(layer.attn.rotary))
-            h = layer(h, meta, None if kv_caches is None else kv_caches[i], rope)
+            h = layer(h, meta, None if kv_caches is None else kv_caches[i], local if self.local_layers[i] else rope)
         if self.residual_rotation is not None:
             h = h @ self.residual_rotation.t()
         return h if self.norm is None else self.norm(h)

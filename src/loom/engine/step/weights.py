@@ -165,8 +165,8 @@ class DecoderWeights:
                 return norm.weight if norm is not None else empty
 
             extras = [LayerExtras(weight(l.attn.q_norm), weight(l.attn.k_norm), weight(l.post_attn_norm),
-                                  weight(l.post_mlp_norm), int(l.attn.rotary is model.local_rotary))
-                      for l in model.layers]
+                                  weight(l.post_mlp_norm), int(local))
+                      for l, local in zip(model.layers, model.local_layers)]
         moe = [moe_weights(l.mlp) for l in model.layers] if c.num_experts else []
         return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation, extras,
                    c.embedding_scale or 1.0, c.activation, moe)
