@@ -25,6 +25,24 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max())
 
 
+def test_int5_packing_is_the_gguf_q5_0_block_layout():
+    """pack_int5 of a Q5_0 block's codes is its qs bytes then its qh word: the kernels read the file's layout."""
+    import numpy as np
+    from gguf.quants import quantize
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from loom.layers.quantized import pack_int5, unpack_int5
+
+    w = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    blocks = torch.from_numpy(quantize(w, Q.Q5_0)).view(3, 2, 22)  # d (2) | qh (4) | qs (16)
+    low = torch.cat((blocks[..., 6:] & 15, blocks[..., 6:] >> 4), dim=-1)  # elements 0..15, 16..31
+    high = (blocks[..., 2:6, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    codes = (low | (high.reshape(3, 2, 32) << 4)).reshape(3, 64)
+    packed = pack_int5(codes).view(3, 2, 20)
+    assert torch.equal(packed[..., :16], blocks[..., 6:]) and torch.equal(packed[..., 16:], blocks[..., 2:6])
+    assert torch.equal(unpack_int5(pack_int5(codes)), codes)
+
+
 def test_int4_packing_round_trips_and_matches_the_gguf_block_layout():
     codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
     packed = pack_int4(codes)
@@ -34,8 +52,8 @@ def test_int4_packing_round_trips_and_matches_the_gguf_block_layout():
     assert int(packed[2, 16 + 3]) == int(codes[2, 32 + 3]) | (int(codes[2, 32 + 19]) << 4)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (4, 256), (8, 16), (8, 32), (8, 256), (6, 64),
-                                        (6, 16)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (4, 256), (5, 32), (5, 64), (8, 16),
+                                        (8, 32), (8, 256), (6, 64), (6, 16)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17, 40])
 def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
     qt = random_quantized_tensor(48, 256, bits, group, seed=bits * 100 + group)
@@ -94,7 +112,7 @@ def test_reference_backend_is_the_definition():
     assert torch.allclose(layer(x), x @ qt.dequantize().t(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (3, 64), (8, 32), (8, 128)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 64), (5, 32), (5, 16), (8, 32), (8, 128)])
 def test_quantized_form_round_trips_exactly(bits, group):
     qt = random_quantized_tensor(32, 128, bits, group)
     back = QuantizedLinear(qt, backend="loom").quantized()
@@ -199,7 +217,7 @@ def test_packed_w8a8_weight_unpacks_and_takes_any_leading_shape():
         PackedW8A8Linear(w, hadamard=48)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (5, 32), (5, 96), (8, 32), (8, 96), (8, 16)])
 def test_native_dequantize_equals_the_definition(bits, group):
     qt = random_quantized_tensor(40, 192, bits, group)
     layer = QuantizedLinear(qt, backend="loom")

@@ -100,9 +100,10 @@ def _write_gemma_gguf(path: str, hf, qtypes: dict[str, str]) -> None:
             per_block, nbytes = gguf.constants.GGML_QUANT_SIZES[q]
             if qtypes[suffix] in ("Q4_K", "Q6_K"):
                 raw = random_k_quant(qtypes[suffix], rows * cols // per_block, rng, scale=2e-3)
-            else:  # Q5_0 / Q8_0: random bits, a small fp16 scale first in each block
+            else:  # Q5_0 / Q5_1 / Q8_0: random bits, a small fp16 scale first in each block (and Q5_1's min)
                 raw = rng.integers(0, 256, size=(rows * cols // per_block, nbytes), dtype=np.uint8)
-                raw[:, :2] = rng.uniform(-4e-3, 4e-3, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+                for at in ((0, 2) if qtypes[suffix] == "Q5_1" else (0,)):
+                    raw[:, at:at + 2] = rng.uniform(-4e-3, 4e-3, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
             raw = raw.reshape(rows, -1)
             w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=q)
         else:
@@ -128,8 +129,9 @@ def _write_gemma_gguf(path: str, hf, qtypes: dict[str, str]) -> None:
 
 
 def test_gguf_with_native_k_quants_matches_transformers_reading_it(tmp_path):
-    """A Gemma 3 GGUF with Q5_0 q / k, a Q8_0 v, Q4_K gate / up / o and a Q6_K down (groups of 16): loom keeps
-    every one quantized (fused q|k|v from two types) and its logits equal HF's own GGUF reader's. head_dim is
+    """A Gemma 3 GGUF with Q5_0 q / k, a Q8_0 v, a Q4_K o, a Q5_0 gate and a Q5_1 up, and a Q6_K down (groups
+    of 16): loom keeps every one quantized (q|k|v fused as int8 from two types, gate|up in int5) and its logits
+    equal HF's own GGUF reader's. head_dim is
     256 because the file does not record query_pre_attn_scalar: llama.cpp (and loom) scale by head_dim^-1/2,
     transformers' reader by its default 256^-1/2, which agree for Gemma 3's head_dim of 256."""
     from transformers import AutoModelForCausalLM
@@ -137,14 +139,15 @@ def test_gguf_with_native_k_quants_matches_transformers_reading_it(tmp_path):
     hf = save_tiny_hf(str(tmp_path / "src"), "gemma3_text", **dict(TINY_GEMMA, hidden_size=256, head_dim=256,
                                                                       intermediate_size=512))
     qtypes = {"attn_q.weight": "Q5_0", "attn_k.weight": "Q5_0", "attn_v.weight": "Q8_0",
-              "attn_output.weight": "Q4_K", "ffn_gate.weight": "Q4_K", "ffn_up.weight": "Q4_K",
+              "attn_output.weight": "Q4_K", "ffn_gate.weight": "Q5_0", "ffn_up.weight": "Q5_1",
               "ffn_down.weight": "Q6_K"}
     _write_gemma_gguf(str(tmp_path / "g.gguf"), hf, qtypes)
     loaded = load_model(str(tmp_path / "g.gguf"), weights="native")
     layer = loaded.model.layers[0]
     kinds = [(m.bits, m.group_size) for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj,
                                                layer.mlp.down_proj) if isinstance(m, QuantizedLinear)]
-    assert kinds == [(8, 32), (4, 32), (4, 32), (8, 16)]
+    assert kinds == [(8, 32), (4, 32), (5, 32), (8, 16)]
+    assert layer.mlp.gate_up_proj.container_bits == 5  # read in GGUF's own Q5 layout
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", dtype=torch.float32).eval()
     ids = IDS[:30]  # up to 32 rows run the fp32 kernels (more take bf16 tiles: quant_linear_tiled)
     want = hf_logits(ref, ids)

@@ -10,8 +10,8 @@ Q4_1: scale d, offset m; Q8_0: signed codes, offset 0 after the +128 shift is fo
 
 ``QuantizedLinear`` runs it through one of several kernels (``Backend``):
   loom       loom's native kernel: fp32 activations, weights dequantized in registers (exact up to
-             summation order); codes in int4 (bits <= 4) or int8 (5..8 bits) containers, any group
-             that is a multiple of 32. Products of more than 32 rows (batched decode, prefill) dequantize
+             summation order); codes in int4 (bits <= 4), int5 (5 bits: GGUF Q5_0 / Q5_1's own layout)
+             or int8 (6..8 bits) containers, any group that is a multiple of 32 (int8: of 16). Products of more than 32 rows (batched decode, prefill) dequantize
              the weight tile by tile into bf16 and run on the matrix units (activations rounded to bf16;
              fp32 tiles on CPUs without bf16 GEMMs): ``quant_linear_tiled``
   torch      torch's kernels. CPU: ``_weight_int4pack_mm_for_cpu`` (bits <= 4, groups 32/64/128/256,
@@ -96,6 +96,16 @@ class QuantizedTensor:
         return QuantizedTensor(self.codes[index].contiguous(), self.scales[index].contiguous(),
                                self.offsets[index].contiguous(), self.bits, self.group_size)
 
+    def widened(self, bits: int = 8) -> QuantizedTensor:
+        """The same weights with ``bits``-bit codes: q + c, offset - c scale with c = 2^(bits-1) - 2^(self.bits-1),
+        so a symmetric grid stays symmetric (GGUF Q5_0's (q - 16) d becomes (q + 112 - 128) d: one fused
+        q|k|v from a Q5_0 q, k and a Q8_0 v). Exact: c scale is a small multiple of the scale."""
+        if bits < self.bits:
+            raise QuantizationError(f"cannot narrow {self.bits}-bit codes to {bits} bits")
+        c = 2 ** (bits - 1) - 2 ** (self.bits - 1)
+        return QuantizedTensor((self.codes.to(torch.int16) + c).to(torch.uint8), self.scales.clone(),
+                               self.offsets - c * self.scales, bits, self.group_size)
+
     @staticmethod
     def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
         """Row-wise concatenation (fused q|k|v, gate|up); parts must share bits and group size."""
@@ -123,13 +133,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0x0F, b >> 4), dim=2).reshape(n, 2 * half)
 
 
+def pack_int5(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in 0..31 -> [N, K/32 x 20] bytes: per chunk of 32, the int4 pairs of the low nibbles
+    (``pack_int4``) then a little-endian uint32 whose bit i is code i's fifth bit (GGUF Q5_0's qs | qh)."""
+    n, k = codes.shape
+    if k % 32:
+        raise QuantizationError(f"int5 packing needs the input size to be a multiple of 32, got {k}")
+    c = codes.to(torch.uint8)
+    nibbles = pack_int4(c & 15).view(n, k // 32, 16)
+    bits = ((c >> 4) & 1).view(n, k // 32, 4, 8).to(torch.int32)
+    high = (bits << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [n, chunks, 4] bytes
+    return torch.cat((nibbles, high), dim=-1).reshape(n, k // 32 * 20).contiguous()
+
+
+def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
+    n, row = packed.shape
+    b = packed.view(n, row // 20, 20)
+    low = unpack_int4(b[..., :16].reshape(n, -1).contiguous()).view(n, row // 20, 32)
+    high = (b[..., 16:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1  # [n, c, 4, 8]
+    return (low | (high.reshape(n, row // 20, 32) << 4)).reshape(n, -1)
+
+
 def dequantize_kernel_weight(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
                              group: int) -> torch.Tensor:
-    """The fp32 weight of the loom kernel's format (int4 pairs, or int8 codes shifted by -128)."""
+    """The fp32 weight of the loom kernel's format (int4 pairs, int5 codes shifted by -16, or int8 codes
+    shifted by -128)."""
     n = q.shape[0]
     if bits <= 4:
         b = q.view(n, q.shape[1] // 16, 16)
         codes = torch.stack((b & 15, b >> 4), dim=2).reshape(n, -1).float()
+    elif bits == 5:
+        codes = unpack_int5(q).float() - 16
     else:
         codes = q.view(torch.int8).float()
     k = codes.shape[1]
@@ -242,7 +276,8 @@ def torch_backend_problem(qt: QuantizedTensor) -> str | None:
 def loom_backend_problem(qt: QuantizedTensor) -> str | None:
     if qt.device.type != "cpu":
         return f"loom's quantized kernels are CPU code; this weight is on {qt.device.type}"
-    unit = 32 if qt.bits <= 4 else 16  # int8 groups may be half a 32-input chunk (GGUF Q6_K's sub-blocks)
+    unit = 32 if qt.bits <= 4 else 16  # int5 / int8 groups may be half a 32-input chunk (GGUF Q6_K's sub-blocks;
+    # an int5 tensor with such groups is held in the int8 container)
     if qt.group_size % unit or qt.shape[1] % 32:
         return (f"loom's kernel needs groups that are multiples of {unit} ({qt.bits}-bit codes) and inputs a "
                 f"multiple of 32, got groups of {qt.group_size} over {qt.shape[1]} inputs")
@@ -275,12 +310,15 @@ class QuantizedLinear(nn.Module):
         self.bits, self.group_size = qt.bits, qt.group_size
         self.requested_backend = backend
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
-        # Codes in the loom kernel's containers (int4 pairs, or int8 = code - 128); scales and offsets
-        # as given, so that ``quantized()`` returns exactly what was put in.
-        # Shapes that int4 pairs cannot hold (inputs not a multiple of 32) use the int8 container.
-        self.container_bits = 4 if qt.bits <= 4 and self.in_features % 32 == 0 and qt.group_size % 32 == 0 else 8
+        # Codes in the loom kernel's containers (int4 pairs, int5 = code - 16 in nibbles and a bit plane, or
+        # int8 = code - 128); scales and offsets as given, so that ``quantized()`` returns exactly what was
+        # put in. Shapes that int4 / int5 cannot hold (inputs not a multiple of 32, groups of 16) use int8.
+        whole_chunks = self.in_features % 32 == 0 and qt.group_size % 32 == 0
+        self.container_bits = 4 if qt.bits <= 4 and whole_chunks else 5 if qt.bits == 5 and whole_chunks else 8
         if self.container_bits == 4:
             q = pack_int4(qt.codes)
+        elif self.container_bits == 5:
+            q = pack_int5(qt.codes)
         else:
             q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
         self.register_buffer("qweight", q.contiguous())
@@ -293,8 +331,9 @@ class QuantizedLinear(nn.Module):
         self.backend = choose_backend(qt, self.requested_backend)
         if self.container_bits == 4:
             kernel_offsets = self.offsets
-        else:  # the -128 shift of the codes moves into the kernel's offset
-            kernel_offsets = self.offsets + 128.0 * self.scales
+        else:  # the codes' shift (-16 for int5, -128 for int8) moves into the kernel's offset
+            shift = 16.0 if self.container_bits == 5 else 128.0
+            kernel_offsets = self.offsets + shift * self.scales
             if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
                 kernel_offsets = torch.empty(0, device=self.offsets.device)
         self.kind = LinearKind.LOOM if self.backend == "loom" else LinearKind.REFERENCE
@@ -330,8 +369,12 @@ class QuantizedLinear(nn.Module):
 
     def quantized(self) -> QuantizedTensor:
         """The portable form back, exactly as it was given."""
-        codes = unpack_int4(self.qweight) if self.container_bits == 4 else \
-            (self.qweight.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        if self.container_bits == 4:
+            codes = unpack_int4(self.qweight)
+        elif self.container_bits == 5:
+            codes = unpack_int5(self.qweight)
+        else:
+            codes = (self.qweight.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
         return QuantizedTensor(codes, self.scales.clone(), self.offsets.clone(), self.bits, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -57,9 +57,11 @@ struct LinearWeight {
       k = w.size(1);
       return;
     }
-    TORCH_CHECK(bits == 4 || bits == 8, "NativeDecoder: quantized weights must be int4 or int8, got ", bits, " bits");
+    TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "NativeDecoder: quantized weights must be int4, int5 or int8, got ",
+                bits, " bits");
     TORCH_CHECK(w.scalar_type() == at::kByte || w.scalar_type() == at::kChar, "NativeDecoder: codes must be uint8 / int8");
-    k = bits == 4 ? w.size(1) * 2 : w.size(1);
+    TORCH_CHECK(bits != 5 || w.size(1) % 20 == 0, "NativeDecoder: int5 rows are whole 20-byte chunks");
+    k = loom_native::inputs_of(w.size(1), bits);
     TORCH_CHECK(loom_native::group_supported(bits, group, k), "NativeDecoder: group size ", group,
                 " must be a multiple of 32 (int4) or 16 (int8) dividing ", k);
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / group),

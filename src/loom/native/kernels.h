@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -47,6 +48,15 @@ struct QuantWeight {
 // values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
 // the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
 // two int->float conversions and two FMAs per chunk.
+// Bytes of one 32-input chunk of a row: int4 16 (two codes a byte), int5 20 (the int4 nibbles, then a
+// little-endian uint32 whose bit i is input i's fifth bit: GGUF Q5_0's qs | qh, reordered), int8 32.
+constexpr int64_t chunk_bytes(int bits) { return bits == 4 ? 16 : bits == 5 ? 20 : 32; }
+
+// Codes per row from the bytes per row.
+inline int64_t inputs_of(int64_t row_bytes, int64_t bits) {
+  return bits == 4 ? row_bytes * 2 : bits == 5 ? row_bytes / 20 * 32 : row_bytes;
+}
+
 // int8 codes may change group at the chunk's middle (groups of 16: GGUF's Q6_K sub-blocks), so the second
 // half takes its own scale and offset; int4 groups are whole chunks (the table is built once).
 template <int BITS>
@@ -58,6 +68,25 @@ template <int BITS>
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
     w0 = _mm512_permutexvar_ps(b, table);
     w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  } else if constexpr (BITS == 5) {
+    // 32 values (q - 16) s + z in two registers; vpermt2ps looks up a 5-bit index: the nibble, plus 16
+    // where the input's fifth bit is set (the bit mask selects the lanes).
+    const __m512 lo = _mm512_fmadd_ps(_mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3,
+                                                     -2, -1),
+                                      _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    const __m512 hi = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    const uint8_t* chunk = row + c * 20;
+    uint32_t high;
+    std::memcpy(&high, chunk + 16, 4);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
+    const __m512i sixteen = _mm512_set1_epi32(16), low_nibble = _mm512_set1_epi32(15);
+    const __m512i i0 = _mm512_mask_or_epi32(_mm512_and_si512(b, low_nibble), static_cast<__mmask16>(high),
+                                            _mm512_and_si512(b, low_nibble), sixteen);
+    const __m512i n1 = _mm512_srli_epi32(b, 4);
+    const __m512i i1 = _mm512_mask_or_epi32(n1, static_cast<__mmask16>(high >> 16), n1, sixteen);
+    w0 = _mm512_permutex2var_ps(lo, i0, hi);
+    w1 = _mm512_permutex2var_ps(lo, i1, hi);
   } else {
     const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32)));
     const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 32 + 16)));
@@ -153,6 +182,11 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
         const int64_t c = k / kChunk, i = k % kChunk;
         const uint8_t b = row[c * 16 + (i & 15)];
         code = i < 16 ? (b & 0xF) : (b >> 4);
+      } else if constexpr (BITS == 5) {
+        const int64_t c = k / kChunk, i = k % kChunk;
+        const uint8_t b = row[c * 20 + (i & 15)];
+        const int bit = (row[c * 20 + 16 + i / 8] >> (i % 8)) & 1;
+        code = ((i < 16 ? (b & 0xF) : (b >> 4)) | (bit << 4)) - 16;
       } else {
         code = static_cast<int8_t>(row[k]);
       }
@@ -201,6 +235,9 @@ inline void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y
   if (w.bits == 4) {
     if (accumulate) quant_rows<4, true>(x, m, w, y, n0, n1, group_of_chunk);
     else quant_rows<4, false>(x, m, w, y, n0, n1, group_of_chunk);
+  } else if (w.bits == 5) {
+    if (accumulate) quant_rows<5, true>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<5, false>(x, m, w, y, n0, n1, group_of_chunk);
   } else {
     if (accumulate) quant_rows<8, true>(x, m, w, y, n0, n1, group_of_chunk);
     else quant_rows<8, false>(x, m, w, y, n0, n1, group_of_chunk);
@@ -215,9 +252,9 @@ inline std::vector<int32_t> group_of_chunks(int64_t k, int64_t group) {
   return g;
 }
 
-// Whether the kernels take a group size: int4 groups are whole 32-input chunks, int8 groups halves of one.
+// Whether the kernels take a group size: int4 / int5 groups are whole 32-input chunks, int8 groups halves of one.
 inline bool group_supported(int64_t bits, int64_t group, int64_t k) {
-  const int64_t unit = bits == 4 ? kChunk : kChunk / 2;
+  const int64_t unit = bits == 8 ? kChunk / 2 : kChunk;
   return group > 0 && group % unit == 0 && k % group == 0 && k % kChunk == 0;
 }
 

@@ -12,7 +12,8 @@
 //
 // int4 layout: within each chunk of 32 inputs, byte i holds input i in its low nibble and input
 // i + 16 in its high nibble: exactly the byte order of GGUF's Q4_0 / Q4_1 blocks, so those repack
-// by copying.
+// by copying. int5 (GGUF Q5_0 / Q5_1): the same 16 bytes, then 4 bytes of fifth bits (bit i: input i),
+// and the value is (q - 16) s + z, as int8's is q s + z with q signed.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -39,7 +41,7 @@ void gemm(const float* x, int64_t m, const QuantWeight& w, float* y) {
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "quant_linear: bits must be 4, 5 or 8, got ", bits);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "quant_linear: activations must be fp32");
   TORCH_CHECK(qweight.scalar_type() == at::kByte || qweight.scalar_type() == at::kChar,
               "quant_linear: codes must be uint8 (int4 pairs) or int8");
@@ -47,8 +49,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t n = qweight.size(0), k = x.size(-1);
   TORCH_CHECK(loom_native::group_supported(bits, group, k), "quant_linear: group size ", group,
               " must be a multiple of 32 (int4) or 16 (int8) dividing the input size ", k, " (a multiple of 32)");
-  TORCH_CHECK(qweight.size(1) == (bits == 4 ? k / 2 : k), "quant_linear: codes have ", qweight.size(1),
-              " bytes per row; expected ", bits == 4 ? k / 2 : k);
+  const int64_t want_bytes = k / kChunk * loom_native::chunk_bytes(static_cast<int>(bits));
+  TORCH_CHECK(qweight.size(1) == want_bytes, "quant_linear: codes have ", qweight.size(1),
+              " bytes per row; expected ", want_bytes);
   auto s = scales.to(at::kFloat).contiguous();
   TORCH_CHECK(s.numel() == n * (k / group), "quant_linear: scales must be [N, K / group]");
   at::Tensor z;
@@ -95,6 +98,18 @@ void dequant_rows(const uint8_t* q, const float* sp, const float* zp, int64_t bi
             put(oc, i + 16, static_cast<float>(b[i] >> 4) * sc + off);
           }
         }
+      } else if (bits == 5) {  // (q - 16) s + z, q = nibble | fifth bit << 4 (kernels.h: chunk_bytes)
+        for (int64_t c = 0; c < group / kChunk; ++c) {
+          const uint8_t* b = row + (g * group + c * kChunk) / kChunk * 20;
+          uint32_t high;
+          std::memcpy(&high, b + 16, 4);
+          T* oc = o + c * kChunk;
+          for (int i = 0; i < 16; ++i) {
+            const int lo = (b[i] & 0xF) | (((high >> i) & 1) << 4), hi = (b[i] >> 4) | (((high >> (i + 16)) & 1) << 4);
+            put(oc, i, static_cast<float>(lo - 16) * sc + off);
+            put(oc, i + 16, static_cast<float>(hi - 16) * sc + off);
+          }
+        }
       } else {
         const int8_t* b = reinterpret_cast<const int8_t*>(row) + g * group;
 #pragma omp simd
@@ -112,9 +127,10 @@ struct Codes {
 
 Codes codes_of(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                int64_t bits, int64_t group, const char* op) {
-  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, op, ": bits must be 4, 5 or 8");
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), op, ": codes must be a contiguous [N, bytes]");
-  const int64_t n = qweight.size(0), k = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
+  TORCH_CHECK(bits != 5 || qweight.size(1) % 20 == 0, op, ": int5 rows are whole 20-byte chunks");
+  const int64_t n = qweight.size(0), k = loom_native::inputs_of(qweight.size(1), bits);
   TORCH_CHECK(group > 0 && k % group == 0 && (bits == 8 || group % kChunk == 0), op, ": bad group size");
   Codes c{static_cast<const uint8_t*>(qweight.data_ptr()), scales.to(at::kFloat).contiguous(), at::Tensor(), n, k,
           qweight.size(1)};

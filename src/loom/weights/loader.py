@@ -236,9 +236,11 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
         if any(p.endswith("]") for p in parts):  # an expert's slice of a stacked MoE tensor: dequantized
             continue
         qts = [gguf_quantized(g, model.config, p) for p in parts]
-        # parts fuse when their portable forms agree (e.g. Q5_0 q, k and a Q8_0 v: all 8-bit, groups of 32)
-        if any(q is None for q in qts) or len({(q.bits, q.group_size) for q in qts}) != 1:  # type: ignore[union-attr]
+        if any(q is None for q in qts) or len({q.group_size for q in qts}) != 1:  # type: ignore[union-attr]
             continue
+        bits = {q.bits for q in qts}  # type: ignore[union-attr]
+        if len(bits) > 1:  # e.g. a Q5_0 q, k and a Q8_0 v: fused as int8, each part exactly
+            qts = [q.widened(max(8, *bits)) for q in qts]  # type: ignore[union-attr]
         bias = None
         if target + ".bias" in sources:
             bias = torch.cat([read_gguf_tensor(g, model.config, p) for p in sources.pop(target + ".bias")])

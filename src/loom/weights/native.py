@@ -3,7 +3,8 @@
 Every block maps onto groups of the portable form (w = q scale + offset):
   Q4_0  w = d (q - 8)                  ->  4-bit codes q, groups of 32, scale d, offset -8 d
   Q4_1  w = d q + m                    ->  4-bit codes q, groups of 32, scale d, offset m
-  Q5_0  w = d (q - 16), q 5-bit        ->  8-bit codes q + 112, groups of 32, scale d, offset -128 d
+  Q5_0  w = d (q - 16), q 5-bit        ->  5-bit codes q, groups of 32, scale d, offset -16 d
+  Q5_1  w = d q + m, q 5-bit           ->  5-bit codes q, groups of 32, scale d, offset m
   Q8_0  w = d q (int8)                 ->  8-bit codes q + 128, groups of 32, scale d, offset -128 d
   Q4_K  w = d sc_j q - dmin m_j        ->  4-bit codes q, groups of 32 (sub-block j), scale d sc_j,
         (6-bit sc_j, m_j per 32)           offset -dmin m_j
@@ -25,8 +26,8 @@ from loom.layers.quantized import QuantizedTensor, unpack_int4
 from loom.weights.dequant import _bits_le32, _k4_scale_min, _nibbles
 from loom.weights.gguf import GGUF_ARCHITECTURES, GGUFFile, unpermute_rope
 
-NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K)
-_BLOCK_BYTES = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q8_0: 34, Q.Q4_K: 144, Q.Q6_K: 210}
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)
+_BLOCK_BYTES = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q8_0: 34, Q.Q4_K: 144, Q.Q6_K: 210}
 _SUPER = {Q.Q4_K: 256, Q.Q6_K: 256}  # weights per block (32 for the others)
 
 
@@ -44,7 +45,7 @@ def gguf_quantized(g: GGUFFile, config: ModelConfig, name: str) -> QuantizedTens
     per_block = _SUPER.get(info.qtype, 32)
     blocks = g.raw(name).view(n, k // per_block, _BLOCK_BYTES[info.qtype])
     d = _f16(blocks[..., 0:2])
-    if info.qtype in (Q.Q5_0, Q.Q4_K, Q.Q6_K):
+    if info.qtype in (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K):
         qt = _k_or_5bit(info.qtype, blocks.reshape(-1, _BLOCK_BYTES[info.qtype]), n, k)
     elif info.qtype == Q.Q8_0:
         codes = (blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
@@ -64,12 +65,14 @@ def gguf_quantized(g: GGUFFile, config: ModelConfig, name: str) -> QuantizedTens
 
 
 def _k_or_5bit(qtype: Q, b: torch.Tensor, n: int, k: int) -> QuantizedTensor:
-    """Q5_0, Q4_K or Q6_K blocks b [blocks, bytes] (rows of n x k weights) in portable form (module doc)."""
+    """Q5_0, Q5_1, Q4_K or Q6_K blocks b [blocks, bytes] (rows of n x k weights) in portable form (module doc)."""
     f16 = lambda x: x.contiguous().view(torch.float16).float()  # noqa: E731  [blocks, 2] -> [blocks, 1]
-    if qtype == Q.Q5_0:
+    if qtype in (Q.Q5_0, Q.Q5_1):
         d = f16(b[:, :2])
-        codes = (_nibbles(b[:, 6:]) | (_bits_le32(b[:, 2:6]) << 4)) + 112
-        return QuantizedTensor(codes.reshape(n, k), d.reshape(n, k // 32), (-128.0 * d).reshape(n, k // 32), 8, 32)
+        start = 2 if qtype == Q.Q5_0 else 4  # Q5_1: d, m, qh, qs
+        codes = _nibbles(b[:, start + 4:]) | (_bits_le32(b[:, start:start + 4]) << 4)
+        offset = -16.0 * d if qtype == Q.Q5_0 else f16(b[:, 2:4])
+        return QuantizedTensor(codes.reshape(n, k), d.reshape(n, k // 32), offset.reshape(n, k // 32), 5, 32)
     m = b.shape[0]
     if qtype == Q.Q4_K:
         d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
