@@ -62,6 +62,23 @@ def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
     assert _rel_err(layer(x), _tiled_definition(x, qt.dequantize())) < (4e-3 if _tiled_in_bf16(rows) else 2e-6)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 32), (8, 16)])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_fp16_scales_run_as_fp16_and_equal_the_definition(bits, group, rows):
+    """Scales and offsets that fp16 holds exactly (GGUF's d and m) reach the kernel as fp16, with the same result."""
+    qt = random_quantized_tensor(48, 256, bits, group, seed=7)
+    scales = qt.scales.half().float()
+    # int4: any fp16 offset (Q4_1's m); int5 / int8: symmetric codes (Q5_0, Q8_0), whose kernel offset is 0
+    offsets = qt.offsets.half().float() if bits == 4 else -(2.0 ** (bits - 1)) * scales
+    qt = type(qt)(qt.codes, scales, offsets, bits, group)
+    layer = QuantizedLinear(qt, backend="loom")
+    assert layer.spec().tensors[1].dtype == torch.float16
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    assert _rel_err(layer(x), _tiled_definition(x, qt.dequantize())) < (4e-3 if _tiled_in_bf16(rows) else 2e-6)
+    fp32 = QuantizedLinear(random_quantized_tensor(48, 256, bits, group, seed=7), backend="loom")
+    assert fp32.spec().tensors[1].dtype == torch.float32  # not exact in fp16: kept fp32
+
+
 def _tiled_in_bf16(rows: int) -> bool:
     """More than 32 rows take the tiled product, in bf16 where the CPU has bf16 GEMMs."""
     return rows > 32 and onednn_bf16_available()

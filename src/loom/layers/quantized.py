@@ -273,6 +273,18 @@ def torch_backend_problem(qt: QuantizedTensor) -> str | None:
     return f"torch has no {qt.bits}-bit kernel"
 
 
+def _as_fp16_if_exact(scales: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, offsets) in fp16 when both hold exactly there (loom's kernels then read half the bytes per
+    group: GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 store d and m as fp16), else as they are (fp32)."""
+    def exact(t: torch.Tensor) -> bool:
+        h = t.half()
+        return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t)
+
+    if exact(scales) and (offsets.numel() == 0 or exact(offsets)):
+        return scales.half().contiguous(), offsets.half()
+    return scales, offsets
+
+
 def loom_backend_problem(qt: QuantizedTensor) -> str | None:
     if qt.device.type != "cpu":
         return f"loom's quantized kernels are CPU code; this weight is on {qt.device.type}"
@@ -337,7 +349,10 @@ class QuantizedLinear(nn.Module):
             if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
                 kernel_offsets = torch.empty(0, device=self.offsets.device)
         self.kind = LinearKind.LOOM if self.backend == "loom" else LinearKind.REFERENCE
-        self.kernel_tensors: list[torch.Tensor] = [self.qweight, self.scales, kernel_offsets.contiguous()]
+        scales = self.scales
+        if self.backend == "loom":  # GGUF's d and m are fp16: stream them so, where nothing is lost
+            scales, kernel_offsets = _as_fp16_if_exact(scales, kernel_offsets)
+        self.kernel_tensors: list[torch.Tensor] = [self.qweight, scales, kernel_offsets.contiguous()]
         if self.backend == "torch":
             self.kind, self.kernel_tensors = self._torch_tensors(qt)
 

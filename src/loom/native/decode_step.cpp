@@ -64,13 +64,7 @@ struct LinearWeight {
     k = loom_native::inputs_of(w.size(1), bits);
     TORCH_CHECK(loom_native::group_supported(bits, group, k), "NativeDecoder: group size ", group,
                 " must be a multiple of 32 (int4) or 16 (int8) dividing ", k);
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == n * (k / group),
-                "NativeDecoder: scales must be contiguous fp32 [N, K / group]");
-    const bool has_z = z.numel() > 0;
-    TORCH_CHECK(!has_z || (z.scalar_type() == at::kFloat && z.is_contiguous() && z.numel() == s.numel()),
-                "NativeDecoder: offsets must be empty or contiguous fp32 like the scales");
-    q = {static_cast<const uint8_t*>(w.data_ptr()), s.data_ptr<float>(), has_z ? z.data_ptr<float>() : nullptr,
-         n, k, group, w.size(1), static_cast<int>(bits)};
+    q = loom_native::quant_weight(w, s, z, bits, group, "NativeDecoder");
     group_of_chunk = loom_native::group_of_chunks(k, group);
   }
 

@@ -7,6 +7,8 @@
 
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,14 +42,12 @@ struct QuantWeight {
   const float* z;  // may be null
   int64_t n, k, group, row_bytes;
   int bits;
+  // fp16 scales and offsets (raw bits) instead of s / z, where the weights' are exact in fp16 (GGUF's d and m):
+  // half the bytes per group the kernel streams besides the codes
+  const uint16_t* hs = nullptr;
+  const uint16_t* hz = nullptr;
 };
 
-#if defined(__AVX512F__)
-
-// The 32 dequantized weights of chunk c of a row, as two vectors of 16. For int4 the 16 possible
-// values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
-// the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
-// two int->float conversions and two FMAs per chunk.
 // Bytes of one 32-input chunk of a row: int4 16 (two codes a byte), int5 20 (the int4 nibbles, then a
 // little-endian uint32 whose bit i is input i's fifth bit: GGUF Q5_0's qs | qh, reordered), int8 32.
 constexpr int64_t chunk_bytes(int bits) { return bits == 4 ? 16 : bits == 5 ? 20 : 32; }
@@ -57,6 +57,89 @@ inline int64_t inputs_of(int64_t row_bytes, int64_t bits) {
   return bits == 4 ? row_bytes * 2 : bits == 5 ? row_bytes / 20 * 32 : row_bytes;
 }
 
+// fp16 bits -> fp32 (every value, subnormals and infinities included; F16C where the build has it).
+[[gnu::always_inline]] inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while ((m & 0x400) == 0);
+    bits = sign | ((112 - e) << 23) | ((m & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// The most groups per row whose fp16 scales a kernel widens into its stack (quant_weight checks it).
+constexpr int64_t kMaxHalfGroups = 1024;
+
+// A QuantWeight over codes q [n, row_bytes] with scales s and offsets z (z undefined or empty: none), both
+// fp32 or both fp16 (read as raw bits): the checks every entry point makes, in one place.
+inline QuantWeight quant_weight(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+                                int64_t group, const char* op) {
+  const int64_t n = q.size(0), k = inputs_of(q.size(1), bits);
+  const bool half = s.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || s.scalar_type() == at::kFloat) && s.is_contiguous() && s.numel() == n * (k / group), op,
+              ": scales must be contiguous fp32 or fp16 [N, K / group]");
+  const bool has_z = z.defined() && z.numel() > 0;
+  TORCH_CHECK(!has_z || (z.scalar_type() == s.scalar_type() && z.is_contiguous() && z.numel() == s.numel()), op,
+              ": offsets must be empty or contiguous like the scales (same dtype)");
+  TORCH_CHECK(!half || k / group <= kMaxHalfGroups, op, ": fp16 scales take at most ", kMaxHalfGroups,
+              " groups per row (give fp32 scales)");
+  QuantWeight w{static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr, n, k, group, q.size(1),
+                static_cast<int>(bits)};
+  if (half) {
+    w.hs = static_cast<const uint16_t*>(s.data_ptr());
+    w.hz = has_z ? static_cast<const uint16_t*>(z.data_ptr()) : nullptr;
+  } else {
+    w.s = s.data_ptr<float>();
+    w.z = has_z ? z.data_ptr<float>() : nullptr;
+  }
+  return w;
+}
+
+// Row n's scales and offsets as fp32 (zn null: none): pointers into the weight's fp32 arrays, or its fp16
+// ones widened 16 at a time into sbuf / zbuf, once per row (a conversion per chunk costs more than it saves).
+template <typename S>
+[[gnu::always_inline]] inline void row_scales(const QuantWeight& w, int64_t n, int64_t groups, float* sbuf, float* zbuf,
+                                              const float*& sn, const float*& zn) {
+  if constexpr (std::is_same_v<S, float>) {
+    sn = w.s + n * groups;
+    zn = w.z != nullptr ? w.z + n * groups : nullptr;
+  } else {
+    auto widen = [&](const uint16_t* src, float* dst) {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= groups; i += 16)
+        _mm512_store_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+      for (; i < groups; ++i) dst[i] = half_to_float(src[i]);
+    };
+    widen(w.hs + n * groups, sbuf);
+    sn = sbuf;
+    if (w.hz != nullptr) widen(w.hz + n * groups, zbuf);
+    zn = w.hz != nullptr ? zbuf : nullptr;
+  }
+}
+
+#if defined(__AVX512F__)
+
+// The 32 dequantized weights of chunk c of a row, as two vectors of 16. For int4 the 16 possible
+// values q s + z of the chunk's group form a table and vpermps looks each nibble up (it reads only
+// the low 4 bits of each index lane, so the low nibbles need no masking): two shuffles replace
+// two int->float conversions and two FMAs per chunk.
 // int8 codes may change group at the chunk's middle (groups of 16: GGUF's Q6_K sub-blocks), so the second
 // half takes its own scale and offset; int4 groups are whole chunks (the table is built once).
 template <int BITS>
@@ -95,16 +178,17 @@ template <int BITS>
   }
 }
 
-template <int BITS, int ROWS, bool ACC>
+template <int BITS, int ROWS, bool ACC, typename S>
 void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
                         int64_t n1, const int32_t* group_of_half) {
   // Two chunks per iteration, each with its own accumulators (4 independent FMA chains per row):
   // with one chain, a GEMV waits on FMA latency instead of streaming weights.
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
+  alignas(64) float sbuf[kMaxHalfGroups], zbuf[kMaxHalfGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
-    const float* sn = w.s + n * groups;
-    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
+    const float *sn, *zn;
+    row_scales<S>(w, n, groups, sbuf, zbuf, sn, zn);
     __m512 acc[ROWS][4];
     for (int r = 0; r < ROWS; ++r)
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -113,11 +197,11 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
       const int32_t* ga = group_of_half + 2 * c;
       const int32_t* gb = group_of_half + 2 * (pair ? c + 1 : c);
       __m512 a0, a1, b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      load_chunk<BITS>(row, c, sn[ga[0]], zn != nullptr ? zn[ga[0]] : 0.f, sn[ga[1]], zn != nullptr ? zn[ga[1]] : 0.f,
-                       a0, a1);
+      load_chunk<BITS>(row, c, sn[ga[0]], (zn != nullptr ? zn[ga[0]] : 0.f), sn[ga[1]],
+                       (zn != nullptr ? zn[ga[1]] : 0.f), a0, a1);
       if (pair)
-        load_chunk<BITS>(row, c + 1, sn[gb[0]], zn != nullptr ? zn[gb[0]] : 0.f, sn[gb[1]],
-                         zn != nullptr ? zn[gb[1]] : 0.f, b0, b1);
+        load_chunk<BITS>(row, c + 1, sn[gb[0]], (zn != nullptr ? zn[gb[0]] : 0.f), sn[gb[1]],
+                         (zn != nullptr ? zn[gb[1]] : 0.f), b0, b1);
       const float* xc = x + c * kChunk;
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
@@ -140,20 +224,21 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
 // Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
 // iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
 // 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
-template <int BITS, int ROWS, bool ACC>
+template <int BITS, int ROWS, bool ACC, typename S>
 void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
                              int64_t n1, const int32_t* group_of_half) {
   const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
+  alignas(64) float sbuf[kMaxHalfGroups], zbuf[kMaxHalfGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
-    const float* sn = w.s + n * groups;
-    const float* zn = w.z != nullptr ? w.z + n * groups : nullptr;
+    const float *sn, *zn;
+    row_scales<S>(w, n, groups, sbuf, zbuf, sn, zn);
     __m512 acc[ROWS][2];
     for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       const int32_t* g = group_of_half + 2 * c;
       __m512 a0, a1;
-      load_chunk<BITS>(row, c, sn[g[0]], zn != nullptr ? zn[g[0]] : 0.f, sn[g[1]], zn != nullptr ? zn[g[1]] : 0.f,
+      load_chunk<BITS>(row, c, sn[g[0]], (zn != nullptr ? zn[g[0]] : 0.f), sn[g[1]], (zn != nullptr ? zn[g[1]] : 0.f),
                        a0, a1);
       const float* xc = x + c * kChunk;
 #pragma GCC unroll 8
@@ -169,12 +254,15 @@ void wide_rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, 
 
 #else  // portable: the same arithmetic, one weight at a time
 
-template <int BITS, int ROWS, bool ACC>
+template <int BITS, int ROWS, bool ACC, typename S>
 void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float* y, int64_t ldy, int64_t n0,
                         int64_t n1, const int32_t* /*group_of_chunk*/) {
   const int64_t groups = w.k / w.group;
+  std::vector<float> sbuf(groups), zbuf(groups);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * w.row_bytes;
+    const float *sn, *zn;
+    row_scales<S>(w, n, groups, sbuf.data(), zbuf.data(), sn, zn);
     float acc[ROWS] = {};
     for (int64_t k = 0; k < w.k; ++k) {
       int code;
@@ -191,7 +279,7 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
         code = static_cast<int8_t>(row[k]);
       }
       const int64_t g = k / w.group;
-      const float wk = static_cast<float>(code) * w.s[n * groups + g] + (w.z != nullptr ? w.z[n * groups + g] : 0.f);
+      const float wk = static_cast<float>(code) * sn[g] + (zn != nullptr ? zn[g] : 0.f);
       for (int r = 0; r < ROWS; ++r) acc[r] += wk * x[r * ldx + k];
     }
     for (int r = 0; r < ROWS; ++r) store(y + r * ldy + n, acc[r], ACC);
@@ -203,7 +291,7 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
 
 // y[r, n] (+)= x[r] . W_hat[n] for rows r < m and outputs n in [n0, n1): the rows in tiles of up to
 // kMaxWideRows, each tile streaming the weights once.
-template <int BITS, bool ACC>
+template <int BITS, bool ACC, typename S>
 void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
                 const int32_t* gc) {
   for (int64_t r = 0; r < m;) {
@@ -211,20 +299,35 @@ void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64
     float* yr = y + r * w.n;
     const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
     switch (rows) {
-      case 1: rows_times_weights<BITS, 1, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      case 2: rows_times_weights<BITS, 2, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      case 3: rows_times_weights<BITS, 3, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      case 4: rows_times_weights<BITS, 4, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 1: rows_times_weights<BITS, 1, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 2: rows_times_weights<BITS, 2, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 3: rows_times_weights<BITS, 3, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 4: rows_times_weights<BITS, 4, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #if defined(__AVX512F__)
-      case 5: wide_rows_times_weights<BITS, 5, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      case 6: wide_rows_times_weights<BITS, 6, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      case 7: wide_rows_times_weights<BITS, 7, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-      default: wide_rows_times_weights<BITS, 8, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 5: wide_rows_times_weights<BITS, 5, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 6: wide_rows_times_weights<BITS, 6, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      case 7: wide_rows_times_weights<BITS, 7, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      default: wide_rows_times_weights<BITS, 8, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #else
-      default: rows_times_weights<BITS, 4, ACC>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
+      default: rows_times_weights<BITS, 4, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
 #endif
     }
     r += rows;
+  }
+}
+
+template <typename S>
+inline void quant_rows_of(const float* x, int64_t m, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
+                          const int32_t* group_of_chunk, bool accumulate) {
+  if (w.bits == 4) {
+    if (accumulate) quant_rows<4, true, S>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<4, false, S>(x, m, w, y, n0, n1, group_of_chunk);
+  } else if (w.bits == 5) {
+    if (accumulate) quant_rows<5, true, S>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<5, false, S>(x, m, w, y, n0, n1, group_of_chunk);
+  } else {
+    if (accumulate) quant_rows<8, true, S>(x, m, w, y, n0, n1, group_of_chunk);
+    else quant_rows<8, false, S>(x, m, w, y, n0, n1, group_of_chunk);
   }
 }
 
@@ -232,15 +335,10 @@ inline void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y
                        const int32_t* group_of_chunk, bool accumulate) {
   // Storing and accumulating are separate instantiations: a runtime flag in the stores cost ~15% on
   // small many-row products.
-  if (w.bits == 4) {
-    if (accumulate) quant_rows<4, true>(x, m, w, y, n0, n1, group_of_chunk);
-    else quant_rows<4, false>(x, m, w, y, n0, n1, group_of_chunk);
-  } else if (w.bits == 5) {
-    if (accumulate) quant_rows<5, true>(x, m, w, y, n0, n1, group_of_chunk);
-    else quant_rows<5, false>(x, m, w, y, n0, n1, group_of_chunk);
+  if (w.hs != nullptr) {
+    quant_rows_of<uint16_t>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
   } else {
-    if (accumulate) quant_rows<8, true>(x, m, w, y, n0, n1, group_of_chunk);
-    else quant_rows<8, false>(x, m, w, y, n0, n1, group_of_chunk);
+    quant_rows_of<float>(x, m, w, y, n0, n1, group_of_chunk, accumulate);
   }
 }
 

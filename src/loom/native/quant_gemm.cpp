@@ -52,21 +52,18 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t want_bytes = k / kChunk * loom_native::chunk_bytes(static_cast<int>(bits));
   TORCH_CHECK(qweight.size(1) == want_bytes, "quant_linear: codes have ", qweight.size(1),
               " bytes per row; expected ", want_bytes);
-  auto s = scales.to(at::kFloat).contiguous();
-  TORCH_CHECK(s.numel() == n * (k / group), "quant_linear: scales must be [N, K / group]");
+  // fp16 scales (and offsets) are read as they are; anything else as fp32
+  const bool half = scales.scalar_type() == at::kHalf;
+  auto s = half ? scales.contiguous() : scales.to(at::kFloat).contiguous();
   at::Tensor z;
-  if (offsets.has_value() && offsets->defined()) {
-    z = offsets->to(at::kFloat).contiguous();
-    TORCH_CHECK(z.numel() == s.numel(), "quant_linear: offsets must match scales");
-  }
+  if (offsets.has_value() && offsets->defined() && offsets->numel() > 0)
+    z = offsets->to(half ? at::kHalf : at::kFloat).contiguous();
+  const QuantWeight w = loom_native::quant_weight(qweight, s, z, bits, group, "quant_linear");
   auto xc = x.contiguous();
   const int64_t m = xc.numel() / k;
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto y = at::empty(sizes, x.options());
-  const QuantWeight w{static_cast<const uint8_t*>(qweight.data_ptr()),
-                      s.data_ptr<float>(), z.defined() ? z.data_ptr<float>() : nullptr, n, k, group, qweight.size(1),
-                      static_cast<int>(bits)};
   gemm(xc.data_ptr<float>(), m, w, y.data_ptr<float>());
   return y;
 }
