@@ -41,3 +41,17 @@ def test_info_counts_an_moe_models_active_parameters(capsys, tmp_path):
     expert = 3 * 64 * 128  # two of the four experts of each of the 2 layers are not run by a token
     assert info["parameters"] - info["active_parameters"] == 2 * 2 * expert
     assert "2 per token" in run(capsys, "info", str(tmp_path))[1]
+
+
+def test_info_on_gemma(capsys, tmp_path):
+    """A Gemma 3 folder: the parameter count is transformers' and its extras (QK-norm, scaled embedding,
+    local layers with their own RoPE base) are named."""
+    from tests.helpers import save_tiny_hf
+
+    hf = save_tiny_hf(str(tmp_path), "gemma3_text", head_dim=32, num_key_value_heads=2, sliding_window=8,
+                      num_hidden_layers=6)
+    code, out, _ = run(capsys, "info", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["parameters"] == sum(p.numel() for p in hf.parameters())
+    code, out, _ = run(capsys, "info", str(tmp_path))
+    assert "sandwich-norm" in out and "QK-norm per head" in out and "embedding x 8" in out
+    assert "sliding window 8 on 5 of 6 layers, RoPE theta 10000" in out

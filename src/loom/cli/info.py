@@ -86,6 +86,17 @@ def run(args: argparse.Namespace) -> int:
         extras.append(f"embedding width {embedding} (projected in and out of the residual stream)")
     if c.get("embedding_norm"):
         extras.append("embedding normed")
+    if c.get("embedding_scale"):
+        extras.append(f"embedding x {c['embedding_scale']:.4g}")
+    if c.get("qk_norm"):
+        extras.append("QK-norm per head")
+    if c.get("attn_scale"):
+        extras.append(f"softmax scale {c['attn_scale']:.4g}")
+    if c.get("sliding_window"):
+        layers = c.get("sliding_window_layers")
+        sliding = sum(layers) if layers else c["num_layers"]
+        local = f", RoPE theta {c['rope_local_theta']:g}" if c.get("rope_local_theta") else ""
+        extras.append(f"sliding window {c['sliding_window']} on {sliding} of {c['num_layers']} layers{local}")
     print("  details       " + "; ".join(extras))
     if c.get("rope_scaling"):
         r = c["rope_scaling"]
