@@ -25,7 +25,8 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32."""
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32 (torch's bf16 kernel accumulates
+    in fp32 itself, so bf16 inputs with bf16 weights go in as they are: no widening copies)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
@@ -34,6 +35,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(),
                                      None if self.bias is None else self.bias.float(), self.eps)
         return y.to(x.dtype)

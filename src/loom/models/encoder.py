@@ -81,8 +81,8 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = LayerNorm(h, config.norm_eps).to(dtype)
         self.act = get_activation(config.activation)
 
-    def forward(self, h: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D]; key_mask [B, 1, 1, T] bool, True where a key is a real token."""
+    def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """h [B, T, D]; key_mask [B, 1, 1, T] bool, True where a key is a real token (None: all are)."""
         b, t, d = h.shape
         qkv = self.qkv_proj(h).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=key_mask,
@@ -131,7 +131,8 @@ class Encoder(nn.Module):
         h = self.embed(input_ids, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        key_mask = attention_mask.bool()[:, None, None, :]
+        # a batch without padding attends with no mask at all (SDPA's unmasked kernel is the faster one)
+        key_mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
             h = layer(h, key_mask)
         return h

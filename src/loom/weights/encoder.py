@@ -22,6 +22,7 @@ from loom.layers.pooling import EmbeddingSpec, PoolingConfig
 from loom.models.encoder import Encoder, EncoderConfig
 from loom.weights.errors import WeightsError
 from loom.weights.hf import _ACTIVATIONS, _int, _read_json, SafetensorsCheckpoint
+from loom.layers.linear import pack_bf16_linears
 from loom.weights.loader import fill_parameters, resolve_dtype
 from loom.weights.validate import MAX_LAYERS, check_layer_count, checked_number, layer_indices, show
 
@@ -284,4 +285,6 @@ def load_encoder(folder: str, dtype: str | torch.dtype = torch.float32,
     model.eval().requires_grad_(False)
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)
+    elif model.dtype == torch.bfloat16:
+        pack_bf16_linears(model)  # the decoder's bf16 path: weights reordered once for oneDNN's GEMMs (one copy)
     return LoadedEncoder(model, config, spec, folder, time.perf_counter() - t0)
