@@ -316,6 +316,8 @@ class NativeDecoder : public torch::CustomClassHolder {
     float* ltp = lora_on ? lora_t.data_ptr<float>() : nullptr;
 
     const int64_t f = layers_.empty() ? 0 : layers_[0].linears[2].n / 2;
+    const int64_t attn_split =
+        std::max<int64_t>(1, std::min<int64_t>(hq_ / hkv_, at::get_num_threads() / std::max<int64_t>(1, b * hkv_)));
     const int64_t qkv_n = qkv_width(), heads_total = hq_ + 2 * hkv_;
     auto opts = embed_.options();
     auto h = at::empty({b, d_}, opts), x = at::empty({b, d_}, opts), qkv = at::empty({b, qkv_n}, opts);
@@ -410,10 +412,14 @@ class NativeDecoder : public torch::CustomClassHolder {
           }
         }
 #pragma omp barrier
-        for (int64_t item = t; item < b * hkv_; item += nt) {
-          const int64_t r = item / hkv_, g = item % hkv_;
+        // Work items: (row, KV head), each split by query heads when there are fewer items than threads (one
+        // sequence of an MQA model: Gemma 3's single KV head would leave all but one thread idle).
+        for (int64_t item = t; item < b * hkv_ * attn_split; item += nt) {
+          const int64_t part = item % attn_split, r = item / attn_split / hkv_, g = item / attn_split % hkv_;
+          const int64_t per_group = hq_ / hkv_;
           loom_native::attend_group(qp + r * hq_ * hd_, kc, vc, tabp + r * width, lp[r], g, hq_, hkv_, hd_, block_size,
-                                    scale_, layer.window, ap + r * hq_ * hd_, scratch);
+                                    scale_, layer.window, ap + r * hq_ * hd_, scratch, part * per_group / attn_split,
+                                    (part + 1) * per_group / attn_split);
         }
 #pragma omp barrier
         if (lora_shrink(lora[1], 1, ap)) {

@@ -510,8 +510,11 @@ struct AttentionScratch {  // reused by one thread across items
 template <typename T>
 void attend_heads(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, int64_t g0,
                   int64_t g1, int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, int64_t window,
-                  float* out, AttentionScratch& s) {
-  const int64_t groups = hq / hkv, row = hkv * d, heads = (g1 - g0) * groups, j0 = g0 * groups;
+                  float* out, AttentionScratch& s, int64_t first_head = 0, int64_t last_head = -1) {
+  // [first_head, last_head) of the query heads of groups g0 .. g1 - 1 (default: all of them); a range
+  // inside one group lets threads share a sequence whose few KV heads would leave threads idle.
+  const int64_t groups = hq / hkv, row = hkv * d, j0 = g0 * groups + first_head;
+  const int64_t heads = (last_head < 0 ? (g1 - g0) * groups : last_head) - first_head;
   const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
   const int64_t n = len - start;
   s.offsets.resize(n);  // element offset of token t's slice for KV head g0
@@ -533,7 +536,7 @@ void attend_heads(const float* q, const T* k_cache, const T* v_cache, const int6
     }
     for (int64_t h = 0; h < heads; ++h) {
       const float* qj = q + (j0 + h) * d;
-      const int64_t off = (h / groups) * d;
+      const int64_t off = ((first_head + h) / groups) * d;
       const T *k0 = k[0] + off, *k1 = k[1] + off, *k2 = k[2] + off, *k3 = k[3] + off;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -559,7 +562,7 @@ void attend_heads(const float* q, const T* k_cache, const T* v_cache, const int6
     for (int64_t h = 0; h < heads; ++h) {
       const float* sj = s.scores.data() + h * n + t0;
       const float p0 = sj[0], p1 = m > 1 ? sj[1] : 0.f, p2 = m > 2 ? sj[2] : 0.f, p3 = m > 3 ? sj[3] : 0.f;
-      const int64_t off = (h / groups) * d;
+      const int64_t off = ((first_head + h) / groups) * d;
       const T *v0 = v[0] + off, *v1 = v[1] + off, *v2 = v[2] + off, *v3 = v[3] + off;
       float* a = s.acc.data() + h * d;
 #pragma omp simd
@@ -577,8 +580,9 @@ void attend_heads(const float* q, const T* k_cache, const T* v_cache, const int6
 template <typename T>
 void attend_group(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, int64_t g,
                   int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, int64_t window, float* out,
-                  AttentionScratch& s) {
-  attend_heads(q, k_cache, v_cache, table, len, g, g + 1, hq, hkv, d, block_size, scale, window, out, s);
+                  AttentionScratch& s, int64_t first_head = 0, int64_t last_head = -1) {
+  attend_heads(q, k_cache, v_cache, table, len, g, g + 1, hq, hkv, d, block_size, scale, window, out, s, first_head,
+               last_head);
 }
 
 #if defined(__AVX512F__)
