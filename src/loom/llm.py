@@ -1,5 +1,6 @@
 """LLM: the friendly facade over LLMEngine. ``LLM()`` loads the default model; ``generate``, ``chat``, ``stream``;
-``embed`` (with a decoder, or with an encoder folder such as all-MiniLM-L6-v2, which builds no engine)."""
+``embed`` (with a decoder, or with an encoder folder such as all-MiniLM-L6-v2, which builds no engine). A T5 folder
+(encoder-decoder) generates through ``EncoderDecoderEngine``: the prompt is the encoder's input."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from loom.config import EngineConfig, ModelConfig
 from loom.default_model import resolve_model
 from loom.engine.collector import RequestCollector, timings_of
 from loom.engine.embedder import Embedder
+from loom.engine.encoder_decoder import EncoderDecoderEngine
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
 from loom.errors import InvalidRequestError
 from loom.models.encoder import Encoder, EncoderConfig
+from loom.models.t5 import T5, T5Config
 from loom.models.transformer import Transformer
 from loom.outputs import RequestOutput, StreamDelta, Timings
 from loom.sampling_params import SamplingParams
@@ -27,6 +30,7 @@ from loom.tokenizer import Tokenizer, load_tokenizer
 from loom.tokenizer.wordpiece import encoder_tokenizer
 from loom.weights.encoder import is_encoder_folder, load_encoder
 from loom.weights.loader import choose_weights, load_model
+from loom.weights.t5 import is_t5_folder, load_t5
 
 Prompt = Union[str, Sequence[int]]
 Messages = list[dict[str, Any]]
@@ -64,6 +68,8 @@ class LLM:
         self.engine: LLMEngine | None = None
         if is_encoder_folder(self.model_path):
             self._load_encoder(config)
+        elif is_t5_folder(self.model_path):
+            self._load_encoder_decoder(config)
         else:
             self._load_decoder(config)
         # the native kernels' one-time compilation (loom.native reports it) is not part of loading the model
@@ -78,8 +84,8 @@ class LLM:
         loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
                             device=config.device, rope_scaling=config.rope_scaling, lora=config.lora)
         self.device = loaded.model.device
-        self.model: Transformer | Encoder = loaded.model
-        self.config: ModelConfig | EncoderConfig = loaded.config  # the model's architecture
+        self.model: Transformer | Encoder | T5 = loaded.model
+        self.config: ModelConfig | EncoderConfig | T5Config = loaded.config  # the model's architecture
         self.tokenizer: Tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
         calibration = None
         if config.cache.kv_dtype == "int8":
@@ -87,7 +93,7 @@ class LLM:
 
             calibration = kv_calibration_ids(self.tokenizer)
         self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration)
-        self.embedder = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
+        self.embedder: Embedder | None = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
 
     def _load_encoder(self, config: EngineConfig) -> None:
         """An encoder (a BERT-style embedding model): no generation engine, only ``embed``."""
@@ -100,6 +106,23 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = encoder_tokenizer(self.model_path)
         self.embedder = Embedder(loaded.model, self.tokenizer, loaded.spec)
+
+    def _load_encoder_decoder(self, config: EngineConfig) -> None:
+        """A T5-style encoder-decoder (dense, fp32 or bf16) and its engine; it generates and does not embed."""
+        if config.weights not in (None, "native", "fp32", "bf16"):
+            raise ValueError(f"weights {config.weights!r} are not supported for encoder-decoder models: they run "
+                             "dense (fp32 or bf16)")
+        if config.lora is not None:
+            raise ValueError("merging a LoRA adapter is not supported for encoder-decoder models")
+        _, dtype = choose_weights(None, config.dtype, config.device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.weights or "", dtype)
+        loaded = load_t5(self.model_path, dtype=dtype, device=config.device)
+        self.device = loaded.model.device
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = load_tokenizer(self.model_path, None, loaded.config.eos_token_ids)
+        self.engine = EncoderDecoderEngine(loaded.model, self.tokenizer, config)
+        self.embedder = None
 
     @property
     def is_encoder(self) -> bool:
@@ -245,6 +268,9 @@ class LLM:
         batch_size: inputs per forward pass; a vector does not depend on its batch
         truncate:   cut longer inputs to this many tokens (-1: the model's maximum) instead of refusing them
         """
+        if self.embedder is None:
+            raise InvalidRequestError(f"{self.model_path} is an encoder-decoder model ({self.config.architecture}): "
+                                      "it generates text and does not embed")
         inputs = _normalize_prompts(texts_or_token_ids)
         return self.embedder.embed(inputs, truncate=truncate, normalize=normalize, pooling=pooling,
                                    dimensions=dimensions, batch_size=batch_size)

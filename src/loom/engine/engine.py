@@ -91,8 +91,7 @@ class LLMEngine:
                 config.scheduler.max_num_batched_tokens, self.max_model_len)))
         self.config = config
         self.adapters = None if config.lora_serving is None else AdapterPool(model, config.lora_serving)
-        self.runner = ModelRunner(model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs,
-                                  adapters=self.adapters)
+        self.runner = self._build_runner(config)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(model.config.eos_token_ids)
         self.speculator = None if config.speculative is None else Speculator(
             config.speculative, self.runner, self.kv_cache.num_blocks, self.eos_token_ids, config.decode_step)
@@ -115,6 +114,15 @@ class LLMEngine:
         self.generation_tokens = 0
         self.steps = 0
         self.lora_requests: dict[str, int] = {}  # adapter name -> requests received for it
+
+    def _build_runner(self, config: EngineConfig) -> ModelRunner:
+        """What turns a scheduled batch into logits (engine/encoder_decoder.py has its own for T5)."""
+        return ModelRunner(self.model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs,
+                           adapters=self.adapters)
+
+    def _release_request(self, request: Request) -> None:
+        """A request left the engine (finished or aborted): free what it holds besides its sequences' blocks
+        (nothing here; an encoder-decoder engine's cross-attention keys and values)."""
 
     @property
     def cache_config(self) -> CacheConfig:
@@ -264,6 +272,7 @@ class LLMEngine:
                 if self.speculator is not None:
                     self.speculator.release(seq)
                 self._pending.append(StreamDelta("", [], "abort", None, request_id, seq.index))
+        self._release_request(request)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -463,6 +472,7 @@ class LLMEngine:
             if request.is_finished:
                 request.metrics.finished = now
                 del self.requests[seq.request_id]
+                self._release_request(request)
         return delta
 
     # Introspection ----------------------------------------------------------------------------
