@@ -154,6 +154,10 @@ def test_sampling_params(checkpoint, llm):
     stop = greedy[6]
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop_token_ids=[stop]))[0]
     assert out.finish_reason == "stop" and out.token_ids == greedy[:greedy.index(stop) + 1]
+    full = llm.generate([PROMPTS[0]], GREEDY)[0].text
+    stop_at = next(i for i, ch in enumerate(full) if i > 0 and ch.isascii() and ch.isprintable())
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=[full[stop_at]]))[0]
+    assert out.finish_reason == "stop" and out.text == full[:full.index(full[stop_at])]
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=2, max_tokens=12)
     a, b = llm.generate([PROMPTS[1]], seeded)[0], llm.generate([PROMPTS[1]], seeded)[0]
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
