@@ -417,7 +417,7 @@ class T5(nn.Module):
         """Logits of final decoder states: (h * d_model^-1/2 when ``scale_decoder_outputs``) W_out^T."""
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model ** -0.5
-        return linear(hidden, self.output_weight)
+        return linear(hidden, self.shared.weight) if self.lm_head is None else self.lm_head(hidden)
 
     def logits(self, input_ids: torch.Tensor | list[int], decoder_input_ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Decoder logits [T, vocab] of one source and a whole decoder input, no cache (for evaluation and tests)."""

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from loom.layers.linear import pack_bf16_linears
 from loom.models.t5 import T5, T5Config
 from loom.weights.encoder import Checkpoint, open_encoder_checkpoint
 from loom.weights.errors import WeightsError
@@ -223,4 +224,6 @@ def load_t5(folder: str, dtype: str | torch.dtype = torch.float32,
     model.eval().requires_grad_(False)
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)
+    elif model.dtype == torch.bfloat16:
+        pack_bf16_linears(model)  # as the decoder's and the encoder's bf16 paths: weights reordered once for oneDNN
     return LoadedT5(model, config, folder, time.perf_counter() - t0)
