@@ -139,8 +139,8 @@ class MLAttention(nn.Module):
         return k, v
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, d_n, r], W_UV [H, d_v, r]): kv_b_proj's rows per head."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
+        """(W_UK [H, d_n, r], W_UV [H, d_v, r]): kv_b_proj's rows per head (dequantized, for a quantized linear)."""
+        w = self.kv_b_proj.dequantized_weight().view(self.num_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope:]
 
     # Attention ----------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class MLAttention(nn.Module):
         (``block_tables`` [B, max_blocks], ``context_lens`` [B]) in the latent space; returns [B, H, d_v]."""
         b, width = block_tables.shape
         length = width * cache.shape[1]
-        w_uk, w_uv = self.absorbed_weights()
+        w_uk, w_uv = (w.to(q.dtype) for w in self.absorbed_weights())
         q_latent = torch.einsum("bhn,hnr->bhr", q[..., : self.nope], w_uk)  # W_UK^T q_nope per head
         q_full = torch.cat((q_latent, q[..., self.nope:]), dim=-1)  # [B, H, r + d_r]
         latents = cache.index_select(0, block_tables.reshape(-1)).view(b, length, self.rank + self.rope)
