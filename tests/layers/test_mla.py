@@ -172,3 +172,9 @@ def test_parameter_count(fields):
 def test_bad_mla_configs_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         mla_config(**fields)
+
+
+def test_int8_weights_refuse_latent_attention_by_name():
+    from loom.models.rotation import rotation_problem
+
+    assert "latent attention" in rotation_problem(Transformer(mla_config()))
