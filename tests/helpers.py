@@ -226,3 +226,38 @@ def save_tiny_moe(folder: str, model_type: str, seed: int = 0, router_std: float
     size = f"{max(1, sum(p.numel() * 4 for p in model.parameters()) // shards // 1000)}KB" if shards > 1 else None
     model.save_pretrained(folder, max_shard_size=size) if size else model.save_pretrained(folder)
     return model
+
+
+# Tiny DeepSeek models (latent attention, layers/mla.py): 3 layers, the first dense, then top-3 of 8 routed experts
+# and 2 shared ones; q_lora_rank and the router options per test (deepseek_v3 routes in 4 groups, the best 2 kept).
+TINY_DEEPSEEK = dict(num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                     v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                     moe_intermediate_size=16, first_k_dense_replace=1, rms_norm_eps=1e-5)
+TINY_DEEPSEEK_V3 = dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+
+
+def save_tiny_deepseek(folder: str, model_type: str = "deepseek_v2", seed: int = 0, router_std: float = 1.0,
+                       **overrides: Any):
+    """``save_tiny_hf`` for deepseek_v2 / deepseek_v3 with ``TINY_DEEPSEEK`` (``overrides`` win), its routers drawn
+    with ``router_std`` so that routing depends on the token, V3's score-correction biases random (transformers
+    starts them at zero), and the query and latent projections drawn with variance 1 / fan_in, so that attention
+    scores are of order one (with transformers' std 0.02 every softmax is nearly uniform, and RoPE or the softmax
+    scale would hardly show in the logits)."""
+    options = TINY_DEEPSEEK | (TINY_DEEPSEEK_V3 if model_type == "deepseek_v3" else {}) | overrides
+    model = save_tiny_hf(folder, model_type, seed, **options)
+    gen = torch.Generator().manual_seed(seed + 1)
+    projections = ("q_proj.weight", "q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
+                   "kv_b_proj.weight")
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * router_std)
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name.endswith(projections):
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    for name in os.listdir(folder):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            os.remove(os.path.join(folder, name))
+    model.save_pretrained(folder)
+    return model

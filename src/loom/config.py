@@ -198,6 +198,32 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalize the k chosen weights to sum to 1 (Mixtral: always)
     shared_expert_intermediate_size: int = 0  # > 0: a sigmoid-gated shared SwiGLU expert (Qwen2-MoE)
     moe_layers: tuple[bool, ...] | None = None  # which layers are MoE (None: all, when num_experts > 0)
+    # DeepSeek's routers (layers/moe.py: ``route``): scores softmax(W_r x) or sigmoid(W_r x) ("sigmoid": V3);
+    # ``moe_score_bias`` adds a learned per-expert bias to the scores when choosing, not to the weights
+    # (V3's e_score_correction_bias); group-limited routing splits the experts into ``moe_groups`` groups and
+    # chooses among the best ``moe_topk_groups`` groups only (a group's score: its best expert's under softmax,
+    # its best two experts' sum under sigmoid); the chosen weights are multiplied by ``moe_routed_scale``
+    # (routed_scaling_factor). ``shared_expert_gated`` False: the shared expert is added as is (DeepSeek's
+    # n_shared_experts experts, one MLP of their summed width) instead of through Qwen2-MoE's sigmoid gate.
+    moe_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    moe_score_bias: bool = False
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_routed_scale: float = 1.0
+    shared_expert_gated: bool = True
+    # Multi-head latent attention (layers/mla.py; DeepSeek-V2, 2405.04434): kv_lora_rank > 0 makes every layer
+    # MLA. Keys and values are up-projected from a per-token latent c_kv of kv_lora_rank values; each head's
+    # query and key are [nope (qk_nope_head_dim) | rope (qk_rope_head_dim)], the rope part of the key one
+    # shared head; values have v_head_dim. The cache holds c_kv and the rotated rope key per token and layer.
+    # q_lora_rank > 0: queries go through a low-rank latent too (q_a_proj -> RMSNorm -> q_b_proj). head_dim is
+    # then qk_nope + qk_rope (the softmax scale's d) and rotary_dim qk_rope. rope_interleave: the rope dims
+    # rotate adjacent pairs (x_2i, x_2i+1), as DeepSeek's checkpoints store them, instead of halves.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window
@@ -211,6 +237,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.kv_lora_rank > 0:  # MLA: the query/key head is [nope | rope], RoPE on the rope part only
+            if self.head_dim is None:
+                self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+            if self.rotary_dim is None:
+                self.rotary_dim = self.qk_rope_head_dim
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -268,6 +299,32 @@ class ModelConfig:
         if not 0 <= self.position_offset <= MAX_CONTEXT:
             raise ValueError(f"position_offset must be between 0 and {MAX_CONTEXT}, got {self.position_offset}")
         self._validate_moe()
+        self._validate_mla()
+
+    def _validate_mla(self) -> None:
+        sizes = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if any(getattr(self, name) < 0 for name in sizes):
+            raise ValueError(f"{', '.join(sizes)} must be >= 0")
+        if not self.is_mla:
+            if self.q_lora_rank or self.qk_nope_head_dim or self.qk_rope_head_dim or self.v_head_dim \
+                    or self.rope_interleave:
+                raise ValueError("q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim and rope_interleave "
+                                 "describe latent attention: they need kv_lora_rank > 0")
+            return
+        r = self.qk_rope_head_dim
+        if r <= 0 or r % 2 or self.v_head_dim <= 0:
+            raise ValueError(f"latent attention needs an even qk_rope_head_dim > 0 and v_head_dim > 0, got {r} and "
+                             f"{self.v_head_dim}")
+        if self.head_dim != self.qk_nope_head_dim + r or self.rotary_dim != r:
+            raise ValueError(f"latent attention: head_dim must be qk_nope_head_dim + qk_rope_head_dim "
+                             f"({self.qk_nope_head_dim + r}) and rotary_dim qk_rope_head_dim ({r}), got "
+                             f"{self.head_dim} and {self.rotary_dim}")
+        if self.position != "rope":
+            raise ValueError(f"latent attention rotates its decoupled key: it needs RoPE, got {self.position!r}")
+        unsupported = [name for name in ("qk_norm", "qk_norm_full", "sliding_window", "rope_local_theta")
+                       if getattr(self, name)]
+        if unsupported:
+            raise ValueError(f"latent attention does not implement {', '.join(unsupported)}")
 
     def _validate_moe(self) -> None:
         e, k = self.num_experts, self.num_experts_per_tok
@@ -277,6 +334,9 @@ class ModelConfig:
         if e == 0:
             if k or self.moe_layers is not None or self.shared_expert_intermediate_size:
                 raise ValueError("num_experts_per_tok, moe_layers and a shared expert need num_experts > 0")
+            if not self.moe_plain_routing:
+                raise ValueError("moe_scoring, moe_score_bias, moe_groups, moe_topk_groups and moe_routed_scale "
+                                 "describe a router: they need num_experts > 0")
             return
         if not 1 <= k <= e:
             raise ValueError(f"num_experts_per_tok must be between 1 and num_experts ({e}), got {k}")
@@ -286,6 +346,18 @@ class ModelConfig:
             raise ValueError("experts are gated MLPs without biases: MoE needs gated_mlp=True and mlp_bias=False")
         if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
             raise ValueError("moe_layers needs one entry per layer")
+        if self.moe_scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_scoring must be 'softmax' or 'sigmoid', got {self.moe_scoring!r}")
+        g, tg = self.moe_groups, self.moe_topk_groups
+        if g < 1 or e % g or not 1 <= tg <= g:
+            raise ValueError(f"group-limited routing needs moe_groups dividing num_experts ({e}) and 1 <= "
+                             f"moe_topk_groups <= moe_groups, got {g} and {tg}")
+        if g > 1 and self.moe_scoring == "sigmoid" and e // g < 2:
+            raise ValueError("sigmoid routing scores a group by its best two experts: groups need >= 2 experts")
+        if k > tg * (e // g):
+            raise ValueError(f"num_experts_per_tok {k} exceeds the experts of the {tg} chosen groups ({tg * (e // g)})")
+        if not _positive(self.moe_routed_scale):
+            raise ValueError(f"moe_routed_scale must be a positive number, got {self.moe_routed_scale}")
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -301,6 +373,31 @@ class ModelConfig:
     def queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention (layers/mla.py)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def attn_out_size(self) -> int:
+        """Inputs of the attention's output projection: heads x the value head's width."""
+        return self.num_heads * (self.v_head_dim if self.is_mla else self.head_dim)
+
+    @property
+    def moe_plain_routing(self) -> bool:
+        """Whether the router is the plain softmax top-k (Mixtral, Qwen-MoE, OLMoE), with a shared expert, if any,
+        behind its sigmoid gate: what the compiled decode steps compute."""
+        return (self.moe_scoring == "softmax" and not self.moe_score_bias and self.moe_groups == 1
+                and self.moe_topk_groups == 1 and self.moe_routed_scale == 1.0 and self.shared_expert_gated)
+
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) of one token's entry in one layer's KV cache: (kv_heads, head_dim,
+        head_dim), or for latent attention one "head" of [c_kv | rotated k_rope] (kv_lora_rank + qk_rope_head_dim)
+        and no value (the values are c_kv, read from the same entry)."""
+        if self.is_mla:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.num_kv_heads, self.head_dim, self.head_dim  # type: ignore[return-value]
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (None: full causal attention)."""
         if self.sliding_window is None:
@@ -314,17 +411,30 @@ class ModelConfig:
         return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
 
     def kv_bytes_per_token(self, bytes_per_element: float = 4) -> float:
-        """KV cache bytes per token: layers x kv_heads x head_dim x 2 (K and V) x element size."""
-        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * bytes_per_element
+        """KV cache bytes per token: layers x kv_heads x head_dim x 2 (K and V) x element size; for latent
+        attention layers x (kv_lora_rank + qk_rope_head_dim) x element size (``kv_cache_shape``)."""
+        heads, k, v = self.kv_cache_shape()
+        return self.num_layers * heads * (k + v) * bytes_per_element
+
+    def mha_kv_bytes_per_token(self, bytes_per_element: float = 4) -> float:
+        """What the KV cache would hold per token if latent attention cached its up-projected keys and values
+        (layers x heads x (qk_nope + qk_rope + v_head_dim)), as multi-head attention does; for any other
+        attention the same as ``kv_bytes_per_token``."""
+        if not self.is_mla:
+            return self.kv_bytes_per_token(bytes_per_element)
+        return self.num_layers * self.num_heads * (self.head_dim + self.v_head_dim) * bytes_per_element
 
     def num_parameters(self, include_embeddings: bool = True, active: bool = False) -> int:
         """Parameter count of the model this config describes (tied embeddings counted once). ``active``:
         the parameters one token runs through, i.e. an MoE layer's router, its ``num_experts_per_tok``
         experts and its shared expert, not all ``num_experts`` (the same as the total for a dense model)."""
         h, f = self.hidden_size, self.intermediate_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        if self.qkv_bias:
-            attn += self.q_size + 2 * self.kv_size
+        if self.is_mla:
+            attn = self._mla_parameters()
+        else:
+            attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+            if self.qkv_bias:
+                attn += self.q_size + 2 * self.kv_size
         if self.attn_out_bias:
             attn += h
         if self.qk_norm_full:
@@ -350,13 +460,24 @@ class ModelConfig:
                 total += (self.max_position_embeddings + self.position_offset) * h
         return total
 
+    def _mla_parameters(self) -> int:
+        """One latent attention's weights but the output bias: the query path (q_proj, or q_a_proj, its norm and
+        q_b_proj), kv_a_proj [kv_lora_rank + rope, h], its norm, kv_b_proj [H (nope + v), kv_lora_rank] and o_proj."""
+        h, heads, r, rq = self.hidden_size, self.num_heads, self.kv_lora_rank, self.q_lora_rank
+        q = h * heads * self.head_dim if not rq else h * rq + rq + rq * heads * self.head_dim  # type: ignore[operator]
+        kv = h * (r + self.qk_rope_head_dim) + r + r * heads * (self.qk_nope_head_dim + self.v_head_dim)
+        bias = (rq if rq else 0) + r + self.qk_rope_head_dim if self.qkv_bias else 0  # q_a_proj, kv_a_proj
+        return q + kv + bias + self.attn_out_size * h
+
     def _moe_parameters(self, active: bool) -> int:
-        """One MoE layer's MLP: router [E, h], experts of 3 h f_moe each (k of them when ``active``), and the
-        shared expert (3 h f_shared) with its gate [1, h]."""
+        """One MoE layer's MLP: router [E, h] (and its score bias [E]), experts of 3 h f_moe each (k of them when
+        ``active``), and the shared expert (3 h f_shared) with its gate [1, h] when gated."""
         h, experts = self.hidden_size, self.num_experts_per_tok if active else self.num_experts
         n = self.num_experts * h + experts * 3 * h * self.moe_intermediate_size  # type: ignore[operator]
+        if self.moe_score_bias:
+            n += self.num_experts
         if self.shared_expert_intermediate_size:
-            n += 3 * h * self.shared_expert_intermediate_size + h
+            n += 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_gated else 0)
         return n
 
     # Serialization --------------------------------------------------------------------------

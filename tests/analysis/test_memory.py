@@ -83,3 +83,17 @@ def test_analytic_activations_scale_with_tokens():
     assert activation_elements_per_token(cfg, train=False) < per_token / cfg.num_layers
     inf = estimate_memory(cfg, dtype="fp32", context=1024)
     assert inf.total == inf.weights + inf.kv_cache + inf.activations and inf.gradients == 0
+
+
+def test_latent_attention_caches_its_latents():
+    """DeepSeek-V2 (2405.04434, table 1): MLA caches (d_c + d_h^R) l elements per token = 576 x 27 for V2-Lite,
+    against 2 n_h d_h l for MHA (here keys of 192 and values of 128 per head: 16 x 320 x 27)."""
+    cfg = MODELS["deepseek-v2-lite"]
+    est = estimate_memory(cfg, dtype="bf16", context=32768)
+    assert est.kv_per_token == 27 * 576 * 2 == cfg.kv_bytes_per_token(2)
+    assert est.kv_per_token_mha == 27 * 16 * 320 * 2
+    assert est.kv_cache == 32768 * 31104 and est.kv_cache_mha == 32768 * 276480
+    assert est.to_dict()["kv_cache_mha"] == est.kv_cache_mha
+    assert 15.6e9 < est.parameters < 15.8e9
+    dense = estimate_memory(MODELS["llama-3-8b"], dtype="fp16", context=8192)
+    assert dense.kv_cache_mha == dense.kv_cache

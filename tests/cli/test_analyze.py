@@ -45,6 +45,8 @@ def test_memory(capsys):
     code, out, _ = run(capsys, "memory", "--model", "smollm2-135m", "--dtype", "bf16", "--train", "--optimizer",
                        "adamw", "--mixed-precision")
     assert code == 0 and "optimizer states" in out and "fp32 master weights" in out
+    code, out, _ = run(capsys, "memory", "--model", "deepseek-v2-lite", "--dtype", "bf16", "--context", "32768")
+    assert code == 0 and "(as MHA: 8.9x)" in out and "KV per token: 31,104 B" in out and "as MHA 276,480 B" in out
 
 
 def test_offload_and_speculative(capsys):
@@ -91,3 +93,5 @@ def test_errors_exit_2(capsys):
     assert code == 2 and "go together" in err
     code, _, err = run(capsys, "plot", "--model", "llama-2-7b", "--measure", "--hardware", "h100")
     assert code == 2 and "preset" in err
+    code, _, err = run(capsys, "roofline", "--model", "deepseek-v2-lite", "--hardware", "h100")
+    assert code == 2 and "latent attention" in err

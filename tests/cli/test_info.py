@@ -55,3 +55,16 @@ def test_info_on_gemma(capsys, tmp_path):
     code, out, _ = run(capsys, "info", str(tmp_path))
     assert "sandwich-norm" in out and "QK-norm per head" in out and "embedding x 8" in out
     assert "sliding window 8 on 5 of 6 layers, RoPE theta 10000" in out
+
+
+def test_info_reports_a_latent_attention_cache_next_to_its_mha_equivalent(capsys, tmp_path):
+    from tests.helpers import save_tiny_deepseek
+
+    hf = save_tiny_deepseek(str(tmp_path), "deepseek_v2")
+    code, out, _ = run(capsys, "info", str(tmp_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert info["kv_bytes_per_token"]["bf16"] == 3 * (16 + 4) * 2  # layers x (kv_lora_rank + qk_rope_head_dim)
+    assert info["mha_kv_bytes_per_token"]["bf16"] == 3 * 4 * (8 + 4 + 12) * 2  # layers x heads x (k + v)
+    code, out, _ = run(capsys, "info", str(tmp_path))
+    assert "latent attention: kv_lora_rank 16, q_lora_rank 24" in out and "int8 288 B (4.8x)" in out

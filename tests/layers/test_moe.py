@@ -147,3 +147,72 @@ def test_model_counts_tokens_per_expert_and_layer():
     model.logits(torch.arange(10))
     counts = expert_token_counts(model)
     assert sorted(counts) == [1, 2] and all(sum(c) == 20 for c in counts.values())
+
+
+# DeepSeek's routers -----------------------------------------------------------------------------------------
+
+def deepseek_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's routing (V2: softmax, group score = best expert; V3: sigmoid, bias for the choice only, group
+    score = best two), one token at a time, with the shared expert added ungated."""
+    out = []
+    e, groups = moe.num_experts, moe.groups
+    size = e // groups
+    for t in range(x.shape[0]):
+        logits = x[t] @ moe.router.weight.T
+        s = torch.softmax(logits, -1) if moe.scoring == "softmax" else torch.sigmoid(logits)
+        c = s + (moe.score_bias if moe.score_bias is not None else 0)
+        group_score = [sorted(c[g * size:(g + 1) * size].tolist(), reverse=True)[:1 if moe.scoring == "softmax" else 2]
+                       for g in range(groups)]
+        kept = sorted(range(groups), key=lambda g: -sum(group_score[g]))[:moe.topk_groups]
+        allowed = [i for i in range(e) if i // size in kept]
+        top = sorted(allowed, key=lambda i: -c[i].item())[:moe.top_k]
+        g = s[top] / s[top].sum() if moe.normalize else s[top]
+        g = g * moe.routed_scale
+        y = sum(g[j] * expert(moe.experts[i], x[t]) for j, i in enumerate(top))
+        out.append(y + expert(moe.shared_expert, x[t]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("scoring,bias,groups,topk_groups,normalize,scale", [
+    ("softmax", False, 1, 1, False, 1.5),   # DeepSeek-V2 greedy
+    ("softmax", False, 4, 2, False, 1.0),   # DeepSeek-V2 group_limited_greedy
+    ("sigmoid", True, 4, 2, True, 2.5),     # DeepSeek-V3 noaux_tc
+    ("sigmoid", True, 1, 1, False, 1.0),
+], ids=["v2-greedy", "v2-groups", "v3", "v3-one-group"])
+def test_deepseek_routing_equals_the_per_token_reference(scoring, bias, groups, topk_groups, normalize, scale):
+    torch.manual_seed(0)
+    moe = MoE(16, 12, 8, 3, normalize, 20, dtype=torch.float64, scoring=scoring, score_bias=bias, groups=groups,
+              topk_groups=topk_groups, routed_scale=scale, shared_gated=False)
+    assert moe.shared_expert_gate is None
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(41, 16, dtype=torch.float64)
+    torch.testing.assert_close(moe(x), deepseek_reference(moe, x), rtol=1e-12, atol=1e-12)
+    assert (moe.expert_tokens > 0).sum() > 3  # routing depends on the token
+
+
+def test_group_limited_routing_chooses_only_in_the_best_groups():
+    # 4 groups of 2; the bias pushes experts 6 and 7 (group 3) to the top, expert 0 (group 0) next
+    logits = torch.zeros(1, 8)
+    bias = torch.tensor([0.3, 0.0, 0.1, 0.1, 0.0, 0.0, 1.0, 0.9])
+    w, e = route(logits, 3, normalize=False, scoring="sigmoid", score_bias=bias, groups=4, topk_groups=2, scale=2.0)
+    assert sorted(e[0].tolist()) == [0, 6, 7]  # groups 3 (1.9) and 0 (0.3): not 2 or 3 (0.2 each)
+    torch.testing.assert_close(w, torch.full((1, 3), 0.5 * 2.0))  # sigmoid(0) times the scale: no bias in weights
+
+
+def test_deepseek_config_fields():
+    moe = config(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+                 shared_expert_gated=False, moe_scoring="sigmoid", moe_score_bias=True, moe_groups=4,
+                 moe_topk_groups=2, moe_routed_scale=2.5)
+    assert not moe.moe_plain_routing and config(num_experts=4, num_experts_per_tok=2).moe_plain_routing
+    assert sum(p.numel() for p in Transformer(moe).parameters()) == moe.num_parameters()
+    assert ModelConfig.from_dict(moe.to_dict()) == moe
+    for fields, match in [(dict(moe_groups=3), "dividing num_experts"), (dict(moe_topk_groups=5), "moe_topk_groups"),
+                          (dict(moe_groups=8, moe_scoring="sigmoid"), "best two"),
+                          (dict(moe_groups=4, moe_topk_groups=1, num_experts_per_tok=3), "exceeds the experts"),
+                          (dict(moe_routed_scale=0.0), "moe_routed_scale"), (dict(moe_scoring="relu"), "moe_scoring")]:
+        with pytest.raises(ValueError, match=match):
+            config(**(dict(num_experts=8, num_experts_per_tok=2) | fields))
+    with pytest.raises(ValueError, match="describe a router"):
+        config(moe_routed_scale=2.0)

@@ -10,7 +10,9 @@ they do not depend on the parameter count.
 bytes per parameter): 16-bit weights and gradients plus an fp32 master copy and fp32 optimizer states.
 
 KV cache (seed 001; docs/ALGORITHMS.md, "KV cache and paged attention"): layers x kv_heads x head_dim x 2 (K and V) x bytes per element,
-per token, times batch x context.
+per token, times batch x context. Latent attention (DeepSeek-V2, layers/mla.py) caches layers x (kv_lora_rank +
+qk_rope_head_dim) elements per token instead; ``kv_cache_mha`` is what the same model would cache as multi-head
+attention (its up-projected keys and values), for comparison.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ class MemoryEstimate:
     context: int
     batch: int
     activations_method: str
+    # KV cache bytes per token, and what they would be were the model's attention multi-head (the same unless it
+    # is latent attention); 0 without a model or when training
+    kv_per_token: float = 0.0
+    kv_per_token_mha: float = 0.0
+
+    @property
+    def kv_cache_mha(self) -> float:
+        """The KV cache were the model's attention multi-head (``kv_cache`` unless it is latent attention)."""
+        return self.batch * self.context * self.kv_per_token_mha
 
     @property
     def total(self) -> float:
@@ -72,7 +83,7 @@ class MemoryEstimate:
                 + self.master_weights)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "kv_cache_mha": self.kv_cache_mha, "total": self.total}
 
 
 def estimate_memory(config: ModelConfig | None = None, *, parameters: float | None = None, dtype: str = "fp16",
@@ -104,9 +115,11 @@ def estimate_memory(config: ModelConfig | None = None, *, parameters: float | No
     # Integer dtypes quantize the weights; activations (and, unless told, the KV cache) stay 16-bit.
     act_b = b if dtype in ("fp32", "fp16", "bf16") else 2.0
     weights = params * b
-    kv = 0.0
+    kv = per_token = per_token_mha = 0.0
     if config is not None and not train:
-        kv = batch * context * config.kv_bytes_per_token(dtype_bytes(kv_dtype) if kv_dtype else act_b)
+        kv_b = dtype_bytes(kv_dtype) if kv_dtype else act_b
+        per_token, per_token_mha = config.kv_bytes_per_token(kv_b), config.mha_kv_bytes_per_token(kv_b)
+        kv = batch * context * per_token
     if activations == "seed":
         # Seed 003 counts activations per parameter; for inference it lists only the weights ("load").
         act = params * SEED_ACTIVATION_BYTES_PER_PARAM_FP32 * b / 4 if train else 0.0
@@ -120,4 +133,4 @@ def estimate_memory(config: ModelConfig | None = None, *, parameters: float | No
         if mixed_precision and b < 4:
             master = params * 4.0
     return MemoryEstimate(params, dtype, weights, kv, act, grads, states, master, train,
-                          optimizer if train else None, context, batch, activations)
+                          optimizer if train else None, context, batch, activations, per_token, per_token_mha)

@@ -11,10 +11,11 @@ conclusion (decode is memory-bound) holds for both: the ridge moves from 20 to 5
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
-from loom.config import ModelConfig
+from loom.config import ModelConfig, RopeScaling
 
 # Bytes per element of the dtypes the analysis commands accept.
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -125,6 +126,18 @@ MODELS: dict[str, ModelConfig] = {
                                 intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192,
                                 norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
                                 name="smollm2-135m"),
+    # DeepSeek-V2-Lite (2405.04434; its published config.json): latent attention (kv_lora_rank 512, rope 64, no
+    # q_lora_rank), 64 routed experts of 1408 (top 6) and 2 shared after one dense layer; YaRN x40 with
+    # mscale = mscale_all_dim = 0.707 (cos/sin factor 1, softmax scale 192^-1/2 x mscale(40, 0.707)^2). 15.7B
+    # parameters, 2.7B active; KV cache 576 values per token and layer, against 16 x (192 + 128) as MHA.
+    "deepseek-v2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16, intermediate_size=10944, norm_eps=1e-6,
+        rope_scaling=RopeScaling("yarn", 40.0, 4096, attention_factor=1.0), max_position_embeddings=163840,
+        attn_scale=192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=64, num_experts_per_tok=6,
+        moe_intermediate_size=1408, norm_topk_prob=False, shared_expert_intermediate_size=2 * 1408,
+        shared_expert_gated=False, moe_layers=(False,) + (True,) * 26, bos_token_id=100000, eos_token_ids=(100001,),
+        architecture="deepseek_v2", name="deepseek-v2-lite"),
 }
 
 

@@ -144,6 +144,9 @@ def forward_ops(config: ModelConfig, phase: Phase = "prefill", n: int = 1, l: in
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if config.is_mla:
+        raise ValueError("the roofline does not model latent attention's operators yet (layers/mla.py); "
+                         "loom analyze memory does")
     if phase == "prefill":
         l = n if l is None else l
         if l < n:

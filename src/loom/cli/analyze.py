@@ -199,6 +199,9 @@ def _memory(args: argparse.Namespace) -> int:
     rows = [["weights", binary(est.weights), si(est.weights, "B")]]
     if not args.train:
         rows.append(["KV cache", binary(est.kv_cache), si(est.kv_cache, "B")])
+        if config is not None and config.is_mla:
+            rows.append([f"  (as MHA: {est.kv_cache_mha / est.kv_cache:.1f}x)" if est.kv_cache else "  (as MHA)",
+                         binary(est.kv_cache_mha), si(est.kv_cache_mha, "B")])
     rows.append(["activations", binary(est.activations), si(est.activations, "B")])
     if args.train:
         rows += [["gradients", binary(est.gradients), si(est.gradients, "B")],
@@ -207,6 +210,10 @@ def _memory(args: argparse.Namespace) -> int:
             rows.append(["fp32 master weights", binary(est.master_weights), si(est.master_weights, "B")])
     rows.append(["total", binary(est.total), si(est.total, "B")])
     print(table(["component", "bytes (binary)", "bytes (decimal)"], rows, right=[False, True, True]))
+    if config is not None and config.is_mla and not args.train:
+        print(f"KV per token: {est.kv_per_token:,.0f} B, latent attention's c_kv ({config.kv_lora_rank}) + k_rope "
+              f"({config.qk_rope_head_dim}) x {config.num_layers} layers; as MHA {est.kv_per_token_mha:,.0f} B "
+              f"({config.num_heads} heads x keys {config.head_dim} + values {config.v_head_dim})")
     return 0
 
 

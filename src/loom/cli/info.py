@@ -54,6 +54,9 @@ def model_info(path: str | None) -> dict[str, Any]:
                               (("fp32", 4), ("bf16", 2), ("fp16", 2), ("int8", 1), ("int4", 0.5))}
     info["kv_bytes_per_token"] = {"fp32": config.kv_bytes_per_token(4), "bf16": config.kv_bytes_per_token(2),
                                   "int8": config.kv_bytes_per_token(1)}
+    if config.is_mla:  # the latent cache, next to the keys and values multi-head attention would cache
+        info["mha_kv_bytes_per_token"] = {k: config.mha_kv_bytes_per_token(b) for k, b in
+                                          (("fp32", 4), ("bf16", 2), ("int8", 1))}
     return info
 
 
@@ -69,9 +72,13 @@ def run(args: argparse.Namespace) -> int:
     if "tensor_types" in info:
         print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
     print(f"  architecture  {info['architecture']} ({info['name']})")
+    heads = f"kv {c['num_kv_heads']}, head_dim {c['head_dim']}"
+    if c.get("kv_lora_rank"):
+        heads = (f"latent attention: kv_lora_rank {c['kv_lora_rank']}, q_lora_rank {c['q_lora_rank'] or 'none'}, "
+                 f"qk {c['qk_nope_head_dim']} + rope {c['qk_rope_head_dim']}, v {c['v_head_dim']}")
     print(f"  layers {c['num_layers']}, hidden {c['hidden_size']}, FFN {c['intermediate_size']} "
           f"({'gated ' if c['gated_mlp'] else ''}{c['activation']}), heads {c['num_heads']} "
-          f"(kv {c['num_kv_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}")
+          f"({heads}), vocab {c['vocab_size']}")
     offset = c.get("position_offset", 0)
     print(f"  positions     {c['position']}" + (f" theta {c['rope_theta']:g}" if c["position"] == "rope" else "")
           + (f" (table rows p + {offset})" if offset else "")
@@ -107,4 +114,10 @@ def run(args: argparse.Namespace) -> int:
               f"{info['active_parameters']:,} parameters active per token")
     print("  weight bytes  " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in info["bytes_by_dtype"].items()))
     print("  KV per token  " + ", ".join(f"{k} {v:,.0f} B" for k, v in info["kv_bytes_per_token"].items()))
+    if "mha_kv_bytes_per_token" in info:
+        mha = info["mha_kv_bytes_per_token"]
+        print(f"                latent attention caches c_kv ({c['kv_lora_rank']}) + k_rope ({c['qk_rope_head_dim']}) "
+              f"per layer; as MHA ({c['num_heads']} heads x (keys {c['head_dim']} + values {c['v_head_dim']})): "
+              + ", ".join(f"{k} {v:,.0f} B" for k, v in mha.items())
+              + f" ({mha['fp32'] / info['kv_bytes_per_token']['fp32']:.1f}x)")
     return 0

@@ -78,6 +78,9 @@ class AdapterPool:
         if c.num_experts:
             raise ValueError("per-request LoRA adapters are not served for mixture-of-experts models (their MLPs are "
                              "experts, not one gate|up and down)")
+        if c.is_mla:
+            raise ValueError("per-request LoRA adapters are not served for latent attention models (no q|k|v "
+                             "projection)")
         self.rank = config.max_lora_rank
         self.dtype = lora_dtype(model, config.dtype)
         n, dt, dev = config.max_loras, self.dtype, model.device

@@ -145,6 +145,8 @@ class LLMEngine:
         why = None
         if c.position != "rope" or c.sliding_window is not None:
             why = f"needs a RoPE model without its own sliding window (position={c.position!r})"
+        elif c.is_mla:
+            why = "does not run over latent attention's cache (it evicts and re-rotates per-head keys)"
         elif self.kv_cache.quantized:
             why = "does not run over the int8 KV cache"
         elif self.speculator is not None:

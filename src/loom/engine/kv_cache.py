@@ -1,4 +1,7 @@
-"""The physical KV cache: per layer, K and V tensors of [num_blocks, block_size, kv_heads, head_dim]."""
+"""The physical KV cache: per layer, K and V tensors of [num_blocks, block_size, kv_heads, head_dim].
+
+Latent attention (layers/mla.py) caches one entry per token and layer, [c_kv | rotated k_rope]: K is
+[num_blocks, block_size, 1, kv_lora_rank + qk_rope_head_dim] and V is empty (its last dimension 0)."""
 
 from __future__ import annotations
 
@@ -31,13 +34,17 @@ class KVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, kv_dtype: str = "auto",
                  device: torch.device | str | None = None) -> None:
-        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        heads, k_dim, v_dim = config.kv_cache_shape()
+        shape = (config.num_layers, num_blocks, block_size, heads, k_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.device = torch.device(device if device is not None else "cpu")
         self.quantized = kv_dtype == "int8"
+        if self.quantized and config.is_mla:
+            raise ValueError("the int8 KV cache quantizes keys and values; latent attention caches latents "
+                             "(use kv_dtype 'auto')")
         store = torch.int8 if self.quantized else dtype
         self.k = _zeros(shape, store, self.device)
-        self.v = _zeros(shape, store, self.device)
+        self.v = _zeros(shape[:-1] + (v_dim,), store, self.device)
         if self.quantized:  # see layers/kv_quant.py; key scales are set by calibrate_key_scales
             self.k_scale = torch.ones(config.num_layers, config.num_kv_heads, config.head_dim, device=self.device)
             self.v_scale = _zeros(shape[:-1], torch.float32, self.device)

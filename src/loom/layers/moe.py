@@ -23,6 +23,18 @@ experts that received tokens run: a decode step of one token runs k experts, a l
 The number of tokens each expert received is counted into the ``expert_tokens`` buffer (the engine's
 stats report it per layer).
 
+DeepSeek's routers (DeepSeek-V2 2405.04434, DeepSeek-V3 2412.19437; ``ModelConfig.moe_scoring`` and the
+fields after it) extend ``route``:
+
+    s = softmax(W_r x) (V2) or sigmoid(W_r x) (V3)     the scores, in fp32
+    c = s + b                                           what the choice ranks: V3 adds a learned bias b
+                                                        (e_score_correction_bias), V2 none (c = s)
+    group-limited: the E experts form G groups; a group's score is its best c (V2's group_limited_greedy)
+    or the sum of its best two (V3's noaux_tc); only the best ``topk_groups`` groups' experts may be chosen
+    T = top_k(c); g_i = s_i (i in T), renormalized when ``normalize``, times ``routed_scale``
+
+and their shared experts are added ungated (``shared_gated=False``): y = sum_{i in T} g_i E_i(x) + E_shared(x).
+
 Each expert is a ``GatedMLP`` of loom ``Linear`` s (``experts.{e}.gate_up_proj`` holds gate and up as
 one fused matrix, ``experts.{e}.down_proj``), so weight-only quantization can replace them like any
 other linear.
@@ -38,15 +50,30 @@ from loom.layers.linear import Linear
 from loom.layers.mlp import GatedMLP
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, normalize: bool, scoring: str = "softmax",
+          score_bias: torch.Tensor | None = None, groups: int = 1, topk_groups: int = 1,
+          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k], experts [T, k] int64) from router logits [T, E]: softmax in fp32 (fp64 for fp64
     logits), the top k (largest first, ties as ``torch.topk`` breaks them), renormalized to sum to 1 when
-    ``normalize``."""
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
+    ``normalize``. DeepSeek's options (the module docstring): ``scoring`` "sigmoid", a ``score_bias`` [E] that
+    only the choice sees, group-limited choice (``groups`` > 1), the weights times ``scale``."""
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scores = torch.softmax(scores, dim=-1) if scoring == "softmax" else torch.sigmoid(scores)
+    if score_bias is None and groups == 1:
+        weights, experts = torch.topk(scores, top_k, dim=-1)
+    else:
+        choice = scores if score_bias is None else scores + score_bias.to(scores.dtype)
+        if groups > 1:
+            grouped = choice.view(choice.shape[0], groups, -1)
+            group_scores = grouped.amax(dim=-1) if scoring == "softmax" else grouped.topk(2, dim=-1).values.sum(-1)
+            kept = torch.zeros_like(group_scores, dtype=torch.bool)
+            kept.scatter_(1, torch.topk(group_scores, topk_groups, dim=-1).indices, True)
+            choice = choice.masked_fill(~kept.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        experts = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts
+    return weights if scale == 1.0 else weights * scale, experts
 
 
 class MoE(nn.Module):
@@ -59,33 +86,45 @@ class MoE(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, normalize: bool = True,
-                 shared_intermediate: int = 0, activation: str = "silu", dtype: torch.dtype = torch.float32) -> None:
+                 shared_intermediate: int = 0, activation: str = "silu", dtype: torch.dtype = torch.float32,
+                 scoring: str = "softmax", score_bias: bool = False, groups: int = 1, topk_groups: int = 1,
+                 routed_scale: float = 1.0, shared_gated: bool = True) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
+        self.scoring, self.groups, self.topk_groups, self.routed_scale = scoring, groups, topk_groups, routed_scale
         self.router = Linear(hidden, num_experts, dtype=dtype)
+        # DeepSeek-V3's e_score_correction_bias: added to the scores that choose the experts (kept in fp32)
+        self.score_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False) if score_bias else None
         self.experts = nn.ModuleList(GatedMLP(hidden, intermediate, activation, dtype=dtype)
                                      for _ in range(num_experts))
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: Linear | None = None
         if shared_intermediate:
             self.shared_expert = GatedMLP(hidden, shared_intermediate, activation, dtype=dtype)
-            self.shared_expert_gate = Linear(hidden, 1, dtype=dtype)
+            if shared_gated:
+                self.shared_expert_gate = Linear(hidden, 1, dtype=dtype)
         self.register_buffer("expert_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> MoE:
-        return cls(config.hidden_size, config.moe_intermediate_size, config.num_experts,  # type: ignore[arg-type]
-                   config.num_experts_per_tok, config.norm_topk_prob, config.shared_expert_intermediate_size,
-                   config.activation, dtype)
+        c = config
+        return cls(c.hidden_size, c.moe_intermediate_size, c.num_experts,  # type: ignore[arg-type]
+                   c.num_experts_per_tok, c.norm_topk_prob, c.shared_expert_intermediate_size, c.activation, dtype,
+                   c.moe_scoring, c.moe_score_bias, c.moe_groups, c.moe_topk_groups, c.moe_routed_scale,
+                   c.shared_expert_gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        weights, experts = route(self.router(x), self.top_k, self.normalize)
+        weights, experts = route(self.router(x), self.top_k, self.normalize, self.scoring, self.score_bias,
+                                 self.groups, self.topk_groups, self.routed_scale)
         y = self.dispatch(x, weights, experts)
         if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # type: ignore[misc]
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
         return y
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,8 @@ def rotation_problem(model: Transformer) -> str | None:
         return "it needs a gated MLP (gate|up, down)"
     if c.num_experts:
         return "it does not rotate mixture-of-experts layers (router, experts) yet"
+    if c.is_mla:
+        return "it does not rotate latent attention (layers/mla.py) yet"
     return None
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.layers.attention import Attention, AttentionMetadata
 from loom.layers.linear import Linear, linear
+from loom.layers.mla import MLAttention
 from loom.layers.mlp import make_mlp
 from loom.layers.moe import MoE, make_moe, moe_row_splits
 from loom.layers.norm import make_norm
@@ -40,7 +41,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.pre_norm = config.norm_placement in ("pre", "sandwich")
         self.attn_norm = make_norm(config).to(dtype)
-        self.attn = Attention(config, layer, rotary, kernel, dtype)
+        attention = MLAttention if config.is_mla else Attention
+        self.attn = attention(config, layer, rotary, kernel, dtype)
         self.mlp_norm = make_norm(config).to(dtype)
         self.mlp = make_moe(config, dtype) if config.is_moe_layer(layer) else make_mlp(config, dtype)
         sandwich = config.norm_placement == "sandwich"

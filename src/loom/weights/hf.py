@@ -418,3 +418,4 @@ register_family(LLAMA_SHAPED, HFFamily(_llama_config, _llama_sources))
 import loom.weights.hf_gemma  # noqa: E402,F401
 from loom.weights import hf_classic  # noqa: E402,F401  (GPT-2, OPT, BLOOM)
 from loom.weights import hf_moe  # noqa: E402,F401  (mixtral, qwen2_moe, qwen3_moe, olmoe)
+from loom.weights import hf_deepseek  # noqa: E402,F401  (deepseek_v2, deepseek_v3: latent attention)

@@ -114,7 +114,7 @@ def parameter_part_shapes(config: ModelConfig, parameter: str) -> list[tuple[int
         "pos_embed.weight": [(config.max_position_embeddings + config.position_offset, h)],
         "project_in.weight": [(h, e)], "project_out.weight": [(e, h)],
         "attn.qkv_proj.weight": [(q, h), (kv, h), (kv, h)], "attn.qkv_proj.bias": [(q,), (kv,), (kv,)],
-        "attn.o_proj.weight": [(h, q)], "attn.o_proj.bias": [(h,)],
+        "attn.o_proj.weight": [(h, config.attn_out_size)], "attn.o_proj.bias": [(h,)],
         "mlp.gate_up_proj.weight": [(f, h), (f, h)], "mlp.gate_up_proj.bias": [(f,), (f,)],
         "mlp.up_proj.weight": [(f, h)], "mlp.up_proj.bias": [(f,)],
         "mlp.down_proj.weight": [(h, f)], "mlp.down_proj.bias": [(h,)],
@@ -128,6 +128,15 @@ def parameter_part_shapes(config: ModelConfig, parameter: str) -> list[tuple[int
             "mlp.experts.*.down_proj.weight": [(h, fm)], "mlp.shared_expert.gate_up_proj.weight": [(fs, h), (fs, h)],
             "mlp.shared_expert.down_proj.weight": [(h, fs)], "mlp.shared_expert_gate.weight": [(1, h)]})
         name = re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.*.", name)
+    if config.num_experts and config.moe_score_bias:
+        shapes["mlp.score_bias"] = [(config.num_experts,)]
+    if config.is_mla:  # layers/mla.py
+        heads, r, rq = config.num_heads, config.kv_lora_rank, config.q_lora_rank
+        kv_a, kv_b = r + config.qk_rope_head_dim, heads * (config.qk_nope_head_dim + config.v_head_dim)
+        shapes.update({
+            "attn.q_proj.weight": [(q, h)], "attn.q_a_proj.weight": [(rq, h)], "attn.q_a_proj.bias": [(rq,)],
+            "attn.q_a_norm.weight": [(rq,)], "attn.q_b_proj.weight": [(q, rq)], "attn.kv_a_proj.weight": [(kv_a, h)],
+            "attn.kv_a_proj.bias": [(kv_a,)], "attn.kv_a_norm.weight": [(r,)], "attn.kv_b_proj.weight": [(kv_b, r)]})
     if config.qk_norm_full:
         shapes.update({"attn.qk_norm_full.q.weight": [(q,)], "attn.qk_norm_full.k.weight": [(kv,)]})
     return shapes.get(name)

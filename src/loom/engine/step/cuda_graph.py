@@ -96,9 +96,10 @@ class CudaGraphStep(DecodeStep):
     @staticmethod
     def takes(model: Transformer) -> bool:
         c = model.config
-        # not MoE (its dispatch has data-dependent shapes) nor QK-norm (decode_forward has neither)
+        # not MoE (its dispatch has data-dependent shapes), QK-norm nor latent attention (decode_forward has none)
         return (model.device.type == "cuda" and c.norm_placement == "pre" and c.position != "alibi"
-                and not c.qk_norm and c.rope_local_theta is None and not c.num_experts and not c.qk_norm_full)
+                and not c.qk_norm and c.rope_local_theta is None and not c.num_experts and not c.qk_norm_full
+                and not c.is_mla)
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         """Returns fp32 logits [B, V] (a fresh tensor, not the graph's buffer); the batch's tensors may be

@@ -117,6 +117,7 @@ def _llama_core(model: Transformer) -> bool:
             and not c.embedding_norm and c.embedding_size == c.hidden_size
             and c.gated_mlp and not c.mlp_bias and not c.attn_out_bias
             and c.position == "rope" and c.rotary_dim == c.head_dim and not c.qk_norm_full
+            and not c.is_mla and c.moe_plain_routing
             and model.dtype in (torch.float32, torch.bfloat16) and model.device.type == "cpu"):
         return False
     linears = [m for l in model.layers for m in [l.attn.qkv_proj, l.attn.o_proj] + _mlp_linears(l.mlp)]
