@@ -38,13 +38,11 @@ def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: dict | None = None,
-                     drop: tuple[str, ...] = (), arch: str = "llama", extra_tensors: dict | None = None) -> None:
-    """Write an HF llama model as a llama.cpp-style GGUF (permuted Q/K, GGUF tensor names)."""
+def gguf_writer(path: str, arch: str, cfg, theta: float | None = None):  # type: ignore[no-untyped-def]
+    """A GGUFWriter for ``arch`` holding the llama.cpp keys every decoder file has, read from the HF config
+    ``cfg`` (``theta``: the RoPE base, by default the config's)."""
     import gguf
 
-    cfg = hf_model.config
-    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -53,8 +51,20 @@ def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: di
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if theta is None:
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     w.add_rope_freq_base(theta)
+    return w
+
+
+def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: dict | None = None,
+                     drop: tuple[str, ...] = (), arch: str = "llama", extra_tensors: dict | None = None) -> None:
+    """Write an HF llama model as a llama.cpp-style GGUF (permuted Q/K, GGUF tensor names)."""
+    import gguf
+
+    cfg = hf_model.config
+    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    w = gguf_writer(path, arch, cfg)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
     for k, v in (tokenizer_meta or {}).items():

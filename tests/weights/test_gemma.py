@@ -14,7 +14,8 @@ from loom.layers.quantized import QuantizedLinear
 from loom.tokenizer import tokenizer_from_gguf_metadata
 from loom.weights.errors import WeightsError
 from loom.weights.loader import load_model
-from tests.helpers import byte_level_metadata, byte_level_vocab_meta, hf_logits, random_k_quant, save_tiny_hf
+from tests.helpers import (byte_level_metadata, byte_level_vocab_meta, gguf_writer, hf_logits, random_k_quant,
+                           save_tiny_hf)
 
 IDS = list(range(3, 240, 7))  # 34 tokens: past the tiny models' window of 8
 TINY_GEMMA = dict(head_dim=32, num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=24,
@@ -77,17 +78,9 @@ def _write_gemma_gguf(path: str, hf, qtypes: dict[str, str]) -> None:
 
     cfg, rng = hf.config, np.random.default_rng(3)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    w = gguf.GGUFWriter(path, "gemma3")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = gguf_writer(path, "gemma3", cfg, theta=cfg.rope_parameters["full_attention"]["rope_theta"])
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
     w.add_sliding_window(cfg.sliding_window)
     for k, v in byte_level_vocab_meta().items():
         getattr(w, k)(v)

@@ -11,7 +11,7 @@ import torch
 
 from loom.weights.errors import WeightsError
 from loom.weights.loader import load_model
-from tests.helpers import hf_logits, permute_for_gguf, save_tiny_moe
+from tests.helpers import gguf_writer, hf_logits, permute_for_gguf, save_tiny_moe
 
 IDS = list(range(3, 240, 7))
 
@@ -25,15 +25,7 @@ def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str
 
     cfg = hf.config
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w = gguf_writer(path, arch, cfg)
     w.add_vocab_size(cfg.vocab_size)
     n_experts = cfg.num_local_experts if arch == "llama" else cfg.num_experts
     w.add_expert_count(expert_count or n_experts)

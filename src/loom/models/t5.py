@@ -117,6 +117,11 @@ class T5Config:
         return self.num_heads * self.d_kv
 
     num_experts = 0  # no MoE layers (the engine's stats ask)
+    is_mla = False  # no latent attention (the KV cache asks)
+
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) of one decoder token's self-attention entry in one layer."""
+        return self.num_heads, self.d_kv, self.d_kv
 
     def kv_bytes_per_token(self, bytes_per_element: float = 4) -> float:
         """Bytes of decoder self-attention K and V per decoder token (the paged cache)."""

@@ -279,12 +279,19 @@ def load_encoder(folder: str, dtype: str | torch.dtype = torch.float32,
     ckpt = open_encoder_checkpoint(folder)
     sources = encoder_tensor_sources(config, ckpt)
     check_encoder_checkpoint(config, ckpt, sources, folder)
-    model = Encoder(config, dtype=resolve_dtype(dtype))
+    model = fill_and_place(Encoder(config, dtype=resolve_dtype(dtype)), ckpt, sources, folder, device)
+    return LoadedEncoder(model, config, spec, folder, time.perf_counter() - t0)
+
+
+def fill_and_place(model: torch.nn.Module, ckpt: Checkpoint, sources: dict[str, list[str]], folder: str,
+                   device: str | torch.device | None) -> torch.nn.Module:
+    """``model`` filled from ``ckpt`` (fp32 reads, cast to the model's dtype), frozen, moved to ``device``; a bf16
+    CPU model's linears packed once for oneDNN's GEMMs (the decoder's bf16 path; one copy)."""
     fetch: Callable[[str], torch.Tensor] = lambda name: ckpt.tensor(name).float()  # noqa: E731
     fill_parameters(model, sources, fetch, folder)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)
-    elif model.dtype == torch.bfloat16:
-        pack_bf16_linears(model)  # the decoder's bf16 path: weights reordered once for oneDNN's GEMMs (one copy)
-    return LoadedEncoder(model, config, spec, folder, time.perf_counter() - t0)
+    elif next(model.parameters()).dtype == torch.bfloat16:
+        pack_bf16_linears(model)
+    return model

@@ -21,16 +21,15 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from loom.layers.linear import pack_bf16_linears
 from loom.models.t5 import T5, T5Config
-from loom.weights.encoder import Checkpoint, open_encoder_checkpoint
+from loom.weights.encoder import Checkpoint, fill_and_place, open_encoder_checkpoint
 from loom.weights.errors import WeightsError
 from loom.weights.hf import _ACTIVATIONS, _int, _read_json
-from loom.weights.loader import fill_parameters, resolve_dtype
+from loom.weights.loader import resolve_dtype
 from loom.weights.validate import MAX_LAYERS, check_layer_count, checked_number, layer_indices, show
 
 T5_ARCHITECTURES = ("t5", "mt5")
@@ -218,12 +217,5 @@ def load_t5(folder: str, dtype: str | torch.dtype = torch.float32,
     config = t5_config_from_hf(cfg, path, has_lm_head="lm_head.weight" in ckpt)
     sources = t5_tensor_sources(config, ckpt)
     check_t5_checkpoint(config, ckpt, sources, folder)
-    model = T5(config, dtype=resolve_dtype(dtype))
-    fetch: Callable[[str], torch.Tensor] = lambda name: ckpt.tensor(name).float()  # noqa: E731
-    fill_parameters(model, sources, fetch, folder)  # type: ignore[arg-type]
-    model.eval().requires_grad_(False)
-    if device is not None and torch.device(device).type != "cpu":
-        model.to(device)
-    elif model.dtype == torch.bfloat16:
-        pack_bf16_linears(model)  # as the decoder's and the encoder's bf16 paths: weights reordered once for oneDNN
+    model = fill_and_place(T5(config, dtype=resolve_dtype(dtype)), ckpt, sources, folder, device)
     return LoadedT5(model, config, folder, time.perf_counter() - t0)
