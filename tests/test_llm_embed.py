@@ -39,6 +39,26 @@ def test_minilm_equals_sentence_transformers(minilm, sentence_transformer):
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(TEXTS)))  # Normalize is in its modules.json
 
 
+def test_minilm_in_bf16_stays_as_close_as_sentence_transformers_own_bf16(sentence_transformer):
+    """bf16 on the matrix units (oneDNN-packed linears, GELU as the up-projection's post-op, LayerNorm on bf16):
+    no farther from sentence-transformers' fp32 vectors than sentence-transformers' own bf16 run, within 2x."""
+    from sentence_transformers import SentenceTransformer
+
+    from loom.layers.linear import PackedLinear
+
+    bf16 = LLM(default_embedding_model_path(), weights="bf16")
+    layer = bf16.embedder.model.layers[0]
+    if not isinstance(layer.up_proj, PackedLinear):
+        pytest.skip("this torch build has no oneDNN bf16 GEMM")
+    reference = sentence_transformer.encode(TEXTS, convert_to_tensor=True, batch_size=8)
+    theirs = SentenceTransformer(default_embedding_model_path(), device="cpu",
+                                 model_kwargs={"torch_dtype": torch.bfloat16}).encode(TEXTS, convert_to_tensor=True,
+                                                                                       batch_size=8)
+    ours = bf16.embed(TEXTS)
+    assert float(cosine_distance(ours, reference).max()) < 2 * max(float(cosine_distance(theirs, reference).max()),
+                                                                   1e-5)
+
+
 def test_truncation_is_asked_for_and_then_matches_sentence_transformers(minilm, sentence_transformer):
     long = "Embeddings of long documents are cut at the model's maximum length. " * 40  # ~560 tokens
     with pytest.raises(ContextLengthError, match=r"input\[1\] has \d+ tokens; this model embeds at most 256"):

@@ -62,6 +62,19 @@ def test_loom_kernel_equals_dequantized_matmul(bits, group, rows):
     assert _rel_err(layer(x), _tiled_definition(x, qt.dequantize())) < (4e-3 if _tiled_in_bf16(rows) else 2e-6)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 16)])
+@pytest.mark.parametrize("n", [1, 3, 7, 66])
+def test_one_row_gemv_takes_any_output_count(bits, group, n):
+    """Batch-1 GEMVs run four weight rows at a time and the rest one by one: every count of outputs is right,
+    accumulated into y or stored."""
+    qt = random_quantized_tensor(n, 96, bits, group, seed=n)
+    layer = QuantizedLinear(qt, backend="loom")
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(1))
+    w = qt.dequantize().double()
+    scale = x.double().abs() @ w.abs().t()  # fp32 rounding is relative to the terms, not to a cancelled sum
+    assert ((layer(x).double() - x.double() @ w.t()).abs() <= 1e-6 * scale).all()
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 32), (8, 16)])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_fp16_scales_run_as_fp16_and_equal_the_definition(bits, group, rows):
