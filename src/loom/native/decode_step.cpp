@@ -433,10 +433,8 @@ class NativeDecoder : public torch::CustomClassHolder {
         lin[1].run(ap, b, block_out, n0, n1, !sandwich);
         lora_expand(lora[1], 1, block_out, n0, n1);
 #pragma omp barrier
-        if (sandwich) {
-          add_normed_rows(layer.post_attn_norm, xp);
-#pragma omp barrier
-        }
+        // (no barrier between the residual add and the next norm: a thread norms the rows it just added to)
+        if (sandwich) add_normed_rows(layer.post_attn_norm, xp);
         norm_rows(layer.mlp_norm);
 #pragma omp barrier
         if (lora_shrink(lora[2], 2, xp)) {
@@ -461,10 +459,7 @@ class NativeDecoder : public torch::CustomClassHolder {
         lin[3].run(actp, b, block_out, n0, n1, !sandwich);  // h += act D^T (sandwich: into x)
         lora_expand(lora[3], 3, block_out, n0, n1);           // h += act (B A)^T
 #pragma omp barrier
-        if (sandwich) {
-          add_normed_rows(layer.post_mlp_norm, xp);
-#pragma omp barrier
-        }
+        if (sandwich) add_normed_rows(layer.post_mlp_norm, xp);  // the next norm_rows takes the same rows
       }
       norm_rows(final_norm_);
 #pragma omp barrier

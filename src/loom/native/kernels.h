@@ -221,53 +221,6 @@ void rows_times_weights(const float* x, int64_t ldx, const QuantWeight& w, float
   }
 }
 
-// One activation row (batch-1 decode) against four weight rows at a time: x's chunk is loaded once for the
-// four, eight independent FMA chains run, and the four dot products are reduced together (two interleaving
-// levels, then the four 128-bit lanes) instead of one horizontal reduction per output, which cost about as
-// much as streaming a 640-input row. Rows left over (fewer than four) take rows_times_weights.
-template <int BITS, bool ACC, typename S>
-void row_times_four_weights(const float* x, const QuantWeight& w, float* y, int64_t n0, int64_t n1,
-                            const int32_t* group_of_half) {
-  const int64_t groups = w.k / w.group, chunks = w.k / kChunk;
-  alignas(64) float sbuf[4][kMaxHalfGroups], zbuf[4][kMaxHalfGroups];
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const uint8_t* rows[4];
-    const float *sn[4], *zn[4];
-    for (int j = 0; j < 4; ++j) {
-      rows[j] = w.q + (n + j) * w.row_bytes;
-      row_scales<S>(w, n + j, groups, sbuf[j], zbuf[j], sn[j], zn[j]);
-    }
-    __m512 acc[4][2];
-    for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t* g = group_of_half + 2 * c;
-      const __m512 x0 = _mm512_loadu_ps(x + c * kChunk), x1 = _mm512_loadu_ps(x + c * kChunk + 16);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        __m512 a0, a1;
-        load_chunk<BITS>(rows[j], c, sn[j][g[0]], zn[j] != nullptr ? zn[j][g[0]] : 0.f, sn[j][g[1]],
-                         zn[j] != nullptr ? zn[j][g[1]] : 0.f, a0, a1);
-        acc[j][0] = _mm512_fmadd_ps(a0, x0, acc[j][0]);
-        acc[j][1] = _mm512_fmadd_ps(a1, x1, acc[j][1]);
-      }
-    }
-    const __m512 s0 = _mm512_add_ps(acc[0][0], acc[0][1]), s1 = _mm512_add_ps(acc[1][0], acc[1][1]);
-    const __m512 s2 = _mm512_add_ps(acc[2][0], acc[2][1]), s3 = _mm512_add_ps(acc[3][0], acc[3][1]);
-    // per 128-bit lane: t01 = [s0_0 + s0_2, s1_0 + s1_2, s0_1 + s0_3, s1_1 + s1_3], t23 likewise
-    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(s0, s1), _mm512_unpackhi_ps(s0, s1));
-    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(s2, s3), _mm512_unpackhi_ps(s2, s3));
-    // per 128-bit lane: [s0, s1, s2, s3] over that lane's four inputs
-    const __m512d a = _mm512_castps_pd(t01), b = _mm512_castps_pd(t23);
-    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
-    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    if constexpr (ACC) _mm_storeu_ps(y + n, _mm_add_ps(_mm_loadu_ps(y + n), r));
-    else _mm_storeu_ps(y + n, r);
-  }
-  if (n < n1) rows_times_weights<BITS, 1, ACC, S>(x, w.k, w, y, w.n, n, n1, group_of_half);
-}
-
 // Five to eight rows (e.g. a speculative verification: the last token and its drafts): one chunk per
 // iteration with two accumulators per row, so the dequantized chunk is reused by every row while the
 // 16 accumulators stay in registers, instead of dequantizing it again for a second tile.
@@ -346,11 +299,7 @@ void quant_rows(const float* x, int64_t m, const QuantWeight& w, float* y, int64
     float* yr = y + r * w.n;
     const int64_t rows = std::min<int64_t>(kMaxWideRows, m - r);
     switch (rows) {
-#if defined(__AVX512F__)
-      case 1: row_times_four_weights<BITS, ACC, S>(xr, w, yr, n0, n1, gc); break;
-#else
       case 1: rows_times_weights<BITS, 1, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
-#endif
       case 2: rows_times_weights<BITS, 2, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
       case 3: rows_times_weights<BITS, 3, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
       case 4: rows_times_weights<BITS, 4, ACC, S>(xr, w.k, w, yr, w.n, n0, n1, gc); break;
