@@ -40,7 +40,7 @@ def test_minilm_equals_sentence_transformers(minilm, sentence_transformer):
 
 
 def test_minilm_in_bf16_stays_as_close_as_sentence_transformers_own_bf16(sentence_transformer):
-    """bf16 on the matrix units (oneDNN-packed linears, GELU as the up-projection's post-op, LayerNorm on bf16):
+    """bf16 on the matrix units (oneDNN-packed linears, LayerNorm on bf16):
     no farther from sentence-transformers' fp32 vectors than sentence-transformers' own bf16 run, within 2x."""
     from sentence_transformers import SentenceTransformer
 

@@ -84,14 +84,6 @@ class PackedLinear(nn.Module):
         shape = x.shape
         return apply_linear(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.spec()).view(*shape[:-1], -1)
 
-    def forward_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-        """GELU(x W^T + b) with the activation applied by oneDNN inside the product (a post-op: no pass of its
-        own over the output); ``approximate``: "none" (erf) or "tanh", as F.gelu."""
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.bias,
-                                               "gelu", [], approximate)
-        return y.view(*shape[:-1], -1)
-
     @property
     def weight(self) -> torch.Tensor:
         return self.packed.to_dense()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.layers.activation import get_activation
-from loom.layers.linear import Linear, PackedLinear
+from loom.layers.linear import Linear
 from loom.layers.norm import LayerNorm
 from loom.models.random_init import fill_random
 
@@ -79,7 +79,6 @@ class EncoderLayer(nn.Module):
         self.up_proj = Linear(h, config.intermediate_size, bias=True, dtype=dtype)
         self.down_proj = Linear(config.intermediate_size, h, bias=True, dtype=dtype)
         self.mlp_norm = LayerNorm(h, config.norm_eps).to(dtype)
-        self.activation = config.activation
         self.act = get_activation(config.activation)
 
     def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,11 +88,7 @@ class EncoderLayer(nn.Module):
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=key_mask,
                                            scale=1.0 / math.sqrt(self.head_dim))
         h = self.attn_norm(h + self.o_proj(a.transpose(1, 2).reshape(b, t, d)))
-        if isinstance(self.up_proj, PackedLinear) and self.activation in ("gelu", "gelu_tanh"):  # GELU as a post-op
-            a = self.up_proj.forward_gelu(h, "tanh" if self.activation == "gelu_tanh" else "none")
-        else:
-            a = self.act(self.up_proj(h))
-        return self.mlp_norm(h + self.down_proj(a))
+        return self.mlp_norm(h + self.down_proj(self.act(self.up_proj(h))))
 
 
 class Encoder(nn.Module):
