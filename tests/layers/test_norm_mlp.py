@@ -51,3 +51,20 @@ def test_linear_formulations_agree(rows):
     x, w, b = torch.randn(rows, 64), torch.randn(96, 64), torch.randn(96)
     torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
     assert linear(x, w).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_of_a_residual_sum_in_one_pass(dtype):
+    """LayerNorm.add_forward (the native add + LayerNorm of post-LN blocks) equals LayerNorm(x + y): the sum
+    rounded to the storage type first, both within the output's own rounding of the float64 definition."""
+    g = torch.Generator().manual_seed(0)
+    ln = LayerNorm(384, 1e-12).to(dtype)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.1 * torch.randn(384, generator=g))
+        ln.bias.copy_(0.1 * torch.randn(384, generator=g))
+    x, y = (torch.randn(5, 7, 384, generator=g).to(dtype) for _ in range(2))
+    got, unfused = ln.add_forward(x, y), ln(x + y)
+    ref = F.layer_norm((x + y).double(), (384,), ln.weight.double(), ln.bias.double(), 1e-12)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+    assert got.dtype == dtype and (got.double() - ref).abs().max() <= tol
+    assert (got.double() - unfused.double()).abs().max() <= tol

@@ -42,6 +42,15 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(x + residual): a post-LN block's residual add and norm in one native pass where it can run
+        (CPU, fp32 or bf16 with a bias, no gradient), else the two ops."""
+        if (self.bias is not None and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
+                and fused.use_native(x, residual, self.weight)):
+            return torch.ops.loom.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return self(x + residual)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
     return cls(config.hidden_size, config.norm_eps, bias=bool(config.norm_bias))

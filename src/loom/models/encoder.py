@@ -87,8 +87,8 @@ class EncoderLayer(nn.Module):
         qkv = self.qkv_proj(h).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=key_mask,
                                            scale=1.0 / math.sqrt(self.head_dim))
-        h = self.attn_norm(h + self.o_proj(a.transpose(1, 2).reshape(b, t, d)))
-        return self.mlp_norm(h + self.down_proj(self.act(self.up_proj(h))))
+        h = self.attn_norm.add_forward(h, self.o_proj(a.transpose(1, 2).reshape(b, t, d)))
+        return self.mlp_norm.add_forward(h, self.down_proj(self.act(self.up_proj(h))))
 
 
 class Encoder(nn.Module):
