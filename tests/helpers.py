@@ -57,6 +57,21 @@ def gguf_writer(path: str, arch: str, cfg, theta: float | None = None):  # type:
     return w
 
 
+def add_gguf_tensor(w, name: str, arr: np.ndarray, qtype) -> None:  # type: ignore[no-untyped-def]
+    """Add ``arr`` to GGUFWriter ``w``: matrices (and stacked experts) in ``qtype`` (F16 as numpy half, other
+    types quantized by the gguf package), vectors and F32 as fp32."""
+    import gguf
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.ndim >= 2 and qtype == gguf.GGMLQuantizationType.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    elif arr.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32:
+        data = gguf.quants.quantize(arr, qtype)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    else:
+        w.add_tensor(name, arr)
+
+
 def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: dict | None = None,
                      drop: tuple[str, ...] = (), arch: str = "llama", extra_tensors: dict | None = None) -> None:
     """Write an HF llama model as a llama.cpp-style GGUF (permuted Q/K, GGUF tensor names)."""
@@ -71,15 +86,9 @@ def write_llama_gguf(path: str, hf_model, qtype: str = "F32", tokenizer_meta: di
         getattr(w, k)(v)
     q = getattr(gguf.GGMLQuantizationType, qtype)
 
-    def add(name: str, arr: np.ndarray, quantize: bool = True) -> None:
-        if name in drop:
-            return
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if quantize and arr.ndim == 2 and q != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(arr, q)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
-        else:
-            w.add_tensor(name, arr)
+    def add(name: str, arr: np.ndarray) -> None:
+        if name not in drop:
+            add_gguf_tensor(w, name, arr, q)
 
     permute = arch == "llama"
     add("token_embd.weight", sd["model.embed_tokens.weight"])

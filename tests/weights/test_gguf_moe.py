@@ -11,7 +11,7 @@ import torch
 
 from loom.weights.errors import WeightsError
 from loom.weights.loader import load_model
-from tests.helpers import gguf_writer, hf_logits, permute_for_gguf, save_tiny_moe
+from tests.helpers import add_gguf_tensor, gguf_writer, hf_logits, permute_for_gguf, save_tiny_moe
 
 IDS = list(range(3, 240, 7))
 
@@ -41,14 +41,7 @@ def write_moe_gguf(path: str, hf, arch: str, qtype: str = "F32", drop: tuple[str
     def add(name: str, arr: np.ndarray) -> None:
         if name in drop:
             return
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.ndim >= 2 and q == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        elif arr.ndim >= 2 and q != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(arr, q)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
-        else:
-            w.add_tensor(name, arr)
+        add_gguf_tensor(w, name, arr, q)
 
     permute = arch == "llama"
     add("token_embd.weight", sd["model.embed_tokens.weight"])
