@@ -285,7 +285,8 @@ def test_prompt_logprobs_survive_chunking_preemption_and_the_prefix_cache(tiny):
 
 def test_int8_kv_cache_serves_batches_without_leaks(tiny):
     """The engine over an int8 cache (small enough to preempt, n > 1): every request completes in full
-    and every block comes back. (Closeness to the fp cache is tested at the model level.)"""
+    and every block comes back. (Closeness to the fp cache is tested at the model level, the scripted step
+    against the modules in tests/engine/step.)"""
     model, tok = tiny
     prompts = varied_prompts(12, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2 if i % 4 == 0 else 1)
@@ -296,6 +297,8 @@ def test_int8_kv_cache_serves_batches_without_leaks(tiny):
                            kv_calibration_ids=kv_calibration_ids(tok))
         assert engine.kv_cache.quantized == (kind == "int8")
         outs[kind] = run_all(engine, prompts, params, check=True)
+        if kind == "int8":  # decode batches run the scripted step over the int8 cache, not the modules
+            assert engine.runner.last_decode_step == "scripted"
         assert engine.block_manager.num_used_blocks == 0
         assert all(len(toks) == 10 for out in outs[kind].values() for toks in out.values())
         assert sum(len(out) for out in outs[kind].values()) == sum(p.n for p in params)

@@ -50,12 +50,12 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
-        fp = not kv_cache.quantized  # the compiled steps read fp caches; an int8 cache decodes through the modules
-        self.steps: list[DecodeStep] = build_decode_steps(model, kv_cache.k if fp else None,
-                                                          kv_cache.v if fp else None, kv_cache.layers(),
+        scales = (kv_cache.k_scale, kv_cache.v_scale, kv_cache.v_zero) if kv_cache.quantized else None
+        self.steps: list[DecodeStep] = build_decode_steps(model, kv_cache.k, kv_cache.v, kv_cache.layers(),
                                                           decode_step, pack_rows=mkl_pack_rows(max_batch),
                                                           lora=None if adapters is None else adapters.layers,
-                                                          lora_hooks=None if adapters is None else adapters.hooks)
+                                                          lora_hooks=None if adapters is None else adapters.hooks,
+                                                          kv_scales=scales)
         self.module: ModuleStep = self.steps[-1]  # type: ignore[assignment]
         self._preferred = self.steps
         self.last_decode_step: str | None = None  # the step that ran the last decode batch

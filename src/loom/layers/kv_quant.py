@@ -9,13 +9,18 @@ computed when the token is written: v ~ q s_t + z_t, codes in [-128, 127].
 
 ``Int8LayerKV`` is one layer's cache; it writes (quantizing), gathers (dequantizing) and runs
 decode attention over the paged blocks. Attention over int8 keys needs no dequantized copy of K:
-q . (k_q * s) = (q * s) . k_q, and for values sum_t p_t (q_t s_t + z_t) = sum_t (p_t s_t) q_t + sum_t p_t z_t;
-this PyTorch version dequantizes the gathered blocks, which is the definition.
+q . (k_q * s) = (q * s) . k_q, and for values sum_t p_t (q_t s_t + z_t) = sum_t (p_t s_t) q_t + sum_t p_t z_t:
+the native kernel (native/kernels.h: attend_heads_int8) computes it that way, reading 2 D + 8 bytes per (token,
+KV head) against a bf16 cache's 4 D. The PyTorch twins below (``write_int8_torch``, ``decode_attention_int8_torch``)
+dequantize the gathered blocks, which is the definition; on a CPU with the native build the cache uses the native
+ops, whose writes round exactly as the twins do.
 """
 
 from __future__ import annotations
 
 import torch
+
+from loom.layers.kernels import paged_decode_attention_torch
 
 KEY_MARGIN = 1.1
 
@@ -33,14 +38,10 @@ class Int8LayerKV(tuple):
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantize and store tokens [T, Hkv, D] at flat slots [T]."""
-        kc, vc = self[0], self[1]
-        flat_k = kc.view(-1, kc.shape[2], kc.shape[3])
-        flat_v = vc.view(-1, vc.shape[2], vc.shape[3])
-        flat_k.index_copy_(0, slots, quantize_keys(k, self.k_scale))
-        codes, scale, zero = quantize_values(v)
-        flat_v.index_copy_(0, slots, codes)
-        self.v_scale.view(-1, vc.shape[2]).index_copy_(0, slots, scale)
-        self.v_zero.view(-1, vc.shape[2]).index_copy_(0, slots, zero)
+        if _native(self[0], k):
+            torch.ops.loom.int8_kv_write(k, v, slots, self[0], self[1], self.k_scale, self.v_scale, self.v_zero)
+            return
+        write_int8_torch(k, v, slots, self[0], self[1], self.k_scale, self.v_scale, self.v_zero)
 
     def gather(self, blocks: list[int], length: int, index: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +66,42 @@ class Int8LayerKV(tuple):
 
     def decode_attention(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          scale: float, window: int) -> torch.Tensor:
-        """One query per sequence over its blocks, dequantized (``paged_decode_attention_torch`` on them)."""
-        from loom.layers.kernels import paged_decode_attention_torch
+        """One query per sequence over its blocks: the native kernel, or its twin (dequantized blocks)."""
+        if _native(self[0], q):
+            return torch.ops.loom.paged_decode_attention_int8(q, self[0], self[1], self.k_scale, self.v_scale,
+                                                              self.v_zero, block_tables, context_lens, scale, window)
+        return decode_attention_int8_torch(q, self[0], self[1], self.k_scale, self.v_scale, self.v_zero, block_tables,
+                                           context_lens, scale, window)
 
-        k, v = self.dequantize(block_tables.reshape(-1))  # the sequences' blocks, in table order
-        local = torch.arange(block_tables.numel(), device=block_tables.device).view(block_tables.shape)
-        return paged_decode_attention_torch(q, k.to(q.dtype), v.to(q.dtype), local, context_lens, scale, window)
+
+def _native(cache: torch.Tensor, x: torch.Tensor) -> bool:
+    from loom.layers.fused import use_native
+
+    return cache.device.type == "cpu" and use_native(x)
+
+
+def write_int8_torch(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor) -> None:
+    """Quantize tokens [T, Hkv, D] into one layer's int8 cache at flat slots [T] (the native op's twin)."""
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, quantize_keys(k, k_scale))
+    codes, scale, zero = quantize_values(v)
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, codes)
+    v_scale.view(-1, hkv).index_copy_(0, slots, scale)
+    v_zero.view(-1, hkv).index_copy_(0, slots, zero)
+
+
+def decode_attention_int8_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                                v_scale: torch.Tensor, v_zero: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """One query per sequence [B, Hq, D] over its int8 blocks, dequantized to the query's dtype first (the
+    definition; the native op's twin)."""
+    blocks = block_tables.reshape(-1)  # the sequences' blocks, in table order
+    k = k_cache.index_select(0, blocks).float() * k_scale
+    v = v_cache.index_select(0, blocks).float() * v_scale.index_select(0, blocks).unsqueeze(-1) + \
+        v_zero.index_select(0, blocks).unsqueeze(-1)
+    local = torch.arange(block_tables.numel(), device=block_tables.device).view(block_tables.shape)
+    return paged_decode_attention_torch(q, k.to(q.dtype), v.to(q.dtype), local, context_lens, scale, window)
 
 
 def quantize_keys(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:

@@ -498,7 +498,8 @@ inline float softmax_numerators(float* s, int64_t n) {
 }
 
 struct AttentionScratch {  // reused by one thread across items
-  std::vector<float> scores, acc, denom;
+  std::vector<float> scores, acc, denom, qs, zsum;
+  std::vector<int16_t> q16;
   std::vector<int64_t> offsets;
 };
 
@@ -708,6 +709,203 @@ void attend_heads_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
 // Whether attend_heads_bf16 takes a head size.
 inline bool bf16_attention_fast(int64_t d) { return d == 64 || d == 128 || d == 256; }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention over the int8 KV cache (layers/kv_quant.py, KIVI's split): keys k = c_k s with a fixed scale
+// per (KV head, channel), values v = c_v s_t + z_t with a scale and zero per (token, KV head). Neither is
+// dequantized into a copy:
+//   q . k_t = (q * s) . c_k          the key scale (and the softmax scale) folded into the query once
+//   sum_t p_t v_t = sum_t (p_t s_t) c_v + (sum_t p_t z_t) 1
+// so the kernel reads 2 D + 8 bytes per (token, KV head), against 4 D for a bf16 cache.
+struct Int8KV {
+  const int8_t* k;        // [blocks, block_size, hkv, d] codes
+  const int8_t* v;
+  const float* k_scale;   // [hkv, d]
+  const float* v_scale;   // [blocks, block_size, hkv]
+  const float* v_zero;
+};
+
+// The cache slot (block * block_size + offset) of each visible token t (the last `window` of `len`, or all),
+// into s.offsets; with `pad16` the list is padded to a multiple of sixteen by repeating the last slot.
+inline void visible_slots(const int64_t* table, int64_t len, int64_t window, int64_t block_size, bool pad16,
+                          AttentionScratch& s, int64_t& n) {
+  const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+  n = len - start;
+  const int64_t count = pad16 ? (n + 15) / 16 * 16 : n;
+  s.offsets.resize(count);
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t p = start + std::min(t, n - 1);
+    s.offsets[t] = table[p / block_size] * block_size + p % block_size;
+  }
+}
+
+// The portable kernel (any head size): q [hq, d] fp32, the query heads of KV heads g0 .. g1-1.
+inline void attend_heads_int8_ref(const float* q, const Int8KV& c, const int64_t* table, int64_t len, int64_t g0,
+                                  int64_t g1, int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale,
+                                  int64_t window, float* out, AttentionScratch& s) {
+  const int64_t groups = hq / hkv, heads = (g1 - g0) * groups, j0 = g0 * groups;
+  int64_t n;
+  visible_slots(table, len, window, block_size, false, s, n);
+  s.qs.resize(heads * d);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t g = g0 + h / groups;
+    for (int64_t i = 0; i < d; ++i) s.qs[h * d + i] = q[(j0 + h) * d + i] * c.k_scale[g * d + i] * scale;
+  }
+  s.scores.assign(heads * std::max<int64_t>(n, 1), 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int8_t* k = c.k + (s.offsets[t] * hkv + g0 + h / groups) * d;
+      const float* qh = s.qs.data() + h * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) dot += qh[i] * static_cast<float>(k[i]);
+      s.scores[h * n + t] = dot;
+    }
+  }
+  s.acc.assign(heads * d, 0.f);
+  s.zsum.assign(heads, 0.f);
+  s.denom.resize(heads);
+  for (int64_t h = 0; h < heads; ++h) s.denom[h] = softmax_numerators(s.scores.data() + h * n, n);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t at_t = s.offsets[t] * hkv + g0 + h / groups;
+      const float p = s.scores[h * n + t], w = p * c.v_scale[at_t];
+      s.zsum[h] += p * c.v_zero[at_t];
+      const int8_t* v = c.v + at_t * d;
+      float* a = s.acc.data() + h * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] += w * static_cast<float>(v[i]);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inv = n > 0 ? 1.f / s.denom[h] : 0.f;
+    for (int64_t i = 0; i < d; ++i) out[(j0 + h) * d + i] = (s.acc[h * d + i] + s.zsum[h]) * inv;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// Sixteen int8 codes -> sixteen floats (exact).
+[[gnu::always_inline]] inline __m512 int8x16_to_ps(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The same with AVX-512 VNNI for D = 64, 128 or 256. Pass 1 scores in integers: each scaled query head is
+// rounded once to int16 on its own grid (q' ~ r_q c_q, |c_q| <= 32767: a relative error of 2^-16 of the head's
+// largest element, far below the keys' own int8 grid), so q' . c_k = r_q (c_q . c_k), exact in int32
+// (vpdpwssd: 32 products per instruction against 16 fused multiply-adds on widened floats). Each token's key
+// slice is widened to int16 once for all the query heads of its group, and sixteen tokens' partial sums reduce
+// together (reduce16). Pass 2 weighs the widened values in floats, each head's output in registers across all
+// tokens, as the bf16 kernel does.
+template <int D>
+void attend_heads_int8(const float* q, const Int8KV& c, const int64_t* table, int64_t len, int64_t g0, int64_t g1,
+                       int64_t hq, int64_t hkv, int64_t block_size, float scale, int64_t window, float* out,
+                       AttentionScratch& s) {
+  constexpr int C = D / 32;                            // int16 vectors per query head
+  constexpr int kQ = D == 64 ? 8 : D == 128 ? 4 : 2;   // query heads per pass: kQ * C <= 16 registers
+  const int64_t groups = hq / hkv, heads = (g1 - g0) * groups, j0 = g0 * groups;
+  int64_t n;
+  visible_slots(table, len, window, block_size, true, s, n);
+  const int64_t padded = (n + 15) / 16 * 16;
+  s.qs.resize(heads * D);
+  s.q16.resize(heads * D);
+  s.zsum.resize(heads);  // here: each head's query grid r_q
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t g = g0 + h / groups;
+    float* qh = s.qs.data() + h * D;
+    float mx = 0.f;
+    for (int64_t i = 0; i < D; ++i) {
+      qh[i] = q[(j0 + h) * D + i] * c.k_scale[g * D + i] * scale;
+      mx = std::max(mx, std::fabs(qh[i]));
+    }
+    const float r = mx > 0.f ? mx / 32767.f : 1.f;
+    for (int64_t i = 0; i < D; ++i)
+      s.q16[h * D + i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(qh[i] / r))));
+    s.zsum[h] = r;
+  }
+  s.scores.resize(heads * std::max<int64_t>(padded, 1));
+  s.denom.resize(heads);
+  alignas(64) __m512 part[kQ][16];
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - t0));
+    for (int64_t u = 0; u < 16 && t0 + 16 + u < n; ++u)
+      prefetch_row(c.k + (s.offsets[t0 + 16 + u] * hkv + g0) * D, (g1 - g0) * D);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t h0 = (g - g0) * groups; h0 < (g - g0 + 1) * groups; h0 += kQ) {
+        const int hc = static_cast<int>(std::min<int64_t>(kQ, (g - g0 + 1) * groups - h0));
+        __m512i qv[kQ][C];
+        for (int i = 0; i < kQ; ++i)
+          for (int cc = 0; cc < C; ++cc)
+            qv[i][cc] = i < hc ? _mm512_loadu_si512(s.q16.data() + (h0 + i) * D + 32 * cc) : _mm512_setzero_si512();
+        for (int u = 0; u < 16; ++u) {
+          const int8_t* row = c.k + (s.offsets[t0 + u] * hkv + g) * D;
+          __m512i kw[C];
+          for (int cc = 0; cc < C; ++cc)
+            kw[cc] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * cc)));
+          for (int i = 0; i < kQ; ++i) {
+            if (i >= hc) break;
+            __m512i acc = _mm512_setzero_si512();
+            for (int cc = 0; cc < C; ++cc) acc = _mm512_dpwssd_epi32(acc, kw[cc], qv[i][cc]);
+            part[i][u] = _mm512_cvtepi32_ps(acc);
+          }
+        }
+        for (int i = 0; i < hc; ++i)
+          _mm512_mask_storeu_ps(s.scores.data() + (h0 + i) * padded + t0, static_cast<__mmask16>((1u << m) - 1u),
+                                _mm512_mul_ps(reduce16(part[i]), _mm512_set1_ps(s.zsum[h0 + i])));
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float z = softmax_numerators(s.scores.data() + h * padded, n);
+    s.denom[h] = n > 0 ? 1.f / z : 0.f;
+  }
+  constexpr int V = D / 16;                            // float vectors per head
+  constexpr int kV = D == 64 ? 4 : D == 128 ? 2 : 1;   // heads whose outputs stay in registers: kV * V
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t h0 = (g - g0) * groups; h0 < (g - g0 + 1) * groups; h0 += kV) {
+      const int hc = static_cast<int>(std::min<int64_t>(kV, (g - g0 + 1) * groups - h0));
+      __m512 acc[kV][V];
+      float zs[kV] = {};
+      for (int i = 0; i < kV; ++i)
+        for (int cc = 0; cc < V; ++cc) acc[i][cc] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t at_t = s.offsets[t] * hkv + g;
+        if (t + kAhead < n) prefetch_row(c.v + (s.offsets[t + kAhead] * hkv + g) * D, D);
+        const int8_t* row = c.v + at_t * D;
+        const float vs = c.v_scale[at_t], vz = c.v_zero[at_t];
+        __m512 w[kV];
+        for (int i = 0; i < kV; ++i) {
+          const float p = i < hc ? s.scores[(h0 + i) * padded + t] : 0.f;
+          zs[i] += p * vz;
+          w[i] = _mm512_set1_ps(p * vs);
+        }
+        for (int cc = 0; cc < V; ++cc) {
+          const __m512 vv = int8x16_to_ps(row + 16 * cc);
+          for (int i = 0; i < kV; ++i)
+            if (i < hc) acc[i][cc] = _mm512_fmadd_ps(w[i], vv, acc[i][cc]);
+        }
+      }
+      for (int i = 0; i < hc; ++i) {
+        const float inv = s.denom[h0 + i];
+        const __m512 zv = _mm512_set1_ps(zs[i]);
+        float* o = out + (j0 + h0 + i) * D;
+        for (int cc = 0; cc < V; ++cc)
+          _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_add_ps(acc[i][cc], zv), _mm512_set1_ps(inv)));
+      }
+    }
+  }
+}
+#define LOOM_INT8_ATTENTION_FAST 1
+#endif
+
+// Whether attend_heads_int8 (the vectorized kernel) takes a head size.
+inline bool int8_attention_fast(int64_t d) {
+#if defined(LOOM_INT8_ATTENTION_FAST)
+  return d == 64 || d == 128 || d == 256;
+#else
+  (void)d;
+  return false;
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // Multi-LoRA (layers/multi_lora.py): rows of a batch each add their own adapter's low-rank product,

@@ -262,3 +262,41 @@ def test_bf16_tied_output_layer_of_many_rows_is_column_major_and_the_same_produc
     assert got.stride() == (1, 10)
     assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()
     assert torch.equal(argmax_rows(got), torch.argmax(want, dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [dict(num_kv_heads=2), dict(num_kv_heads=1, sliding_window=5)])
+def test_scripted_step_over_an_int8_cache_equals_the_module_step(dtype, extra):
+    """An int8 KV cache (layers/kv_quant.py) decodes through the scripted step: its writes and its attention (the
+    native int8 kernels, or their PyTorch twins without the build) equal the module path's, bit for bit; the
+    program with the PyTorch twins of every kernel stays close to them."""
+    from loom.engine.step import ModuleStep
+
+    model = Transformer(ModelConfig(**{**BASE, "hidden_size": 64, "intermediate_size": 96}, **extra),
+                        dtype=dtype).init_random(0, std=0.2)
+    caches = [KVCache(model.config, 40, 4, dtype=dtype, kv_dtype="int8") for _ in range(3)]
+    for c in caches:  # the same earlier keys and values in all three
+        c.k.copy_(torch.randint(-127, 128, c.k.shape, generator=torch.Generator().manual_seed(4)))
+        c.v.copy_(torch.randint(-128, 128, c.v.shape, generator=torch.Generator().manual_seed(5)))
+        c.k_scale.copy_(torch.rand(c.k_scale.shape, generator=torch.Generator().manual_seed(6)) * 0.02 + 0.01)
+        c.v_scale.fill_(0.01)
+        c.v_zero.copy_(torch.randn(c.v_zero.shape, generator=torch.Generator().manual_seed(7)) * 0.1)
+    scales = [(c.k_scale, c.v_scale, c.v_zero) for c in caches]
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        scripted = ScriptedStep(model, caches[0].k, caches[0].v, kv_scales=scales[0])
+        module = ModuleStep(model, caches[1].layers())
+        twins = ScriptedStep(model, caches[2].k, caches[2].v, kv_scales=scales[2])
+        twins.program = decode_program(False)
+        assert "int8 KV cache" in scripted.describe()
+        tables, lens = torch.randperm(40, generator=g)[:30].view(3, 10), torch.tensor([3, 17, 29])
+        for _ in range(4):
+            tokens, pos = torch.randint(0, 97, (3,), generator=g), lens - 1
+            batch = DecodeBatch(tokens, pos, tables[torch.arange(3), pos // 4] * 4 + pos % 4, tables, lens)
+            got, want, twin = scripted(batch).float(), module(batch), twins(batch).float()
+            assert torch.equal(got, want)
+            assert (twin - want).abs().max() <= (1e-4 if dtype == torch.float32 else 0.05) * want.abs().max()
+            lens = lens + 1
+    a, b = caches[0], caches[1]
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert torch.equal(a.v_scale, b.v_scale) and torch.equal(a.v_zero, b.v_zero)

@@ -5,7 +5,8 @@
                   (native.py, native/decode_step.cpp) int4/int8 linears; batches of <= 32 (quantized) or 1 (dense)
     scripted      TorchScript program (scripted.py)  Llama-shaped fp32 or bf16 CPU models, any weight-only linear,
                                                      any batch (bf16: oneDNN-packed weights, AMX GEMMs);
-                                                     MoE layers too (Mixtral, Qwen2-MoE shapes)
+                                                     MoE layers too (Mixtral, Qwen2-MoE shapes); fp or int8 KV
+                                                     caches (the only compiled step that reads int8 ones)
     cuda_graph    CUDA graph replay (cuda_graph.py)  pre-norm models without ALiBi on a GPU
     module        the nn.Module forward (module.py)  everything (and every prefill)
 
@@ -32,15 +33,17 @@ __all__ = ["DECODE_STEPS", "DecodeBatch", "DecodeStep", "DecoderWeights", "Modul
            "build_decode_steps", "llama_shaped", "pad_tables"]
 
 
-def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                       caches: KVCaches, choice: str = "auto", pack_rows: int = 0,
-                       lora: list[LayerLora] | None = None, lora_hooks: LoraHooks | None = None) -> list[DecodeStep]:
+def build_decode_steps(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, caches: KVCaches,
+                       choice: str = "auto", pack_rows: int = 0, lora: list[LayerLora] | None = None,
+                       lora_hooks: LoraHooks | None = None,
+                       kv_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[DecodeStep]:
     """The decode steps for ``model``, in order of preference, the module step last.
 
     ``choice``: "auto" builds every step that takes the model (native, then scripted on a CPU; CUDA
     graphs on a GPU); a step's name builds only that one (a ValueError says why when it cannot take
-    the model); "module" none. ``k_cache``/``v_cache``: the fp cache tensors [layers, blocks, block,
-    kv_heads, head_dim], None for a cache the compiled steps cannot read (int8). ``pack_rows``: the
+    the model); "module" none. ``k_cache``/``v_cache``: the cache tensors [layers, blocks, block,
+    kv_heads, head_dim]; ``kv_scales``: an int8 cache's scales (engine/kv_cache.py: k_scale, v_scale,
+    v_zero), which only the scripted and module steps read. ``pack_rows``: the
     decode batch the scripted step pre-packs dense weights for (the engine's max_num_seqs). ``lora`` and
     ``lora_hooks``: the adapter slots the compiled steps read, and the module path's hooks (engine/adapters.py);
     steps that cannot add adapter products pass batches with ``lora_slots`` on to the next."""
@@ -51,9 +54,9 @@ def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache
     if choice != "module":
         problems = {}
         for name in wanted:
-            problem = _problem(name, model, k_cache)
+            problem = _problem(name, model, kv_scales is not None)
             if problem is None:
-                steps.append(_build(name, model, k_cache, v_cache, pack_rows, steps, lora))
+                steps.append(_build(name, model, k_cache, v_cache, pack_rows, steps, lora, kv_scales))
             else:
                 problems[name] = problem
         if choice != "auto" and problems:
@@ -62,10 +65,10 @@ def build_decode_steps(model: Transformer, k_cache: torch.Tensor | None, v_cache
     return steps
 
 
-def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str | None:
+def _problem(name: str, model: Transformer, int8_cache: bool) -> str | None:
     """Why step ``name`` cannot take the model and cache (None: it can)."""
-    if k_cache is None:
-        return "the int8 KV cache decodes through the modules (layers/kv_quant.py)"
+    if int8_cache and name != "scripted":
+        return "it reads fp KV caches; the int8 cache decodes through the scripted step or the modules"
     if name == "cuda_graph":
         from loom.engine.step.cuda_graph import CudaGraphStep
 
@@ -81,7 +84,8 @@ def _problem(name: str, model: Transformer, k_cache: torch.Tensor | None) -> str
 
 
 def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int,
-           built: list[DecodeStep], lora: list[LayerLora] | None) -> DecodeStep:
+           built: list[DecodeStep], lora: list[LayerLora] | None,
+           kv_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> DecodeStep:
     if name == "cuda_graph":
         from loom.engine.step.cuda_graph import CudaGraphStep
 
@@ -90,4 +94,4 @@ def _build(name: str, model: Transformer, k_cache: torch.Tensor, v_cache: torch.
     weights = next((s.plain_weights for s in built if isinstance(s, NativeStep)), None) or DecoderWeights.of(model)
     if name == "native":
         return NativeStep(model, k_cache, v_cache, weights, lora=lora)
-    return ScriptedStep(model, k_cache, v_cache, pack_rows, weights, lora=lora)
+    return ScriptedStep(model, k_cache, v_cache, pack_rows, weights, lora=lora, kv_scales=kv_scales)

@@ -35,6 +35,7 @@ from torch import nn
 from loom.engine.step.base import DecodeBatch, DecodeStep
 from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights, MoEWeights
 from loom.layers import fused, kernels
+from loom.layers.kv_quant import decode_attention_int8_torch, write_int8_torch
 from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.multi_lora import LayerLora, LoraWeights, add_lora_torch
 from loom.layers.quantized import apply_linear
@@ -62,6 +63,16 @@ class TorchOps(nn.Module):
                   context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         return kernels.paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
+    def write_int8(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor) -> None:
+        write_int8_torch(k, v, slots, k_cache, v_cache, k_scale, v_scale, v_zero)
+
+    def attention_int8(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                       v_scale: torch.Tensor, v_zero: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        return decode_attention_int8_torch(q, k_cache, v_cache, k_scale, v_scale, v_zero, block_tables, context_lens,
+                                           scale, window)
+
     def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
         return add_lora_torch(y, x, w, slots)
 
@@ -82,6 +93,16 @@ class NativeOps(nn.Module):
                   context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         return torch.ops.loom.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
+    def write_int8(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor) -> None:
+        torch.ops.loom.int8_kv_write(k, v, slots, k_cache, v_cache, k_scale, v_scale, v_zero)
+
+    def attention_int8(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                       v_scale: torch.Tensor, v_zero: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        return torch.ops.loom.paged_decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, v_zero, block_tables,
+                                                          context_lens, scale, window)
+
     def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
         # lora_add_ takes x and y both fp32 or both bf16, with A and B both fp32 or both bf16 (multi_lora.add_lora).
         act = x.dtype == y.dtype and (y.dtype == torch.float32 or y.dtype == torch.bfloat16)
@@ -94,7 +115,8 @@ class NativeOps(nn.Module):
 class DecodeProgram(nn.Module):
     """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot. With ``lora``
     (one LayerLora per layer) and ``lora_slots`` [B] non-empty, each row adds its adapter's product to
-    every linear's output (layers/multi_lora.py)."""
+    every linear's output (layers/multi_lora.py). With ``kv_scales`` (per layer: the int8 cache's key scales,
+    value scales and value zeros; layers/kv_quant.py) the caches are int8 and are written and read as such."""
 
     def __init__(self, ops: nn.Module) -> None:
         super().__init__()
@@ -105,7 +127,7 @@ class DecodeProgram(nn.Module):
                 layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
                 k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape,
                 rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor,
-                moe: List[MoEWeights]) -> torch.Tensor:
+                moe: List[MoEWeights], kv_scales: List[List[torch.Tensor]]) -> torch.Tensor:
         b = tokens.shape[0]
         adapted = lora_slots.numel() > 0 and len(lora) > 0
         # one row of slots per linear (q|k|v, o, gate|up, down), or one row for all four
@@ -124,10 +146,16 @@ class DecodeProgram(nn.Module):
                 qkv = qkv + w.qkv_bias
             qkv = qkv.view(b, hq + 2 * hkv, d)
             qk = self.ops.rope(qkv[:, : hq + hkv], cos, sin)  # x cos + rotate_half(x) sin, q and k together
-            k_cache[i].view(-1, hkv, d).index_copy_(0, slots, qk[:, hq:])
-            v_cache[i].view(-1, hkv, d).index_copy_(0, slots, qkv[:, hq + hkv:])
-            a = self.ops.attention(qk[:, :hq], k_cache[i], v_cache[i], block_tables, context_lens, shape.scale,
-                                   shape.windows[i])
+            if len(kv_scales) > 0:
+                ks, vs, vz = kv_scales[i][0], kv_scales[i][1], kv_scales[i][2]
+                self.ops.write_int8(qk[:, hq:], qkv[:, hq + hkv:], slots, k_cache[i], v_cache[i], ks, vs, vz)
+                a = self.ops.attention_int8(qk[:, :hq], k_cache[i], v_cache[i], ks, vs, vz, block_tables,
+                                            context_lens, shape.scale, shape.windows[i])
+            else:
+                k_cache[i].view(-1, hkv, d).index_copy_(0, slots, qk[:, hq:])
+                v_cache[i].view(-1, hkv, d).index_copy_(0, slots, qkv[:, hq + hkv:])
+                a = self.ops.attention(qk[:, :hq], k_cache[i], v_cache[i], block_tables, context_lens, shape.scale,
+                                       shape.windows[i])
             a = a.reshape(b, hq * d)
             o = apply_linear(a, w.o)
             if adapted:
@@ -212,11 +240,14 @@ class ScriptedStep(DecodeStep):
     name = "scripted"
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int = 0,
-                 weights: DecoderWeights | None = None, script: bool = True, lora: list[LayerLora] | None = None) -> None:
+                 weights: DecoderWeights | None = None, script: bool = True, lora: list[LayerLora] | None = None,
+                 kv_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """``k_cache``/``v_cache``: [layers, blocks, block_size, kv_heads, head_dim]. ``pack_rows``: hold dense
         weights MKL-packed for batches of that many rows (>= MIN_PACK_ROWS; 0: no packing;
         LOOM_PACK_WEIGHTS=0 switches it off). ``script=False`` runs the same program eagerly (tests).
-        ``lora``: the adapter slots (engine/adapters.py) rows of a batch may name in ``lora_slots``."""
+        ``lora``: the adapter slots (engine/adapters.py) rows of a batch may name in ``lora_slots``. ``kv_scales``:
+        for an int8 cache (engine/kv_cache.py), its key scales [layers, kv_heads, head_dim] and value scales and
+        zeros [layers, blocks, block_size, kv_heads]."""
         self.rotary = model.rotary
         self.dtype = model.dtype
         weights = weights or DecoderWeights.of(model)
@@ -229,6 +260,8 @@ class ScriptedStep(DecodeStep):
         self.packed_rows = pack_rows if self.packed_bytes else 0  # 0: nothing dense to pack (quantized models)
         self.k = list(k_cache.unbind(0))
         self.v = list(v_cache.unbind(0))
+        per_layer = zip(*(t.unbind(0) for t in kv_scales)) if kv_scales is not None else ()
+        self.kv_scales = [list(scales) for scales in per_layer]
         self.program = decode_program(fused.native_ops(), script)
         self.lora = lora or []
         self._no_slots = torch.empty(0, dtype=torch.long)
@@ -242,9 +275,13 @@ class ScriptedStep(DecodeStep):
         slots = self._no_slots if batch.lora_slots is None else batch.lora_slots
         return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
                             w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots,
-                            w.moe)
+                            w.moe, self.kv_scales)
 
     def describe(self) -> str:
+        kv = "; int8 KV cache" if self.kv_scales else ""
+        return self._describe_weights() + kv
+
+    def _describe_weights(self) -> str:
         if any(spec.kind == LinearKind.ONEDNN_W8A8 for spec in self.weights.linears()):
             return "scripted (int8: W8A8 linears oneDNN-packed, AMX-INT8 GEMMs, rotated residual stream; bf16 elsewhere)"
         if any(spec.kind == LinearKind.ONEDNN for spec in self.weights.linears()):
