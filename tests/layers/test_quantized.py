@@ -257,3 +257,24 @@ def test_native_dequantize_equals_the_definition(bits, group):
     assert torch.allclose(got, qt.dequantize(), rtol=1e-6, atol=1e-7)
     x = torch.randn(40, 192)  # more than 32 rows: the tiled dequantize-then-GEMM path
     assert _rel_err(layer(x), _tiled_definition(x, qt.dequantize())) < (4e-3 if _tiled_in_bf16(40) else 2e-6)
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 64), (5, 32, 64), (8, 32, 64), (6, 16, 64), (4, 16, 48)])
+def test_quantized_embedding_looks_rows_up_without_a_dense_table(bits, group, k):
+    """Each container (int4, int5, int8: the last two shapes fall back to int8) gives exactly the rows of the
+    dequantized table, any id shape, in the model's dtype; a tied lookup reads the output layer's own buffers."""
+    from loom.layers.quantized import QuantizedEmbedding
+
+    qt = random_quantized_tensor(50, k, bits, group, seed=bits)
+    head = QuantizedLinear(qt)
+    table = qt.dequantize()
+    ids = torch.tensor([[3, 49, 0], [7, 7, 11]])
+    own = QuantizedEmbedding(QuantizedLinear(qt))
+    tied = QuantizedEmbedding(head, tied=True)
+    for emb in (own, tied):
+        assert torch.equal(emb(ids), table[ids])
+    assert QuantizedEmbedding(head, torch.bfloat16, tied=True)(ids).dtype == torch.bfloat16
+    assert list(tied.state_dict()) == [] and "table.qweight" in own.state_dict()  # the tied one owns nothing
+    assert tied.source.qweight.data_ptr() == head.qweight.data_ptr()
+    with pytest.raises(IndexError, match=r"\[0, 50\)"):
+        own(torch.tensor([50]))

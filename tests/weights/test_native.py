@@ -73,3 +73,19 @@ def test_tiny_gguf_runs_natively(tmp_path, qtype):
     with torch.no_grad():
         for n in (1, 7):  # the GEMV kernel row by row, and a short batch
             assert torch.allclose(nat.logits(ids[:n]), dense.logits(ids[:n]), atol=1e-4)
+
+
+def test_the_tied_embedding_is_looked_up_in_the_output_layers_codes(native_and_dense):
+    """One copy of the tied Q8_0 table: the lookup dequantizes its rows from the output layer's buffers (no
+    dense [vocab, hidden] parameter), and they equal the dense model's rows (ggml's own dequantization) exactly."""
+    from loom.layers.quantized import QuantizedEmbedding
+
+    nat, dense = native_and_dense
+    assert isinstance(nat.embed_tokens, QuantizedEmbedding) and nat.embed_tokens.source is nat.lm_head
+    assert not any(name.startswith("embed_tokens") for name, _ in nat.named_parameters())
+    ids = torch.randint(0, nat.config.vocab_size, (64,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(nat.token_embeddings(ids), dense.token_embeddings(ids))
+    table_bytes = dense.embed_tokens.weight.numel() * 4
+    held = sum(t.numel() * t.element_size() for t in list(nat.parameters()) + list(nat.buffers()))
+    dense_held = sum(t.numel() * t.element_size() for t in dense.parameters())
+    assert held < dense_held - table_bytes  # no dense table beside the quantized weights

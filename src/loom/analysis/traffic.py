@@ -7,6 +7,8 @@ doubles as the output layer, where it is read in full.
 
 from __future__ import annotations
 
+import torch
+
 from loom.config import ModelConfig
 from loom.models.transformer import Transformer
 
@@ -15,7 +17,9 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of every weight a decode step reads; quantized linears count what their kernel reads
     (codes, scales, offsets)."""
     total = 0
-    quantized = {name: m for name, m in model.named_modules() if hasattr(m, "weight_bytes")}
+    # a lookup table reads one row per token: not a weight stream (a tied one is counted as the output layer)
+    quantized = {name: m for name, m in model.named_modules()
+                 if hasattr(m, "weight_bytes") and not name.startswith("embed_tokens")}
     for name, m in quantized.items():
         total += m.weight_bytes()  # type: ignore[operator]
     for name, p in model.named_parameters():
@@ -42,5 +46,5 @@ def dense_weight_bytes_per_token(config: ModelConfig, element_size: int) -> int:
 
 def decode_bytes_per_token(model: Transformer, context_len: float, kv_bytes_per_element: int | None = None) -> float:
     """Weights + KV cache read for one decode step at ``context_len`` tokens of context."""
-    element = kv_bytes_per_element or model.embed_tokens.weight.element_size()
+    element = kv_bytes_per_element or torch.empty(0, dtype=model.dtype).element_size()
     return weight_bytes_per_token(model) + context_len * model.config.kv_bytes_per_token(element)

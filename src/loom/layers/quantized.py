@@ -404,6 +404,55 @@ class QuantizedLinear(nn.Module):
                 f"backend={self.backend}")
 
 
+class QuantizedEmbedding(nn.Module):
+    """An embedding table kept in a ``QuantizedLinear``'s codes: a lookup dequantizes only its tokens' rows
+    (q s + o, the same numbers ``QuantizedLinear.dequantized_weight`` gives), in ``dtype``.
+
+    GGUF files store a tied embedding once, quantized (SmolLM2's Q8_0, Gemma 3's Q8_0 262,144 x 640); a dense
+    lookup table beside the quantized output layer is a second copy of it at 4-8x the size (Gemma 3 270M: 671
+    MB of fp32). With ``tied`` the table is the output layer's own buffers, shared and not registered here (the
+    model's ``lm_head`` owns them); otherwise this module owns its table (``self.table``)."""
+
+    def __init__(self, table: QuantizedLinear, dtype: torch.dtype = torch.float32, tied: bool = False) -> None:
+        super().__init__()
+        if tied:
+            object.__setattr__(self, "_table", table)  # not a submodule: the output layer's, saved once
+        else:
+            self.table = table
+        self.tied = tied
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.dtype = dtype
+
+    @property
+    def source(self) -> QuantizedLinear:
+        return self._table if self.tied else self.table
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.qweight.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.source
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {flat.min()}..{flat.max()}")
+        q = t.qweight.index_select(0, flat)
+        s, o = t.scales.index_select(0, flat), t.offsets.index_select(0, flat)
+        n, k, g = flat.numel(), self.embedding_dim, t.group_size
+        if t.container_bits == 4:
+            codes = unpack_int4(q)
+        elif t.container_bits == 5:
+            codes = unpack_int5(q)
+        else:
+            codes = q.view(torch.int8).to(torch.int16) + 128
+        rows = (codes.float().view(n, k // g, g) * s.unsqueeze(-1) + o.unsqueeze(-1)).view(*ids.shape, k)
+        return rows.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.source.bits}, "
+                f"group={self.source.group_size}, tied={self.tied}")
+
+
 class W8A8Linear(nn.Module):
     """int8 weights (symmetric, per output channel) x int8 activations (symmetric, per token, dynamic)."""
 

@@ -166,7 +166,8 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        e = self.embed_tokens
+        return e.weight.device if isinstance(e, nn.Embedding) else e.device  # QuantizedEmbedding: its table's
 
     def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
                 kv_caches: KVCaches | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -179,6 +179,14 @@ class NativeDecoder : public torch::CustomClassHolder {
     l.rope = rope;
   }
 
+  // A new lookup table (same width). A model whose embedding stays quantized (layers/quantized.py:
+  // QuantizedEmbedding) hands each step the rows of its tokens, dequantized, and steps tokens 0 .. B-1.
+  void set_embedding(at::Tensor embed) {
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kFloat && embed.is_contiguous() && embed.size(1) == d_,
+                "NativeDecoder: the embedding must be a contiguous fp32 [vocab, hidden]");
+    embed_ = std::move(embed);
+  }
+
   // The embedding's multiplier (Gemma: sqrt(hidden)) and the MLP's gate activation: 0 SiLU, 1 GELU (tanh).
   void set_options(double embedding_scale, int64_t activation) {
     TORCH_CHECK(activation == 0 || activation == 1, "NativeDecoder: activation must be 0 (silu) or 1 (gelu_tanh)");
@@ -496,6 +504,7 @@ TORCH_LIBRARY_FRAGMENT(loom, m) {
       .def("add_linear", &NativeDecoder::add_linear)
       .def("set_layer_extras", &NativeDecoder::set_layer_extras)
       .def("set_options", &NativeDecoder::set_options)
+      .def("set_embedding", &NativeDecoder::set_embedding)
       .def("set_lora", &NativeDecoder::set_lora)
       .def("step", &NativeDecoder::step);
 }

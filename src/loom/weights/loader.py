@@ -12,7 +12,8 @@ import torch
 from loom.config import ModelConfig, RopeScalingOverride, with_rope_scaling
 from loom.device import default_dtype, resolve_device
 from loom.layers.linear import pack_bf16_linears
-from loom.layers.quantized import QuantizedLinear, QuantizedTensor, onednn_int8_available, pack_w8a8_linears
+from loom.layers.quantized import (QuantizedEmbedding, QuantizedLinear, QuantizedTensor, onednn_int8_available,
+                                   pack_w8a8_linears)
 from loom.models.rotation import rotate
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
@@ -222,8 +223,8 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
     """Replace the linears whose GGUF parts all have a native form (weights/native.py) with the same bits and
     group size by quantized ones, built
     on ``device`` (so that their kernels are chosen for it); return the sources still to fill densely
-    and the parameters already filled. A tied output layer gets its own quantized copy of the
-    embedding (the lookup table stays dense: it reads one row per token)."""
+    and the parameters already filled. A quantized embedding stays quantized: the lookup dequantizes its
+    tokens' rows (``QuantizedEmbedding``), from the output layer's own codes when the two are tied (one copy)."""
     sources = dict(sources)
     filled: set[str] = set()
     targets = [name[: -len(".weight")] for name in sources
@@ -251,4 +252,13 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
             filled.add(target + ".bias")
     if model.config.tie_word_embeddings:
         sources.pop("lm_head.weight", None)
+        if isinstance(model.lm_head, QuantizedLinear):
+            model.replace_module("embed_tokens", QuantizedEmbedding(model.lm_head, model.dtype, tied=True))
+            del sources["embed_tokens.weight"]
+    elif sources.get("embed_tokens.weight") == ["token_embd.weight"]:
+        qt = gguf_quantized(g, model.config, "token_embd.weight")
+        if qt is not None:
+            table = QuantizedLinear(qt.to(device or "cpu"))
+            model.replace_module("embed_tokens", QuantizedEmbedding(table, model.dtype))
+            del sources["embed_tokens.weight"]
     return sources, filled

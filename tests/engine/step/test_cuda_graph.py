@@ -105,4 +105,4 @@ def test_cpu_models_get_the_scripted_step_and_no_cuda_graphs():
     with pytest.raises(ValueError, match="cuda_graph decode step cannot run this model"):
         ModelRunner(model, fp, "cuda_graph")
     int8 = KVCache.from_config(model.config, CacheConfig(num_blocks=4, kv_dtype="int8"))
-    assert [s.name for s in ModelRunner(model, int8).steps] == ["module"]
+    assert [s.name for s in ModelRunner(model, int8).steps] == ["scripted", "module"]  # the only one reading int8

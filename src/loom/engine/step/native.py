@@ -95,8 +95,11 @@ class NativeStep(DecodeStep):
             local_cos, local_sin = self.local_rotary.prepare(batch.positions, self.dtype)
             cos, sin = torch.stack((cos, local_cos)), torch.stack((sin, local_sin))
         lora_slots = self._no_lora if batch.lora_slots is None else batch.lora_slots
-        return self.decoder.step(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin,
-                                 lora_slots)
+        tokens = batch.tokens
+        if self.plain_weights.lookup is not None:  # a quantized embedding: this batch's rows as the table
+            tokens, table = self.plain_weights.embedding_rows(tokens)
+            self.decoder.set_embedding(table.float())
+        return self.decoder.step(tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, lora_slots)
 
     def describe(self) -> str:
         return f"native (decode batches of <= {self.max_batch})"

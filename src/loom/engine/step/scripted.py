@@ -273,7 +273,8 @@ class ScriptedStep(DecodeStep):
         w = self.weights
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
         slots = self._no_slots if batch.lora_slots is None else batch.lora_slots
-        return self.program(batch.tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, w.embed,
+        tokens, table = w.embedding_rows(batch.tokens)
+        return self.program(tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, table,
                             w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots,
                             w.moe, self.kv_scales)
 

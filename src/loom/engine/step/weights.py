@@ -127,7 +127,7 @@ def _llama_core(model: Transformer) -> bool:
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    embed: torch.Tensor
+    embed: torch.Tensor  # the lookup table [vocab, hidden]; [0, hidden] when the embedding is quantized (lookup)
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     head: LinearSpec  # the output layer (the embedding when tied)
@@ -137,6 +137,9 @@ class DecoderWeights:
     embedding_scale: float = 1.0
     activation: str = "silu"
     moe: list[MoEWeights] = field(default_factory=list)  # one per layer for an MoE model, [] for a dense one
+    # A quantized embedding (layers/quantized.py: QuantizedEmbedding): the steps look the batch's rows up
+    # through it and embed rows 0 .. B-1 of that small table. None: ``embed`` is the table.
+    lookup: "torch.nn.Module | None" = None
 
     @classmethod
     def of(cls, model: Transformer) -> "DecoderWeights":
@@ -169,8 +172,17 @@ class DecoderWeights:
                                   weight(l.post_mlp_norm), int(local))
                       for l, local in zip(model.layers, model.local_layers)]
         moe = [moe_weights(l.mlp) for l in model.layers] if c.num_experts else []
-        return cls(model.embed_tokens.weight, layers, model.norm.weight, head, shape, rotation, extras,
-                   c.embedding_scale or 1.0, c.activation, moe)
+        lookup = None if isinstance(model.embed_tokens, torch.nn.Embedding) else model.embed_tokens
+        embed = model.embed_tokens.weight if lookup is None else torch.empty(0, c.hidden_size, dtype=model.dtype)
+        return cls(embed, layers, model.norm.weight, head, shape, rotation, extras, c.embedding_scale or 1.0,
+                   c.activation, moe, lookup)
+
+    def embedding_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, table) for the steps' lookup: the tokens and the table, or, with a quantized embedding, the rows
+        0 .. B-1 of the batch's dequantized rows."""
+        if self.lookup is None:
+            return tokens, self.embed
+        return torch.arange(tokens.shape[0]), self.lookup(tokens).contiguous()
 
     def linears(self) -> Iterator[LinearSpec]:
         """Every linear of the step (experts included), the output layer last."""
