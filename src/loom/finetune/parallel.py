@@ -147,7 +147,7 @@ def wrap(model: Transformer, strategy: str, world: World) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         # the buffers (RoPE tables) are the same on every rank: nothing to broadcast each step
-        return DistributedDataParallel(module, broadcast_buffers=False)
+        return DistributedDataParallel(module, forward_sync_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -175,7 +175,13 @@ def mean_loss(wrapped: nn.Module) -> LossFn:
     FSDP's forward is a collective)."""
 
     def loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None) -> torch.Tensor:
-        return wrapped(input_ids, labels) / max(1, predicted_tokens(input_ids, labels))
+        out = wrapped(input_ids, labels) / max(1, predicted_tokens(input_ids, labels))
+        if hasattr(wrapped, "reshard"):
+            # FSDP keeps the root's parameters gathered after its forward (the backward would need them
+            # at once); with no backward they would stay gathered, and the next training forward would
+            # use that copy, stale once the optimizer has stepped the shards.
+            wrapped.reshard()
+        return out
 
     return loss
 
