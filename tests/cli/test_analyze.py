@@ -110,7 +110,7 @@ def test_analyze_parallel(capsys, tmp_path):
     assert all(r["allreduce_bytes"] == 8192 and r["allreduces"] == 64 for r in rows)
     assert {s["strategy"] for s in d["data_parallel_step"]} == {"ddp", "fsdp"} and d["measured"] is None
     png = tmp_path / "parallel.png"
-    code, out, err = run(capsys, "parallel", "--measure", "--repeats", "3", "--plot", str(png))
+    code, out, err = run(capsys, "parallel", "--measure", "--repeats", "10", "--plot", str(png))
     assert code == 0, err
     assert "a TP=2 decode step of smollm2-135m: 60 all-reduces of 2.3 kB" in out and "fit: alpha" in out
     assert png.stat().st_size > 10_000
