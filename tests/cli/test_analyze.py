@@ -95,3 +95,24 @@ def test_errors_exit_2(capsys):
     assert code == 2 and "preset" in err
     code, _, err = run(capsys, "roofline", "--model", "deepseek-v2-lite", "--hardware", "h100")
     assert code == 2 and "latent attention" in err
+
+
+def test_analyze_parallel(capsys, tmp_path):
+    """`loom analyze parallel`: llama-2-7b's TP decode table on 1/2/4/8 A100s over NVLink and PCIe and the DP
+    table; with --measure, this machine's loopback all-reduces, the fit and one TP=2 decode step's
+    all-reduces; the plot written; a bad link named."""
+    code, out, err = run(capsys, "parallel", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    rows = d["tensor_parallel_decode"]
+    assert [(r["link"][:6], r["ranks"]) for r in rows] == [("NVLink", n) for n in (1, 2, 4, 8)] + \
+        [("PCIe 4", n) for n in (1, 2, 4, 8)]
+    assert all(r["allreduce_bytes"] == 8192 and r["allreduces"] == 64 for r in rows)
+    assert {s["strategy"] for s in d["data_parallel_step"]} == {"ddp", "fsdp"} and d["measured"] is None
+    png = tmp_path / "parallel.png"
+    code, out, err = run(capsys, "parallel", "--measure", "--repeats", "10", "--plot", str(png))
+    assert code == 0, err
+    assert "a TP=2 decode step of smollm2-135m: 60 all-reduces of 2.3 kB" in out and "fit: alpha" in out
+    assert png.stat().st_size > 10_000
+    code, out, err = run(capsys, "parallel", "--links", "nvlink,token-ring")
+    assert code != 0 and "unknown link 'token-ring'" in err

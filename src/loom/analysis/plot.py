@@ -8,11 +8,16 @@ together) as a star; measured runs (achieved FLOP/s at the step's intensity) as 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from loom.analysis.measured import MeasuredPoint
 from loom.analysis.presets import Hardware
 from loom.analysis.roofline import GROUPS, RooflineReport
+
+if TYPE_CHECKING:
+    from loom.analysis.collectives import AllReduceMeasurement
+    from loom.analysis.parallel import TPDecode
+    from loom.analysis.presets import Link
 
 GROUP_COLORS = {"attn_proj": "tab:blue", "attn_act": "tab:orange", "ffn": "tab:green", "norm": "tab:purple",
                 "lm_head": "tab:red", "other": "tab:gray"}
@@ -88,6 +93,70 @@ def plot_roofline(hardware: Hardware, reports: Sequence[RooflineReport], path: s
     ax.set_title(title or f"Roofline: {hardware.name}")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_parallel(rows: Sequence["TPDecode"], links: Sequence["Link"], path: str,
+                  measured: "AllReduceMeasurement | None" = None, messages: Sequence[tuple[str, float]] = (),
+                  title: str | None = None) -> str:
+    """Two panels. Left: per-token decode time against the tensor-parallel degree for each link (the
+    roofline's time / N plus the all-reduces), with the no-communication line. Right: one all-reduce's
+    time against its message on 2 ranks for each link, this machine's measured loopback points, and the
+    decode messages (``messages``: label, bytes) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from loom.analysis.parallel import allreduce_time
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
+    colors = dict(zip([link.name for link in links], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    by_link: dict[str, list] = {}
+    for r in rows:
+        by_link.setdefault(r.link, []).append(r)
+    ideal = sorted({(r.ranks, r.compute_s / r.tokens) for r in rows})
+    ax.plot([n for n, _ in ideal], [t * 1e3 for _, t in ideal], "k--", lw=1, label="no communication (roofline / N)")
+    for name, pts in by_link.items():
+        ax.plot([p.ranks for p in pts], [p.per_token_s * 1e3 for p in pts], "o-", color=colors.get(name), label=name)
+    first = rows[0]
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r.ranks for r in rows}), [str(n) for n in sorted({r.ranks for r in rows})])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("tensor-parallel devices N")
+    ax.set_ylabel("decode time per token (ms)")
+    ax.set_title(title or f"{first.model}: decode, {first.tokens} sequence(s) at l={first.context}")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    sizes = [2.0 ** k for k in range(6, 25)]
+    for link in links:
+        bx.plot(sizes, [allreduce_time(m, 2, link) * 1e6 for m in sizes], color=colors.get(link.name), label=link.name)
+    if measured is not None:
+        fit = measured.link or measured.fit()
+        bx.plot(sizes, [allreduce_time(m, 2, fit) * 1e6 for m in sizes], color="crimson", ls=":",
+                label=f"loopback fit: alpha {fit.latency * 1e6:.3g} us, beta {fit.bandwidth / 1e9:.3g} GB/s")
+        bx.scatter(measured.sizes, [t * 1e6 for t in measured.seconds], marker="X", s=80, color="crimson", zorder=5,
+                   label="loopback measured (best)")
+        bx.scatter([measured.step_bytes], [measured.step_seconds / measured.step_allreduces * 1e6], marker="*",
+                   s=200, color="gold", edgecolors="black", zorder=6,
+                   label=f"measured: {measured.step_allreduces} back-to-back (a TP=2 decode step), per all-reduce")
+    for label, nbytes in messages:
+        bx.axvline(nbytes, color="gray", ls="--", lw=0.8)
+        bx.annotate(label, (nbytes, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top",
+                    xytext=(3, -4), textcoords="offset points")
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log")
+    bx.set_xlabel("message (bytes)")
+    bx.set_ylabel("one all-reduce on 2 ranks (us)")
+    bx.set_title("alpha-beta model, ring all-reduce, N = 2")
+    bx.grid(True, which="both", alpha=0.25)
+    bx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -190,3 +190,43 @@ class Precision:
 
     def bytes_of(self, kind: str) -> float:
         return {"weight": self.weight, "kv": self.kv, "act": self.act}[kind]
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interconnect in the alpha-beta model (Hockney 1994): sending m bytes one hop costs
+    alpha + m / beta. ``bandwidth`` (beta) is what one rank sends one way, bytes/s; ``latency`` (alpha)
+    is one step's fixed cost, seconds (wire and switch latency, synchronization, the kernel or
+    syscall that moves it)."""
+
+    name: str
+    bandwidth: float
+    latency: float
+    note: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "bandwidth_Bps": self.bandwidth, "latency_s": self.latency, "note": self.note}
+
+
+# Bandwidths are the standards' per-direction rates (PCIe: what x16 reaches after encoding and packet
+# overhead); latencies are orders of magnitude per hop, stated as assumptions (override with
+# --bandwidth-gbps / --alpha-us). "loopback" is this machine's gloo over 127.0.0.1 between 2 processes,
+# fitted by `loom analyze parallel --measure` (docs/ANALYSIS.md, "Parallelism"); rerun it to refresh.
+LINKS: dict[str, Link] = {
+    "nvlink": Link("NVLink 3 (A100 SXM)", 300e9, 2e-6, "12 links x 25 GB/s per direction; ~2 us per hop assumed"),
+    "pcie": Link("PCIe 4.0 x16", 24e9, 5e-6, "32 GB/s raw, ~24 GB/s achieved per direction; ~5 us per hop "
+                                             "through the host bridge assumed"),
+    "100gbe": Link("100 GbE (RDMA)", 12.5e9, 5e-6, "12.5 GB/s line rate; ~5 us per hop with RoCE assumed"),
+    "25gbe": Link("25 GbE (TCP)", 3.125e9, 20e-6, "3.125 GB/s line rate; ~20 us per hop through kernel TCP "
+                                                "assumed"),
+    "loopback": Link("this machine's loopback (gloo, 2 processes)", 3.3e9, 44e-6,
+                     "the median of 5 fits (alpha 39-58 us, beta 3.1-3.8 GB/s) of gloo all-reduces of 256 B to "
+                     "1 MiB between 2 processes on 127.0.0.1, 2 shared cores"),
+}
+
+
+def get_link(name: str) -> Link:
+    try:
+        return LINKS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown link {name!r}; choose one of {', '.join(LINKS)}") from None

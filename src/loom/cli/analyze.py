@@ -424,6 +424,123 @@ def _spatten(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# parallel ------------------------------------------------------------------------------------------
+
+def _parallel_options(p: argparse.ArgumentParser) -> None:
+    from loom.analysis.presets import LINKS
+
+    p.add_argument("--model", default="llama-2-7b", help=f"a preset ({_MODELS}) or a model path")
+    p.add_argument("--hardware", default="a100", help=f"a preset ({', '.join(HARDWARE)}) or 'this'")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="activations and weights")
+    p.add_argument("--ranks", default="1,2,4,8", help="comma-separated device counts")
+    p.add_argument("--links", default="nvlink,pcie", help=f"comma-separated, of {', '.join(LINKS)}")
+    p.add_argument("--link-bandwidth", type=float, default=None, metavar="GBPS",
+                   help="add a custom link: bandwidth per direction, GB/s (with --link-alpha-us)")
+    p.add_argument("--link-alpha-us", type=float, default=None, help="the custom link's latency per step, us")
+    p.add_argument("--tokens", type=int, default=1, help="sequences decoded together (one token each)")
+    p.add_argument("--context", type=int, default=1024, help="keys each decoded token attends")
+    p.add_argument("--seq-len", type=int, default=2048, help="training windows (the DP table)")
+    p.add_argument("--batch-per-rank", type=int, default=1, help="training windows per rank and step")
+    p.add_argument("--measure", action="store_true",
+                   help="time gloo all-reduces between 2 processes on this machine's loopback, fit alpha and "
+                        "beta, and time one TP=2 decode step's all-reduces of --measure-model")
+    p.add_argument("--measure-model", default="smollm2-135m",
+                   help="whose decode step --measure times (2 x layers all-reduces of [tokens, hidden] fp32)")
+    p.add_argument("--repeats", type=int, default=50, help="all-reduces timed per message size")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the chart here")
+    p.add_argument("--json", action="store_true")
+
+
+def _parallel_links(args: argparse.Namespace) -> list:
+    from loom.analysis.presets import Link, get_link
+
+    links = [get_link(name) for name in args.links.split(",") if name]
+    if (args.link_bandwidth is None) != (args.link_alpha_us is None):
+        raise ValueError("--link-bandwidth and --link-alpha-us go together")
+    if args.link_bandwidth is not None:
+        if args.link_bandwidth <= 0 or args.link_alpha_us < 0:
+            raise ValueError("--link-bandwidth must be positive and --link-alpha-us not negative")
+        links.append(Link(f"custom ({args.link_bandwidth:g} GB/s, {args.link_alpha_us:g} us)",
+                          args.link_bandwidth * 1e9, args.link_alpha_us * 1e-6))
+    if not links:
+        raise ValueError("--links names no link")
+    return links
+
+
+def _parallel(args: argparse.Namespace) -> int:
+    from loom.analysis.parallel import dp_step, tp_table
+    from loom.analysis.presets import get_link
+
+    config = resolve_model(args.model)
+    hw = get_hardware(args.hardware)
+    precision = Precision.of(args.dtype)
+    ranks = [int(x) for x in args.ranks.split(",") if x]
+    links = _parallel_links(args)
+    rows = tp_table(config, ranks, links, hw, precision, args.tokens, args.context)
+    dp = [dp_step(config, n, link, hw, precision, strategy, args.batch_per_rank, args.seq_len)
+          for strategy in ("ddp", "fsdp") for link in links for n in ranks if n > 1]
+    measured = None
+    if args.measure:
+        from loom.analysis.collectives import measure_allreduce
+
+        mcfg = resolve_model(args.measure_model)
+        measured = measure_allreduce(repeats=args.repeats, step_allreduces=2 * mcfg.num_layers,
+                                     step_bytes=args.tokens * mcfg.hidden_size * 4)
+        measured.fit()
+    if args.plot:
+        from loom.analysis.plot import plot_parallel
+
+        plot_links = links if measured is not None else links + [get_link("loopback")]
+        messages = [(f"{config.name} decode ({args.dtype})", rows[0].allreduce_bytes)]
+        if measured is not None:
+            messages.append((f"{args.measure_model} decode (fp32)", measured.step_bytes))
+        plot_parallel(rows, plot_links, args.plot, measured, messages)
+    result = {"model": config.name, "hardware": hw.to_dict(), "precision": precision.names,
+              "links": [link.to_dict() for link in links], "tensor_parallel_decode": [r.to_dict() for r in rows],
+              "data_parallel_step": [d.to_dict() for d in dp],
+              "measured": measured.to_dict() if measured is not None else None, "plot": args.plot}
+    if args.json:
+        _print_json(result)
+        return 0
+    _print_parallel(config, hw, args, rows, dp, measured)
+    return 0
+
+
+def _print_parallel(config: Any, hw: Hardware, args: argparse.Namespace, rows: list, dp: list, measured: Any) -> None:
+    from loom.analysis.parallel import allreduce_time
+
+    print(f"{config.name}, {args.dtype}, on {hw.name}: tensor-parallel decode of {args.tokens} sequence(s) at "
+          f"l={args.context}; {rows[0].allreduces} all-reduces per step of {si(rows[0].allreduce_bytes, 'B')}")
+    print(table(["link", "N", "compute+memory / N", "bytes moved / rank / all-reduce", "one all-reduce",
+                 "all-reduces", "per token", "speedup", "efficiency"],
+                [[r.link, r.ranks, seconds(r.compute_s), si(r.moved_bytes_per_rank, "B"), seconds(r.allreduce_s),
+                  seconds(r.comm_s), seconds(r.per_token_s), f"{r.speedup:.2f}x", f"{100 * r.speedup / r.ranks:.0f}%"]
+                 for r in rows], right=[False] + [True] * 8))
+    if dp:
+        print(f"\ndata-parallel training, full fine-tuning: {args.batch_per_rank} window(s) of {args.seq_len} per "
+              "rank and step; compute = 3 forwards at the roofline, communication not overlapped")
+        print(table(["strategy", "link", "N", "bytes moved / rank / step", "bytes / token", "communication",
+                     "compute", "tokens/s"],
+                    [[d.strategy, d.link, d.ranks, si(d.moved_bytes_per_rank, "B"),
+                      si(d.moved_bytes_per_rank / d.tokens_per_rank, "B"), seconds(d.comm_s), seconds(d.compute_s),
+                      f"{d.tokens_per_s:.4g}"] for d in dp], right=[False, False] + [True] * 6))
+    if measured is not None:
+        link = measured.link
+        print(f"\nmeasured on this machine: gloo all-reduce between {measured.ranks} processes over loopback "
+              f"(best / median of {measured.repeats})")
+        print(table(["message", "best", "median", "alpha-beta fit"],
+                    [[si(m, "B"), seconds(t), seconds(md), seconds(allreduce_time(m, measured.ranks, link))]
+                     for m, t, md in zip(measured.sizes, measured.seconds, measured.median_seconds)],
+                    right=[True] * 4))
+        print(f"fit: alpha {link.latency * 1e6:.3g} us per step, beta {link.bandwidth / 1e9:.3g} GB/s")
+        print(f"a TP=2 decode step of {args.measure_model}: {measured.step_allreduces} all-reduces of "
+              f"{si(measured.step_bytes, 'B')} back to back: measured {seconds(measured.step_seconds)} (best; median "
+              f"{seconds(measured.step_median_seconds)}), alpha-beta predicts "
+              f"{seconds(measured.predicted_step_seconds(link))}")
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+
 ANALYSES = {
     "roofline": Subcommand("per-operator FLOPs, MOPs, arithmetic intensity and bound (seed 002)",
                            _roofline_options, _roofline),
@@ -439,6 +556,8 @@ ANALYSES = {
                        _plot_options, _plot),
     "spatten": Subcommand("SpAtten cascade token / head pruning of the prompt: quality and cost",
                           _spatten_options, _spatten),
+    "parallel": Subcommand("tensor / data parallelism: all-reduce bytes and alpha-beta time next to the roofline",
+                           _parallel_options, _parallel),
 }
 
 

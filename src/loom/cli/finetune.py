@@ -19,8 +19,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", default=None, help="a held-out file (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--out", required=True, help="the adapter folder to write")
-    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning"],
-                   help="LoRA adapters, or a soft prompt of --num-virtual-tokens trainable embeddings")
+    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning", "full"],
+                   help="LoRA adapters, a soft prompt of --num-virtual-tokens trainable embeddings, or every "
+                        "parameter (full fine-tuning: OUT is then a model folder)")
+    d = p.add_argument_group("data parallel")
+    d.add_argument("--nproc", type=int, default=1,
+                   help="processes to train on (gloo on this machine), each --batch-size examples of every "
+                        "global batch; under torchrun, its world instead")
+    d.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="DistributedDataParallel (a whole copy per rank) or FSDP (parameters, gradients and "
+                        "optimizer state sharded over the ranks)")
     a = p.add_argument_group("LoRA")
     a.add_argument("--r", type=int, default=8)
     a.add_argument("--lora-alpha", type=float, default=16.0)
@@ -81,18 +89,31 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         model=args.model or default_model_path(), data=args.data, out=args.out, eval_data=args.eval_data,
         eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-        qlora=args.qlora, resume=args.resume, method=args.method,
+        qlora=args.qlora, resume=args.resume, method=args.method, nproc=args.nproc, parallel=args.parallel,
         prompt_tuning=PromptTuningConfig(args.num_virtual_tokens, args.prompt_init, args.prompt_init_text,
                                          seed=args.seed),
         lora=LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                         use_rslora=args.rslora, seed=args.seed),
         train=train_config_from_args(args, 3e-2 if args.method == "prompt-tuning" else 2e-4))
     s = finetune(config, progress=not args.json)
+    from loom.finetune.parallel import world_from_env
+
+    world = world_from_env()
+    if world is not None and not world.is_main:
+        return 0  # under torchrun: rank 0 prints
     if args.json:
         print(json.dumps(s, indent=2))
-    else:
-        before, after = s["eval_perplexity_before"], s["eval_perplexity_after"]
-        held = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""
-        print(f"wrote {s['out']} ({s['trainable_parameters']:,} trainable parameters): {len(s['losses'])} steps, "
-              f"loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}, {s['train_tokens_per_s']:.0f} tokens/s{held}")
+        return 0
+    before, after = s["eval_perplexity_before"], s["eval_perplexity_after"]
+    held = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""
+    print(f"wrote {s['out']} ({s['trainable_parameters']:,} trainable parameters): {len(s['losses'])} steps, "
+          f"loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}, {s['train_tokens_per_s']:.0f} tokens/s{held}")
+    par = s["parallel"]
+    if par["strategy"]:
+        print(f"{par['strategy'].upper()} over {par['world_size']} ranks, global batch {par['global_batch_size']}; "
+              "parameters + optimizer state held per rank:")
+        for m in par["ranks"]:
+            print(f"  rank {m['rank']}: parameters {m['parameter_bytes'] / 2**20:.2f} MiB + optimizer state "
+                  f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB = {100 * m['fraction_of_one_rank']:.1f}% of one "
+                  f"rank's {(m['full_parameter_bytes'] + m['full_optimizer_state_bytes']) / 2**20:.2f} MiB")
     return 0

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from tqdm import tqdm
 
 from loom.layers.attention import AttentionMetadata
 from loom.models.transformer import Transformer
+
+if TYPE_CHECKING:
+    from loom.finetune.parallel import World
 
 IGNORE = -100  # a label that is not trained on (HF's convention)
 
@@ -103,17 +106,26 @@ def predicted_rows(lengths: Sequence[int], labels: Sequence[torch.Tensor]) -> tu
     return torch.cat(rows), torch.cat(targets)
 
 
-def lm_loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None) -> torch.Tensor:
+def lm_loss(model: Transformer, input_ids: Sequences, labels: Sequences | None = None,
+            reduction: str = "mean") -> torch.Tensor:
     """Mean cross-entropy of predicting each sequence's next tokens; ``input_ids`` [B, T] or a list of
     1-D sequences, ``labels`` alike (default: the inputs; IGNORE where not trained). The sequences run as one
     flat batch, each attending causally over itself; the output layer runs on the predicting rows only
-    (its [rows, vocab] logits are the largest activation of a small model's step)."""
+    (its [rows, vocab] logits are the largest activation of a small model's step). ``reduction="sum"``: the
+    sum over the predicted tokens instead (what a data-parallel rank contributes; ``predicted_tokens``
+    counts them)."""
     seqs = list(input_ids)
     labs = seqs if labels is None else list(labels)
     lengths = [len(s) for s in seqs]
     hidden = model(torch.cat(seqs), AttentionMetadata.uncached(lengths))
     rows, targets = predicted_rows(lengths, labs)
-    return F.cross_entropy(model.compute_logits(hidden[rows]).float(), targets)
+    return F.cross_entropy(model.compute_logits(hidden[rows]).float(), targets, reduction=reduction)
+
+
+def predicted_tokens(input_ids: Sequences, labels: Sequences | None = None) -> int:
+    """How many tokens ``lm_loss`` averages over: every sequence's labels 1..n-1 that are not IGNORE."""
+    labs = list(input_ids) if labels is None else list(labels)
+    return sum(int((torch.as_tensor(lab)[1:] != IGNORE).sum()) for lab in labs)
 
 
 @dataclass
@@ -151,45 +163,53 @@ def load_training_state(folder: str) -> dict[str, Any]:
     return torch.load(path, weights_only=False)
 
 
+def restore_training_state(resume: str, parameters: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                           schedule: Any) -> tuple[int, list[StepLog]]:
+    """Load a checkpoint into the parameters, optimizer, schedule and RNG; returns (its step, its log)."""
+    state = load_training_state(resume)
+    if len(state["parameters"]) != len(parameters) or any(
+            a.shape != b.shape for a, b in zip(state["parameters"], parameters)):
+        raise ValueError(f"{resume}: its trainable parameters do not match this run's (another adapter "
+                         "or model?)")
+    with torch.no_grad():
+        for p, saved in zip(parameters, state["parameters"]):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], [StepLog(**log) for log in state["logs"]]
+
+
 def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
           batches: Iterable[tuple[Sequences, Sequences | None]], config: TrainConfig,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = False,
           loss_fn: LossFn = lm_loss, after_step: Callable[[], None] | None = None,
-          checkpoint_dir: str | None = None, resume: str | None = None) -> list[StepLog]:
+          checkpoint_dir: str | None = None, resume: str | None = None, world: Optional["World"] = None,
+          on_finish: Callable[[torch.optim.Optimizer], None] | None = None) -> list[StepLog]:
     """Train ``parameters`` of ``model`` on ``batches`` of (input_ids, labels or None; see ``lm_loss``) for
     ``config.max_steps`` optimizer steps (``grad_accum`` batches each; the loss of a step is their mean).
     ``loss_fn`` is the objective (default the causal-LM cross-entropy; distillation passes its own);
     ``after_step`` runs after each optimizer step (e.g. to keep a pruned weight's zeros). With
     ``config.save_every`` a checkpoint goes to ``checkpoint_dir`` every that many steps; ``resume`` (a
     checkpoint folder or file) restores one and skips the batches it had consumed, so a resumed run's
-    losses and weights equal an uninterrupted one's. Returns the log of every step."""
+    losses and weights equal an uninterrupted one's. In a data-parallel ``world`` (``parallel.py``) each
+    rank's ``loss_fn`` returns its share of the global batch's loss (the shares sum, over ranks, to the
+    world size times the global mean: DDP and FSDP average gradients); the log holds the global mean and
+    token count, and only rank 0 shows progress and writes checkpoints. ``on_finish`` sees the optimizer
+    after the last step (its state's size, say). Returns the log of every step."""
     parameters = list(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-    logs: list[StepLog] = []
     it: Iterator = iter(batches)
-    first = 0
-    if resume is not None:
-        state = load_training_state(resume)
-        if len(state["parameters"]) != len(parameters) or any(
-                a.shape != b.shape for a, b in zip(state["parameters"], parameters)):
-            raise ValueError(f"{resume}: its trainable parameters do not match this run's (another adapter "
-                             "or model?)")
-        with torch.no_grad():
-            for p, saved in zip(parameters, state["parameters"]):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        logs = [StepLog(**log) for log in state["logs"]]
-        first = state["step"]
-        for _ in range(first * config.grad_accum):  # the batches already trained on
-            next(it)
+    first, logs = restore_training_state(resume, parameters, optimizer, schedule) if resume is not None else (0, [])
+    for _ in range(first * config.grad_accum):  # the batches already trained on
+        next(it)
     checkpoint_layers(model, config.activation_checkpointing)
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
-    with tqdm(total=config.max_steps, initial=first, disable=not progress, desc="train") as bar:
+    main = world is None or world.rank == 0
+    with tqdm(total=config.max_steps, initial=first, disable=not (progress and main), desc="train") as bar:
         for step in range(first, config.max_steps):
             total, tokens, started = 0.0, 0, time.perf_counter()
             for _ in range(config.grad_accum):
@@ -200,6 +220,10 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
                 total += loss.item()
                 tokens += sum(len(s) for s in input_ids)
             norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm else math.inf)
+            if hasattr(norm, "full_tensor"):  # FSDP's sharded gradients: the norm is a DTensor
+                norm = norm.full_tensor()
+            if world is not None:
+                total, tokens = world.mean_and_sum(total, tokens)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
@@ -212,9 +236,11 @@ def train(model: Transformer, parameters: Sequence[torch.nn.Parameter],
                 on_step(log)
             bar.set_postfix(loss=f"{total:.4f}", tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
             bar.update(1)
-            if config.save_every and checkpoint_dir and (step + 1) % config.save_every == 0 \
+            if config.save_every and checkpoint_dir and main and (step + 1) % config.save_every == 0 \
                     and step + 1 < config.max_steps:
                 save_training_state(checkpoint_dir, step + 1, parameters, optimizer, schedule, logs)
+    if on_finish is not None:
+        on_finish(optimizer)
     checkpoint_layers(model, False)
     model.eval()
     return logs
