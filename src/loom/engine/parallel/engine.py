@@ -103,6 +103,8 @@ class ParallelEngine(LLMEngine):
         """Rank 0 sizes the cache by its shard's bytes per block; every rank allocates that many blocks."""
         shard = shard_config(self.model.config, self.world.size)
         n = KVCache.blocks_for(shard, config.cache, self.model.dtype, self.model.device, context)
+        if config.cache.num_blocks is None and config.cache.memory_bytes is None and self.model.device.type == "cpu":
+            n = max(1, n // self.world.local_size)  # the ranks on this host share its memory budget
         payload = (n, config.cache.block_size, self.model.dtype)
         with self.channel.command("kv", payload):
             kv = self.executor.run("kv", payload)
@@ -117,7 +119,12 @@ class ParallelEngine(LLMEngine):
         return runner
 
     def describe(self) -> str:
-        return f"tensor parallel: {self.world.size} ranks ({self.world.backend}); {super().describe()}"
+        """Also what rank 0 holds (every rank holds as much, but for an uneven last vocabulary shard)."""
+        mem = self.executor.memory()
+        mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+        return (f"tensor parallel: {self.world.size} ranks ({self.world.backend}), rank 0 holds {mib(mem['sharded'])} "
+                f"of sharded weights + {mib(mem['replicated'])} replicated (norms, RoPE tables) + "
+                f"{mib(mem['kv_cache'])} of KV cache shard; {super().describe()}")
 
     def health_problem(self) -> str | None:
         return self.channel.failure

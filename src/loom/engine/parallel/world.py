@@ -73,6 +73,11 @@ class World:
     processes: list[Any] = field(default_factory=list)
 
     @property
+    def local_size(self) -> int:
+        """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE, or every rank of a world loom spawned."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.size)) if self.torchrun else self.size
+
+    @property
     def tp(self) -> TPGroup:
         return TPGroup(self.rank, self.size)
 
