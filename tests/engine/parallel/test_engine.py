@@ -113,3 +113,32 @@ def test_tp_speculative_decoding_matches_single_process(tiny_path):
         assert llm.engine.stats().speculative.draft_tokens > 0
     finally:
         llm.shutdown()
+
+
+def test_a_hung_worker_fails_the_engine_within_the_timeout(tiny_path):
+    """A worker stopped (SIGSTOP) while the engine idles: the heartbeat's all-reduce times out, the engine
+    reports the problem and every later step raises WorkerLostError at once: nothing waits forever."""
+    import os
+    import signal
+    import time
+
+    from loom.config import ParallelConfig
+    from loom.errors import WorkerLostError
+
+    llm = LLM(tiny_path, parallel=ParallelConfig(tensor_parallel_size=2, timeout_s=2.0, heartbeat_s=0.5),
+              cache=CacheConfig(num_blocks=32))
+    worker = llm.engine.world.processes[0]
+    try:
+        assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+        assert llm.engine.health_problem() is None
+        os.kill(worker.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        while llm.engine.health_problem() is None and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert time.monotonic() - start < 2.0 + 0.5 + 2  # the timeout, a heartbeat, slack for this busy machine
+        assert "2 s collective timeout" in llm.engine.health_problem()
+        with pytest.raises(WorkerLostError, match="tensor parallelism failed during 'ping'"):
+            llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        llm.shutdown()

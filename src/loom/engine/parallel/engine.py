@@ -124,7 +124,11 @@ class ParallelEngine(LLMEngine):
         mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
         return (f"tensor parallel: {self.world.size} ranks ({self.world.backend}), rank 0 holds {mib(mem['sharded'])} "
                 f"of sharded weights + {mib(mem['replicated'])} replicated (norms, RoPE tables) + "
-                f"{mib(mem['kv_cache'])} of KV cache shard; {super().describe()}")
+                f"{mib(mem['kv_cache'])} of KV cache shard{self._pids()}; {super().describe()}")
+
+    def _pids(self) -> str:
+        pids = [p.pid for p in self.world.processes]
+        return f", worker pids {pids}" if pids else ""
 
     def health_problem(self) -> str | None:
         return self.channel.failure
