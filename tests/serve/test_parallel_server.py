@@ -15,12 +15,14 @@ import time
 import httpx
 
 from loom.bench.serve import wait_for_health
-from tests.engine.parallel.test_launch import SRC, free_port, tiny_path  # noqa: F401 - the model fixture
+from tests.engine.parallel.test_launch import SRC, free_port
+from tests.helpers import tiny_llama_folder
 
 TIMEOUT_S = 10
 
 
-def test_killed_worker_makes_the_server_unhealthy_and_exit(tiny_path):  # noqa: F811
+def test_killed_worker_makes_the_server_unhealthy_and_exit(tmp_path):
+    tiny_path = tiny_llama_folder(str(tmp_path / "llama"), seed=5)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "loom.cli", "serve", "--model", tiny_path, "--port", str(port),

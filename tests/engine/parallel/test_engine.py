@@ -12,7 +12,7 @@ from loom import LLM, SamplingParams
 from loom.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from loom.layers.attention import AttentionMetadata
 from loom.models.tensor_parallel import rank_memory
-from tests.helpers import byte_level_metadata, save_tiny_hf
+from tests.helpers import tiny_llama_folder
 
 PROMPTS = 32
 TOKENS = 64
@@ -20,12 +20,7 @@ TOKENS = 64
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
-    from loom.tokenizer import tokenizer_from_gguf_metadata
-
-    path = str(tmp_path_factory.mktemp("tp") / "llama")
-    save_tiny_hf(path, num_key_value_heads=2, seed=3)
-    tokenizer_from_gguf_metadata(byte_level_metadata()).save(path)
-    return path
+    return tiny_llama_folder(str(tmp_path_factory.mktemp("tp") / "llama"), seed=3)
 
 
 def options(**more):
@@ -100,8 +95,9 @@ def test_tp_matches_single_process(tiny_path, reference, size):
         llm.shutdown()
 
 
-def test_tp_speculative_decoding_matches_single_process(tiny_path):
-    """n-gram drafts verified by the sharded model: the same tokens as the same speculation on one process."""
+def test_tp_speculative_decoding_and_embeddings_match_single_process(tiny_path):
+    """n-gram drafts verified by the sharded model: the same tokens as the same speculation on one process; and
+    the same embeddings."""
     spec = SpeculativeConfig("ngram", num_tokens=3)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [40, 41, 42, 43, 40, 41], list(range(10, 22))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
@@ -111,6 +107,8 @@ def test_tp_speculative_decoding_matches_single_process(tiny_path):
     try:
         assert_same(ref, llm.generate(prompts, params))
         assert llm.engine.stats().speculative.draft_tokens > 0
+        # embeddings (pooled final states) through the same commands
+        torch.testing.assert_close(llm.embed(prompts), single.embed(prompts), atol=1e-5, rtol=0)
     finally:
         llm.shutdown()
 

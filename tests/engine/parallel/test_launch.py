@@ -16,7 +16,7 @@ from loom import LLM, SamplingParams
 from loom.config import CacheConfig
 from loom.layers.parallel import ShardingError
 from tests.engine.parallel.test_engine import assert_same
-from tests.helpers import byte_level_vocab_meta, save_tiny_hf, write_llama_gguf
+from tests.helpers import byte_level_vocab_meta, save_tiny_hf, tiny_llama_folder, write_llama_gguf
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
                    "src")
@@ -24,13 +24,7 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
-    from loom.tokenizer import tokenizer_from_gguf_metadata
-    from tests.helpers import byte_level_metadata
-
-    path = str(tmp_path_factory.mktemp("tp-launch") / "llama")
-    save_tiny_hf(path, num_key_value_heads=2, seed=5)
-    tokenizer_from_gguf_metadata(byte_level_metadata()).save(path)
-    return path
+    return tiny_llama_folder(str(tmp_path_factory.mktemp("tp-launch") / "llama"), seed=5)
 
 
 def free_port() -> int:
