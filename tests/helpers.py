@@ -203,6 +203,15 @@ def peft_adapter(base, folder, seed: int = 0, **options):
     return model
 
 
+def tiny_llama_folder(folder: str, seed: int = 0) -> str:
+    """A tiny random Llama (GQA: 4 heads, 2 KV heads) saved by transformers with a byte-level tokenizer; the folder."""
+    from loom.tokenizer import tokenizer_from_gguf_metadata
+
+    save_tiny_hf(folder, num_key_value_heads=2, seed=seed)
+    tokenizer_from_gguf_metadata(byte_level_metadata()).save(folder)
+    return folder
+
+
 def tiny_base_with_adapters(root, adapters: dict[str, tuple[Any, int]]) -> dict[str, str]:
     """A tiny Llama (GQA) with a byte-level tokenizer in ``root/base``, and one PEFT LoRA adapter per entry of
     ``adapters`` (name -> (target modules, rank); alpha 2r, random A and B, saved by PEFT itself) under

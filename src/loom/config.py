@@ -729,6 +729,39 @@ WEIGHTS = ("native", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (Megatron-LM, Shoeybi et al. 1909.08053): the model's heads, MLP and vocabulary cut
+    across ``tensor_parallel_size`` worker processes, one shard each (engine/parallel/).
+
+    tensor_parallel_size: ranks (1: today's single-process engine, nothing distributed)
+    timeout_s:            the collective timeout: a rank that dies or hangs longer fails the engine with a
+                          WorkerLostError instead of hanging it (torch.distributed's process-group timeout)
+    heartbeat_s:          an idle rank 0 checks its workers this often (a tiny all-reduce), so a dead worker
+                          is noticed between requests and workers never wait past the timeout (None: timeout / 4)
+    backend:              "gloo" or "nccl" (None: gloo on the CPU, nccl on CUDA)
+    """
+
+    tensor_parallel_size: int = 1
+    timeout_s: float = 60.0
+    heartbeat_s: float | None = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"the collective timeout must be positive, got {self.timeout_s}")
+        if self.heartbeat_s is not None and not 0 < self.heartbeat_s < self.timeout_s:
+            raise ValueError(f"heartbeat_s must be in (0, timeout_s = {self.timeout_s}), got {self.heartbeat_s}")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.timeout_s / 4
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything that decides how loom loads a model and serves it: ``LLM(config=...)`` (or its keyword
     options, which are these fields) and ``LLMEngine(model, tokenizer, config)`` take one, validated here
@@ -750,6 +783,7 @@ class EngineConfig:
     lora:             a PEFT LoRA adapter folder merged into the weights at load (dense weights: without
                       ``weights`` or ``dtype`` it loads fp32 on the CPU, bf16 on CUDA)
     lora_serving:     adapters chosen per request, unmerged (any weights, quantized included), or None
+    parallel:         tensor parallelism (ParallelConfig); ``tensor_parallel_size`` is a shorthand for its size
     """
 
     model: str | None = None
@@ -766,8 +800,11 @@ class EngineConfig:
     kv_policy: KVPolicyConfig | None = None
     lora: str | None = None
     lora_serving: LoraServingConfig | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.parallel, ParallelConfig):
+            raise TypeError(f"parallel must be a ParallelConfig, got {type(self.parallel).__name__}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.decode_step not in DECODE_STEPS:
@@ -790,6 +827,10 @@ class EngineConfig:
     @classmethod
     def of(cls, config: EngineConfig | None = None, **options: Any) -> EngineConfig:
         """``config`` (or the defaults) with ``options`` (field names) replaced; unknown names raise TypeError."""
+        if "tensor_parallel_size" in options:  # the shorthand of parallel.tensor_parallel_size
+            size = options.pop("tensor_parallel_size")
+            base = options.get("parallel") or (config.parallel if config is not None else ParallelConfig())
+            options["parallel"] = replace(base, tensor_parallel_size=size)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:

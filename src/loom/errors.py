@@ -65,6 +65,11 @@ class EngineUnavailableError(RuntimeError):
     """The engine is not running (it failed, was stopped, or the server is shutting down): HTTP 503."""
 
 
+class WorkerLostError(EngineUnavailableError):
+    """A tensor-parallel rank died, hung past the collective timeout or failed: the ranks are out of step for
+    good, the engine cannot continue (the server reports itself unhealthy and exits): HTTP 503."""
+
+
 def check_context(prompt_len: int, max_tokens: int | None, context: int) -> int:
     """The number of tokens that may be generated; raises when the request cannot fit."""
     if prompt_len == 0:

@@ -79,6 +79,9 @@ class LLM:
 
     def _load_decoder(self, config: EngineConfig) -> None:
         """A decoder and its serving engine; it embeds too (pooled final hidden states)."""
+        if config.parallel.tensor_parallel_size > 1:
+            self._load_parallel_decoder(config)
+            return
         # default: native (quantized files run quantized), in the device's default dtype
         weights, dtype = choose_weights(config.weights, config.dtype, config.device, dense=config.lora is not None)
         loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
@@ -94,6 +97,30 @@ class LLM:
             calibration = kv_calibration_ids(self.tokenizer)
         self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration)
         self.embedder: Embedder | None = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
+
+    def _load_parallel_decoder(self, config: EngineConfig) -> None:
+        """A decoder cut across ``tensor_parallel_size`` ranks (engine/parallel/): this process is rank 0 and
+        runs the engine. Under torchrun the other ranks never return from here: they serve rank 0 and exit."""
+        from loom.engine.parallel.engine import ParallelEngine
+        from loom.engine.parallel.launch import start_parallel, stop_at_exit
+
+        loaded, world = start_parallel(self.model_path, config)
+        try:
+            self.device = loaded.model.device
+            self.model = loaded.model  # rank 0's shard: its forward needs every rank (use the engine)
+            self.config = loaded.config
+            self.tokenizer = load_tokenizer(self.model_path, loaded.metadata, loaded.config.eos_token_ids)
+            self.engine = ParallelEngine(self.model, self.tokenizer, config, world)
+        except BaseException:
+            world.close(join_s=1.0)
+            raise
+        stop_at_exit(self.engine)
+        self.embedder = Embedder.for_decoder(self.engine.embedding_model, self.tokenizer, self.engine.max_model_len)
+
+    def shutdown(self) -> None:
+        """Release the engine's workers (tensor parallelism; a no-op otherwise). The LLM cannot generate after."""
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def _load_encoder(self, config: EngineConfig) -> None:
         """An encoder (a BERT-style embedding model): no generation engine, only ``embed``."""

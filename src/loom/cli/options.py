@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from loom.config import (DECODE_STEPS, LORA_DTYPES, CacheConfig, EngineConfig, KVPolicyConfig, LoraServingConfig,
-                         RopeScalingOverride, SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
+                         ParallelConfig, RopeScalingOverride, SchedulerConfig, SpeculativeConfig, parse_bytes, parse_rope_scaling)
 from loom.llm import LLM
 from loom.sampling_params import SamplingParams
 
@@ -77,6 +77,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
                    help="how decode batches run: auto (the fastest steps that take the model), native (C++), "
                         "scripted (TorchScript), cuda_graph, or module (the plain nn.Module forward)")
+    t = p.add_argument_group("tensor parallelism (engine/parallel/)")
+    t.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks the model is cut across: loom starts them on this machine, or run the same command "
+                        "under torchrun (--nnodes M --nproc-per-node K, M x K ranks)")
+    t.add_argument("--tp-timeout", type=float, default=ParallelConfig().timeout_s,
+                   help="seconds a collective may wait for a rank before the engine fails (a dead or hung worker)")
     k = p.add_argument_group("KV eviction (bounded memory per sequence)")
     k.add_argument("--kv-policy", default="full", choices=["full", "window", "streaming", "h2o"],
                    help="window: the last --kv-budget tokens; streaming: --sink-tokens first tokens + a window "
@@ -225,7 +231,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=args.device, rope_scaling=rope_scaling(args), decode_step=args.decode_step,
                         cache=cache_config(args), scheduler=scheduler_config(args),
                         speculative=speculative_config(args), kv_policy=kv_policy(args),
-                        lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args))
+                        lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args),
+                        parallel=parallel_config(args))
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.tp_timeout)
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:

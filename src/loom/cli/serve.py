@@ -99,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
           f"{llm.engine.describe()})" + (f"; embeddings by {embedding_name!r}" if embedding_name else "")
           + (f"; LoRA adapters {', '.join(map(repr, adapters))}" if adapters else "")
           + ("; runtime LoRA loading on" if args.allow_runtime_lora else ""), file=sys.stderr)
-    serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
-    return 0
+    status = serve(app, args.host, args.port, args.log_level, args.graceful_timeout)
+    llm.shutdown()
+    return status

@@ -76,7 +76,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         context = min(config.scheduler.max_model_len or model.config.max_position_embeddings,
                       model.config.max_position_embeddings)
-        self.kv_cache = KVCache.from_config(model.config, config.cache, model.dtype, model.device, context)
+        self.kv_cache = self._make_kv_cache(config, context)
         if self.kv_cache.quantized:
             if not kv_calibration_ids:
                 raise ValueError("an int8 KV cache needs kv_calibration_ids: tokens whose keys fix its key scales")
@@ -115,10 +115,26 @@ class LLMEngine:
         self.steps = 0
         self.lora_requests: dict[str, int] = {}  # adapter name -> requests received for it
 
+    def _make_kv_cache(self, config: EngineConfig, context: int) -> KVCache:
+        """The paged KV cache, sized by ``config.cache`` (engine/parallel/ allocates a shard on every rank)."""
+        return KVCache.from_config(self.model.config, config.cache, self.model.dtype, self.model.device, context)
+
     def _build_runner(self, config: EngineConfig) -> ModelRunner:
         """What turns a scheduled batch into logits (engine/encoder_decoder.py has its own for T5)."""
         return ModelRunner(self.model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs,
                            adapters=self.adapters)
+
+    @property
+    def embedding_model(self) -> Transformer:
+        """The model embedders run (a tensor-parallel engine gives a forward that runs on every rank)."""
+        return self.model
+
+    def health_problem(self) -> str | None:
+        """Why the engine can no longer run (None: healthy); a tensor-parallel engine that lost a rank says so."""
+        return None
+
+    def shutdown(self) -> None:
+        """Release what the engine holds beyond memory (a tensor-parallel engine stops its workers)."""
 
     def _release_request(self, request: Request) -> None:
         """A request left the engine (finished or aborted): free what it holds besides its sequences' blocks

@@ -58,6 +58,13 @@ class KVCache:
         of the memory available now on ``device`` (host memory, or the GPU's free memory). The default
         budget never holds fewer than ``context`` tokens (the model's context) while that fits in half
         of the available memory, so the context a user gets does not depend on the page cache."""
+        n = cls.blocks_for(model_config, cache_config, dtype, device, context)
+        return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype, device)
+
+    @classmethod
+    def blocks_for(cls, model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None, context: int | None = None) -> int:
+        """The number of blocks ``from_config`` allocates (see there)."""
         per_block = cls.bytes_per_block(model_config, cache_config.block_size, dtype, cache_config.kv_dtype)
         if cache_config.num_blocks is not None:
             n = cache_config.num_blocks
@@ -72,7 +79,7 @@ class KVCache:
                     n = whole
         if n < 1:
             raise ValueError(f"the KV cache budget holds no block (one block is {per_block} bytes)")
-        return cls(model_config, n, cache_config.block_size, dtype, cache_config.kv_dtype, device)
+        return n
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.quantized:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from loom.engine.engine import LLMEngine
 from loom.engine.sequence import Request
-from loom.errors import EngineUnavailableError, ModelNotFoundError
+from loom.errors import EngineUnavailableError, ModelNotFoundError, WorkerLostError
 from loom.outputs import StreamDelta
 from loom.sampling_params import SamplingParams
 from loom.serve.errors import ShuttingDownError
@@ -212,9 +212,14 @@ class AsyncEngine:
                     if self.engine.has_unfinished_requests():
                         self.engine.step()  # settles the aborts, freeing their blocks
                     return
+                problem = self.engine.health_problem()
+                if problem is not None:  # e.g. a tensor-parallel worker died between requests
+                    raise WorkerLostError(problem)
                 if self.engine.has_unfinished_requests():
                     try:
                         deltas = self.engine.step()
+                    except WorkerLostError:
+                        raise  # the engine cannot continue: the loop ends, the server reports it and exits
                     except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
                         log.exception("an engine step failed; aborting the requests in flight")
                         self._fail_all(EngineUnavailableError(f"the engine step failed: {e}"))

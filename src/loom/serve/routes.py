@@ -71,9 +71,12 @@ async def chat_page(state: State) -> HTMLResponse:
 
 @router.get("/health", response_model=doc.Health, responses={503: doc.ERRORS[503]})
 async def health(state: State) -> Response:
-    """``{"status": "ok"}`` while the engine thread runs; 503 once it has died."""
+    """``{"status": "ok"}`` while the engine thread runs; 503 once it has died or lost a tensor-parallel rank."""
     if state.async_engine.dead is not None:
-        raise EngineUnavailableError("the engine has stopped")
+        raise EngineUnavailableError(f"the engine has stopped: {state.async_engine.dead}")
+    problem = state.engine.health_problem()
+    if problem is not None:  # a tensor-parallel rank was lost (the engine thread has not noticed yet)
+        raise EngineUnavailableError(problem)
     return JSONResponse({"status": "ok"})
 
 

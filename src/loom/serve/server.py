@@ -7,13 +7,19 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
+import threading
+import time
 from typing import Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
+from loom.errors import WorkerLostError
+
 log = logging.getLogger("loom.serve")
 
+UNHEALTHY_LINGER_S = 1.0  # after the engine failed for good: /health answers 503 this long before the server exits
 FLUSH_S = 10.0  # after the graceful timeout: time for the ended requests' last bytes to go out
 
 
@@ -54,8 +60,32 @@ class GracefulServer(uvicorn.Server):
             ender.cancel()
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_timeout: float = 30.0) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT / SIGTERM, then shut down gracefully."""
+def _watch_engine(server: GracefulServer, failed: list[str], poll_s: float = 0.2) -> None:
+    """End the server when its engine can no longer run (``WorkerLostError``: a tensor-parallel rank died or
+    hung): after ``UNHEALTHY_LINGER_S`` (/health answers 503 meanwhile) it stops, and ``serve`` returns 1."""
+    state = server.loom_app.state.loom
+    while not server.should_exit:
+        dead = state.async_engine.dead
+        if isinstance(dead, WorkerLostError) or (dead is None and state.engine.health_problem() is not None):
+            message = str(dead) if dead is not None else state.engine.health_problem()
+            failed.append(message)
+            log.critical("the engine cannot continue, the server exits: %s", message)
+            time.sleep(UNHEALTHY_LINGER_S)
+            server.should_exit = True
+            return
+        time.sleep(poll_s)
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_timeout: float = 30.0) -> int:
+    """Serve ``app`` on ``host:port`` until SIGINT / SIGTERM, then shut down gracefully: exit status 0; or until
+    the engine fails for good (a lost tensor-parallel rank): the message on stderr and exit status 1."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_timeout + FLUSH_S)
-    GracefulServer(config, app, graceful_timeout).run()
+    server = GracefulServer(config, app, graceful_timeout)
+    failed: list[str] = []
+    threading.Thread(target=_watch_engine, args=(server, failed), name="loom-engine-watch", daemon=True).start()
+    server.run()
+    if failed:
+        print(f"loom: error: the engine failed and the server stopped: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0

@@ -48,7 +48,7 @@ class ServerState:
         self.created = int(time.time())
         # Embeddings (serve/embeddings.py): a model of their own, else the served decoder's pooled states under
         # its name; forward passes run one at a time in their own thread, off the event loop.
-        self.embedder = embedder or Embedder.for_decoder(engine.model, tokenizer, engine.max_model_len)
+        self.embedder = embedder or Embedder.for_decoder(engine.embedding_model, tokenizer, engine.max_model_len)
         self.embedding_model_name = embedding_model_name or model_name
         self.max_embedding_inputs = max_embedding_inputs
         self.embedding_executor = ThreadPoolExecutor(1, thread_name_prefix="loom-embed")
