@@ -77,6 +77,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
                    help="how decode batches run: auto (the fastest steps that take the model), native (C++), "
                         "scripted (TorchScript), cuda_graph, or module (the plain nn.Module forward)")
+    e.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="host memory for the weights, KV cache and draft model, e.g. 300M or 1.5G: decoder layers "
+                        "that do not fit stream from the model file layer by layer (default: all in memory)")
+    e.add_argument("--stream-buffers", type=int, default=2,
+                   help="with --memory-budget: layers built at once while streaming (2: double buffering)")
     k = p.add_argument_group("KV eviction (bounded memory per sequence)")
     k.add_argument("--kv-policy", default="full", choices=["full", "window", "streaming", "h2o"],
                    help="window: the last --kv-budget tokens; streaming: --sink-tokens first tokens + a window "
@@ -225,7 +230,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=args.device, rope_scaling=rope_scaling(args), decode_step=args.decode_step,
                         cache=cache_config(args), scheduler=scheduler_config(args),
                         speculative=speculative_config(args), kv_policy=kv_policy(args),
-                        lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args))
+                        lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args),
+                        memory_budget=parse_bytes(args.memory_budget) if getattr(args, "memory_budget", None) else None,
+                        stream_buffers=getattr(args, "stream_buffers", 2))
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:

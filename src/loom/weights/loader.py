@@ -17,7 +17,7 @@ from loom.layers.quantized import QuantizedLinear, QuantizedTensor, onednn_int8_
 from loom.models.rotation import rotate
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
-from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
+from loom.weights.gguf import GGUFFile, TensorInfo, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
 from loom.weights.native import gguf_quantized
 from loom.weights.lowrank_checkpoint import load_lowrank_linears, read_lowrank
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
@@ -65,7 +65,7 @@ class LayerSources:
     sources: dict[str, list[str]]  # the decoder layers' parameters only
     row_splits: dict[str, list[int]]
     kernel: str
-    gguf: GGUFFile | None = None
+    gguf_tensors: dict[str, TensorInfo] | None = None
     locations: dict[str, TensorLocation] = field(default_factory=dict)  # each source tensor's bytes in its file
 
 
@@ -193,7 +193,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
             layer_sources = None
             if not decoder_layers:
                 sources, layer_sources = _unload_layers(model, sources, path, "gguf", native, kernel)
-                layer_sources.gguf = g  # its header: the tensors' types and shapes (the data is unmapped below)
+                layer_sources.gguf_tensors = g.tensors  # types and shapes (not the metadata: the tokenizer's)
                 layer_sources.locations = {n: TensorLocation(path, g.info(n).offset, g.info(n).nbytes)
                                            for names in layer_sources.sources.values() for n in names}
             filled: set[str] = set()

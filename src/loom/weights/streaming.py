@@ -18,6 +18,7 @@ loading the rest of the model went through the page cache). ``StorageReader.mode
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import mmap
 import os
@@ -34,7 +35,7 @@ from torch import nn
 from loom.layers.linear import pack_bf16_linears
 from loom.models.transformer import DecoderLayer, Transformer
 from loom.weights.errors import WeightsError
-from loom.weights.gguf import GGUFFile, read_gguf_tensor
+from loom.weights.gguf import GGUFFile, TensorInfo, read_gguf_tensor
 from loom.weights.hf import TensorLocation, read_hf_tensor
 from loom.weights.loader import LayerSources, native_linear, source_tensor
 
@@ -163,8 +164,8 @@ class StorageReader:
 class _BufferedGGUF(GGUFFile):
     """A parsed GGUF file whose tensors' bytes come from a dict (one layer's, just read), not from a mapping."""
 
-    def __init__(self, base: GGUFFile, data: dict[str, torch.Tensor]) -> None:  # no parsing: base's header
-        self.path, self.version, self.metadata, self.tensors = base.path, base.version, base.metadata, base.tensors
+    def __init__(self, path: str, tensors: dict[str, TensorInfo], data: dict[str, torch.Tensor]) -> None:
+        self.path, self.metadata, self.tensors = path, {}, tensors  # no parsing: the loader's header
         self._data = data
 
     def raw(self, name: str) -> torch.Tensor:
@@ -250,7 +251,7 @@ class LayerBuilder:
         sources = dict(self._by_layer[i])
         filled: set[str] = set()  # biases that came with a quantized linear
         if src.format == "gguf":
-            g = _BufferedGGUF(src.gguf, data)  # type: ignore[arg-type]
+            g = _BufferedGGUF(src.path, src.gguf_tensors, data)  # type: ignore[arg-type]
             fetch: Callable[[str], torch.Tensor] = lambda n: read_gguf_tensor(g, config, n)  # noqa: E731
             if src.native:
                 for target in [n[: -len(".weight")] for n in list(sources) if n.endswith("_proj.weight")]:
@@ -382,6 +383,7 @@ class LayerStream:
         self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self._slots, list(self.layers)),
                                         name="loom-layer-stream", daemon=True)
         weakref.finalize(self, self._slots.release)  # a stream dropped without close() lets its thread end
+        atexit.register(_close_at_exit, weakref.ref(self))  # no layer half built while the interpreter ends
         self._thread.start()
 
     def _prefetch_one(self, i: int) -> bool:
@@ -433,6 +435,12 @@ class LayerStream:
             self._ready.get_nowait()
         self._live.clear()
         self.reader.close()
+
+
+def _close_at_exit(ref: weakref.ref[LayerStream]) -> None:
+    stream = ref()
+    if stream is not None:
+        stream.close()
 
 
 def _prefetch(ref: weakref.ref[LayerStream], slots: threading.Semaphore, order: list[int]) -> None:
