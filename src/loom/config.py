@@ -784,6 +784,10 @@ class EngineConfig:
                       ``weights`` or ``dtype`` it loads fp32 on the CPU, bf16 on CUDA)
     lora_serving:     adapters chosen per request, unmerged (any weights, quantized included), or None
     parallel:         tensor parallelism (ParallelConfig); ``tensor_parallel_size`` is a shorthand for its size
+    memory_budget:    bytes of host memory for the weights, the KV cache and a draft model (an int, or a size
+                      such as "300M" / "1.5G"); the decoder layers that do not fit stream from the model file
+                      layer by layer (engine/budget.py, weights/streaming.py). None: everything in memory
+    stream_buffers:   decoder layers built at once while streaming (2: double buffering, 3: triple)
     """
 
     model: str | None = None
@@ -801,10 +805,24 @@ class EngineConfig:
     lora: str | None = None
     lora_serving: LoraServingConfig | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory_budget: int | str | None = None
+    stream_buffers: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.parallel, ParallelConfig):
             raise TypeError(f"parallel must be a ParallelConfig, got {type(self.parallel).__name__}")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))  # frozen: normalized once
+            if self.decode_step not in ("auto", "module"):
+                raise ValueError(f"decode_step {self.decode_step!r} holds every layer's weights at once; under a "
+                                 "memory budget decode batches run layer by layer through the module step "
+                                 "(decode_step 'auto' or 'module')")
+            if self.lora_serving is not None:
+                raise ValueError("per-request LoRA adapters and a memory budget cannot be combined yet (the "
+                                 "adapters hook the linears of layers that stream)")
+        if self.stream_buffers < 2:
+            raise ValueError(f"stream_buffers must be at least 2 (one layer computing, one being read), "
+                             f"got {self.stream_buffers}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.decode_step not in DECODE_STEPS:

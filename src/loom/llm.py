@@ -19,6 +19,7 @@ from loom.engine.collector import RequestCollector, timings_of
 from loom.engine.embedder import Embedder
 from loom.engine.encoder_decoder import EncoderDecoderEngine
 from loom.engine.engine import LLMEngine
+from loom.engine.offload import Offload, load_offloaded
 from loom.engine.sequence import Request
 from loom.errors import InvalidRequestError
 from loom.models.encoder import Encoder, EncoderConfig
@@ -43,6 +44,12 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and all(isinstance(p, int) for p in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _no_budget(config: EngineConfig, kind: str) -> None:
+    if config.memory_budget is not None:
+        raise ValueError(f"a memory budget streams a decoder's layers; {config.model or 'this model'} is {kind}, "
+                         "which loads whole (leave memory_budget out)")
 
 
 class LLM:
@@ -84,8 +91,15 @@ class LLM:
             return
         # default: native (quantized files run quantized), in the device's default dtype
         weights, dtype = choose_weights(config.weights, config.dtype, config.device, dense=config.lora is not None)
-        loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
-                            device=config.device, rope_scaling=config.rope_scaling, lora=config.lora)
+        self.offload: Offload | None = None
+        if config.memory_budget is not None:  # what does not fit streams from the file (engine/offload.py)
+            if config.lora is not None:
+                raise ValueError("a merged LoRA adapter (lora) and a memory budget cannot be combined: the streamed "
+                                 "layers are read as stored; merge the adapter into the files first (loom merge)")
+            loaded, self.offload, config = load_offloaded(self.model_path, config, weights, dtype)
+        else:
+            loaded = load_model(self.model_path, dtype=dtype, kernel=config.attention_kernel, weights=weights,
+                                device=config.device, rope_scaling=config.rope_scaling, lora=config.lora)
         self.device = loaded.model.device
         self.model: Transformer | Encoder | T5 = loaded.model
         self.config: ModelConfig | EncoderConfig | T5Config = loaded.config  # the model's architecture
@@ -95,7 +109,8 @@ class LLM:
             from loom.eval.corpora import kv_calibration_ids
 
             calibration = kv_calibration_ids(self.tokenizer)
-        self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration,
+                                offload=self.offload)
         self.embedder: Embedder | None = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
 
     def _load_parallel_decoder(self, config: EngineConfig) -> None:
@@ -124,6 +139,7 @@ class LLM:
 
     def _load_encoder(self, config: EngineConfig) -> None:
         """An encoder (a BERT-style embedding model): no generation engine, only ``embed``."""
+        _no_budget(config, "an encoder")
         if config.weights not in (None, "native", "fp32", "bf16"):
             raise ValueError(f"weights {config.weights!r} are for decoders; an encoder runs dense (fp32 or bf16)")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.weights or "", config.dtype)
@@ -136,6 +152,7 @@ class LLM:
 
     def _load_encoder_decoder(self, config: EngineConfig) -> None:
         """A T5-style encoder-decoder (dense, fp32 or bf16) and its engine; it generates and does not embed."""
+        _no_budget(config, "an encoder-decoder model")
         if config.weights not in (None, "native", "fp32", "bf16"):
             raise ValueError(f"weights {config.weights!r} are not supported for encoder-decoder models: they run "
                              "dense (fp32 or bf16)")
@@ -150,6 +167,11 @@ class LLM:
         self.tokenizer = load_tokenizer(self.model_path, None, loaded.config.eos_token_ids)
         self.engine = EncoderDecoderEngine(loaded.model, self.tokenizer, config)
         self.embedder = None
+
+    def close(self) -> None:
+        """Stop streaming weights (a model under a memory budget); nothing to do otherwise."""
+        if getattr(self, "offload", None) is not None:
+            self.offload.close()  # type: ignore[union-attr]
 
     @property
     def is_encoder(self) -> bool:

@@ -127,3 +127,15 @@ def test_finetune_a_soft_prompt(capsys, smollm_path, tmp_path):
     assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
     config = json.loads((tmp_path / "soft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
+
+
+def test_generate_under_a_memory_budget_equals_plain(capsys):
+    """The default model with most decoder layers streamed from its GGUF: the same greedy tokens."""
+    argv = ["generate", "The capital of France is", "--temperature", "0", "--max-tokens", "5", "--json",
+            "--kv-cache-memory", "8MiB"]
+    code, out, _ = run(capsys, *argv, "--decode-step", "module")
+    plain = json.loads(out)["token_ids"]
+    code, out, err = run(capsys, *argv, "--memory-budget", "175M")
+    assert code == 0 and json.loads(out)["token_ids"] == plain
+    code, _, err = run(capsys, *argv, "--memory-budget", "100M")
+    assert code != 0 and "smallest workable set" in err and "--memory-budget" in err

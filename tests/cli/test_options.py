@@ -48,3 +48,12 @@ def test_options_reach_their_configs():
 def test_bad_values_are_errors():
     with pytest.raises(ValueError, match="cannot read a size"):
         engine_config(build_parser().parse_args(["chat", "--kv-cache-memory", "lots"]))
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"], ["bench", "throughput"]])
+def test_memory_budget_reaches_the_engine_config(command):
+    cfg = engine_config(build_parser().parse_args([*command, "--memory-budget", "300M", "--stream-buffers", "3"]))
+    assert cfg.memory_budget == 300 * 2**20 and cfg.stream_buffers == 3
+    cfg = engine_config(build_parser().parse_args([*command, "--memory-budget", "1.5G"]))
+    assert cfg.memory_budget == int(1.5 * 2**30) and cfg.stream_buffers == 2
+    assert engine_config(build_parser().parse_args(command)).memory_budget is None

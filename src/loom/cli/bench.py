@@ -9,8 +9,8 @@ import json
 import os
 from typing import Any, Callable
 
-from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_speculative_options,
-                              engine_config, rope_scaling, use_threads)
+from loom.cli.options import (add_device_option, add_engine_options, add_model_options, add_source_options,
+                              add_speculative_options, engine_config, rope_scaling, use_threads)
 from loom.cli.output import print_json
 from loom.cli.subcommands import Subcommand, register_subcommands
 from loom.config import LORA_DTYPES
@@ -524,6 +524,61 @@ def _moe(args: argparse.Namespace) -> int:
     return 0
 
 
+# offload -------------------------------------------------------------------------------------------
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _offload_options(p: argparse.ArgumentParser) -> None:
+    add_source_options(p)
+    p.add_argument("--weights", default=None, choices=["native", "fp32", "bf16"])
+    p.add_argument("--fractions", default="1,0.75,0.5,0.25",
+                   help="shares of the decoder layers' weights kept resident (each sets a memory budget)")
+    p.add_argument("--speculative", default="none,ngram", metavar="METHODS",
+                   help="comma-separated: none, ngram, draft (--draft-model; default the model's own native copy)")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per pass (k)")
+    p.add_argument("--draft-model", default=None)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--kv-cache-memory", default="16MiB", help="the KV cache under every budget")
+    p.add_argument("--stream-buffers", type=int, default=2)
+    p.add_argument("--peers", default="accelerate", help="accelerate (HF disk offload at the same budget) or none")
+    p.add_argument("--hf-folder", default=None, help="the HF folder accelerate runs (default: the model's fp32 copy)")
+    p.add_argument("--bandwidth-bytes", default="256MiB", help="bytes of the model file read to measure storage")
+    p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="PNG: tokens/s against the share resident, with the floor")
+    p.add_argument("--json", action="store_true")
+
+
+def _offload(args: argparse.Namespace) -> int:
+    from loom.bench.offload import plot_offload, run_offload
+    from loom.config import parse_bytes
+
+    use_threads(args)
+    result = run_offload(args.model, fractions=_floats(args.fractions),
+                         methods=[m for m in args.speculative.split(",") if m], num_tokens=args.num_speculative_tokens,
+                         draft_model=args.draft_model, gen_len=args.gen_len, kv_bytes=parse_bytes(args.kv_cache_memory),
+                         buffers=args.stream_buffers, weights=args.weights, peers=_peers(args.peers),
+                         hf_folder=args.hf_folder, bandwidth_bytes=parse_bytes(args.bandwidth_bytes))
+    if not _emit(args, result, plot_offload):
+        s = result["storage"]
+        print(f"storage read bandwidth {s['bytes_per_s'] / 1e9:.2f} GB/s ({s['mode']})")
+        for r in result["rows"]:
+            head = f"{r['system']:<10} {r['method']:<6} {r['fraction']:>5.0%} budget {r['budget'] / 1e6:8.1f} MB"
+            if "error" in r:
+                print(f"{head}: {r['error']}")
+                continue
+            floor = r.get("floor_s_per_token")
+            print(f"{head}: {r['tokens_per_s']:7.2f} tok/s, {r.get('bytes_read_per_token', 0) / 1e6:7.2f} MB "
+                  f"streamed/token, {r['storage_read_per_token'] / 1e6:7.2f} MB from storage/token, peak RSS "
+                  f"{r['peak_rss'] / 1e6:.0f} MB (runtime before loading {r['baseline_rss'] / 1e6:.0f} MB)"
+                  + (f", floor {floor:.4f} s/token" if floor is not None else ""))
+    return 0
+
+
 BENCHES = {
     "latency": Subcommand("batch-1 prefill and decode tokens/s, and the fraction of the bandwidth limit",
                           _latency_options, _latency),
@@ -546,6 +601,8 @@ BENCHES = {
                           _lowrank_options, _lowrank),
     "moe": Subcommand("a random mixture-of-experts model vs the dense one of equal active parameters, and its "
                       "dispatch overhead", _moe_options, _moe),
+    "offload": Subcommand("weights streamed from storage under memory budgets, with and without speculation, vs "
+                          "accelerate's disk offload and the storage floor", _offload_options, _offload),
 }
 
 

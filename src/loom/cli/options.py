@@ -77,6 +77,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
                    help="how decode batches run: auto (the fastest steps that take the model), native (C++), "
                         "scripted (TorchScript), cuda_graph, or module (the plain nn.Module forward)")
+    e.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="host memory for the weights, KV cache and draft model, e.g. 300M or 1.5G: decoder layers "
+                        "that do not fit stream from the model file layer by layer (default: all in memory)")
+    e.add_argument("--stream-buffers", type=int, default=2,
+                   help="with --memory-budget: layers built at once while streaming (2: double buffering)")
     t = p.add_argument_group("tensor parallelism (engine/parallel/)")
     t.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks the model is cut across: loom starts them on this machine, or run the same command "
@@ -232,7 +237,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         cache=cache_config(args), scheduler=scheduler_config(args),
                         speculative=speculative_config(args), kv_policy=kv_policy(args),
                         lora=getattr(args, "lora", None), lora_serving=lora_serving_config(args),
-                        parallel=parallel_config(args))
+                        parallel=parallel_config(args),
+                        memory_budget=parse_bytes(args.memory_budget) if getattr(args, "memory_budget", None) else None,
+                        stream_buffers=getattr(args, "stream_buffers", 2))
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import torch
 
@@ -66,13 +66,15 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 kv_calibration_ids: Seq[int] | None = None) -> None:
+                 kv_calibration_ids: Seq[int] | None = None, offload: Any = None) -> None:
         """``config``: the cache, scheduler, decode step, speculative decoding and KV policy (its loading
         fields say how ``model`` was loaded; the engine does not read them). ``kv_calibration_ids``:
         tokens whose keys fix an int8 KV cache's per-channel key scales (needed with
-        ``kv_dtype="int8"``; ``LLM`` passes the start of the calibration corpus)."""
+        ``kv_dtype="int8"``; ``LLM`` passes the start of the calibration corpus). ``offload``: the residency
+        plan and layer stream of a model under a memory budget (engine/offload.py), reported by ``describe``."""
         config = config or EngineConfig()
         self.model = model
+        self.offload = offload
         self.tokenizer = tokenizer
         context = min(config.scheduler.max_model_len or model.config.max_position_embeddings,
                       model.config.max_position_embeddings)
@@ -121,7 +123,9 @@ class LLMEngine:
 
     def _build_runner(self, config: EngineConfig) -> ModelRunner:
         """What turns a scheduled batch into logits (engine/encoder_decoder.py has its own for T5)."""
-        return ModelRunner(self.model, self.kv_cache, config.decode_step, max_batch=config.scheduler.max_num_seqs,
+        # under a memory budget layers stream one by one: the compiled steps would hold every layer's weights
+        decode_step = "module" if config.memory_budget is not None else config.decode_step
+        return ModelRunner(self.model, self.kv_cache, decode_step, max_batch=config.scheduler.max_num_seqs,
                            adapters=self.adapters)
 
     @property
@@ -153,7 +157,8 @@ class LLMEngine:
         text = (f"KV cache: {kv.num_blocks} blocks of {kv.block_size} tokens = {kv.num_tokens} tokens, "
                 f"{kv.nbytes / 2**30:.2f} GiB ({'int8' if kv.quantized else str(kv.dtype).replace('torch.', '')}); "
                 f"max model len {self.max_model_len}")
-        return f"{text}; decode steps: {self.runner.describe_steps()}"
+        text = f"{text}; decode steps: {self.runner.describe_steps()}"
+        return text if self.offload is None else f"{text}; {self.offload.describe()}"
 
     def check_kv_policy(self, policy: KVPolicyConfig) -> None:
         """Raise ValueError if this engine cannot run sequences under ``policy`` (a bounded one)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -283,6 +284,18 @@ def _read_index(path: str) -> dict[str, str]:
     return weight_map
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a stored tensor's bytes are: ``nbytes`` from byte ``offset`` of ``path``; for a safetensors tensor
+    also its dtype (the header's name, e.g. "BF16") and shape (a GGUF tensor's are in the file's header)."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
 class SafetensorsCheckpoint:
     """Tensors of one or many safetensors shards (with model.safetensors.index.json).
 
@@ -314,6 +327,7 @@ class SafetensorsCheckpoint:
                 for key in self._handles[fname].keys():
                     weight_map[key] = fname
         self.weight_map = weight_map
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # shard -> (data start, header), as read
         self.stripped = ""
         if base_prefix and weight_map and not any(n.startswith(base_prefix) for n in weight_map):
             self.stripped = base_prefix
@@ -341,6 +355,24 @@ class SafetensorsCheckpoint:
             return tuple(self._handles[fname].get_slice(stored).get_shape())
         except Exception as e:
             raise WeightsError(os.path.join(self.folder, fname), f"cannot read tensor: {e}", stored) from None
+
+    def location(self, name: str) -> TensorLocation:
+        """The tensor's bytes in its shard, from the shard's header (safetensors: an 8-byte little-endian
+        header size, the JSON header, then the data; each tensor's ``data_offsets`` count from the data)."""
+        fname, stored = self._fname(name)
+        path = os.path.join(self.folder, fname)
+        header = self._headers.get(fname)
+        if header is None:
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = (8 + size, json.loads(f.read(size)))
+            self._headers[fname] = header
+        start, entries = header
+        entry = entries.get(stored)
+        if entry is None:
+            raise WeightsError(path, "tensor is missing from the shard's header", stored)
+        begin, end = entry["data_offsets"]
+        return TensorLocation(path, start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
 
     def tensor(self, name: str) -> torch.Tensor:
         fname, stored = self._fname(name)

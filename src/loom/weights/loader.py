@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from loom.config import ModelConfig, RopeScalingOverride, with_rope_scaling
 from loom.device import default_dtype, resolve_device
@@ -17,11 +18,11 @@ from loom.layers.quantized import (QuantizedEmbedding, QuantizedLinear, Quantize
 from loom.models.rotation import rotate
 from loom.models.transformer import Transformer
 from loom.weights.errors import WeightsError
-from loom.weights.gguf import GGUFFile, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
+from loom.weights.gguf import GGUFFile, TensorInfo, config_from_gguf, gguf_tensor_sources, read_gguf_tensor
 from loom.weights.native import gguf_quantized
 from loom.weights.lowrank_checkpoint import load_lowrank_linears, read_lowrank
 from loom.weights.quantized_checkpoint import load_quantized_linears, read_quantization, stored_shape
-from loom.weights.hf import (SafetensorsCheckpoint, check_hf_checkpoint, family_of, hf_tensor_sources,
+from loom.weights.hf import (SafetensorsCheckpoint, TensorLocation, check_hf_checkpoint, family_of, hf_tensor_sources,
                              read_hf_config, read_hf_tensor)
 from loom.weights.lora import read_lora
 
@@ -46,6 +47,27 @@ class LoadedModel:
     format: str  # "gguf" or "hf"
     load_seconds: float
     metadata: dict[str, Any] | None = None  # GGUF metadata (the tokenizer is built from it)
+    # Loaded without its decoder layers (``decoder_layers=False``): what builds them later (weights/streaming.py)
+    layer_sources: LayerSources | None = None
+
+
+@dataclass
+class LayerSources:
+    """What a model loaded without its decoder layers needs to build each of them later, exactly as
+    ``load_model`` would have: the file (a parsed GGUF, its data no longer mapped, or the checkpoint's
+    folder), which source tensors make each parameter, which linears run natively quantized, the rows of
+    fused parameters, and the attention kernel."""
+
+    path: str
+    format: str  # "gguf" or "hf"
+    config: ModelConfig
+    dtype: torch.dtype
+    native: bool
+    sources: dict[str, list[str]]  # the decoder layers' parameters only
+    row_splits: dict[str, list[int]]
+    kernel: str
+    gguf_tensors: dict[str, TensorInfo] | None = None
+    locations: dict[str, TensorLocation] = field(default_factory=dict)  # each source tensor's bytes in its file
 
 
 def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Callable[[str], torch.Tensor],
@@ -62,17 +84,24 @@ def fill_parameters(model: Transformer, sources: dict[str, list[str]], fetch: Ca
     splits = model.fused_row_splits()
     for name, names in sources.items():
         param = params[name]
-        # one source for a fused parameter: stored fused (GPT-2's c_attn, BLOOM's query_key_value)
-        rows = splits.get(name, [param.shape[0]]) if len(names) > 1 else [param.shape[0]]
-        parts = []
-        for src, n in zip(names, rows):
-            t = fetch(src)
-            want = (n, *param.shape[1:])
-            if tuple(t.shape) != want:
-                raise WeightsError(path, f"shape {tuple(t.shape)} does not match the config's {want}", src)
-            parts.append(t)
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        param.data = tensor.to(model.dtype).contiguous()
+        param.data = source_tensor(tuple(param.shape), names, splits.get(name), fetch, path, model.dtype)
+
+
+def source_tensor(shape: tuple[int, ...], names: list[str], row_splits: list[int] | None,
+                  fetch: Callable[[str], torch.Tensor], path: str, dtype: torch.dtype) -> torch.Tensor:
+    """A parameter of ``shape`` from its source tensors: one, or the row-wise concatenation of a fused
+    parameter's parts (``row_splits``: their rows), each part's shape checked against its slice."""
+    # one source for a fused parameter: stored fused (GPT-2's c_attn, BLOOM's query_key_value)
+    rows = (row_splits or [shape[0]]) if len(names) > 1 else [shape[0]]
+    parts = []
+    for src, n in zip(names, rows):
+        t = fetch(src)
+        want = (n, *shape[1:])
+        if tuple(t.shape) != want:
+            raise WeightsError(path, f"shape {tuple(t.shape)} does not match the config's {want}", src)
+        parts.append(t)
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return tensor.to(dtype).contiguous()
 
 
 WEIGHTS = ("native", "fp32", "bf16", "int8")
@@ -93,7 +122,8 @@ def choose_weights(weights: str | None, dtype: str | torch.dtype | None,
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.float32,
                kernel: str = "sdpa", weights: str | None = None,
                device: str | torch.device | None = None,
-               rope_scaling: RopeScalingOverride = None, lora: str | os.PathLike[str] | None = None) -> LoadedModel:
+               rope_scaling: RopeScalingOverride = None, lora: str | os.PathLike[str] | None = None,
+               decoder_layers: bool = True) -> LoadedModel:
     """Build a Transformer from ``path``: a .gguf file, or a folder with config.json + safetensors.
 
     ``weights``: "native" keeps quantized weights quantized (GGUF Q4_0 / Q4_1 / Q8_0 linears run on
@@ -120,6 +150,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
     dtype = resolve_dtype(dtype)
     native = weights == "native"
     adapter = read_lora(lora) if lora is not None else None
+    if not decoder_layers:
+        check_streamable(path, weights, dev, adapter is not None)
     if adapter is not None and native:
         raise ValueError("a LoRA adapter is merged into dense weights: load the model with weights fp32 or bf16 "
                          "(--weights fp32), not native")
@@ -129,6 +161,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
         config = with_rope_scaling(config, rope_scaling)
         model = Transformer(config, dtype=dtype, kernel=kernel)
         sources = hf_tensor_sources(config, ckpt)
+        layer_sources = None
+        if not decoder_layers:
+            sources, layer_sources = _unload_layers(model, sources, path, "hf", native, kernel)
+            layer_sources.locations = {n: ckpt.location(n) for names in layer_sources.sources.values() for n in names}
         quant = read_quantization(path)
         filled: set[str] = set()
         if quant is not None:
@@ -155,6 +191,12 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
             config = with_rope_scaling(config_from_gguf(g), rope_scaling)
             model = Transformer(config, dtype=dtype, kernel=kernel)
             sources = gguf_tensor_sources(config)
+            layer_sources = None
+            if not decoder_layers:
+                sources, layer_sources = _unload_layers(model, sources, path, "gguf", native, kernel)
+                layer_sources.gguf_tensors = g.tensors  # types and shapes (not the metadata: the tokenizer's)
+                layer_sources.locations = {n: TensorLocation(path, g.info(n).offset, g.info(n).nbytes)
+                                           for names in layer_sources.sources.values() for n in names}
             filled: set[str] = set()
             if native:
                 sources, filled = native_gguf_linears(model, g, sources, dev)
@@ -177,7 +219,52 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype = torch.fl
         model.to(dev)
     elif model.dtype == torch.bfloat16:
         pack_bf16_linears(model)  # dense bf16 linears reordered once for oneDNN's GEMMs (one copy)
-    return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata)
+    return LoadedModel(model, config, path, fmt, time.perf_counter() - t0, metadata, layer_sources)
+
+
+class UnloadedLayer(nn.Module):
+    """The place of a decoder layer whose weights are not in memory (``load_model(decoder_layers=False)``)."""
+
+    mlp = None  # no MoE to look into (Transformer.fused_row_splits)
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise RuntimeError(f"decoder layer {self.index} is not loaded: its weights stream from the model file "
+                           "(weights/streaming.py installs the layers that run)")
+
+
+def check_streamable(path: str, weights: str | None, device: torch.device, lora: bool) -> None:
+    """A ValueError naming what is not supported when decoder layers are streamed from ``path``."""
+    why = None
+    if device.type != "cpu":
+        why = f"it runs on the CPU (the budget is host memory), not {device}"
+    elif weights == "int8":
+        why = "weights int8 rotate and repack every layer at load; use native, fp32 or bf16"
+    elif lora:
+        why = "a merged LoRA adapter changes the weights at load; merge it into the files first (loom merge)"
+    elif os.path.isdir(path) and (read_quantization(path) is not None or read_lowrank(path) is not None):
+        why = "loom-quantized and low-rank checkpoints are not supported; stream a GGUF or a plain HF folder"
+    if why is not None:
+        raise ValueError(f"cannot stream the decoder layers of {path} under a memory budget: {why}")
+
+
+def _unload_layers(model: Transformer, sources: dict[str, list[str]], path: str, fmt: str, native: bool,
+                   kernel: str) -> tuple[dict[str, list[str]], LayerSources]:
+    """Replace the model's decoder layers by ``UnloadedLayer``s; return the sources still to load now (everything
+    but the layers) and the LayerSources that build the layers later."""
+    config = model.config
+    if config.num_experts or config.is_mla:
+        raise ValueError(f"cannot stream the decoder layers of {path} under a memory budget: mixture-of-experts "
+                         "and latent-attention layers are not supported (dense decoder layers are)")
+    layer_names = {name: names for name, names in sources.items() if name.startswith("layers.")}
+    splits = {name: rows for name, rows in model.fused_row_splits().items() if name in layer_names}
+    for i in range(config.num_layers):
+        model.layers[i] = UnloadedLayer(i)
+    rest = {name: names for name, names in sources.items() if name not in layer_names}
+    return rest, LayerSources(path, fmt, config, model.dtype, native, layer_names, splits, kernel)
 
 
 def open_hf_checkpoint(folder: str) -> tuple[ModelConfig, SafetensorsCheckpoint]:
@@ -233,22 +320,14 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
         targets.append("lm_head")
         sources["lm_head.weight"] = sources["embed_tokens.weight"]
     for target in targets:
-        parts = sources[target + ".weight"]
-        if any(p.endswith("]") for p in parts):  # an expert's slice of a stacked MoE tensor: dequantized
+        bias_parts = sources.get(target + ".bias")
+        module = native_linear(g, model.config, sources[target + ".weight"], bias_parts, device)
+        if module is None:
             continue
-        qts = [gguf_quantized(g, model.config, p) for p in parts]
-        if any(q is None for q in qts) or len({q.group_size for q in qts}) != 1:  # type: ignore[union-attr]
-            continue
-        bits = {q.bits for q in qts}  # type: ignore[union-attr]
-        if len(bits) > 1:  # e.g. a Q5_0 q, k and a Q8_0 v: fused as int8, each part exactly
-            qts = [q.widened(max(8, *bits)) for q in qts]  # type: ignore[union-attr]
-        bias = None
-        if target + ".bias" in sources:
-            bias = torch.cat([read_gguf_tensor(g, model.config, p) for p in sources.pop(target + ".bias")])
-        qt = QuantizedTensor.cat(qts).to(device or "cpu")  # type: ignore[arg-type]
-        model.replace_module(target, QuantizedLinear(qt, None if bias is None else bias.to(qt.device)))
+        model.replace_module(target, module)
         del sources[target + ".weight"]
-        if bias is not None:
+        if bias_parts is not None:
+            del sources[target + ".bias"]
             filled.add(target + ".bias")
     if model.config.tie_word_embeddings:
         sources.pop("lm_head.weight", None)
@@ -262,3 +341,23 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
             model.replace_module("embed_tokens", QuantizedEmbedding(table, model.dtype))
             del sources["embed_tokens.weight"]
     return sources, filled
+
+
+def native_linear(g: GGUFFile, config: ModelConfig, parts: list[str], bias_parts: list[str] | None = None,
+                  device: torch.device | None = None) -> QuantizedLinear | None:
+    """The quantized linear whose weight is the row-wise concatenation of the GGUF tensors ``parts`` (and whose
+    bias is that of ``bias_parts``), or None when a part has no native form (weights/native.py) or the parts'
+    group sizes differ: it is then filled densely. Parts of different bits are widened to the largest."""
+    if any(p.endswith("]") for p in parts):  # an expert's slice of a stacked MoE tensor: dequantized
+        return None
+    qts = [gguf_quantized(g, config, p) for p in parts]
+    if any(q is None for q in qts) or len({q.group_size for q in qts}) != 1:  # type: ignore[union-attr]
+        return None
+    bits = {q.bits for q in qts}  # type: ignore[union-attr]
+    if len(bits) > 1:  # e.g. a Q5_0 q, k and a Q8_0 v: fused as int8, each part exactly
+        qts = [q.widened(max(8, *bits)) for q in qts]  # type: ignore[union-attr]
+    bias = None
+    if bias_parts is not None:
+        bias = torch.cat([read_gguf_tensor(g, config, p) for p in bias_parts])
+    qt = QuantizedTensor.cat(qts).to(device or "cpu")  # type: ignore[arg-type]
+    return QuantizedLinear(qt, None if bias is None else bias.to(qt.device))
