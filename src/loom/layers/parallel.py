@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.layers.linear import Linear, PackedLinear, linear
-from loom.layers.quantized import QuantizedLinear, QuantizedTensor
+from loom.layers.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedTensor
 
 
 class ShardingError(ValueError):
@@ -164,6 +164,31 @@ class VocabParallelEmbedding(nn.Module):
         local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
         h = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
         return self.tp.all_reduce(h)
+
+    def extra_repr(self) -> str:
+        return f"rows [{self.start}, {self.end}) of {self.num_embeddings}, rank {self.tp.rank} of {self.tp.size}"
+
+
+class QuantizedVocabEmbedding(nn.Module):
+    """``VocabParallelEmbedding`` over a quantized table's rows [start, end) (a ``QuantizedEmbedding``: tied to the
+    output layer's shard, or its own rows): the owner dequantizes the row, the others contribute zeros."""
+
+    def __init__(self, lookup: QuantizedEmbedding, vocab: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.start, self.end = vocab_range(vocab, tp.rank, tp.size)
+        if lookup.num_embeddings != self.end - self.start:
+            raise ShardingError(f"the quantized embedding shard has {lookup.num_embeddings} rows, rank {tp.rank} "
+                                f"owns {self.end - self.start}")
+        self.num_embeddings, self.lookup, self.tp = vocab, lookup, tp
+
+    @property
+    def device(self) -> torch.device:
+        return self.lookup.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.start) & (ids < self.end)
+        rows = self.lookup(torch.where(mine, ids - self.start, torch.zeros_like(ids)))
+        return self.tp.all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype))
 
     def extra_repr(self) -> str:
         return f"rows [{self.start}, {self.end}) of {self.num_embeddings}, rank {self.tp.rank} of {self.tp.size}"

@@ -19,8 +19,9 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.layers.attention import Attention
 from loom.layers.mlp import MLP, GatedMLP
-from loom.layers.parallel import (RowParallelLinear, ShardingError, TPGroup, VocabParallelEmbedding,
-                                  VocabParallelHead, take_rows)
+from loom.layers.parallel import (QuantizedVocabEmbedding, RowParallelLinear, ShardingError, TPGroup,
+                                  VocabParallelEmbedding, VocabParallelHead, take_rows, vocab_range)
+from loom.layers.quantized import QuantizedEmbedding
 from loom.models.transformer import Transformer
 
 # parameter-name parts of the cut modules: what ``rank_memory`` counts as sharded
@@ -115,6 +116,15 @@ def shard_transformer(model: Transformer, tp: TPGroup) -> Transformer:
         _shard_attention(layer.attn, config, tp)
         _shard_mlp(layer.mlp, tp)
     vocab = config.vocab_size
+    if isinstance(model.embed_tokens, QuantizedEmbedding):  # a GGUF table kept quantized (weights/loader.py)
+        table = model.embed_tokens
+        head = VocabParallelHead.cut(model.lm_head, vocab, tp)
+        start, end = vocab_range(vocab, tp.rank, tp.size)
+        lookup = QuantizedEmbedding(head.inner, table.dtype, tied=True) if table.tied else \
+            QuantizedEmbedding(take_rows(table.source, torch.arange(start, end)), table.dtype)  # type: ignore[arg-type]
+        model.embed_tokens = QuantizedVocabEmbedding(lookup, vocab, tp)
+        model.lm_head = head
+        return model
     full_embedding = model.embed_tokens.weight
     embedding = VocabParallelEmbedding(full_embedding, vocab, tp)
     if model.lm_head is None:  # tied: the output layer reads the embedding's own shard (one tensor)

@@ -167,7 +167,8 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         e = self.embed_tokens
-        return e.weight.device if isinstance(e, nn.Embedding) else e.device  # QuantizedEmbedding: its table's
+        weight = getattr(e, "weight", None)
+        return weight.device if isinstance(weight, torch.Tensor) else e.device  # a quantized table: its codes' device
 
     def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
                 kv_caches: KVCaches | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
