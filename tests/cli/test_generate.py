@@ -135,7 +135,7 @@ def test_generate_under_a_memory_budget_equals_plain(capsys):
             "--kv-cache-memory", "8MiB"]
     code, out, _ = run(capsys, *argv, "--decode-step", "module")
     plain = json.loads(out)["token_ids"]
-    code, out, err = run(capsys, *argv, "--memory-budget", "175M")
+    code, out, err = run(capsys, *argv, "--memory-budget", "60M")  # the minimum is ~56 MB: nearly all streamed
     assert code == 0 and json.loads(out)["token_ids"] == plain
-    code, _, err = run(capsys, *argv, "--memory-budget", "100M")
+    code, _, err = run(capsys, *argv, "--memory-budget", "40M")
     assert code != 0 and "smallest workable set" in err and "--memory-budget" in err

@@ -18,6 +18,7 @@ Cutting keeps a linear's kind: a dense ``Linear`` (or a bf16 ``PackedLinear``, r
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,28 @@ class ShardingError(ValueError):
     """A layer or model cannot be cut as asked (indivisible heads, a cut inside a quantization group, ...)."""
 
 
+@dataclass
+class CollectiveStats:
+    """What this process spent in tensor-parallel collectives: seconds inside the (blocking) calls, the waits for
+    slower ranks included, the number of calls and the bytes of the tensors handed to them. One per process
+    (``COLLECTIVES``): rank 0 reads it to split a step into communication and the rest."""
+
+    seconds: float = 0.0
+    calls: int = 0
+    bytes: int = 0
+
+    def add(self, seconds: float, nbytes: int) -> None:
+        self.seconds += seconds
+        self.calls += 1
+        self.bytes += nbytes
+
+    def snapshot(self) -> "CollectiveStats":
+        return CollectiveStats(self.seconds, self.calls, self.bytes)
+
+
+COLLECTIVES = CollectiveStats()
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """This process's place among the tensor-parallel ranks: ``rank`` of ``size``; ``group`` the
@@ -46,7 +69,9 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's ``x`` (in place, returned)."""
         if self.size > 1:
+            t0 = time.perf_counter()
             dist.all_reduce(x, group=self.group)
+            COLLECTIVES.add(time.perf_counter() - t0, x.numel() * x.element_size())
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +79,9 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
+        t0 = time.perf_counter()
         dist.all_gather(parts, x.contiguous(), group=self.group)
+        COLLECTIVES.add(time.perf_counter() - t0, x.numel() * x.element_size())
         return torch.cat(parts, dim=-1)
 
 
