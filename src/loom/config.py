@@ -224,6 +224,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    # Layers the checkpoint stores after the decoder's that loom does not run: DeepSeek-V3's multi-token-prediction
+    # module (num_nextn_predict_layers, a training-time extra head; inference reads the main model only).
+    unused_stored_layers: int = 0
     # Sliding-window attention (Mistral): query i sees keys j with i - window < j <= i.
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None  # None: every layer uses the window

@@ -140,3 +140,30 @@ def test_unsupported_or_wrong_options_name_the_file_and_key(tmp_path, model_type
     with pytest.raises(WeightsError, match=match) as info:
         load_model(str(tmp_path))
     assert str(tmp_path) in str(info.value)
+
+
+def test_v3_multi_token_prediction_layers_are_stored_but_not_run(tmp_path):
+    """Published DeepSeek-V3 checkpoints store the multi-token-prediction module as one more layer after the
+    decoder's (num_nextn_predict_layers: 1; transformers does not run it either). loom loads the decoder, ignores
+    that layer, and still refuses a file whose extra layer the config does not announce."""
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_deepseek(str(tmp_path), "deepseek_v3")
+    n = model.config.num_hidden_layers
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors |= {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): v.clone()
+                for k, v in tensors.items() if k.startswith(f"model.layers.{n - 1}.")}
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(model.config.hidden_size, 2 * model.config.hidden_size)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for count in (0, None):
+        (tmp_path / "config.json").write_text(json.dumps(cfg | {"num_nextn_predict_layers": count}))
+        with pytest.raises(WeightsError, match=f"num_hidden_layers is {n}"):
+            load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"num_nextn_predict_layers": 1}))
+    loaded = load_model(str(tmp_path))
+    assert len(loaded.model.layers) == n
+    want = hf_logits(model, IDS)
+    got = loaded.model.logits(torch.tensor(IDS))
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

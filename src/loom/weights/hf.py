@@ -392,7 +392,10 @@ def check_hf_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint,
     prefix = family.layer_prefix
     if ckpt.stripped and prefix.startswith(ckpt.stripped):
         prefix = prefix[len(ckpt.stripped):]
-    check_layer_count(config.num_layers, layer_indices(ckpt.weight_map, prefix), family.layers_key, prefix, path)
+    present = layer_indices(ckpt.weight_map, prefix)
+    # DeepSeek-V3's multi-token-prediction layers follow the decoder's (num_nextn_predict_layers): not run, not read
+    present -= set(range(config.num_layers, config.num_layers + config.unused_stored_layers))
+    check_layer_count(config.num_layers, present, family.layers_key, prefix, path)
     shape_of = shape_of or ckpt.shape
     if family.transform is not None:
         stored_shape_of = shape_of

@@ -158,6 +158,7 @@ def _deepseek_config(cfg: dict[str, Any], path: str) -> ModelConfig:
         qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=_int(cfg, "v_head_dim", path),
         rope_interleave=model_type == "deepseek_v2" or _bool(cfg, "rope_interleave", path, True),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, architecture=model_type,
+        unused_stored_layers=_int(cfg, "num_nextn_predict_layers", path, 0, low=0, high=MAX_LAYERS),
         name=str(cfg.get("_name_or_path", "")), **_moe(cfg, n_layers, path))
 
 
