@@ -381,9 +381,13 @@ inline void dense_rows(const float* x, int64_t m, const float* w, int64_t n, int
 // Overflow gives inf, underflow 0 (no subnormals), NaN propagates. Branch-free: ternaries, since
 // std::fmin/fmax's NaN rules also block vectorization. Always inlined: a call inside an `omp simd`
 // loop (an external-linkage inline function GCC chose not to inline) made SiLU-and-multiply 10x slower.
+// Inputs are clamped below at ln(FLT_MIN), so that no intermediate is subnormal either: a clamp at -87.5
+// gave 0.85 x 2^-126 for every underflowing input, and each subnormal product costs a microcode assist
+// (a softmax over scores hundreds apart ran 4x slower); the result there is 0 anyway.
+constexpr float kLnFltMin = -87.33654f;
 [[gnu::always_inline]] inline float exp_vec(float x) {
   float xc = x > 88.72f ? 88.72f : x;
-  xc = xc < -87.5f ? -87.5f : xc;
+  xc = xc < kLnFltMin ? kLnFltMin : xc;
   const float n = std::floor(std::fma(xc, 1.44269504f, 0.5f));
   float r = std::fma(n, -0.693145751953125f, xc);  // ln2 split into a short high part ...
   r = std::fma(n, -1.428606765330187e-06f, r);     // ... and the rest, so n ln2_hi is exact
@@ -399,7 +403,7 @@ inline void dense_rows(const float* x, int64_t m, const float* w, int64_t n, int
   const int32_t half = ni >> 1;
   float y = p * __builtin_bit_cast(float, (half + 127) << 23) * __builtin_bit_cast(float, (ni - half + 127) << 23);
   y = x > 88.72f ? std::numeric_limits<float>::infinity() : y;
-  y = x < -87.5f ? 0.f : y;
+  y = x < kLnFltMin ? 0.f : y;
   return x != x ? x : y;
 }
 
@@ -601,6 +605,18 @@ void attend_group(const float* q, const T* k_cache, const T* v_cache, const int6
   const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
 }
+
+// reduce16 on int32 lanes: lane i of the result is the sum of a[i]'s lanes (exact).
+[[gnu::always_inline]] inline __m512i reduce16i(const __m512i* a) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  const __m512i v0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i v1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(v0, v1, 0x88), _mm512_shuffle_i32x4(v0, v1, 0xDD));
+}
 #endif
 
 #if defined(__AVX512BF16__)
@@ -789,6 +805,38 @@ inline void attend_heads_int8_ref(const float* q, const Int8KV& c, const int64_t
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// out[h] = (sum_t p[h][t] (s_t c_t + z_t)) inv[h] for H query heads reading KV head g's int8 values (slots[t]: the
+// tokens' cache slots): the weights p s_t multiply the widened codes, sum_t p z_t is added once at the end; the
+// H * D / 16 accumulators stay in registers across all tokens.
+template <int D, int H>
+inline void weigh_values_int8(const float* const* p, const int64_t* slots, int64_t n, const Int8KV& c, int64_t g,
+                              int64_t hkv, const float* inv, float* const* out) {
+  constexpr int V = D / 16;
+  __m512 acc[H][V];
+  float zs[H] = {};
+  for (int h = 0; h < H; ++h)
+    for (int cc = 0; cc < V; ++cc) acc[h][cc] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kAhead < n) prefetch_row(c.v + (slots[t + kAhead] * hkv + g) * D, D);
+    const int64_t at = slots[t] * hkv + g;
+    const int8_t* row = c.v + at * D;
+    const float vs = c.v_scale[at], vz = c.v_zero[at];
+    __m512 w[H];
+    for (int h = 0; h < H; ++h) {
+      zs[h] += p[h][t] * vz;
+      w[h] = _mm512_set1_ps(p[h][t] * vs);
+    }
+    for (int cc = 0; cc < V; ++cc) {
+      const __m512 v = int8x16_to_ps(row + 16 * cc);
+      for (int h = 0; h < H; ++h) acc[h][cc] = _mm512_fmadd_ps(w[h], v, acc[h][cc]);
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    const __m512 zv = _mm512_set1_ps(zs[h]), iv = _mm512_set1_ps(inv[h]);
+    for (int cc = 0; cc < V; ++cc) _mm512_storeu_ps(out[h] + 16 * cc, _mm512_mul_ps(_mm512_add_ps(acc[h][cc], zv), iv));
+  }
+}
+
 // The same with AVX-512 VNNI for D = 64, 128 or 256. Pass 1 scores in integers: each scaled query head is
 // rounded once to int16 on its own grid (q' ~ r_q c_q, |c_q| <= 32767: a relative error of 2^-16 of the head's
 // largest element, far below the keys' own int8 grid), so q' . c_k = r_q (c_q . c_k), exact in int32
@@ -801,56 +849,52 @@ void attend_heads_int8(const float* q, const Int8KV& c, const int64_t* table, in
                        int64_t hq, int64_t hkv, int64_t block_size, float scale, int64_t window, float* out,
                        AttentionScratch& s) {
   constexpr int C = D / 32;                            // int16 vectors per query head
-  constexpr int kQ = D == 64 ? 8 : D == 128 ? 4 : 2;   // query heads per pass: kQ * C <= 16 registers
   const int64_t groups = hq / hkv, heads = (g1 - g0) * groups, j0 = g0 * groups;
   int64_t n;
   visible_slots(table, len, window, block_size, true, s, n);
   const int64_t padded = (n + 15) / 16 * 16;
-  s.qs.resize(heads * D);
   s.q16.resize(heads * D);
   s.zsum.resize(heads);  // here: each head's query grid r_q
+  const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t g = g0 + h / groups;
-    float* qh = s.qs.data() + h * D;
-    float mx = 0.f;
-    for (int64_t i = 0; i < D; ++i) {
-      qh[i] = q[(j0 + h) * D + i] * c.k_scale[g * D + i] * scale;
-      mx = std::max(mx, std::fabs(qh[i]));
+    __m512 qh[D / 16];
+    __m512 mx = _mm512_setzero_ps();
+    for (int cc = 0; cc < D / 16; ++cc) {
+      qh[cc] = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(q + (j0 + h) * D + 16 * cc),
+                                           _mm512_loadu_ps(c.k_scale + g * D + 16 * cc)), sc);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(qh[cc]));
     }
-    const float r = mx > 0.f ? mx / 32767.f : 1.f;
-    for (int64_t i = 0; i < D; ++i)
-      s.q16[h * D + i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(qh[i] / r))));
+    const float top = _mm512_reduce_max_ps(mx);
+    const float r = top > 0.f ? top / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(top > 0.f ? 32767.f / top : 1.f);
+    for (int cc = 0; cc < D / 16; ++cc)  // round half to even (MXCSR), saturated to int16
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q16.data() + h * D + 16 * cc),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qh[cc], inv))));
     s.zsum[h] = r;
   }
   s.scores.resize(heads * std::max<int64_t>(padded, 1));
   s.denom.resize(heads);
-  alignas(64) __m512 part[kQ][16];
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     const int m = static_cast<int>(std::min<int64_t>(16, n - t0));
     for (int64_t u = 0; u < 16 && t0 + 16 + u < n; ++u)
       prefetch_row(c.k + (s.offsets[t0 + 16 + u] * hkv + g0) * D, (g1 - g0) * D);
     for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t h0 = (g - g0) * groups; h0 < (g - g0 + 1) * groups; h0 += kQ) {
-        const int hc = static_cast<int>(std::min<int64_t>(kQ, (g - g0 + 1) * groups - h0));
-        __m512i qv[kQ][C];
-        for (int i = 0; i < kQ; ++i)
-          for (int cc = 0; cc < C; ++cc)
-            qv[i][cc] = i < hc ? _mm512_loadu_si512(s.q16.data() + (h0 + i) * D + 32 * cc) : _mm512_setzero_si512();
+      const int8_t* rows[16];
+      for (int u = 0; u < 16; ++u) rows[u] = c.k + (s.offsets[t0 + u] * hkv + g) * D;
+      for (int64_t h = (g - g0) * groups; h < (g - g0 + 1) * groups; ++h) {
+        __m512i qv[C];
+        for (int cc = 0; cc < C; ++cc) qv[cc] = _mm512_loadu_si512(s.q16.data() + h * D + 32 * cc);
+        __m512i acc[16];
         for (int u = 0; u < 16; ++u) {
-          const int8_t* row = c.k + (s.offsets[t0 + u] * hkv + g) * D;
-          __m512i kw[C];
+          acc[u] = _mm512_setzero_si512();
           for (int cc = 0; cc < C; ++cc)
-            kw[cc] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * cc)));
-          for (int i = 0; i < kQ; ++i) {
-            if (i >= hc) break;
-            __m512i acc = _mm512_setzero_si512();
-            for (int cc = 0; cc < C; ++cc) acc = _mm512_dpwssd_epi32(acc, kw[cc], qv[i][cc]);
-            part[i][u] = _mm512_cvtepi32_ps(acc);
-          }
+            acc[u] = _mm512_dpwssd_epi32(
+                acc[u], _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[u] + 32 * cc))),
+                qv[cc]);
         }
-        for (int i = 0; i < hc; ++i)
-          _mm512_mask_storeu_ps(s.scores.data() + (h0 + i) * padded + t0, static_cast<__mmask16>((1u << m) - 1u),
-                                _mm512_mul_ps(reduce16(part[i]), _mm512_set1_ps(s.zsum[h0 + i])));
+        _mm512_mask_storeu_ps(s.scores.data() + h * padded + t0, static_cast<__mmask16>((1u << m) - 1u),
+                              _mm512_mul_ps(_mm512_cvtepi32_ps(reduce16i(acc)), _mm512_set1_ps(s.zsum[h])));
       }
     }
   }
@@ -858,38 +902,22 @@ void attend_heads_int8(const float* q, const Int8KV& c, const int64_t* table, in
     const float z = softmax_numerators(s.scores.data() + h * padded, n);
     s.denom[h] = n > 0 ? 1.f / z : 0.f;
   }
-  constexpr int V = D / 16;                            // float vectors per head
-  constexpr int kV = D == 64 ? 4 : D == 128 ? 2 : 1;   // heads whose outputs stay in registers: kV * V
+  constexpr int kV = D == 64 ? 4 : D == 128 ? 2 : 1;   // heads whose outputs stay in registers: kV * D / 16
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t h0 = (g - g0) * groups; h0 < (g - g0 + 1) * groups; h0 += kV) {
       const int hc = static_cast<int>(std::min<int64_t>(kV, (g - g0 + 1) * groups - h0));
-      __m512 acc[kV][V];
-      float zs[kV] = {};
-      for (int i = 0; i < kV; ++i)
-        for (int cc = 0; cc < V; ++cc) acc[i][cc] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t at_t = s.offsets[t] * hkv + g;
-        if (t + kAhead < n) prefetch_row(c.v + (s.offsets[t + kAhead] * hkv + g) * D, D);
-        const int8_t* row = c.v + at_t * D;
-        const float vs = c.v_scale[at_t], vz = c.v_zero[at_t];
-        __m512 w[kV];
-        for (int i = 0; i < kV; ++i) {
-          const float p = i < hc ? s.scores[(h0 + i) * padded + t] : 0.f;
-          zs[i] += p * vz;
-          w[i] = _mm512_set1_ps(p * vs);
-        }
-        for (int cc = 0; cc < V; ++cc) {
-          const __m512 vv = int8x16_to_ps(row + 16 * cc);
-          for (int i = 0; i < kV; ++i)
-            if (i < hc) acc[i][cc] = _mm512_fmadd_ps(w[i], vv, acc[i][cc]);
-        }
-      }
+      const float* p[kV];
+      float* o[kV];
       for (int i = 0; i < hc; ++i) {
-        const float inv = s.denom[h0 + i];
-        const __m512 zv = _mm512_set1_ps(zs[i]);
-        float* o = out + (j0 + h0 + i) * D;
-        for (int cc = 0; cc < V; ++cc)
-          _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_add_ps(acc[i][cc], zv), _mm512_set1_ps(inv)));
+        p[i] = s.scores.data() + (h0 + i) * padded;
+        o[i] = out + (j0 + h0 + i) * D;
+      }
+      const float* inv = s.denom.data() + h0;
+      switch (hc) {
+        case 1: weigh_values_int8<D, 1>(p, s.offsets.data(), n, c, g, hkv, inv, o); break;
+        case 2: if constexpr (kV >= 2) weigh_values_int8<D, 2>(p, s.offsets.data(), n, c, g, hkv, inv, o); break;
+        case 3: if constexpr (kV >= 3) weigh_values_int8<D, 3>(p, s.offsets.data(), n, c, g, hkv, inv, o); break;
+        default: if constexpr (kV >= 4) weigh_values_int8<D, 4>(p, s.offsets.data(), n, c, g, hkv, inv, o); break;
       }
     }
   }
