@@ -1,16 +1,17 @@
 """How much of a tensor-parallel decode step is communication: rank 0's time inside collectives against the
 whole engine step at TP = N, next to the analysis module's alpha-beta prediction for the same messages.
 
-    python scripts/tp_step_profile.py [--tp 2] [--weights fp32] [--seqs 1] [--prompt-len 32] [--steps 64]
+    python scripts/tp_step_profile.py [--model gemma-3-270m] [--tp 2] [--weights fp32] [--seqs 1] [--prompt-len 32] [--steps 64]
 
 1. Fits this machine's loopback link (gloo between N processes: alpha, beta) from all-reduces of several sizes
    (analysis/collectives.py: measure_allreduce, fit_link).
-2. Runs ``--seqs`` greedy requests on the default model at TP = N (engine/parallel/), prefill untimed, then
+2. Runs ``--seqs`` greedy requests on ``--model`` at TP = N (engine/parallel/), prefill untimed, then
    times ``--steps`` engine steps; ``layers/parallel.COLLECTIVES`` counts rank 0's seconds, calls and bytes inside
    all-reduces (2 per layer + the embedding's) and the logits' all-gather, waits for the slower rank included.
 3. Predicts the same step's communication: per layer 2 all-reduces of [seqs, hidden] activations (+1 for the
-   vocabulary-parallel embedding) and one all-gather of each rank's logits, at the fitted link
-   (analysis/parallel.py: allreduce_time, gather_time).
+   vocabulary-parallel embedding) and one all-gather of each rank's logits (analysis/parallel.py: allreduce_time,
+   gather_time), at the link fitted from isolated all-reduces and at the link whose alpha is calibrated on a
+   back-to-back train of a step's all-reduces (``AllReduceMeasurement.train_link``, best and median).
 4. Runs the same requests at TP = 1 (the module step TP runs, and the fastest step) for the time without
    communication.
 
@@ -61,6 +62,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma-3-270m", help="4 heads: SmolLM2-135M's 9 do not split in 2")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--weights", default="fp32")
     ap.add_argument("--seqs", type=int, default=1)
@@ -70,7 +72,7 @@ def main() -> None:
 
     measured = measure_allreduce(ranks=args.tp)
     link = measured.fit()
-    llm = LLM(weights=args.weights, tensor_parallel_size=args.tp)
+    llm = LLM(args.model, weights=args.weights, tensor_parallel_size=args.tp)
     cfg = llm.config
     try:
         times, comms = timed_steps(llm, args.seqs, args.prompt_len, args.steps)
@@ -78,26 +80,34 @@ def main() -> None:
         llm.shutdown()
     one_process = {}
     for step in ("module", "auto"):  # the step TP runs, and the fastest, on one process
-        times1, _ = timed_steps(LLM(weights=args.weights, decode_step=step), args.seqs, args.prompt_len, args.steps)
+        times1, _ = timed_steps(LLM(args.model, weights=args.weights, decode_step=step), args.seqs, args.prompt_len,
+                                args.steps)
         one_process[step] = summary(times1)
 
     act = 4 if args.weights != "bf16" else 2
     message = args.seqs * cfg.hidden_size * act
     allreduces = 2 * cfg.num_layers + 1  # o_proj and down_proj per layer, the embedding once
     per_rank_logits = args.seqs * -(-cfg.vocab_size // args.tp) * 4
-    predicted = allreduces * allreduce_time(message, args.tp, link) + gather_time(per_rank_logits, args.tp, link)
+    def predict(lnk: Any) -> float:
+        return allreduces * allreduce_time(message, args.tp, lnk) + gather_time(per_rank_logits, args.tp, lnk)
+
+    predicted = {"isolated_fit": predict(link), "train_best": predict(measured.train_link()),
+                 "train_median": predict(measured.train_link(median=True))}
     comm_s = [c[0] for c in comms]
     share = [c / t for c, t in zip(comm_s, times)]
     result: dict[str, Any] = {
-        "tp": args.tp, "weights": args.weights, "seqs": args.seqs, "steps": args.steps,
+        "model": args.model, "tp": args.tp, "weights": args.weights, "seqs": args.seqs, "steps": args.steps,
         "link_fit": {"alpha_us": link.latency * 1e6, "beta_GBps": link.bandwidth / 1e9, "note": link.note},
         "step": summary(times), "step_tp1": one_process,
         "collectives": summary(comm_s) | {"calls_per_step": statistics.median(c[1] for c in comms),
                                           "bytes_per_step": statistics.median(c[2] for c in comms)},
         "share_of_step": {"median": statistics.median(share), "of_best_steps": min(comm_s) / min(times)},
-        "predicted_ms": predicted * 1e3,
-        "predicted_vs_measured_median": predicted / statistics.median(comm_s),
-        "predicted_vs_measured_best": predicted / min(comm_s),
+        "predicted_ms": {k: v * 1e3 for k, v in predicted.items()},
+        "predicted_over_measured": {"isolated_fit_vs_best": predicted["isolated_fit"] / min(comm_s),
+                                    "train_best_vs_best": predicted["train_best"] / min(comm_s),
+                                    "train_median_vs_median": predicted["train_median"] / statistics.median(comm_s)},
+        "train_alpha_us": {"best": measured.train_link().latency * 1e6,
+                           "median": measured.train_link(median=True).latency * 1e6},
         "step_allreduce_probe": {"allreduces": measured.step_allreduces, "bytes": measured.step_bytes,
                                  "best_ms": measured.step_seconds * 1e3,
                                  "median_ms": measured.step_median_seconds * 1e3},

@@ -109,3 +109,19 @@ def test_measure_allreduce_on_this_machine():
     link = m.fit()
     assert link.bandwidth > 0 and link.latency >= 0
     assert m.step_seconds > 0 and m.predicted_step_seconds() == pytest.approx(4 * allreduce_time(2304, 2, link))
+
+
+def test_train_link_calibrates_alpha_on_the_back_to_back_train():
+    """alpha from a train of a step's all-reduces: the link then predicts that train's time exactly (best or
+    median), with the size fit's beta."""
+    from loom.analysis.collectives import AllReduceMeasurement
+
+    truth = Link("truth", 2.5e9, 30e-6)
+    sizes = [256, 4096, 65536, 1 << 20]
+    seconds = [allreduce_time(m, 2, truth) for m in sizes]
+    m = AllReduceMeasurement(2, sizes, seconds, [2 * t for t in seconds], 60, 2304, 60 * 500e-6, 60 * 900e-6, 5)
+    for median, train in ((False, 60 * 500e-6), (True, 60 * 900e-6)):
+        link = m.train_link(median=median)
+        assert link.bandwidth == pytest.approx(2.5e9)
+        assert 60 * allreduce_time(2304, 2, link) == pytest.approx(train)
+        assert link.latency > truth.latency

@@ -48,6 +48,19 @@ class AllReduceMeasurement:
         self.link = fit_link(self.sizes, self.seconds, self.ranks)
         return self.link
 
+    def train_link(self, median: bool = False) -> Link:
+        """The link whose alpha is calibrated on the back-to-back train of a decode step's all-reduces (beta from
+        the size fit): on this 2-core VM an all-reduce right after a barrier costs ~90 us, but one in a train of
+        60 costs ~0.6 ms (each needs both processes and gloo's threads scheduled; the wake-ups dominate), so the
+        isolated fit predicts a step's communication 7x short. ``median``: from the train's median time."""
+        base = self.link or self.fit()
+        per_call = (self.step_median_seconds if median else self.step_seconds) / self.step_allreduces
+        steps = 2 * (self.ranks - 1)
+        alpha = max(0.0, per_call - steps / self.ranks * self.step_bytes / base.bandwidth) / steps
+        which = "median" if median else "best"
+        return Link(f"{base.name}, alpha from a train of {self.step_allreduces} all-reduces ({which})",
+                    base.bandwidth, alpha, base.note)
+
     def predicted_step_seconds(self, link: Link | None = None) -> float:
         return self.step_allreduces * allreduce_time(self.step_bytes, self.ranks, link or self.link or self.fit())
 
