@@ -50,6 +50,8 @@ CASES = [  # (config, parts): one linear's GGUF parts, fused row-wise
     (GEMMA, {"blk.0.attn_q.weight": (Q.Q5_0, 64, 256), "blk.0.attn_k.weight": (Q.Q5_0, 32, 256),
              "blk.0.attn_v.weight": (Q.Q8_0, 32, 256)}),
     (GEMMA, {"blk.0.ffn_gate.weight": (Q.Q5_1, 64, 256), "blk.0.ffn_up.weight": (Q.Q5_1, 64, 256)}),
+    (LLAMA, {"blk.0.attn_q.weight": (Q.Q4_1, 64, 256), "blk.0.attn_k.weight": (Q.Q5_1, 32, 256),
+             "blk.0.attn_v.weight": (Q.Q4_0, 32, 256)}),
 ]
 
 

@@ -88,6 +88,8 @@ def _write_blocks(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: 
     """Write one GGUF part (rows ``row``.. of ``m``) straight from its blocks, when its format maps onto the
     module's container as stored (module doc); False when it does not (the caller takes the portable form)."""
     qtype = info.qtype
+    if qtype in _WIDENABLE and m.bits == 8 and m.container_bits == 8 and m.group_size == 32:
+        return _write_widened(m, info, raw, row)
     if qtype not in _BITS or _BITS[qtype] != m.bits or _GROUP.get(qtype, 32) != m.group_size:
         return False
     natural = {4: 4, 5: 5, 8: 8}[_BITS[qtype]]
@@ -145,6 +147,37 @@ def _write_blocks(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: 
     scales.copy_(s)
     torch.mul(s, -128.0, out=offsets)
     return True
+
+
+_WIDENABLE = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+
+
+def _write_widened(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: int) -> bool:
+    """A 4- or 5-bit part of a linear held as int8 (its parts mixed bits): ``QuantizedTensor.widened`` from the
+    blocks, the container holding q + c - 128 = q - 2^(bits-1) and the offsets o - c d, c = 128 - 2^(bits-1)."""
+    qtype = info.qtype
+    n, k = info.shape
+    per, nbytes = _BLOCK[qtype]
+    nb = k // per
+    b = raw.view(n, nb, nbytes)
+    q, scales, offsets = m.qweight[row:row + n].view(n, nb, 32), m.scales[row:row + n], m.offsets[row:row + n]
+    five = qtype in (Q.Q5_0, Q.Q5_1)
+    start = 2 if qtype in (Q.Q4_0, Q.Q5_0) else 4  # after d (and m)
+    qs = b[..., start + 4 * five:start + 4 * five + 16]
+    torch.bitwise_and(qs, 0x0F, out=q[..., :16])
+    torch.bitwise_right_shift(qs, 4, out=q[..., 16:])
+    if five:
+        bits = (b[..., start:start + 4].unsqueeze(-1) >> _SHIFTS) & 1  # bit j of the little-endian qh: element j
+        q |= bits.view(n, nb, 32) << 4
+    q += 256 - (16 if five else 8)  # q - 2^(bits-1), modulo 256: the int8 container's bytes
+    d = _f16(b[..., 0:2])
+    scales.copy_(d)
+    base = -16.0 * d if qtype == Q.Q5_0 else -8.0 * d if qtype == Q.Q4_0 else _f16(b[..., 2:4])
+    torch.sub(base, (128 - (16 if five else 8)) * d, out=offsets)
+    return True
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 class SlotFiller:
