@@ -20,8 +20,9 @@ forces (inputs not a multiple of 32) go through the portable form (``gguf_quanti
 ``QuantizedLinear.load_``): still in place, with more arithmetic. Dense parameters are copied into place.
 
 A slot takes layer i only when layer i has the slot's structure (module types, which rotary table); per-layer
-settings of its modules (the attention's layer index and window) are set from a skeleton of layer i. A
-linear whose format differs from the slot's (Q4_K_M files mix Q4_K and Q6_K layers) is built anew in the slot.
+settings of its modules (the attention's layer index and window, which rotary table) are set from a skeleton
+of layer i. A linear whose format differs from the slot's (Q4_K_M files mix Q4_K and Q6_K layers) is allocated
+anew in the slot (``QuantizedLinear.allocate``) and filled the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from loom.layers.quantized import QuantizedLinear
 from loom.models.transformer import DecoderLayer
 from loom.weights.dequant import _k4_scale_min
 from loom.weights.gguf import GGUF_ARCHITECTURES, TensorInfo, read_gguf_tensor, unpermute_rope
-from loom.weights.loader import native_linear, source_tensor
+from loom.weights.loader import source_tensor
 from loom.weights.native import NATIVE_TYPES, gguf_quantized
 
 _BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q6_K: 8}

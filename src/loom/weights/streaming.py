@@ -8,7 +8,9 @@ is bit for bit the layer ``load_model`` builds; GGUF Q4 / Q8 blocks are read as 
 the way) and become the same ``QuantizedLinear``. ``LayerStream`` puts a ``StreamedLayer`` in each streamed
 layer's place: a background thread reads the next layers into ``buffers`` slots while the current one
 computes (double buffering with 2, triple with 3), in the order every forward takes them (0, 1, ..., L-1,
-then the next forward's first), and each layer is dropped as soon as it has run.
+then the next forward's first). A slot is a layer built once (its first layer); from then on each layer read
+into it is written into its tensors in place, straight from the file's bytes (weights/slots.py), and the
+slot goes back to the reader as soon as its layer has run.
 
 Reads go around the page cache, so that the bytes counted are bytes read from storage: ``O_DIRECT`` (page-
 aligned reads into a page-aligned buffer) where the file system takes it, else ``pread`` followed by
