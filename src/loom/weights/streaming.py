@@ -42,6 +42,7 @@ from loom.weights.hf import TensorLocation, read_hf_tensor
 from loom.weights.loader import LayerSources, native_linear, source_tensor
 from loom.weights.slots import Settings, SlotFiller, layer_settings, layer_structure, refillable
 
+READ_BUFFERS = 2  # one being read into while the other fills a slot
 PAGE = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (a multiple of every logical block size)
 MERGE_GAP = 1 << 16  # tensors of a layer this close in the file are read in one request (the gap is read too)
 DIRECT_IO = "O_DIRECT"
@@ -340,9 +341,10 @@ class LayerStream:
         self.builder = LayerBuilder(model, sources)
         self.buffers = buffers
         self.reader = StorageReader([loc.path for loc in sources.locations.values()], direct)
-        self.read_buffer_bytes = max(sum(s.buffer_bytes for s in self.builder.spans(i))
-                                     for i in range(sources.config.num_layers))
-        self._buffer = mmap.mmap(-1, self.read_buffer_bytes)  # page-aligned, as O_DIRECT needs
+        one = max(sum(s.buffer_bytes for s in self.builder.spans(i)) for i in range(sources.config.num_layers))
+        # two read buffers: the next layer is read into one while the other's bytes fill a slot
+        self._read_buffers = [mmap.mmap(-1, one) for _ in range(READ_BUFFERS)]  # page-aligned, as O_DIRECT needs
+        self.read_buffer_bytes = READ_BUFFERS * one
         self.stats = StreamStats()
         self.layers: list[int] = []
         self._lock = threading.Lock()  # one reader of the buffer at a time
@@ -356,6 +358,12 @@ class LayerStream:
         for k in range(buffers):
             self._free.put(k)
         self._ready: queue.Queue[tuple[int, int, BaseException | None]] = queue.Queue()
+        self._free_reads: queue.Queue[int] = queue.Queue()  # free read buffers; -1 stops the I/O thread
+        for b in range(READ_BUFFERS):
+            self._free_reads.put(b)
+        self._read: queue.Queue[tuple[int, int, dict[str, torch.Tensor] | None, BaseException | None]] = \
+            queue.Queue()  # layers read, for the fill thread; layer -1 stops it
+        self._io_thread: threading.Thread | None = None
         self._live: dict[int, int] = {}  # layer -> its slot, while it computes
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -364,18 +372,19 @@ class LayerStream:
     def mode(self) -> str:
         return self.reader.mode
 
-    def _read(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s source tensors read into the read buffer: views of it, valid until the next read
-        (the caller holds the lock)."""
+    def _read_layer(self, i: int, b: int = 0) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s source tensors read into read buffer ``b``: views of it, valid until it is read into
+        again."""
+        buffer = self._read_buffers[b]
         t0 = time.perf_counter()
         before = self.reader.bytes_read
         data: dict[str, torch.Tensor] = {}
         at = 0
         for span in self.builder.spans(i):
-            first = self.reader.read(span, self._buffer, at)
+            first = self.reader.read(span, buffer, at)
             for name in span.names:
                 loc = self.builder.sources.locations[name]
-                data[name] = torch.frombuffer(self._buffer, dtype=torch.uint8, count=loc.nbytes,
+                data[name] = torch.frombuffer(buffer, dtype=torch.uint8, count=loc.nbytes,
                                               offset=first + loc.offset - span.offset)
             at += span.buffer_bytes
         s = self.stats
@@ -393,18 +402,19 @@ class LayerStream:
         return layer
 
     def load(self, i: int) -> DecoderLayer:
-        """Read layer ``i``'s bytes from storage and build it (a layer of its own, not a slot)."""
+        """Read layer ``i``'s bytes from storage and build it (a layer of its own, not a slot; before ``start``)."""
+        if self._thread is not None:
+            raise RuntimeError("LayerStream.load reads layers before start(); the stream's threads read after it")
         with self._lock:
-            data = self._read(i)
+            data = self._read_layer(i)
             layer = self._build(i, data)
             del data
         return layer
 
-    def _fill(self, i: int, k: int) -> None:
-        """Read layer ``i`` into slot ``k``: refilled in place when the slot has layer ``i``'s structure,
-        else built anew there."""
+    def _fill(self, i: int, k: int, data: dict[str, torch.Tensor]) -> None:
+        """Layer ``i``'s bytes (just read) into slot ``k``: refilled in place when the slot has layer ``i``'s
+        structure, else built anew there."""
         with self._lock:
-            data = self._read(i)
             slot = self._slots[k]
             if slot is not None and self._slot_structure[k] == self._structure[i] and refillable(slot):
                 t0 = time.perf_counter()
@@ -435,15 +445,22 @@ class LayerStream:
             self._settings[i] = layer_settings(skeleton, shared)
             del skeleton
             self.model.layers[i] = StreamedLayer(self, i)
-        self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self._free, list(self.layers)),
-                                        name="loom-layer-stream", daemon=True)
-        weakref.finalize(self, self._free.put, -1)  # a stream dropped without close() lets its thread end
-        atexit.register(_close_at_exit, weakref.ref(self))  # no layer half built while the interpreter ends
+        ref = weakref.ref(self)
+        self._io_thread = threading.Thread(target=_read_ahead, args=(ref, self._free_reads, self._read,
+                                                                     list(self.layers)),
+                                           name="loom-layer-read", daemon=True)
+        self._thread = threading.Thread(target=_prefetch, args=(ref, self._free, self._read),
+                                        name="loom-layer-fill", daemon=True)
+        weakref.finalize(self, _stop, self._free, self._free_reads, self._read)  # dropped without close(): threads end
+        atexit.register(_close_at_exit, ref)  # no layer half built while the interpreter ends
+        self._io_thread.start()
         self._thread.start()
 
-    def _prefetch_one(self, i: int, k: int) -> bool:
+    def _prefetch_one(self, i: int, k: int, b: int, data: dict[str, torch.Tensor]) -> bool:
         try:
-            self._fill(i, k)
+            self._fill(i, k, data)
+            del data
+            self._free_reads.put(b)
             self._ready.put((i, k, None))
             return True
         except BaseException as e:  # handed to the forward that waits for this layer
@@ -478,16 +495,17 @@ class LayerStream:
     def describe(self) -> str:
         n = len(self.layers)
         return (f"{n} layer{'s' if n != 1 else ''} streamed through {self.buffers} buffers "
-                f"(reads: {self.mode}, read buffer {self.read_buffer_bytes} bytes)")
+                f"(reads: {self.mode}, {READ_BUFFERS} read buffers, {self.read_buffer_bytes} bytes)")
 
     def close(self) -> None:
         """Stop the reader thread and close the files (the streamed layers can no longer run)."""
         if self._closed:
             return
         self._closed = True
-        self._free.put(-1)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        _stop(self._free, self._free_reads, self._read)
+        for thread in (self._io_thread, self._thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=30)
         while not self._ready.empty():
             self._ready.get_nowait()
         self._live.clear()
@@ -501,15 +519,43 @@ def _close_at_exit(ref: weakref.ref[LayerStream]) -> None:
         stream.close()
 
 
-def _prefetch(ref: weakref.ref[LayerStream], free: queue.Queue[int], order: list[int]) -> None:
-    """The reader thread: fill the streamed layers into free slots in forward order, forever. It holds the
-    stream only while it reads, so that a dropped stream (or ``close``) ends it."""
+def _stop(free: queue.Queue[int], free_reads: queue.Queue[int], read: queue.Queue[Any]) -> None:
+    free.put(-1)
+    free_reads.put(-1)
+    read.put((-1, -1, None, None))
+
+
+def _read_ahead(ref: weakref.ref[LayerStream], free_reads: queue.Queue[int], read: queue.Queue[Any],
+                order: list[int]) -> None:
+    """The I/O thread: read the streamed layers in forward order, forever, into free read buffers (``preadv``
+    releases the GIL: the reads overlap the fill and the forward). It holds the stream only while it reads."""
     for i in itertools.cycle(order):
-        k = free.get()
+        b = free_reads.get()
         stream = ref()
-        if k < 0 or stream is None or stream._closed:
+        if b < 0 or stream is None or stream._closed:
             return
-        ok = stream._prefetch_one(i, k)
+        try:
+            read.put((i, b, stream._read_layer(i, b), None))
+        except BaseException as e:  # handed on to the fill thread, then to the forward
+            read.put((i, b, None, e))
+            return
+        del stream
+
+
+def _prefetch(ref: weakref.ref[LayerStream], free: queue.Queue[int], read: queue.Queue[Any]) -> None:
+    """The fill thread: put each layer read into a free slot, in the order read. It holds the stream only while
+    it fills, so that a dropped stream (or ``close``) ends it."""
+    while True:
+        k = free.get()
+        i, b, data, error = read.get()
+        stream = ref()
+        if k < 0 or i < 0 or stream is None or stream._closed:
+            return
+        if error is not None:
+            stream._ready.put((i, k, error))
+            return
+        ok = stream._prefetch_one(i, k, b, data)
+        del data
         del stream
         if not ok:
             return
