@@ -33,6 +33,9 @@ def test_offload_sweep_runs_every_row(tiny, tmp_path):
         assert r["tokens"] == 3 and r["plan"]["streamed_layers"] and r["describe"].count("streamed")
         assert r["bytes_read_per_token"] > 0 and r["peak_rss"] > r["baseline_rss"]
         assert r["floor_s_per_token"] > 0 and r["budget"] >= r["plan"]["planned_bytes"]
+        t = r["per_token_s"]  # the stream's time per token: read and filled in place, computed, waited for
+        assert set(t) == {"read", "fill", "build", "compute", "wait"}
+        assert t["read"] > 0 and t["fill"] > 0 and t["compute"] > 0  # (build: each slot's first layer)
     assert loom[0]["token_ids"] == loom[1]["token_ids"]  # speculation changes the speed, not the tokens
     assert "error" not in peer[0], peer[0].get("error")
     assert peer[0]["token_ids"] == loom[0]["token_ids"]  # transformers + accelerate on the same weights (Q8_0 vs fp32

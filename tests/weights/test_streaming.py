@@ -132,7 +132,12 @@ def test_a_forward_that_stopped_early_does_not_desynchronize_the_stream(files):
         layer = build(i, data)
         if i == 1 and not failed:
             failed.append(i)
-            layer.forward = lambda *args: (_ for _ in ()).throw(ValueError("layer 1 failed"))
+
+            def fail(*args):
+                del layer.forward  # once: the slot is refilled with the later layers
+                raise ValueError("layer 1 failed")
+
+            layer.forward = fail
         return layer
 
     stream.builder.build = failing_once

@@ -7,6 +7,9 @@ own (bench/isolated.py) and reports:
     tokens_per_s              generated tokens / wall seconds of the request (prefill included)
     bytes_read_per_token      bytes the layer stream read from storage / generated tokens
     storage_read_per_token    the process's bytes fetched from storage (/proc/self/io read_bytes) / token
+    per_token_s               seconds per token the layer stream spent reading, filling slots in place,
+                              building layers anew (reader thread), computing streamed layers and
+                              waiting for one (the forward)
     peak_rss                  the process's peak resident memory while generating (VmHWM, reset after
                               loading), next to the budget and the named fixed overhead: the resident size
                               before the model was loaded (interpreter, torch, loom), and activations
@@ -168,6 +171,10 @@ class LoomUnderBudget:
             storage_read_per_token=(storage_read_bytes() - io0) / n,
             wait_seconds=after.get("wait_seconds", 0) - before.get("wait_seconds", 0),
             peak_rss=peak_rss_bytes(), speculative=None if spec is None else spec.stats.as_dict())
+        # where a token's time goes: the reader thread reads and fills slots (builds only a slot's first layer or
+        # one of another structure) while the forward computes the streamed layers or waits for one
+        result["per_token_s"] = {key: (after.get(f"{key}_seconds", 0) - before.get(f"{key}_seconds", 0)) / n
+                                 for key in ("read", "fill", "build", "compute", "wait")}
         # what the budget and the named overheads allow: runtime + tokenizer + budget; the rest is activations
         result["peak_over_budget_and_overheads"] = result["peak_rss"] - (
             self.baseline_rss + self.tokenizer_rss + (offload.plan.budget_bytes if offload else 0))

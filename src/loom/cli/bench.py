@@ -576,6 +576,8 @@ def _offload(args: argparse.Namespace) -> int:
                   f"streamed/token, {r['storage_read_per_token'] / 1e6:7.2f} MB from storage/token, peak RSS "
                   f"{r['peak_rss'] / 1e6:.0f} MB (runtime before loading {r['baseline_rss'] / 1e6:.0f} MB)"
                   + (f", floor {floor:.4f} s/token" if floor is not None else ""))
+            if r.get("per_token_s") and r.get("bytes_read_per_token"):
+                print("    per token: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["per_token_s"].items()))
     return 0
 
 

@@ -3,7 +3,7 @@
 Everything that every forward needs at once, or that is small and hot, is resident first: the embedding, the
 output layer and the final norm (``base``), the KV cache, and the draft model of speculative decoding with its
 own KV cache. Streaming then needs ``buffers`` built layers at once (one computing, the next being read) and
-the read buffer one layer's bytes land in. Whatever is left holds decoder layers, resident from the first on;
+the read buffers layers' bytes land in (two: one is read into while the other fills a buffer). Whatever is left holds decoder layers, resident from the first on;
 the others stream once per forward, which costs (seed 002, analysis/offload.py)
 
     seconds per forward >= streamed layer bytes / storage bandwidth.
@@ -78,7 +78,7 @@ class ResidencyPlan:
         if self.streaming:
             text += (f"; streamed: layers {_ranges(self.streamed_layers)} "
                      f"({mb(self.streamed_bytes_per_forward)} read per forward) through {self.buffers} buffers "
-                     f"and a {mb(self.read_buffer_bytes)} read buffer")
+                     f"and {mb(self.read_buffer_bytes)} of read buffers")
         return text + f"; planned {mb(self.planned_bytes)} (minimum workable {mb(self.minimum_bytes)})"
 
     def to_dict(self) -> dict[str, Any]:

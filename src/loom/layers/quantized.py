@@ -341,6 +341,13 @@ class QuantizedLinear(nn.Module):
     def _prepare_kernel(self, qt: QuantizedTensor) -> None:
         """Choose the backend for the device the buffers are on and build the tensors its kernel reads."""
         self.backend = choose_backend(qt, self.requested_backend)
+        self.kind = LinearKind.LOOM if self.backend == "loom" else LinearKind.REFERENCE
+        self.kernel_tensors: list[torch.Tensor] = [self.qweight, *self._kernel_scales_offsets()]
+        if self.backend == "torch":
+            self.kind, self.kernel_tensors = self._torch_tensors(qt)
+
+    def _kernel_scales_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and offsets loom's kernel (or the reference) reads, derived from the buffers."""
         if self.container_bits == 4:
             kernel_offsets = self.offsets
         else:  # the codes' shift (-16 for int5, -128 for int8) moves into the kernel's offset
@@ -348,13 +355,71 @@ class QuantizedLinear(nn.Module):
             kernel_offsets = self.offsets + shift * self.scales
             if not bool(kernel_offsets.any()):  # symmetric: no offset term at all
                 kernel_offsets = torch.empty(0, device=self.offsets.device)
-        self.kind = LinearKind.LOOM if self.backend == "loom" else LinearKind.REFERENCE
         scales = self.scales
         if self.backend == "loom":  # GGUF's d and m are fp16: stream them so, where nothing is lost
             scales, kernel_offsets = _as_fp16_if_exact(scales, kernel_offsets)
-        self.kernel_tensors: list[torch.Tensor] = [self.qweight, scales, kernel_offsets.contiguous()]
+        return scales, kernel_offsets.contiguous()
+
+    def refresh_kernel(self) -> None:
+        """The buffers (``qweight``, ``scales``, ``offsets``) were overwritten in place with another weight of
+        the same format (a streamed layer's slot, weights/slots.py): derive the kernel's tensors again, into the
+        tensors the kernel already reads where dtype and shape allow (a compiled step's pointers stay valid),
+        exactly as a layer built from that weight would hold them."""
         if self.backend == "torch":
-            self.kind, self.kernel_tensors = self._torch_tensors(qt)
+            self._prepare_kernel(self.quantized())
+            return
+        for slot, new in zip((1, 2), self._kernel_scales_offsets()):
+            old = self.kernel_tensors[slot]
+            if new is old:
+                continue
+            if old.dtype == new.dtype and old.shape == new.shape and old.data_ptr() not in \
+                    (self.scales.data_ptr(), self.offsets.data_ptr()):
+                old.copy_(new)
+            else:
+                self.kernel_tensors[slot] = new
+
+    @classmethod
+    def allocate(cls, out_features: int, in_features: int, bits: int, group_size: int, bias: bool = False,
+                 backend: str = "auto") -> QuantizedLinear:
+        """A layer of this format whose buffers are allocated, not yet written: the caller fills them (``load_``
+        or the container's bytes directly, weights/slots.py) and then calls ``refresh_kernel``."""
+        groups = in_features // group_size
+        qt = QuantizedTensor(torch.empty(out_features, in_features, dtype=torch.uint8),
+                             torch.empty(out_features, groups), torch.empty(out_features, groups), bits, group_size)
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.out_features, m.in_features, m.bits, m.group_size = out_features, in_features, bits, group_size
+        m.requested_backend = backend
+        m.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        whole_chunks = in_features % 32 == 0 and group_size % 32 == 0
+        m.container_bits = 4 if bits <= 4 and whole_chunks else 5 if bits == 5 and whole_chunks else 8
+        row = {4: in_features // 2, 5: in_features // 32 * 20, 8: in_features}[m.container_bits]
+        m.register_buffer("qweight", torch.zeros(out_features, row, dtype=torch.uint8))
+        m.register_buffer("scales", qt.scales.zero_())
+        m.register_buffer("offsets", qt.offsets.zero_())
+        m.backend = choose_backend(qt, backend)
+        m.kind = LinearKind.LOOM if m.backend == "loom" else LinearKind.REFERENCE
+        m.kernel_tensors = [m.qweight, m.scales, m.offsets]  # placeholders until refresh_kernel
+        return m
+
+    def load_(self, qt: QuantizedTensor, row: int = 0) -> None:
+        """Overwrite rows ``row`` .. ``row + qt.shape[0]`` of the weight in place with ``qt`` (its bits, group size
+        and input size this layer's; a fused weight's part), stored as ``__init__`` stores it. The caller then
+        calls ``refresh_kernel`` once the whole weight is written."""
+        n, k = qt.shape
+        if (qt.bits, qt.group_size, k) != (self.bits, self.group_size, self.in_features) or row + n > self.out_features:
+            raise QuantizationError(f"cannot load {qt.bits}-bit groups of {qt.group_size}, {n} x {k}, at row {row} "
+                                    f"into {self.bits}-bit groups of {self.group_size}, "
+                                    f"{self.out_features} x {self.in_features}")
+        if self.container_bits == 4:
+            q = pack_int4(qt.codes)
+        elif self.container_bits == 5:
+            q = pack_int5(qt.codes)
+        else:
+            q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        self.qweight[row:row + n].copy_(q)
+        self.scales[row:row + n].copy_(qt.scales)
+        self.offsets[row:row + n].copy_(qt.offsets)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """After ``.to(device)`` (or any buffer conversion) the kernel is chosen and packed again, for the

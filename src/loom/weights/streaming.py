@@ -8,7 +8,9 @@ is bit for bit the layer ``load_model`` builds; GGUF Q4 / Q8 blocks are read as 
 the way) and become the same ``QuantizedLinear``. ``LayerStream`` puts a ``StreamedLayer`` in each streamed
 layer's place: a background thread reads the next layers into ``buffers`` slots while the current one
 computes (double buffering with 2, triple with 3), in the order every forward takes them (0, 1, ..., L-1,
-then the next forward's first), and each layer is dropped as soon as it has run.
+then the next forward's first). A slot is a layer built once (its first layer); from then on each layer read
+into it is written into its tensors in place, straight from the file's bytes (weights/slots.py), and the
+slot goes back to the reader as soon as its layer has run.
 
 Reads go around the page cache, so that the bytes counted are bytes read from storage: ``O_DIRECT`` (page-
 aligned reads into a page-aligned buffer) where the file system takes it, else ``pread`` followed by
@@ -38,7 +40,9 @@ from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, TensorInfo, read_gguf_tensor
 from loom.weights.hf import TensorLocation, read_hf_tensor
 from loom.weights.loader import LayerSources, native_linear, source_tensor
+from loom.weights.slots import Settings, SlotFiller, layer_settings, layer_structure, refillable
 
+READ_BUFFERS = 2  # one being read into while the other fills a slot
 PAGE = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (a multiple of every logical block size)
 MERGE_GAP = 1 << 16  # tensors of a layer this close in the file are read in one request (the gap is read too)
 DIRECT_IO = "O_DIRECT"
@@ -290,9 +294,11 @@ class StreamedLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, meta: Any, kv_cache: Any, rope: Any = None) -> torch.Tensor:
         layer = self._stream.acquire(self.index)
+        t0 = time.perf_counter()
         try:
             return layer(h, meta, kv_cache, rope)
         finally:
+            self._stream.stats.compute_seconds += time.perf_counter() - t0
             self._stream.release(self.index)
 
     def extra_repr(self) -> str:
@@ -301,19 +307,25 @@ class StreamedLayer(nn.Module):
 
 @dataclass
 class StreamStats:
-    """What streaming has done so far: layers and bytes read from storage, seconds spent reading and
-    building (the reader thread) and waiting for a layer (the forward)."""
+    """What streaming has done so far: layers and bytes read from storage; seconds the reader thread spent
+    reading, filling slots in place (weights/slots.py) and building layers anew (a slot's first layer, or
+    one of another structure); seconds the forward spent waiting for a layer and computing streamed layers."""
 
     layers_read: int = 0
     bytes_read: int = 0
+    layers_filled: int = 0
+    layers_built: int = 0
     read_seconds: float = 0.0
+    fill_seconds: float = 0.0
     build_seconds: float = 0.0
     wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"layers_read": self.layers_read, "bytes_read": self.bytes_read,
-                "read_seconds": round(self.read_seconds, 4), "build_seconds": round(self.build_seconds, 4),
-                "wait_seconds": round(self.wait_seconds, 4)}
+        return {"layers_read": self.layers_read, "bytes_read": self.bytes_read, "layers_filled": self.layers_filled,
+                "layers_built": self.layers_built, "read_seconds": round(self.read_seconds, 4),
+                "fill_seconds": round(self.fill_seconds, 4), "build_seconds": round(self.build_seconds, 4),
+                "wait_seconds": round(self.wait_seconds, 4), "compute_seconds": round(self.compute_seconds, 4)}
 
 
 class LayerStream:
@@ -329,15 +341,30 @@ class LayerStream:
         self.builder = LayerBuilder(model, sources)
         self.buffers = buffers
         self.reader = StorageReader([loc.path for loc in sources.locations.values()], direct)
-        self.read_buffer_bytes = max(sum(s.buffer_bytes for s in self.builder.spans(i))
-                                     for i in range(sources.config.num_layers))
-        self._buffer = mmap.mmap(-1, self.read_buffer_bytes)  # page-aligned, as O_DIRECT needs
+        one = max(sum(s.buffer_bytes for s in self.builder.spans(i)) for i in range(sources.config.num_layers))
+        # two read buffers: the next layer is read into one while the other's bytes fill a slot
+        self._read_buffers = [mmap.mmap(-1, one) for _ in range(READ_BUFFERS)]  # page-aligned, as O_DIRECT needs
+        self.read_buffer_bytes = READ_BUFFERS * one
         self.stats = StreamStats()
         self.layers: list[int] = []
         self._lock = threading.Lock()  # one reader of the buffer at a time
-        self._slots = threading.Semaphore(buffers)
-        self._ready: queue.Queue[tuple[int, DecoderLayer | None, BaseException | None]] = queue.Queue()
-        self._live: dict[int, DecoderLayer] = {}
+        self.filler = SlotFiller(self.builder)
+        # the slots: a built layer each (None until the first is read), refilled in place by the reader
+        self._slots: list[DecoderLayer | None] = [None] * buffers
+        self._slot_structure: list[tuple[Any, ...] | None] = [None] * buffers
+        self._structure: dict[int, tuple[Any, ...]] = {}
+        self._settings: dict[int, Settings] = {}
+        self._free: queue.Queue[int] = queue.Queue()  # free slots; -1 stops the reader
+        for k in range(buffers):
+            self._free.put(k)
+        self._ready: queue.Queue[tuple[int, int, BaseException | None]] = queue.Queue()
+        self._free_reads: queue.Queue[int] = queue.Queue()  # free read buffers; -1 stops the I/O thread
+        for b in range(READ_BUFFERS):
+            self._free_reads.put(b)
+        self._read: queue.Queue[tuple[int, int, dict[str, torch.Tensor] | None, BaseException | None]] = \
+            queue.Queue()  # layers read, for the fill thread; layer -1 stops it
+        self._io_thread: threading.Thread | None = None
+        self._live: dict[int, int] = {}  # layer -> its slot, while it computes
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -345,31 +372,61 @@ class LayerStream:
     def mode(self) -> str:
         return self.reader.mode
 
-    def load(self, i: int) -> DecoderLayer:
-        """Read layer ``i``'s bytes from storage and build it."""
-        with self._lock:
-            t0 = time.perf_counter()
-            before = self.reader.bytes_read
-            data: dict[str, torch.Tensor] = {}
-            at = 0
-            for span in self.builder.spans(i):
-                first = self.reader.read(span, self._buffer, at)
-                for name in span.names:
-                    loc = self.builder.sources.locations[name]
-                    start = first + loc.offset - span.offset
-                    # a copy: the buffer is read into again for the next layer
-                    data[name] = torch.frombuffer(self._buffer, dtype=torch.uint8, count=loc.nbytes,
-                                                  offset=start).clone()
-                at += span.buffer_bytes
-            t1 = time.perf_counter()
-            layer = self.builder.build(i, data)
-            del data
-            s = self.stats
-            s.layers_read += 1
-            s.bytes_read += self.reader.bytes_read - before
-            s.read_seconds += t1 - t0
-            s.build_seconds += time.perf_counter() - t1
+    def _read_layer(self, i: int, b: int = 0) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s source tensors read into read buffer ``b``: views of it, valid until it is read into
+        again."""
+        buffer = self._read_buffers[b]
+        t0 = time.perf_counter()
+        before = self.reader.bytes_read
+        data: dict[str, torch.Tensor] = {}
+        at = 0
+        for span in self.builder.spans(i):
+            first = self.reader.read(span, buffer, at)
+            for name in span.names:
+                loc = self.builder.sources.locations[name]
+                data[name] = torch.frombuffer(buffer, dtype=torch.uint8, count=loc.nbytes,
+                                              offset=first + loc.offset - span.offset)
+            at += span.buffer_bytes
+        s = self.stats
+        s.layers_read += 1
+        s.bytes_read += self.reader.bytes_read - before
+        s.read_seconds += time.perf_counter() - t0
+        return data
+
+    def _build(self, i: int, data: dict[str, torch.Tensor]) -> DecoderLayer:
+        t0 = time.perf_counter()
+        # copies: a built layer may keep its source tensors, and the buffer is read into again
+        layer = self.builder.build(i, {name: t.clone() for name, t in data.items()})
+        self.stats.layers_built += 1
+        self.stats.build_seconds += time.perf_counter() - t0
         return layer
+
+    def load(self, i: int) -> DecoderLayer:
+        """Read layer ``i``'s bytes from storage and build it (a layer of its own, not a slot; before ``start``)."""
+        if self._thread is not None:
+            raise RuntimeError("LayerStream.load reads layers before start(); the stream's threads read after it")
+        with self._lock:
+            data = self._read_layer(i)
+            layer = self._build(i, data)
+            del data
+        return layer
+
+    def _fill(self, i: int, k: int, data: dict[str, torch.Tensor]) -> None:
+        """Layer ``i``'s bytes (just read) into slot ``k``: refilled in place when the slot has layer ``i``'s
+        structure, else built anew there."""
+        with self._lock:
+            slot = self._slots[k]
+            if slot is not None and self._slot_structure[k] == self._structure[i] and refillable(slot):
+                t0 = time.perf_counter()
+                self.filler.fill(slot, i, data, self._settings[i])
+                self.stats.layers_filled += 1
+                self.stats.fill_seconds += time.perf_counter() - t0
+            else:
+                self._slots[k] = None  # the old layer's memory goes before the new one is built
+                del slot
+                self._slots[k] = self._build(i, data)
+                self._slot_structure[k] = self._structure[i]
+            del data
 
     def start(self, layers: Sequence[int]) -> None:
         """Stream ``layers`` (in forward order) from now on."""
@@ -378,20 +435,36 @@ class LayerStream:
         self.layers = sorted(layers)
         if not self.layers:
             return
+        model, config = self.model, self.builder.config
+        shared = {id(m) for m in (model.rotary, model.local_rotary) if m is not None}
         for i in self.layers:
+            # a skeleton of layer i (its tensors allocated, never touched): its structure and settings
+            skeleton = DecoderLayer(config, i, model.local_rotary if model.local_layers[i] else model.rotary,
+                                    self.builder.sources.kernel, self.builder.sources.dtype)
+            self._structure[i] = layer_structure(skeleton, shared)
+            self._settings[i] = layer_settings(skeleton, shared)
+            del skeleton
             self.model.layers[i] = StreamedLayer(self, i)
-        self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self._slots, list(self.layers)),
-                                        name="loom-layer-stream", daemon=True)
-        weakref.finalize(self, self._slots.release)  # a stream dropped without close() lets its thread end
-        atexit.register(_close_at_exit, weakref.ref(self))  # no layer half built while the interpreter ends
+        ref = weakref.ref(self)
+        self._io_thread = threading.Thread(target=_read_ahead, args=(ref, self._free_reads, self._read,
+                                                                     list(self.layers)),
+                                           name="loom-layer-read", daemon=True)
+        self._thread = threading.Thread(target=_prefetch, args=(ref, self._free, self._read),
+                                        name="loom-layer-fill", daemon=True)
+        weakref.finalize(self, _stop, self._free, self._free_reads, self._read)  # dropped without close(): threads end
+        atexit.register(_close_at_exit, ref)  # no layer half built while the interpreter ends
+        self._io_thread.start()
         self._thread.start()
 
-    def _prefetch_one(self, i: int) -> bool:
+    def _prefetch_one(self, i: int, k: int, b: int, data: dict[str, torch.Tensor]) -> bool:
         try:
-            self._ready.put((i, self.load(i), None))
+            self._fill(i, k, data)
+            del data
+            self._free_reads.put(b)
+            self._ready.put((i, k, None))
             return True
         except BaseException as e:  # handed to the forward that waits for this layer
-            self._ready.put((i, None, e))
+            self._ready.put((i, k, e))
             return False
 
     def acquire(self, i: int) -> DecoderLayer:
@@ -401,39 +474,42 @@ class LayerStream:
             self.release(j)
         t0 = time.perf_counter()
         while True:
-            j, layer, error = self._ready.get()
+            j, k, error = self._ready.get()
             if error is not None:
                 self.close()
                 raise RuntimeError(f"streaming decoder layer {j} from {self.builder.sources.path} failed: "
                                    f"{error}") from error
             if j == i:
                 break
-            self._slots.release()
+            self._free.put(k)
         self.stats.wait_seconds += time.perf_counter() - t0
-        self._live[i] = layer  # type: ignore[assignment]
-        return layer  # type: ignore[return-value]
+        self._live[i] = k
+        return self._slots[k]  # type: ignore[return-value]
 
     def release(self, i: int) -> None:
-        """Layer ``i`` has run: drop it and give its buffer to the reader."""
-        if self._live.pop(i, None) is not None:
-            self._slots.release()
+        """Layer ``i`` has run: give its slot back to the reader."""
+        k = self._live.pop(i, None)
+        if k is not None:
+            self._free.put(k)
 
     def describe(self) -> str:
         n = len(self.layers)
         return (f"{n} layer{'s' if n != 1 else ''} streamed through {self.buffers} buffers "
-                f"(reads: {self.mode}, read buffer {self.read_buffer_bytes} bytes)")
+                f"(reads: {self.mode}, {READ_BUFFERS} read buffers, {self.read_buffer_bytes} bytes)")
 
     def close(self) -> None:
         """Stop the reader thread and close the files (the streamed layers can no longer run)."""
         if self._closed:
             return
         self._closed = True
-        self._slots.release()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        _stop(self._free, self._free_reads, self._read)
+        for thread in (self._io_thread, self._thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=30)
         while not self._ready.empty():
             self._ready.get_nowait()
         self._live.clear()
+        self._slots = [None] * self.buffers
         self.reader.close()
 
 
@@ -443,15 +519,43 @@ def _close_at_exit(ref: weakref.ref[LayerStream]) -> None:
         stream.close()
 
 
-def _prefetch(ref: weakref.ref[LayerStream], slots: threading.Semaphore, order: list[int]) -> None:
-    """The reader thread: build the streamed layers in forward order, forever, one per free buffer. It holds
-    the stream only while it reads, so that a dropped stream (or ``close``) ends it."""
+def _stop(free: queue.Queue[int], free_reads: queue.Queue[int], read: queue.Queue[Any]) -> None:
+    free.put(-1)
+    free_reads.put(-1)
+    read.put((-1, -1, None, None))
+
+
+def _read_ahead(ref: weakref.ref[LayerStream], free_reads: queue.Queue[int], read: queue.Queue[Any],
+                order: list[int]) -> None:
+    """The I/O thread: read the streamed layers in forward order, forever, into free read buffers (``preadv``
+    releases the GIL: the reads overlap the fill and the forward). It holds the stream only while it reads."""
     for i in itertools.cycle(order):
-        slots.acquire()
+        b = free_reads.get()
         stream = ref()
-        if stream is None or stream._closed:
+        if b < 0 or stream is None or stream._closed:
             return
-        ok = stream._prefetch_one(i)
+        try:
+            read.put((i, b, stream._read_layer(i, b), None))
+        except BaseException as e:  # handed on to the fill thread, then to the forward
+            read.put((i, b, None, e))
+            return
+        del stream
+
+
+def _prefetch(ref: weakref.ref[LayerStream], free: queue.Queue[int], read: queue.Queue[Any]) -> None:
+    """The fill thread: put each layer read into a free slot, in the order read. It holds the stream only while
+    it fills, so that a dropped stream (or ``close``) ends it."""
+    while True:
+        k = free.get()
+        i, b, data, error = read.get()
+        stream = ref()
+        if k < 0 or i < 0 or stream is None or stream._closed:
+            return
+        if error is not None:
+            stream._ready.put((i, k, error))
+            return
+        ok = stream._prefetch_one(i, k, b, data)
+        del data
         del stream
         if not ok:
             return
