@@ -251,7 +251,11 @@ class VocabParallelHead(nn.Module):
         return linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_vocab(self.local_logits(x), self.per_rank, self.vocab, self.tp)
+        return self.gather(self.local_logits(x))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's logits side by side from this rank's [T, end - start] (a compiled step's local product)."""
+        return gather_vocab(local, self.per_rank, self.vocab, self.tp)
 
     def extra_repr(self) -> str:
         return f"rows [{self.start}, {self.end}) of {self.vocab}, rank {self.tp.rank} of {self.tp.size}"
@@ -265,7 +269,10 @@ class QuantizedVocabHead(nn.Module):
         self.inner, self.vocab, self.per_rank, self.tp = inner, vocab, -(-vocab // tp.size), tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_vocab(self.inner(x), self.per_rank, self.vocab, self.tp)
+        return self.gather(self.inner(x))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        return gather_vocab(local, self.per_rank, self.vocab, self.tp)
 
 
 def gather_vocab(local: torch.Tensor, per_rank: int, vocab: int, tp: TPGroup) -> torch.Tensor:

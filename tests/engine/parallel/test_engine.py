@@ -75,8 +75,10 @@ def test_tp_matches_single_process(tiny_path, reference, size):
     llm = LLM(tiny_path, tensor_parallel_size=size, **options())
     try:
         assert f"tensor parallel: {size} ranks (gloo)" in llm.engine.describe()
-        assert "module (tensor parallel" in llm.engine.runner.describe_steps()
+        # decode batches: the scripted step on every rank's shard, all-reduces inside the TorchScript program
+        assert llm.engine.runner.describe_steps().startswith(f"scripted (tensor parallel over {size} ranks")
         out = run(llm)
+        assert llm.engine.executor.fast_batches > 0
         assert llm.engine.stats().num_preemptions > 0
         assert_same(ref, out)
         torch.testing.assert_close(prefill_logits(llm, probe), ref_logits, atol=1e-4, rtol=0)

@@ -88,7 +88,7 @@ def test_a_torchrun_world_of_another_size_is_refused(tiny_path, monkeypatch):
 
 
 @pytest.mark.parametrize("option,words", [
-    (dict(decode_step="scripted"), "the scripted decode step cannot run tensor-parallel"),
+    (dict(decode_step="native"), "decode step 'native' cannot be chosen under tensor parallelism"),
     (dict(cache=CacheConfig(kv_dtype="int8")), "int8 KV cache is not supported"),
 ])
 def test_unsupported_options_are_refused(tiny_path, option, words):

@@ -49,7 +49,11 @@ class ParallelModuleStep(ModuleStep):
         self.executor, self.channel = executor, channel
 
     def describe(self) -> str:
-        return f"module (tensor parallel over {self.channel.world.size} ranks; compiled steps cannot call collectives)"
+        ranks = self.channel.world.size
+        if self.executor.fast is not None:
+            return (f"scripted (tensor parallel over {ranks} ranks: each rank's shard, the all-reduces inside the "
+                    "TorchScript program) > module")
+        return f"module (tensor parallel over {ranks} ranks; this model takes no compiled step)"
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         if meta.evicting:

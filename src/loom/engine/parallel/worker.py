@@ -26,7 +26,8 @@ from loom.config import EngineConfig, ModelConfig
 from loom.engine.kv_cache import KVCache
 from loom.engine.parallel.channel import receive
 from loom.engine.parallel.world import World, init_rank
-from loom.engine.step import ModuleStep
+from loom.engine.step import DecodeStep, ModuleStep, ScriptedStep, llama_shaped
+from loom.layers.attention import Attention
 from loom.models.tensor_parallel import rank_memory, shard_config, shard_problem, shard_transformer
 from loom.models.transformer import Transformer
 
@@ -36,8 +37,9 @@ log = logging.getLogger("loom.parallel")
 def engine_problem(config: EngineConfig) -> str | None:
     """Why the engine options cannot run tensor-parallel (None: they can)."""
     if config.decode_step not in ("auto", "module"):
-        return (f"the {config.decode_step} decode step cannot run tensor-parallel (it cannot call collectives); "
-                "under tensor parallelism every batch runs the module step: use --decode-step auto or module")
+        return (f"decode step {config.decode_step!r} cannot be chosen under tensor parallelism: every rank runs the "
+                "scripted step over its shard where it takes the model (the all-reduces inside its program), else "
+                "the module step; use --decode-step auto or module")
     if config.weights == "int8":
         return "W8A8 int8 weights (weights='int8') are not supported under tensor parallelism"
     if config.cache.kv_dtype == "int8":
@@ -75,6 +77,8 @@ class ShardExecutor:
         self.model, self.world, self.kv_class = model, world, kv_class
         self.kv: KVCache | None = None
         self.step: ModuleStep | None = None
+        self.fast: DecodeStep | None = None  # the scripted step over this shard, where it takes the model
+        self.fast_batches = 0  # decode batches it ran
 
     @torch.inference_mode()
     def run(self, name: str, payload: Any) -> Any:
@@ -83,13 +87,17 @@ class ShardExecutor:
             config = shard_config(self.model.config, self.world.size)
             self.kv = self.kv_class(config, num_blocks, block_size, dtype, device=self.model.device)
             self.step = ModuleStep(self.model, self.kv.layers())
+            self.fast = compiled_step(self.model, self.kv, self.world)
             return self.kv
         if name == "forward":
             ids, meta, lora = payload
             return self.step.forward(ids, meta, lora)  # type: ignore[union-attr]
         if name == "logits":
             return self.step.logits(payload.to(self.model.device))  # type: ignore[union-attr]
-        if name == "decode":
+        if name == "decode":  # every rank makes the same choice: the same shard structure, the same batch
+            if self.fast is not None and self.fast.supports(payload):
+                self.fast_batches += 1
+                return self.fast(payload)
             return self.step(payload)  # type: ignore[misc]
         if name == "copy":
             KVCache.copy_blocks(self.kv, payload)  # type: ignore[arg-type]
@@ -105,6 +113,18 @@ class ShardExecutor:
         mem = rank_memory(self.model)
         mem["kv_cache"] = 0 if self.kv is None else self.kv.nbytes
         return mem
+
+
+def compiled_step(model: Transformer, kv: KVCache, world: World) -> DecodeStep | None:
+    """The scripted decode step over this rank's shard, its o and down projections all-reduced inside the program
+    (TorchScript compiles torch.distributed's functional collectives), or None where it does not take the model
+    (not Llama-shaped, a GPU, an int8 cache): decode batches then run the module step."""
+    if world.size == 1 or model.device.type != "cpu" or kv.quantized or not llama_shaped(model):
+        return None
+    if not all(isinstance(l.attn, Attention) for l in model.layers):
+        return None
+    group = dist.group.WORLD.group_name  # type: ignore[union-attr]
+    return ScriptedStep(model, kv.k, kv.v, tp_group=group)
 
 
 def serve_commands(executor: ShardExecutor) -> None:

@@ -24,7 +24,7 @@ from loom.engine.step.base import DecodeBatch, DecodeStep, pad_tables
 from loom.engine.step.module import ModuleStep
 from loom.engine.step.native import NativeStep, native_problem
 from loom.engine.step.scripted import ScriptedStep
-from loom.engine.step.weights import DecoderWeights, decoder_shaped, llama_shaped
+from loom.engine.step.weights import DecoderWeights, decoder_shaped, llama_shaped, tensor_parallel
 from loom.layers.multi_lora import LayerLora, LoraHooks
 from loom.models.transformer import KVCaches, Transformer
 
@@ -67,6 +67,8 @@ def build_decode_steps(model: Transformer, k_cache: torch.Tensor, v_cache: torch
 
 def _problem(name: str, model: Transformer, int8_cache: bool) -> str | None:
     """Why step ``name`` cannot take the model and cache (None: it can)."""
+    if tensor_parallel(model):
+        return "a tensor-parallel shard decodes through engine/parallel/ (the scripted step with its group)"
     if int8_cache and name != "scripted":
         return "it reads fp KV caches; the int8 cache decodes through the scripted step or the modules"
     if name == "cuda_graph":

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.engine.step.base import DecodeBatch, DecodeStep
-from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights, MoEWeights
+from loom.engine.step.weights import AttentionShape, DecoderWeights, LayerWeights, MoEWeights, tensor_parallel
 from loom.layers import fused, kernels
 from loom.layers.kv_quant import decode_attention_int8_torch, write_int8_torch
 from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.multi_lora import LayerLora, LoraWeights, add_lora_torch
+from loom.layers.parallel import QuantizedVocabHead, VocabParallelHead
 from loom.layers.quantized import apply_linear
 from loom.models.transformer import Transformer
 
@@ -45,6 +46,12 @@ log = logging.getLogger("loom.engine")
 
 # Below this many rows the transposed product (layers/linear.py) is as fast as a packed one.
 MIN_PACK_ROWS = 32
+
+
+def all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
+    """The sum of every tensor-parallel rank's ``x``: torch.distributed's functional all-reduce, which TorchScript
+    compiles (not counted in layers/parallel.COLLECTIVES, which times the module path's collectives)."""
+    return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", group))
 
 
 class TorchOps(nn.Module):
@@ -75,6 +82,9 @@ class TorchOps(nn.Module):
 
     def lora(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slots: torch.Tensor) -> torch.Tensor:
         return add_lora_torch(y, x, w, slots)
+
+    def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        return all_reduce_sum(x, group)
 
 
 class NativeOps(nn.Module):
@@ -111,6 +121,9 @@ class NativeOps(nn.Module):
             return torch.ops.loom.lora_add_(y, x, w.a, w.b, slots, w.cols)
         return add_lora_torch(y, x, w, slots)
 
+    def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        return all_reduce_sum(x, group)
+
 
 class DecodeProgram(nn.Module):
     """Logits [B, vocab] for one new token per sequence; writes each token's K/V at its slot. With ``lora``
@@ -127,7 +140,7 @@ class DecodeProgram(nn.Module):
                 layers: List[LayerWeights], final_norm: torch.Tensor, head: LinearSpec,
                 k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], shape: AttentionShape,
                 rotation: torch.Tensor, lora: List[LayerLora], lora_slots: torch.Tensor,
-                moe: List[MoEWeights], kv_scales: List[List[torch.Tensor]]) -> torch.Tensor:
+                moe: List[MoEWeights], kv_scales: List[List[torch.Tensor]], tp_group: str) -> torch.Tensor:
         b = tokens.shape[0]
         adapted = lora_slots.numel() > 0 and len(lora) > 0
         # one row of slots per linear (q|k|v, o, gate|up, down), or one row for all four
@@ -160,6 +173,8 @@ class DecodeProgram(nn.Module):
             o = apply_linear(a, w.o)
             if adapted:
                 o = self.ops.lora(o, a, lora[i].o, per_linear[1])
+            if tp_group != "":  # o is row-parallel: this rank's heads' share of the sum
+                o = self.ops.all_reduce(o, tp_group)
             h = h + o
             x = self.ops.rms_norm(h, w.mlp_norm, eps)
             if len(moe) > 0 and moe[i].top_k > 0:
@@ -172,6 +187,8 @@ class DecodeProgram(nn.Module):
             down = apply_linear(act, w.down)
             if adapted:
                 down = self.ops.lora(down, act, lora[i].down, per_linear[3])
+            if tp_group != "":
+                down = self.ops.all_reduce(down, tp_group)
             h = h + down
         if rotated:
             h = torch.mm(h, rotation.t())
@@ -241,13 +258,16 @@ class ScriptedStep(DecodeStep):
 
     def __init__(self, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, pack_rows: int = 0,
                  weights: DecoderWeights | None = None, script: bool = True, lora: list[LayerLora] | None = None,
-                 kv_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                 kv_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 tp_group: str = "") -> None:
         """``k_cache``/``v_cache``: [layers, blocks, block_size, kv_heads, head_dim]. ``pack_rows``: hold dense
         weights MKL-packed for batches of that many rows (>= MIN_PACK_ROWS; 0: no packing;
         LOOM_PACK_WEIGHTS=0 switches it off). ``script=False`` runs the same program eagerly (tests).
         ``lora``: the adapter slots (engine/adapters.py) rows of a batch may name in ``lora_slots``. ``kv_scales``:
         for an int8 cache (engine/kv_cache.py), its key scales [layers, kv_heads, head_dim] and value scales and
-        zeros [layers, blocks, block_size, kv_heads]."""
+        zeros [layers, blocks, block_size, kv_heads]. ``tp_group``: for one rank's shard of a tensor-parallel model
+        (models/tensor_parallel.py), the torch.distributed group name its o and down projections all-reduce over
+        (the vocabulary-parallel embedding and output layer gather in their own modules around the program)."""
         self.rotary = model.rotary
         self.dtype = model.dtype
         weights = weights or DecoderWeights.of(model)
@@ -260,6 +280,12 @@ class ScriptedStep(DecodeStep):
         self.packed_rows = pack_rows if self.packed_bytes else 0  # 0: nothing dense to pack (quantized models)
         self.k = list(k_cache.unbind(0))
         self.v = list(v_cache.unbind(0))
+        if tensor_parallel(model) != bool(tp_group):
+            raise ValueError("a tensor-parallel shard decodes through the scripted step with its group's name "
+                             "(tp_group), and only a shard does")
+        self.tp_group = tp_group
+        head = model.lm_head
+        self.gather = head.gather if isinstance(head, (VocabParallelHead, QuantizedVocabHead)) else None
         per_layer = zip(*(t.unbind(0) for t in kv_scales)) if kv_scales is not None else ()
         self.kv_scales = [list(scales) for scales in per_layer]
         self.program = decode_program(fused.native_ops(), script)
@@ -274,9 +300,10 @@ class ScriptedStep(DecodeStep):
         cos, sin = self.rotary.prepare(batch.positions, self.dtype)
         slots = self._no_slots if batch.lora_slots is None else batch.lora_slots
         tokens, table = w.embedding_rows(batch.tokens)
-        return self.program(tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, table,
+        logits = self.program(tokens, batch.slots, batch.block_tables, batch.context_lens, cos, sin, table,
                             w.layers, w.final_norm, w.head, self.k, self.v, w.shape, w.rotation, self.lora, slots,
-                            w.moe, self.kv_scales)
+                            w.moe, self.kv_scales, self.tp_group)
+        return logits if self.gather is None else self.gather(logits)
 
     def describe(self) -> str:
         kv = "; int8 KV cache" if self.kv_scales else ""

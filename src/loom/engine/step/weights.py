@@ -13,6 +13,7 @@ import torch
 from loom.layers.linear import Linear, PackedLinear
 from loom.layers.linear_spec import LinearKind, LinearSpec
 from loom.layers.moe import MoE
+from loom.layers.parallel import QuantizedVocabHead, RowParallelLinear, VocabParallelHead
 from loom.layers.quantized import PackedW8A8Linear, QuantizedLinear, W8A8Linear, linear_spec, packed_dense_spec
 from loom.models.transformer import Transformer
 
@@ -122,7 +123,21 @@ def _llama_core(model: Transformer) -> bool:
         return False
     linears = [m for l in model.layers for m in [l.attn.qkv_proj, l.attn.o_proj] + _mlp_linears(l.mlp)]
     kinds = (Linear, PackedLinear, QuantizedLinear, W8A8Linear, PackedW8A8Linear)
-    return all(type(m) in kinds for m in linears + [model.lm_head or Linear(1, 1)])
+    head = model.lm_head
+    if isinstance(head, VocabParallelHead) and head.bias is None:
+        head = None  # a tensor-parallel shard of a dense output layer: its rows are a dense weight
+    return all(type(unwrapped(m)) in kinds for m in linears + [head or Linear(1, 1)])
+
+
+def unwrapped(layer: torch.nn.Module) -> torch.nn.Module:
+    """The linear a tensor-parallel wrapper (layers/parallel.py) holds: its rank's columns (row-parallel, whose
+    all-reduce the step calls itself) or rows (a quantized output layer's shard); other layers as they are."""
+    return layer.inner if isinstance(layer, (RowParallelLinear, QuantizedVocabHead)) else layer
+
+
+def tensor_parallel(model: Transformer) -> bool:
+    """Whether ``model`` is one rank's shard (models/tensor_parallel.py)."""
+    return any(isinstance(l.attn.o_proj, RowParallelLinear) for l in model.layers)
 
 
 @dataclass(frozen=True)
@@ -154,14 +169,19 @@ class DecoderWeights:
 
         def mlp(l: torch.nn.Module) -> tuple[LinearSpec, LinearSpec]:
             return (NO_LINEAR, NO_LINEAR) if isinstance(l.mlp, MoE) else \
-                (linear_spec(l.mlp.gate_up_proj), linear_spec(l.mlp.down_proj))
+                (linear_spec(l.mlp.gate_up_proj), linear_spec(unwrapped(l.mlp.down_proj)))
 
         layers = [LayerWeights(l.attn_norm.weight, linear_spec(l.attn.qkv_proj), qkv_bias(l.attn.qkv_proj),
-                               linear_spec(l.attn.o_proj), l.mlp_norm.weight, *mlp(l)) for l in model.layers]
-        head = linear_spec(model.lm_head) if model.lm_head is not None else \
-            LinearSpec(LinearKind.DENSE, [model.embed_tokens.weight], 0, 0, 0)
-        shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, float(c.norm_eps),
-                               model.layers[0].attn.scale, [l.attn.window or 0 for l in model.layers])
+                               linear_spec(unwrapped(l.attn.o_proj)), l.mlp_norm.weight, *mlp(l)) for l in model.layers]
+        if isinstance(model.lm_head, VocabParallelHead):  # a tensor-parallel shard: its rows' local logits
+            head = LinearSpec(LinearKind.DENSE, [model.lm_head.weight], 0, 0, 0)
+        elif model.lm_head is not None:
+            head = linear_spec(unwrapped(model.lm_head))
+        else:
+            head = LinearSpec(LinearKind.DENSE, [model.embed_tokens.weight], 0, 0, 0)
+        attn = model.layers[0].attn  # its head counts are this rank's under tensor parallelism
+        shape = AttentionShape(attn.num_heads, attn.num_kv_heads, c.head_dim, float(c.norm_eps), attn.scale,
+                               [l.attn.window or 0 for l in model.layers])
         rotation = model.residual_rotation if model.residual_rotation is not None else empty
         extras = None
         if has_extras(model):
