@@ -62,14 +62,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     paths = args.weights.split(",")
-    peaks = measure_peaks(["bf16" if p == "bf16" else "int8" if p == "int8" else "fp32" for p in paths],
-                          torch.device("cpu"))
+    roof_dtypes = {"bf16": "bfloat16", "int8": "int8"}  # the dtype each path's GEMMs run in (else float32)
+    peaks = measure_peaks([roof_dtypes.get(p, "float32") for p in paths], torch.device("cpu"))
     out: dict[str, Any] = {"rows": args.rows, "peaks": peaks, "paths": {}}
     for path in paths:
         llm = LLM(weights=path)
         items = linears(llm)
         dtype = llm.model.dtype
-        roof_dtype = {"bf16": "bf16", "int8": "int8"}.get(path, "fp32")
+        roof_dtype = roof_dtypes.get(path, "float32")
         peak = peaks["peak_matmul_flops"][roof_dtype]
         result = {}
         for name, chosen in (("all", items), ("decoder_only", items[:-1])):
