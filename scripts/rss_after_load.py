@@ -1,0 +1,37 @@
+"""Resident memory after ``LLM(model)`` in a fresh process (the weights as loom keeps them, default weights).
+
+    python scripts/rss_after_load.py [--model gemma-3-270m] [--src path/to/other/checkout/src]
+
+``--src`` puts another checkout's package first on the path (to compare two commits). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--src", default=None)
+    args = ap.parse_args()
+    if args.src:
+        sys.path.insert(0, args.src)
+    import psutil
+
+    from loom import LLM
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    llm = LLM(args.model)
+    gc.collect()
+    after = proc.memory_info().rss
+    print(json.dumps({"model": args.model or "default", "rss_before_mib": before / 2**20,
+                      "rss_after_load_mib": after / 2**20, "embedding": type(llm.model.embed_tokens).__name__}))
+
+
+if __name__ == "__main__":
+    main()
