@@ -20,15 +20,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.src:
         sys.path.insert(0, args.src)
-    import psutil
-
     from loom import LLM
+    from loom.bench.offload import rss_bytes
 
-    proc = psutil.Process()
-    before = proc.memory_info().rss
+    before = rss_bytes()
     llm = LLM(args.model)
     gc.collect()
-    after = proc.memory_info().rss
+    after = rss_bytes()
     print(json.dumps({"model": args.model or "default", "rss_before_mib": before / 2**20,
                       "rss_after_load_mib": after / 2**20, "embedding": type(llm.model.embed_tokens).__name__}))
 
