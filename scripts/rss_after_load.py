@@ -13,6 +13,12 @@ import json
 import sys
 
 
+def rss_bytes() -> int:
+    """This process's resident set (Linux /proc; an older checkout given by --src may not have loom's helper)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -21,7 +27,6 @@ def main() -> None:
     if args.src:
         sys.path.insert(0, args.src)
     from loom import LLM
-    from loom.bench.offload import rss_bytes
 
     before = rss_bytes()
     llm = LLM(args.model)
