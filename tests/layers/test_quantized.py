@@ -278,3 +278,25 @@ def test_quantized_embedding_looks_rows_up_without_a_dense_table(bits, group, k)
     assert tied.source.qweight.data_ptr() == head.qweight.data_ptr()
     with pytest.raises(IndexError, match=r"\[0, 50\)"):
         own(torch.tensor([50]))
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (5, 32, True), (8, 32, True), (8, 16, False)])
+def test_refresh_kernel_writes_what_a_fresh_layer_holds_in_place(bits, group, symmetric):
+    """A layer whose buffers were overwritten with another weight of its format (a streamed slot) refreshes its
+    kernel tensors in place (the native pass where it applies) to exactly what a layer built from that weight
+    holds: dtype (fp16 where exact), emptiness (symmetric int5 / int8) and values."""
+    def weight(seed: int) -> QuantizedTensor:
+        qt = random_quantized_tensor(48, 64, bits, group, seed=seed)
+        scales = qt.scales.half().float()  # fp16-exact, as GGUF's d
+        offsets = -(2 ** (bits - 1)) * scales if symmetric else qt.offsets.half().float()
+        return QuantizedTensor(qt.codes, scales, offsets, bits, group)
+
+    slot, fresh = QuantizedLinear(weight(1)), QuantizedLinear(weight(2))
+    pointers = [t.data_ptr() for t in slot.kernel_tensors]
+    slot.load_(weight(2), 0)
+    slot.refresh_kernel()
+    assert [t.data_ptr() for t in slot.kernel_tensors] == pointers  # written in place
+    for a, b in zip(slot.kernel_tensors, fresh.kernel_tensors):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    x = torch.randn(3, 64)
+    assert torch.equal(slot(x), fresh(x))

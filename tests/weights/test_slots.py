@@ -100,3 +100,24 @@ def test_a_part_of_another_format_is_built_anew():
 
 def test_blocks_are_random_but_valid():
     assert np.isfinite(_gguf({"w": (Q.Q8_0, 4, 64)}, 0).raw("w")[:2].view(torch.float16).float().numpy()).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
+@pytest.mark.parametrize("heads", [0, 4])
+def test_the_native_block_writer_equals_the_pytorch_one(monkeypatch, qtype, heads):
+    """native/gguf_fill.cpp de-interleaves the legacy blocks (and un-permutes llama.cpp's Q/K rows) in one pass:
+    the container bytes, scales and offsets equal the PyTorch writer's exactly."""
+    from loom.layers import fused
+    from loom.weights.slots import _write_blocks
+
+    assert fused.native_ops()  # the project's machines build them (tests/native/test_native.py)
+    n, k = 64, 256
+    raw = _blocks(qtype, n, k, torch.Generator().manual_seed(int(qtype)))
+    info = TensorInfo("blk.0.attn_q.weight", (n, k), qtype, 0, raw.numel())
+    bits = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8}[qtype]
+    native, torch_path = (QuantizedLinear.allocate(n, k, bits, 32) for _ in range(2))
+    assert _write_blocks(native, info, raw, 0, heads)
+    monkeypatch.setattr(fused, "native_ops", lambda: False)
+    assert _write_blocks(torch_path, info, raw, 0, heads)
+    for name in ("qweight", "scales", "offsets"):
+        assert torch.equal(getattr(native, name), getattr(torch_path, name)), name

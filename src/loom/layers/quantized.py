@@ -368,6 +368,11 @@ class QuantizedLinear(nn.Module):
         if self.backend == "torch":
             self._prepare_kernel(self.quantized())
             return
+        if self.backend == "loom" and _native_available() and self.scales.device.type == "cpu":
+            shift = 0.0 if self.container_bits == 4 else 16.0 if self.container_bits == 5 else 128.0
+            if torch.ops.loom.refresh_kernel_scales(self.scales, self.offsets, shift, self.container_bits != 4,
+                                                    self.kernel_tensors[1], self.kernel_tensors[2]):
+                return  # the same rules in one native pass, written into the tensors the kernel reads
         for slot, new in zip((1, 2), self._kernel_scales_offsets()):
             old = self.kernel_tensors[slot]
             if new is old:

@@ -35,7 +35,8 @@ import torch
 from loom.cache import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "w8a8.cpp", "decode_step.cpp", "lora.cpp"]
+SOURCES = ["paged_attention.cpp", "fused.cpp", "quant_gemm.cpp", "w8a8.cpp", "decode_step.cpp", "lora.cpp",
+           "gguf_fill.cpp"]
 HEADERS = ["kernels.h"]  # included by the sources: part of the build's identity
 OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope", "quant_linear", "argmax_rows",
        "quantize_rows_int8", "scale_rows", "lora_add_")

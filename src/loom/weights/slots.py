@@ -33,6 +33,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 from torch import nn
 
+from loom.layers import fused
 from loom.layers.linear import PackedLinear
 from loom.layers.quantized import QuantizedLinear
 from loom.models.transformer import DecoderLayer
@@ -85,11 +86,14 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float().squeeze(-1)
 
 
-def _write_blocks(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: int) -> bool:
+def _write_blocks(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: int, heads: int = 0) -> bool:
     """Write one GGUF part (rows ``row``.. of ``m``) straight from its blocks, when its format maps onto the
-    module's container as stored (module doc); False when it does not (the caller takes the portable form)."""
+    module's container as stored (module doc); False when it does not (the caller takes the portable form).
+    ``heads`` > 0: the part's rows are llama.cpp's permuted Q or K rows of that many heads (un-permuted here)."""
     qtype = info.qtype
     if qtype in _WIDENABLE and m.bits == 8 and m.container_bits == 8 and m.group_size == 32:
+        if heads:
+            raw = unpermute_rope(raw.view(info.shape[0], -1), heads).reshape(-1)
         return _write_widened(m, info, raw, row)
     if qtype not in _BITS or _BITS[qtype] != m.bits or _GROUP.get(qtype, 32) != m.group_size:
         return False
@@ -101,6 +105,11 @@ def _write_blocks(m: QuantizedLinear, info: TensorInfo, raw: torch.Tensor, row: 
     nb = k // per
     b = raw.view(n, nb, nbytes)
     q, scales, offsets = m.qweight[row:row + n], m.scales[row:row + n], m.offsets[row:row + n]
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0) and fused.native_ops():
+        torch.ops.loom.gguf_fill(raw, int(qtype), heads, q, scales, offsets)  # one pass (native/gguf_fill.cpp)
+        return True
+    if heads:  # the PyTorch path below reads rows in order: un-permute them first
+        b = unpermute_rope(b.reshape(n, -1), heads).view(n, nb, nbytes)
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
         d = _f16(b[..., 0:2])
         scales.copy_(d)
@@ -253,10 +262,11 @@ class SlotFiller:
         for name, info in zip(parts, infos):
             heads = (config.num_heads if name.endswith("attn_q.weight") else
                      config.num_kv_heads if name.endswith("attn_k.weight") else 0) if permuted else 0
-            raw = g.raw(name)
-            if heads:  # llama.cpp's interleaved Q/K rows: un-permuted whole blocks (the scales travel with them)
-                raw = unpermute_rope(raw.view(info.shape[0], -1), heads)
-            if not _write_blocks(m, info, raw.reshape(-1), row):
+            raw = g.raw(name)  # llama.cpp's interleaved Q/K rows: un-permuted as whole rows of blocks (the scales
+            # travel with them), by the writer or here for the portable form
+            if not _write_blocks(m, info, raw.reshape(-1), row, heads):
+                if heads:
+                    raw = unpermute_rope(raw.view(info.shape[0], -1), heads)
                 qt = gguf_quantized(g, config, name)
                 assert qt is not None
                 if qt.bits < m.bits:
