@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from loom.analysis.speculative import expected_tokens
+
 
 @dataclass
 class OffloadLimit:
@@ -45,3 +47,72 @@ def offload_limit(model_bytes: float, memory_bytes: float, storage_bandwidth: fl
     latency = streamed / storage_bandwidth
     return OffloadLimit(model_bytes, kv_cache_bytes, memory_bytes, resident_bytes, storage_bandwidth, streamed,
                         latency, 1.0 / latency if latency > 0 else None)
+
+
+# how many tokens a resident draft proposes to a streamed target --------------------------------------
+
+@dataclass
+class SpeculationChoice:
+    """The k that maximizes tokens per second when the target streams ``streamed_bytes`` per pass:
+
+        pass_s(k)       = streamed_bytes / storage_bandwidth + target_compute_s + k draft_step_s
+        tokens(k)       = (1 - a^(k+1)) / (1 - a)              (Leviathan et al. 2211.17192, eq. 1)
+        tokens_per_s(k) = tokens(k) / pass_s(k)
+
+    The target's verification of k + 1 tokens is costed as one pass: its weights are read once whatever k is,
+    and on a streamed target the read dominates (``target_compute_s`` is the compute of one pass, if known)."""
+
+    k: int
+    acceptance: float
+    pass_read_s: float
+    draft_step_s: float
+    target_compute_s: float
+    expected_tokens_per_pass: float
+    tokens_per_s: float
+    plain_tokens_per_s: float  # k = 0: no speculation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def speculation_tokens_per_s(k: int, acceptance: float, pass_read_s: float, draft_step_s: float,
+                             target_compute_s: float = 0.0) -> float:
+    """tokens(k) / (read + target compute + k draft steps): the SpeculationChoice formula for one k."""
+    seconds = pass_read_s + target_compute_s + k * draft_step_s
+    if seconds <= 0:
+        raise ValueError("a target pass must take some time: give its read seconds, compute seconds or draft step")
+    return expected_tokens(k, acceptance) / seconds
+
+
+def choose_speculative_tokens(streamed_bytes: float, storage_bandwidth: float, acceptance: float,
+                              draft_step_s: float, target_compute_s: float = 0.0, k_min: int = 1,
+                              k_max: int = 16) -> SpeculationChoice:
+    """The k in k_min..k_max with the most tokens per second (the smallest on ties; SpeculationChoice)."""
+    if storage_bandwidth <= 0:
+        raise ValueError(f"storage bandwidth must be positive, got {storage_bandwidth}")
+    if streamed_bytes < 0 or draft_step_s < 0 or target_compute_s < 0:
+        raise ValueError("streamed bytes, draft step seconds and target compute seconds must be non-negative")
+    if not 0 <= k_min <= k_max:
+        raise ValueError(f"need 0 <= k_min <= k_max, got {k_min}, {k_max}")
+    read_s = streamed_bytes / storage_bandwidth
+    rate = {k: speculation_tokens_per_s(k, acceptance, read_s, draft_step_s, target_compute_s)
+            for k in range(k_min, k_max + 1)}
+    k = max(rate, key=lambda j: (rate[j], -j))
+    return SpeculationChoice(k, acceptance, read_s, draft_step_s, target_compute_s, expected_tokens(k, acceptance),
+                             rate[k], speculation_tokens_per_s(0, acceptance, read_s, draft_step_s, target_compute_s))
+
+
+def acceptance_estimate(accepted_tokens: int, rejections: int, prior: float = 0.6, prior_weight: float = 2.0) -> float:
+    """The per-draft acceptance a of i.i.d. acceptances from a speculator's counts: every accepted draft is a
+    success, every pass that ended at a rejected draft one failure (passes that kept all their drafts were cut
+    off by k, not failed), so a = accepted / (accepted + rejections), the maximum likelihood of the censored
+    geometric run. ``prior`` counts as ``prior_weight`` pseudo-observations, so a short warm-up does not give
+    0 or 1 exactly."""
+    if accepted_tokens < 0 or rejections < 0:
+        raise ValueError("counts must be non-negative")
+    if not 0 <= prior <= 1 or prior_weight < 0:
+        raise ValueError(f"prior must be in [0, 1] and its weight non-negative, got {prior}, {prior_weight}")
+    total = accepted_tokens + rejections + prior_weight
+    if total == 0:
+        return prior
+    return (accepted_tokens + prior * prior_weight) / total
