@@ -18,7 +18,11 @@ own (bench/isolated.py) and reports:
 
 The storage read bandwidth is measured on the model file itself with the reads the stream makes (O_DIRECT,
 or pread + posix_fadvise(DONTNEED)). Speculation: the streamed target verifies k + 1 tokens per pass, so
-each pass's read serves up to k + 1 tokens. The peer is HF accelerate's disk offload (``device_map="auto"``,
+each pass's read serves up to k + 1 tokens. Unless the user gives k, it is chosen per budget by
+analysis/offload.py's choose_speculative_tokens: the acceptance and the draft step's seconds are measured on
+a short warm-up with everything resident (k = PRIOR_K), the pass's read from the plan's streamed bytes and
+the measured bandwidth. Each row reports the choice (``speculation``) and, measured, the acceptance and the
+tokens per target pass next to the formula's (1 - a^(k+1)) / (1 - a) at the chosen k and measured a. The peer is HF accelerate's disk offload (``device_map="auto"``,
 ``max_memory={"cpu": budget}``, an offload folder) at the same budget, on the fp32 HF copy of the model, in
 its own process too; it reads through the page cache (memory-mapped), which is dropped for the model's
 files before each run so that its first pass reads from storage as well.
@@ -37,6 +41,7 @@ from loom.weights.loader import release_freed_memory
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 METHODS = ("none", "ngram")
+PRIOR_K = 3  # the warm-up's k, from which the acceptance and the draft step's seconds are measured
 COPY_PROMPT = ("Repeat the following list exactly, twice: alpha, beta, gamma, delta, epsilon, zeta, eta, theta, "
                "iota, kappa, lambda, mu.\n\nalpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa,")
 
@@ -170,7 +175,8 @@ class LoomUnderBudget:
             bytes_read_per_token=(after.get("bytes_read", 0) - before.get("bytes_read", 0)) / n,
             storage_read_per_token=(storage_read_bytes() - io0) / n,
             wait_seconds=after.get("wait_seconds", 0) - before.get("wait_seconds", 0),
-            peak_rss=peak_rss_bytes(), speculative=None if spec is None else spec.stats.as_dict())
+            peak_rss=peak_rss_bytes(), speculative=None if spec is None else spec.stats.as_dict(),
+            num_speculative_tokens=None if spec is None else spec.config.num_tokens)
         # where a token's time goes: the reader thread reads and fills slots (builds only a slot's first layer or
         # one of another structure) while the forward computes the streamed layers or waits for one
         result["per_token_s"] = {key: (after.get(f"{key}_seconds", 0) - before.get(f"{key}_seconds", 0)) / n
@@ -228,6 +234,42 @@ def _spec(method: str, k: int, model: str, draft_model: str | None) -> dict[str,
     return {"method": method, "num_tokens": k}
 
 
+def _warmup_speculation(row: dict[str, Any]) -> dict[str, Any]:
+    """From a warm-up run (everything resident): the acceptance (the censored-geometric estimate from a prior),
+    seconds per drafted token and the target's compute seconds per pass."""
+    from loom.analysis.offload import acceptance_estimate
+
+    stats = row["speculative"]
+    passes = max(1, stats["passes"])
+    draft_step_s = stats["draft_seconds"] / max(1, stats["draft_tokens"])
+    compute_s = max(0.0, (row["seconds"] - row["prefill_s"] - stats["draft_seconds"]) / passes)
+    return {"acceptance": acceptance_estimate(stats["accepted_tokens"], stats["rejections"]),
+            "draft_step_s": draft_step_s, "target_compute_s": compute_s, "warmup_tokens": row["tokens"],
+            "warmup_passes": stats["passes"], "warmup_k": PRIOR_K}
+
+
+def _plan_at(plan: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The plan a run under ``budget`` makes (engine/budget.py), from the sizes a probe measured."""
+    from loom.engine.budget import plan_residency
+
+    return plan_residency(budget, plan["base_bytes"], plan["layer_bytes"], plan["layer_file_bytes"],
+                          plan["kv_cache_bytes"], plan["draft_bytes"], plan["buffers"],
+                          plan["read_buffer_bytes"]).to_dict()
+
+
+def _speculation_report(row: dict[str, Any], k: int) -> dict[str, Any]:
+    """Measured acceptance and tokens per target pass against (1 - a^(k+1)) / (1 - a) at that acceptance."""
+    from loom.analysis.speculative import expected_tokens
+
+    stats = row.get("speculative") or {}
+    if not stats.get("passes"):
+        return {}
+    a = stats["acceptance_rate"]
+    return {"measured_acceptance": a, "tokens_per_pass": stats["tokens_per_pass"],
+            "formula_tokens_per_pass": expected_tokens(k, a),
+            "formula_tokens_per_pass_by_pass_k": stats["expected_tokens_per_pass"]}
+
+
 def budget_for(plan: dict[str, Any], fraction: float) -> int:
     """The budget at which ``fraction`` of the decoder layers' bytes can stay resident: everything when 1, else
     the smallest workable set (every layer streamed) plus that share of the layers."""
@@ -237,13 +279,15 @@ def budget_for(plan: dict[str, Any], fraction: float) -> int:
 
 
 def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTIONS,
-                methods: Sequence[str] = METHODS, num_tokens: int = 3, draft_model: str | None = None,
+                methods: Sequence[str] = METHODS, num_tokens: int | None = None, draft_model: str | None = None,
                 gen_len: int = 32, prompt: str = COPY_PROMPT, kv_bytes: int = 16 << 20, buffers: int = 2,
                 weights: str | None = None, peers: Sequence[str] = ("accelerate",),
-                hf_folder: str | None = None, bandwidth_bytes: int = 256 << 20) -> dict[str, Any]:
-    """The sweep of the module doc. ``hf_folder``: the HF copy accelerate runs (default: the model itself when it
-    is a folder, else transformers' fp32 copy of the GGUF, bench/peers.py)."""
-    from loom.analysis.offload import offload_limit
+                hf_folder: str | None = None, bandwidth_bytes: int = 256 << 20,
+                warmup_len: int = 16) -> dict[str, Any]:
+    """The sweep of the module doc. ``num_tokens``: k, or None to choose it per budget from a warm-up of
+    ``warmup_len`` tokens. ``hf_folder``: the HF copy accelerate runs (default: the model itself when it is a
+    folder, else transformers' fp32 copy of the GGUF, bench/peers.py)."""
+    from loom.analysis.offload import choose_speculative_tokens, offload_limit
     from loom.default_model import resolve_model
 
     path = resolve_model(model) if model else resolve_model(None)
@@ -253,16 +297,28 @@ def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTI
     rows: list[dict[str, Any]] = []
     plans: dict[str, dict[str, Any]] = {}
     for method in methods:
-        spec = _spec(method, num_tokens, path, draft_model)
+        auto = method != "none" and num_tokens is None
+        spec = _spec(method, PRIOR_K if num_tokens is None else num_tokens, path, draft_model)
         probe = IsolatedPeer(LoomUnderBudget, path, 10**15, kv_bytes, buffers, spec, weights)
         try:
-            probed = probe.call(prompt, 0)
+            probed = probe.call(prompt, warmup_len if auto else 0)
             plans[method], prompt_ids = probed["plan"], probed["prompt_ids"]
         finally:
             probe.close()
+        warm = _warmup_speculation(probed) if auto else None
         for fraction in fractions:
             budget = budget_for(plans[method], fraction)
             row: dict[str, Any] = {"system": "loom", "method": method, "fraction": fraction, "budget": budget}
+            k = num_tokens
+            if warm is not None:
+                streamed = _plan_at(plans[method], budget)["streamed_bytes_per_forward"]
+                choice = choose_speculative_tokens(streamed, bw, warm["acceptance"], warm["draft_step_s"],
+                                                   warm["target_compute_s"])
+                k = choice.k
+                row["speculation"] = {"k": k, "chosen_by": "formula", "choice": choice.to_dict(), "warmup": warm}
+                spec = _spec(method, k, path, draft_model)
+            elif method != "none":
+                row["speculation"] = {"k": k, "chosen_by": "user"}
             try:
                 peer = IsolatedPeer(LoomUnderBudget, path, budget, kv_bytes, buffers, spec, weights)
                 try:
@@ -271,6 +327,8 @@ def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTI
                     peer.close()
             except PeerFailed as e:
                 row["error"] = str(e)
+            if method != "none" and "error" not in row:
+                row["speculation"].update(_speculation_report(row, k))
             plan = row.get("plan") or plans[method]
             row["floor_s_per_token"] = plan["streamed_bytes_per_forward"] / bw
             row["seed_floor_s_per_token"] = offload_limit(model_file_bytes, budget, bw,

@@ -540,7 +540,9 @@ def _offload_options(p: argparse.ArgumentParser) -> None:
                    help="shares of the decoder layers' weights kept resident (each sets a memory budget)")
     p.add_argument("--speculative", default="none,ngram", metavar="METHODS",
                    help="comma-separated: none, ngram, draft (--draft-model; default the model's own native copy)")
-    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per pass (k)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per pass (k); default: chosen per budget from the measured storage bandwidth and a "
+                   "warm-up's acceptance and draft step (analysis/offload.py)")
     p.add_argument("--draft-model", default=None)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--kv-cache-memory", default="16MiB", help="the KV cache under every budget")
@@ -578,6 +580,11 @@ def _offload(args: argparse.Namespace) -> int:
                   + (f", floor {floor:.4f} s/token" if floor is not None else ""))
             if r.get("per_token_s") and r.get("bytes_read_per_token"):
                 print("    per token: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["per_token_s"].items()))
+            sp = r.get("speculation")
+            if sp:
+                print(f"    k = {sp['k']} ({sp['chosen_by']})" + (
+                    f": acceptance {sp['measured_acceptance']:.2f}, {sp['tokens_per_pass']:.2f} tokens per target "
+                    f"pass (formula {sp['formula_tokens_per_pass']:.2f})" if "tokens_per_pass" in sp else ""))
     return 0
 
 

@@ -104,7 +104,7 @@ class SpeculativeStats:
 
     def as_dict(self) -> dict[str, float]:
         return {"passes": self.passes, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
-                "acceptance_rate": round(self.acceptance_rate, 4),
+                "rejections": self.rejections, "acceptance_rate": round(self.acceptance_rate, 4),
                 "draft_acceptance_rate": round(self.draft_acceptance_rate, 4),
                 "tokens_per_pass": round(self.tokens_per_pass, 4),
                 "expected_tokens_per_pass": round(self.expected_tokens_per_pass, 4),
