@@ -58,6 +58,10 @@ class EngineStats:
     prompt_tokens_cached: int  # prompt tokens found in the prefix cache
     generation_tokens: int
     steps: int
+    # continuous batching at work: the most sequences one step ran, and the steps that ran more than one (under a
+    # memory budget, each such step reads the streamed layers once for all of them)
+    max_sequences_per_step: int = 0
+    multi_sequence_steps: int = 0
     speculative: SpeculativeStats | None = None  # acceptance and tokens per pass, when speculating
     # MoE models: per MoE layer (layer index -> one count per expert), the tokens its router sent to each expert
     # since the model was loaded, every forward counted (prompt chunks, decodes, speculative verification)
@@ -115,6 +119,8 @@ class LLMEngine:
         self.prompt_tokens_cached = 0
         self.generation_tokens = 0
         self.steps = 0
+        self.max_sequences_per_step = 0
+        self.multi_sequence_steps = 0
         self.lora_requests: dict[str, int] = {}  # adapter name -> requests received for it
 
     def _make_kv_cache(self, config: EngineConfig, context: int) -> KVCache:
@@ -312,6 +318,9 @@ class LLMEngine:
                 raise RuntimeError("nothing can be scheduled although requests wait (KV cache too small?)")
             return deltas
         self.steps += 1
+        n_seqs = len(sched.scheduled)
+        self.max_sequences_per_step = max(self.max_sequences_per_step, n_seqs)
+        self.multi_sequence_steps += n_seqs > 1
         start = time.perf_counter()
         decode_only = self.speculator is not None and all(
             item.seq.num_computed == item.seq.num_tokens - 1 for item in sched.scheduled)  # timed for the stats
@@ -508,6 +517,7 @@ class LLMEngine:
             prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_computed=self.prompt_tokens_computed, prompt_tokens_cached=self.prompt_tokens_cached,
             generation_tokens=self.generation_tokens, steps=self.steps,
+            max_sequences_per_step=self.max_sequences_per_step, multi_sequence_steps=self.multi_sequence_steps,
             speculative=None if self.speculator is None else self.speculator.stats,
             expert_tokens=expert_token_counts(self.model) if self.model.config.num_experts else None)
 
