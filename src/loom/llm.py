@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer, load_tokenizer
 from loom.tokenizer.wordpiece import encoder_tokenizer
 from loom.weights.encoder import is_encoder_folder, load_encoder
-from loom.weights.loader import choose_weights, load_model
+from loom.weights.loader import choose_weights, load_model, release_freed_memory
 from loom.weights.t5 import is_t5_folder, load_t5
 
 Prompt = Union[str, Sequence[int]]
@@ -112,6 +113,10 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, config, kv_calibration_ids=calibration,
                                 offload=self.offload)
         self.embedder: Embedder | None = Embedder.for_decoder(loaded.model, self.tokenizer, self.engine.max_model_len)
+        if self.offload is not None:  # loading's garbage (reference cycles, freed heap) is not left over the budget
+            del loaded
+            gc.collect()
+            release_freed_memory()
 
     def _load_parallel_decoder(self, config: EngineConfig) -> None:
         """A decoder cut across ``tensor_parallel_size`` ranks (engine/parallel/): this process is rank 0 and

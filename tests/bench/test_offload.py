@@ -35,6 +35,13 @@ def test_offload_sweep_runs_every_row(tiny, tmp_path):
         assert r["tokens"] == 8 and r["plan"]["streamed_layers"] and r["describe"].count("streamed")
         assert r["bytes_read_per_token"] > 0 and r["peak_rss"] > r["baseline_rss"]
         assert r["floor_s_per_token"] > 0 and r["budget"] >= r["plan"]["planned_bytes"]
+        # peak RSS against the budget plus the named overheads, each measured
+        o = r["overheads"]
+        assert set(o) == {"runtime", "tokenizer", "load_residue", "first_generation"}
+        assert o["runtime"] == r["baseline_rss"] and o["tokenizer"] == r["tokenizer_rss"] and o["load_residue"] >= 0
+        assert r["peak_over_budget_and_overheads"] == r["peak_rss"] - r["budget"] - sum(o.values())
+        assert r["peak_within_budget_and_overheads"] == (r["peak_over_budget_and_overheads"] <= 0)
+        assert r["generation_rss"]["peak_over_after_load"] == r["peak_rss"] - r["rss_after_load"]
         t = r["per_token_s"]  # the stream's time per token: read and filled in place, computed, waited for
         assert set(t) == {"read", "fill", "build", "compute", "wait"}
         assert t["read"] > 0 and t["fill"] > 0 and t["compute"] > 0  # (build: each slot's first layer)

@@ -11,8 +11,16 @@ own (bench/isolated.py) and reports:
                               building layers anew (reader thread), computing streamed layers and
                               waiting for one (the forward)
     peak_rss                  the process's peak resident memory while generating (VmHWM, reset after
-                              loading), next to the budget and the named fixed overhead: the resident size
-                              before the model was loaded (interpreter, torch, loom), and activations
+                              loading), checked against the budget plus the named overheads (``overheads``):
+                              runtime (resident before loading: interpreter, torch, loom), tokenizer,
+                              load residue and first generation, the last two measured in the probe
+                              process (everything resident, the same prompt): what loading leaves beyond the
+                              plan (heap fragments; ~0 since the LLM collects and trims after loading) and
+                              what a process's first generation adds, once (code pages first touched,
+                              first-run allocations, the prefill's activations: a second generation adds
+                              < 2 MB); ``peak_over_budget_and_overheads``
+                              is the excess (<= 0 when within), ``generation_rss`` the row's own growth split
+                              into anonymous and file-backed pages
     floor_s_per_token         the plan's streamed bytes per forward / the measured storage read bandwidth
     seed_floor_s_per_token    seed 002's (model + KV - memory) / bandwidth (analysis/offload.py)
 
@@ -58,6 +66,11 @@ def _status_bytes(field: str) -> int:
 
 def rss_bytes() -> int:
     return _status_bytes("VmRSS")
+
+
+def rss_parts() -> dict[str, int]:
+    """Resident bytes by kind: anonymous (heap, tensors), file-backed (code, mapped files), shared memory."""
+    return {"anon": _status_bytes("RssAnon"), "file": _status_bytes("RssFile"), "shmem": _status_bytes("RssShmem")}
 
 
 def peak_rss_bytes() -> int:
@@ -162,10 +175,12 @@ class LoomUnderBudget:
             return result
         before = dict(offload.stats()) if offload else {}
         io0 = storage_read_bytes()
+        parts0 = rss_parts()
         reset_peak_rss()
         t0 = time.perf_counter()
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True))[0]
         seconds = time.perf_counter() - t0
+        parts1 = rss_parts()
         n = len(out.token_ids)
         after = offload.stats() if offload else {}
         spec = llm.engine.speculator
@@ -181,9 +196,10 @@ class LoomUnderBudget:
         # one of another structure) while the forward computes the streamed layers or waits for one
         result["per_token_s"] = {key: (after.get(f"{key}_seconds", 0) - before.get(f"{key}_seconds", 0)) / n
                                  for key in ("read", "fill", "build", "compute", "wait")}
-        # what the budget and the named overheads allow: runtime + tokenizer + budget; the rest is activations
-        result["peak_over_budget_and_overheads"] = result["peak_rss"] - (
-            self.baseline_rss + self.tokenizer_rss + (offload.plan.budget_bytes if offload else 0))
+        planned = offload.plan.planned_bytes if offload else 0
+        result["load_residue"] = self.rss_after_load - self.baseline_rss - self.tokenizer_rss - planned
+        result["generation_rss"] = {"peak_over_after_load": result["peak_rss"] - self.rss_after_load,
+                                    **{f"{k}_after": parts1[k] - parts0[k] for k in parts0}}
         return result
 
 
@@ -270,6 +286,18 @@ def _speculation_report(row: dict[str, Any], k: int) -> dict[str, Any]:
             "formula_tokens_per_pass_by_pass_k": stats["expected_tokens_per_pass"]}
 
 
+def _check_peak(row: dict[str, Any], probed: dict[str, Any]) -> None:
+    """The row's peak RSS against its budget plus the named overheads: runtime and tokenizer (its own process),
+    load residue and first generation (the probe's, everything resident: the same model, prompt and code)."""
+    overheads = {"runtime": row["baseline_rss"], "tokenizer": row["tokenizer_rss"],
+                 "load_residue": max(0, probed["load_residue"]),
+                 "first_generation": probed["generation_rss"]["peak_over_after_load"]}
+    allowed = row["budget"] + sum(overheads.values())
+    row["overheads"] = overheads
+    row["peak_over_budget_and_overheads"] = row["peak_rss"] - allowed
+    row["peak_within_budget_and_overheads"] = row["peak_rss"] <= allowed
+
+
 def budget_for(plan: dict[str, Any], fraction: float) -> int:
     """The budget at which ``fraction`` of the decoder layers' bytes can stay resident: everything when 1, else
     the smallest workable set (every layer streamed) plus that share of the layers."""
@@ -301,7 +329,7 @@ def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTI
         spec = _spec(method, PRIOR_K if num_tokens is None else num_tokens, path, draft_model)
         probe = IsolatedPeer(LoomUnderBudget, path, 10**15, kv_bytes, buffers, spec, weights)
         try:
-            probed = probe.call(prompt, warmup_len if auto else 0)
+            probed = probe.call(prompt, warmup_len)  # also measures the load residue and generation overheads
             plans[method], prompt_ids = probed["plan"], probed["prompt_ids"]
         finally:
             probe.close()
@@ -329,6 +357,8 @@ def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTI
                 row["error"] = str(e)
             if method != "none" and "error" not in row:
                 row["speculation"].update(_speculation_report(row, k))
+            if "error" not in row:
+                _check_peak(row, probed)
             plan = row.get("plan") or plans[method]
             row["floor_s_per_token"] = plan["streamed_bytes_per_forward"] / bw
             row["seed_floor_s_per_token"] = offload_limit(model_file_bytes, budget, bw,

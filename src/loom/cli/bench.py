@@ -580,6 +580,10 @@ def _offload(args: argparse.Namespace) -> int:
                   + (f", floor {floor:.4f} s/token" if floor is not None else ""))
             if r.get("per_token_s") and r.get("bytes_read_per_token"):
                 print("    per token: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["per_token_s"].items()))
+            if "overheads" in r:
+                named = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in r["overheads"].items())
+                print(f"    peak RSS {'within' if r['peak_within_budget_and_overheads'] else 'ABOVE'} budget + named "
+                      f"overheads (MB: {named}) by {abs(r['peak_over_budget_and_overheads']) / 1e6:.1f} MB")
             sp = r.get("speculation")
             if sp:
                 print(f"    k = {sp['k']} ({sp['chosen_by']})" + (

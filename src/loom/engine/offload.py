@@ -23,7 +23,7 @@ import torch
 from loom.config import EngineConfig, SpeculativeConfig
 from loom.engine.budget import BudgetError, ResidencyPlan, plan_residency
 from loom.engine.kv_cache import KVCache
-from loom.weights.loader import LoadedModel, load_model, release_freed_memory
+from loom.weights.loader import LoadedModel, limit_malloc_arenas, load_model, release_freed_memory
 from loom.weights.streaming import LayerStream, module_bytes
 
 log = logging.getLogger("loom.engine")
@@ -53,6 +53,7 @@ def load_offloaded(path: str, config: EngineConfig, weights: str | None,
     """The model at ``path`` loaded under ``config.memory_budget`` (module doc); returns it, its Offload and
     the engine config to serve it with (the KV cache's blocks fixed, a draft model loaded)."""
     budget = int(config.memory_budget)  # type: ignore[arg-type]
+    limit_malloc_arenas(2)  # the stream's threads would each keep an arena of freed pages
     loaded = load_model(path, dtype=dtype, kernel=config.attention_kernel, weights=weights, device=config.device,
                         rope_scaling=config.rope_scaling, decoder_layers=False)
     model, sources = loaded.model, loaded.layer_sources
