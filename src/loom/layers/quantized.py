@@ -154,6 +154,15 @@ def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
     return (low | (high.reshape(n, row // 20, 32) << 4)).reshape(n, -1)
 
 
+def pack_container(codes: torch.Tensor, container_bits: int) -> torch.Tensor:
+    """Codes [N, K] in loom's kernel container: int4 pairs, int5 nibbles + bit plane, or int8 = code - 128."""
+    if container_bits == 4:
+        return pack_int4(codes)
+    if container_bits == 5:
+        return pack_int5(codes)
+    return (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+
+
 def dequantize_kernel_weight(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
                              group: int) -> torch.Tensor:
     """The fp32 weight of the loom kernel's format (int4 pairs, int5 codes shifted by -16, or int8 codes
@@ -327,13 +336,7 @@ class QuantizedLinear(nn.Module):
         # put in. Shapes that int4 / int5 cannot hold (inputs not a multiple of 32, groups of 16) use int8.
         whole_chunks = self.in_features % 32 == 0 and qt.group_size % 32 == 0
         self.container_bits = 4 if qt.bits <= 4 and whole_chunks else 5 if qt.bits == 5 and whole_chunks else 8
-        if self.container_bits == 4:
-            q = pack_int4(qt.codes)
-        elif self.container_bits == 5:
-            q = pack_int5(qt.codes)
-        else:
-            q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("qweight", pack_container(qt.codes, self.container_bits).contiguous())
         self.register_buffer("scales", qt.scales.float().contiguous())
         self.register_buffer("offsets", qt.offsets.float().contiguous())
         self._prepare_kernel(qt)
@@ -416,13 +419,7 @@ class QuantizedLinear(nn.Module):
             raise QuantizationError(f"cannot load {qt.bits}-bit groups of {qt.group_size}, {n} x {k}, at row {row} "
                                     f"into {self.bits}-bit groups of {self.group_size}, "
                                     f"{self.out_features} x {self.in_features}")
-        if self.container_bits == 4:
-            q = pack_int4(qt.codes)
-        elif self.container_bits == 5:
-            q = pack_int5(qt.codes)
-        else:
-            q = (qt.codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-        self.qweight[row:row + n].copy_(q)
+        self.qweight[row:row + n].copy_(pack_container(qt.codes, self.container_bits))
         self.scales[row:row + n].copy_(qt.scales)
         self.offsets[row:row + n].copy_(qt.offsets)
 

@@ -287,7 +287,7 @@ def test_scripted_step_over_an_int8_cache_equals_the_module_step(dtype, extra):
         scripted = ScriptedStep(model, caches[0].k, caches[0].v, kv_scales=scales[0])
         module = ModuleStep(model, caches[1].layers())
         twins = ScriptedStep(model, caches[2].k, caches[2].v, kv_scales=scales[2])
-        twins.program = decode_program(False)
+        twins.program = decode_program(False, script=False)  # the PyTorch twins, run eagerly
         assert "int8 KV cache" in scripted.describe()
         tables, lens = torch.randperm(40, generator=g)[:30].view(3, 10), torch.tensor([3, 17, 29])
         for _ in range(4):
