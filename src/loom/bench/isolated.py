@@ -98,6 +98,19 @@ class IsolatedPeer:
         """The peer's ``run(*args)`` in the child, for peers whose run takes other arguments."""
         return self._call(args)
 
+    @classmethod
+    def call_once(cls, factory: Callable[..., Any], args: tuple, call_args: tuple) -> dict[str, Any]:
+        """Build the peer in a child, run ``call(*call_args)`` once and end the child: its result, or
+        ``{"error": why}`` when the peer failed (a benchmark row records it and goes on)."""
+        try:
+            peer = cls(factory, *args)
+            try:
+                return peer.call(*call_args)
+            finally:
+                peer.close()
+        except PeerFailed as e:
+            return {"error": str(e)}
+
     def close(self) -> None:
         """Ask the child to stop and wait for it (killing it if it does not)."""
         if self._process.is_alive():

@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from loom.bench.isolated import IsolatedPeer, PeerFailed
+from loom.bench.isolated import IsolatedPeer
 from loom.weights.loader import release_freed_memory
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
@@ -347,14 +347,8 @@ def run_offload(model: str | None = None, *, fractions: Sequence[float] = FRACTI
                 spec = _spec(method, k, path, draft_model)
             elif method != "none":
                 row["speculation"] = {"k": k, "chosen_by": "user"}
-            try:
-                peer = IsolatedPeer(LoomUnderBudget, path, budget, kv_bytes, buffers, spec, weights)
-                try:
-                    row.update(peer.call(prompt, gen_len))
-                finally:
-                    peer.close()
-            except PeerFailed as e:
-                row["error"] = str(e)
+            row.update(IsolatedPeer.call_once(LoomUnderBudget, (path, budget, kv_bytes, buffers, spec, weights),
+                                              (prompt, gen_len)))
             if method != "none" and "error" not in row:
                 row["speculation"].update(_speculation_report(row, k))
             if "error" not in row:
@@ -388,14 +382,7 @@ def _accelerate_rows(path: str, hf_folder: str | None, fractions: Sequence[float
         row: dict[str, Any] = {"system": "accelerate", "method": "none", "fraction": fraction, "budget": budget,
                                "weights_file_bytes": hf_bytes}
         with tempfile.TemporaryDirectory(prefix="loom-offload-") as folder:
-            try:
-                peer = IsolatedPeer(AccelerateDiskOffload, hf_folder, budget, folder)
-                try:
-                    row.update(peer.call(ids, gen_len))
-                finally:
-                    peer.close()
-            except PeerFailed as e:
-                row["error"] = str(e)
+            row.update(IsolatedPeer.call_once(AccelerateDiskOffload, (hf_folder, budget, folder), (ids, gen_len)))
         row["seed_floor_s_per_token"] = offload_limit(hf_bytes, budget, bw).latency_s
         rows.append(row)
     return rows

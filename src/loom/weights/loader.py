@@ -319,6 +319,22 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def place_native_linears(sources: dict[str, list[str]], place: Callable[[str, list[str], list[str] | None], bool],
+                         targets: list[str] | None = None) -> set[str]:
+    """For every linear ``target`` (default: the ``*_proj`` ones in ``sources``), ``place(target, weight parts,
+    bias parts or None)`` installs it natively (True) or leaves it to the dense fill (False); placed ones leave
+    ``sources``. Returns the biases placed with their linears (parameters filled already)."""
+    filled: set[str] = set()
+    if targets is None:
+        targets = [n[: -len(".weight")] for n in sources if n.endswith("_proj.weight")]
+    for target in targets:
+        if place(target, sources[target + ".weight"], sources.get(target + ".bias")):
+            sources.pop(target + ".weight")
+            if sources.pop(target + ".bias", None) is not None:
+                filled.add(target + ".bias")
+    return filled
+
+
 def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list[str]],
                         device: torch.device | None = None) -> tuple[dict[str, list[str]], set[str]]:
     """Replace the linears whose GGUF parts all have a native form (weights/native.py) with the same bits and
@@ -333,16 +349,14 @@ def native_gguf_linears(model: Transformer, g: GGUFFile, sources: dict[str, list
     if model.config.tie_word_embeddings:
         targets.append("lm_head")
         sources["lm_head.weight"] = sources["embed_tokens.weight"]
-    for target in targets:
-        bias_parts = sources.get(target + ".bias")
-        module = native_linear(g, model.config, sources[target + ".weight"], bias_parts, device)
-        if module is None:
-            continue
-        model.replace_module(target, module)
-        del sources[target + ".weight"]
-        if bias_parts is not None:
-            del sources[target + ".bias"]
-            filled.add(target + ".bias")
+
+    def place(target: str, parts: list[str], bias: list[str] | None) -> bool:
+        module = native_linear(g, model.config, parts, bias, device)
+        if module is not None:
+            model.replace_module(target, module)
+        return module is not None
+
+    filled |= place_native_linears(sources, place, targets)
     if model.config.tie_word_embeddings:
         sources.pop("lm_head.weight", None)
         if isinstance(model.lm_head, QuantizedLinear):

@@ -39,7 +39,7 @@ from loom.layers.quantized import QuantizedLinear
 from loom.models.transformer import DecoderLayer
 from loom.weights.dequant import _k4_scale_min
 from loom.weights.gguf import GGUF_ARCHITECTURES, TensorInfo, read_gguf_tensor, unpermute_rope
-from loom.weights.loader import source_tensor
+from loom.weights.loader import place_native_linears, source_tensor
 from loom.weights.native import NATIVE_TYPES, gguf_quantized
 
 _BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q6_K: 8}
@@ -217,12 +217,8 @@ class SlotFiller:
             g = _BufferedGGUF(src.path, src.gguf_tensors, data)  # type: ignore[arg-type]
             fetch = lambda n: read_gguf_tensor(g, config, n)  # noqa: E731
             if src.native:
-                for target in [n[: -len(".weight")] for n in list(sources) if n.endswith("_proj.weight")]:
-                    parts, bias_parts = sources[target + ".weight"], sources.get(target + ".bias")
-                    if self._fill_linear(slot, target, g, parts, bias_parts):
-                        sources.pop(target + ".weight")
-                        if sources.pop(target + ".bias", None) is not None:
-                            filled.add(target + ".bias")
+                filled |= place_native_linears(
+                    sources, lambda target, parts, bias: self._fill_linear(slot, target, g, parts, bias))
         else:
             ckpt = _BufferedCheckpoint(src.locations, data)
             from loom.weights.hf import read_hf_tensor

@@ -39,7 +39,7 @@ from loom.models.transformer import DecoderLayer, Transformer
 from loom.weights.errors import WeightsError
 from loom.weights.gguf import GGUFFile, TensorInfo, read_gguf_tensor
 from loom.weights.hf import TensorLocation, read_hf_tensor
-from loom.weights.loader import LayerSources, native_linear, source_tensor
+from loom.weights.loader import LayerSources, native_linear, place_native_linears, source_tensor
 from loom.weights.slots import Settings, SlotFiller, layer_settings, layer_structure, refillable
 
 READ_BUFFERS = 2  # one being read into while the other fills a slot
@@ -258,14 +258,14 @@ class LayerBuilder:
             g = _BufferedGGUF(src.path, src.gguf_tensors, data)  # type: ignore[arg-type]
             fetch: Callable[[str], torch.Tensor] = lambda n: read_gguf_tensor(g, config, n)  # noqa: E731
             if src.native:
-                for target in [n[: -len(".weight")] for n in list(sources) if n.endswith("_proj.weight")]:
-                    module = native_linear(g, config, sources[target + ".weight"], sources.get(target + ".bias"))
+                def place(target: str, parts: list[str], bias: list[str] | None) -> bool:
+                    module = native_linear(g, config, parts, bias)
                     if module is not None:
                         parent, _, child = target.rpartition(".")
                         setattr(layer.get_submodule(parent) if parent else layer, child, module)
-                        sources.pop(target + ".weight")
-                        if sources.pop(target + ".bias", None) is not None:
-                            filled.add(target + ".bias")
+                    return module is not None
+
+                filled |= place_native_linears(sources, place)
         else:
             ckpt = _BufferedCheckpoint(src.locations, data)
             fetch = lambda n: read_hf_tensor(config, ckpt, n)  # type: ignore[arg-type]  # noqa: E731
